@@ -1,0 +1,8 @@
+"""Serial consoles: transport (pyserial URLs), capture log, and the shell on top."""
+
+from __future__ import annotations
+
+import serial
+
+if "hil.console" not in serial.protocol_handler_packages:
+    serial.protocol_handler_packages.append("hil.console")

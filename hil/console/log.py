@@ -1,0 +1,164 @@
+"""ConsoleLog: every byte the device printed, with timestamps, from power-on.
+
+A background reader appends; waiters block on a condition instead of polling. Boot banners and
+kernel panics are recognised as they arrive so a shell can tell "my command is slow" from "the
+board rebooted under me".
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hil.errors import DeadlineError, InfraError
+
+# Lines that mean "the board (re)started" or "the kernel died", across bootloaders.
+BOOT_MARKERS = re.compile(
+    rb"U-Boot 20\d\d|SeaBIOS \(version|Booting Linux on physical CPU|Linux version \d+\.\d+")
+PANIC_MARKER = re.compile(rb"Kernel panic - not syncing[^\r\n]*")
+SCAN_OVERLAP = 64  # bytes re-scanned across chunk borders so a marker split in two is found
+
+
+@dataclass(frozen=True)
+class Event:
+    offset: int
+    when: float  # time.time()
+    kind: str  # "boot" | "panic" | "power-on" | "power-off" | "console-lost" | note
+    text: str
+
+
+class ConsoleLog:
+    def __init__(self, path: Path | None = None, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self._buf = bytearray()
+        self._base = 0  # offset of _buf[0]; the head is dropped past max_bytes
+        self._max = max_bytes
+        self._cond = threading.Condition()
+        self._chunks: list[tuple[int, float]] = []  # (offset, time) of each appended chunk
+        self.events: list[Event] = []
+        self._file = path.open("ab") if path else None
+        self.path = path
+        self.lost: str | None = None  # set when the transport died: waiters fail at once
+
+    # --- writer side (the reader thread) ----------------------------------------------------
+    def append(self, data: bytes) -> None:
+        now = time.time()
+        with self._cond:
+            start = self.end
+            scan_from = max(self._base, start - SCAN_OVERLAP)
+            self._buf += data
+            self._chunks.append((start, now))
+            if self._file:
+                self._file.write(data)
+                self._file.flush()
+            window = bytes(self._buf[scan_from - self._base:])
+            for m in BOOT_MARKERS.finditer(window):
+                if scan_from + m.end() > start:  # not already seen in the previous chunk
+                    self._event_locked(scan_from + m.start(), now, "boot", m.group().decode())
+            for m in PANIC_MARKER.finditer(window):
+                if scan_from + m.end() > start:
+                    self._event_locked(scan_from + m.start(), now, "panic",
+                                       m.group().decode(errors="replace"))
+            if len(self._buf) > self._max:
+                drop = len(self._buf) - self._max
+                del self._buf[:drop]
+                self._base += drop
+            self._cond.notify_all()
+
+    def note(self, kind: str, text: str = "") -> None:
+        """Record a rig event (power on/off, flash, test start) in the timeline."""
+        with self._cond:
+            self._event_locked(self.end, time.time(), kind, text)
+            self._cond.notify_all()
+
+    def mark_lost(self, why: str) -> None:
+        with self._cond:
+            self.lost = why
+            self._event_locked(self.end, time.time(), "console-lost", why)
+            self._cond.notify_all()
+
+    def mark_alive(self) -> None:
+        with self._cond:
+            self.lost = None
+
+    def _event_locked(self, offset: int, when: float, kind: str, text: str) -> None:
+        self.events.append(Event(offset, when, kind, text))
+
+    # --- reader side --------------------------------------------------------------------------
+    @property
+    def end(self) -> int:
+        return self._base + len(self._buf)
+
+    def read(self, start: int, end: int | None = None) -> bytes:
+        with self._cond:
+            s = max(start, self._base) - self._base
+            e = (self.end if end is None else min(end, self.end)) - self._base
+            return bytes(self._buf[s:e])
+
+    def text(self, start: int = 0, end: int | None = None) -> str:
+        return self.read(start, end).decode("utf-8", errors="replace")
+
+    def tail(self, lines: int = 25) -> str:
+        data = self.read(max(self._base, self.end - 8192))
+        text = data.decode("utf-8", errors="replace").replace("\r", "")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def events_since(self, offset: int, kinds: tuple[str, ...] = ("boot", "panic")) -> list[Event]:
+        with self._cond:
+            return [e for e in self.events if e.offset >= offset and e.kind in kinds]
+
+    def wait_for(self, pattern: re.Pattern[bytes], start: int, timeout: float, expected: str,
+                 *, stop_on: tuple[str, ...] = ()) -> Hit:
+        """Block until ``pattern`` appears at or after ``start``.
+
+        Each wake-up scans only the new bytes (plus a small overlap for matches that straddle
+        chunks) so a long boot log costs nothing per wake-up. ``stop_on`` event kinds
+        (e.g. "panic") end the wait early with the event in the error.
+        """
+        deadline = time.monotonic() + timeout
+        pos = start
+        with self._cond:
+            while True:
+                s = max(pos, self._base)
+                window = bytes(self._buf[s - self._base:])
+                m = pattern.search(window)
+                if m:
+                    return Hit(s + m.start(), s + m.end(), m.groups(), m.group())
+                pos = max(s, self.end - 4096)  # bounded look-back: markers are short
+                hits = [e for e in self.events if e.offset >= start and e.kind in stop_on]
+                if hits:
+                    raise StopEvent(hits[0], expected, self.tail())
+                if self.lost:
+                    raise InfraError(f"console lost ({self.lost}) while waiting for {expected}",
+                                     part="console", tail=self.tail())
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    seen = self.text(max(start, self.end - 200)).replace("\r", "")
+                    raise DeadlineError(expected, repr(seen[-200:]) if seen else "no output",
+                                        timeout, tail=self.tail())
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
+
+
+class StopEvent(Exception):
+    """A wait ended early because the board rebooted or panicked."""
+
+    def __init__(self, event: Event, expected: str, tail: str) -> None:
+        super().__init__(f"{event.kind} ({event.text}) while waiting for {expected}")
+        self.event, self.tail = event, tail
+
+
+@dataclass(frozen=True)
+class Hit:
+    """Where a pattern matched, in absolute console offsets."""
+
+    start: int
+    end: int
+    groups: tuple[bytes | None, ...]
+    data: bytes

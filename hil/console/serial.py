@@ -1,0 +1,165 @@
+"""Serial console transport: any pyserial URL (``/dev/ttyUSB0``, ``rfc2217://host:port``,
+``socket://``, ``unix:///path``) or a local adapter found by udev properties.
+
+A reader thread copies every byte into a ``ConsoleLog`` from the moment the port opens, so the
+boot log is never lost to a late ``expect``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import serial
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+import hil.console  # noqa: F401  (registers unix://)
+from hil.console.log import ConsoleLog
+from hil.deadline import Deadline
+from hil.errors import InfraError
+from hil.registry import PartContext
+
+log = logging.getLogger(__name__)
+
+
+class SerialSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str | None = Field(None, description="device path or pyserial URL "
+                            "(rfc2217://host:port?ign_set_control, socket://, unix:///path)")
+    match: dict[str, str] | None = Field(
+        None, description="udev properties of the adapter (e.g. ID_SERIAL_SHORT), so the rig "
+        "file survives re-plugging; see `hil discover`")
+    baud: int | None = Field(None, gt=0, description="default: the device type's console speed")
+    rtscts: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SerialSettings:
+        if (self.url is None) == (self.match is None):
+            raise ValueError("give exactly one of 'url' or 'match'")
+        return self
+
+
+def find_tty(match: dict[str, str]) -> str:
+    """The /dev node of the tty whose udev properties include all of ``match``."""
+    import pyudev
+
+    ctx = pyudev.Context()
+    found = [d.device_node for d in ctx.list_devices(subsystem="tty")
+             if d.device_node and all(d.properties.get(k) == v for k, v in match.items())]
+    if len(found) != 1:
+        raise InfraError(f"expected one tty with {match}, found {found or 'none'}",
+                         part="console")
+    return str(found[0])
+
+
+class SerialConsole:
+    Settings = SerialSettings
+
+    def __init__(self, settings: SerialSettings, ctx: PartContext, *,
+                 url: str | None = None) -> None:
+        self.settings = settings
+        self.ctx = ctx
+        self._url = url or settings.url
+        self.baud = settings.baud or (ctx.device_type.console.baud if ctx.device_type else 115200)
+        self.log = ConsoleLog(ctx.runtime / "console.log")
+        self._port: Any = None
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closing = False
+        self._expect_eof = False
+        self._thread = threading.Thread(target=self._reader, name=f"console-{ctx.rig}",
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            assert self.settings.match is not None
+            self._url = find_tty(self.settings.match)
+        return self._url
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def attach(self, timeout: float = 10.0) -> None:
+        """Open the port (again), retrying until ``timeout`` while the far end comes up."""
+        deadline = Deadline(timeout)
+        last: Exception | None = None
+        while True:
+            try:
+                port = serial.serial_for_url(self.url, baudrate=self.baud, timeout=0.2,
+                                             rtscts=self.settings.rtscts)
+                break
+            except (serial.SerialException, OSError, ValueError) as exc:
+                last = exc
+                if deadline.expired():
+                    raise InfraError(f"cannot open console {self.url}: {last}",
+                                     part="console", rig=self.ctx.rig) from None
+                # the far end (QEMU, ser2net) is starting; its socket has no event to await
+                threading.Event().wait(min(0.02, deadline.remaining()))
+        with self._lock:
+            self._port = port
+            self._expect_eof = False
+            self.log.mark_alive()
+            self._wake.notify_all()
+        log.debug("console %s attached", self.url)
+
+    def detach(self) -> None:
+        """Close the port on purpose (power cut of a QEMU board): EOF is not a fault."""
+        with self._lock:
+            self._expect_eof = True
+            port, self._port = self._port, None
+        if port is not None:
+            port.close()
+
+    def open(self) -> None:
+        self.attach()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._wake.notify_all()
+        self.detach()
+        self._thread.join(timeout=2)
+        self.log.close()
+
+    @property
+    def attached(self) -> bool:
+        return self._port is not None
+
+    def write(self, data: bytes) -> None:
+        port = self._port
+        if port is None:
+            raise InfraError("console is not attached (board powered off?)", part="console",
+                             rig=self.ctx.rig, tail=self.log.tail())
+        try:
+            port.write(data)
+        except (serial.SerialException, OSError) as exc:
+            raise InfraError(f"console write failed: {exc}", part="console", rig=self.ctx.rig,
+                             tail=self.log.tail()) from None
+
+    # --- the reader thread ----------------------------------------------------------------------
+    def _reader(self) -> None:
+        while True:
+            with self._lock:
+                while self._port is None and not self._closing:
+                    self._wake.wait()
+                if self._closing:
+                    return
+                port = self._port
+            try:
+                data = port.read(max(1, min(port.in_waiting, 65536)))
+            except (serial.SerialException, OSError, TypeError, AttributeError) as exc:
+                # TypeError/AttributeError: pyserial internals after close() from another thread
+                with self._lock:
+                    expected = self._expect_eof or self._port is not port
+                    if self._port is port:
+                        self._port = None
+                if not expected:
+                    self.log.mark_lost(f"{self.url}: {exc}")
+                    log.warning("console %s lost: %s", self.url, exc)
+                continue
+            if data:
+                self.log.append(data)
+
+

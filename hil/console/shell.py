@@ -1,0 +1,180 @@
+"""A root shell on a serial console.
+
+One round trip per command: the command is sent in a single write, framed by nonce markers that
+only the shell's ``printf`` can produce (the echoed text holds ``\\036`` as four characters, never
+the byte), and the reply is found by scanning only new console bytes. Output is base64-encoded on
+the device, so kernel messages that the console interleaves (``[ 12.345678] ...``) can be cut out
+exactly without touching the command's own output, even when that output is ``dmesg``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import itertools
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from hil.console.log import ConsoleLog, StopEvent
+from hil.console.serial import SerialConsole
+from hil.errors import DeadlineError, DeviceError, InfraError
+
+# A prompt or login request at the very end of what the console printed so far.
+PROMPT = re.compile(rb"(?:(login:)|(assword:)|[#$]) ?$")
+KERNEL_LINE = re.compile(rb"\[\s*\d+\.\d+\][^\n]*\n?")
+NUDGE_AFTER_QUIET = 1.0  # seconds of console silence before pressing Enter to get a prompt
+
+
+@dataclass(frozen=True)
+class Result:
+    command: str
+    stdout: str
+    stderr: str | None  # None where the transport merges streams (serial console)
+    exit_code: int
+    duration: float
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class CommandFailed(AssertionError):
+    """A command the test required to succeed did not: a test failure, not a rig fault."""
+
+    def __init__(self, result: Result) -> None:
+        out = result.stdout.strip()[-2000:]
+        err = (result.stderr or "").strip()[-2000:]
+        text = f"command {result.command!r} exited {result.exit_code}"
+        text += f"\nstdout:\n{out}" if out else ""
+        text += f"\nstderr:\n{err}" if err else ""
+        super().__init__(text)
+        self.result = result
+
+
+class ConsoleShell:
+    def __init__(self, console: SerialConsole, *, user: str = "root",
+                 password: str | None = None) -> None:
+        self.console = console
+        self.log: ConsoleLog = console.log
+        self.user, self.password = user, password
+        self._ready_at: int | None = None  # console offset at which this session was set up
+        self._session = secrets.token_hex(3)
+        self._seq = itertools.count(1)
+
+    # --- session set-up ---------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._ready_at is not None and not self.log.events_since(self._ready_at, ("boot",))
+
+    def invalidate(self) -> None:
+        self._ready_at = None
+
+    def wait_ready(self, timeout: float) -> float:
+        """From anywhere in a boot: get to a configured root shell. Returns seconds taken."""
+        t0 = time.monotonic()
+        end = t0 + timeout
+        start = self.log.end
+        nudged_at = -1
+        logged_in = False
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise DeadlineError("a shell prompt or login on the console",
+                                    _last_line(self.log), timeout, tail=self.log.tail())
+            try:
+                hit = self.log.wait_for(PROMPT, start, min(left, NUDGE_AFTER_QUIET),
+                                        "shell prompt", stop_on=("panic",))
+            except StopEvent as exc:
+                raise DeviceError(f"kernel panic while waiting for a shell: {exc.event.text}\n"
+                                  f"--- console tail ---\n{exc.tail}") from None
+            except DeadlineError:
+                # Quiet console and no prompt: press Enter, once per quiet spell.
+                if self.log.end != nudged_at:
+                    nudged_at = self.log.end
+                    start = self.log.end
+                    self.console.write(b"\n")
+                continue
+            start = hit.end
+            if hit.groups[0] and not logged_in:
+                self.console.write(self.user.encode() + b"\n")
+                logged_in = True
+            elif hit.groups[1]:
+                if self.password is None:
+                    raise InfraError(f"console asks for a password for {self.user!r} and the rig "
+                                     "gives none (development images have none)", part="console",
+                                     tail=self.log.tail())
+                self.console.write(self.password.encode() + b"\n")
+            elif not hit.groups[0]:
+                break
+        self._configure(end - time.monotonic())
+        return time.monotonic() - t0
+
+    def _configure(self, timeout: float) -> None:
+        marker = f"\x1eR{self._session}\x1f".encode()
+        before = self.log.end
+        # No echo, no prompt: the reply stream is then exactly what printf and base64 print.
+        self.console.write(b"stty -echo 2>/dev/null; PS1=''; PS2=''; export TERM=dumb; "
+                           b"set -o pipefail 2>/dev/null; "
+                           b"printf '\\036R%s\\037\\n' " + self._session.encode() + b"\n")
+        self.log.wait_for(re.compile(re.escape(marker)), before, max(timeout, 1.0),
+                          "the shell to accept its settings")
+        self._ready_at = self.log.end
+
+    # --- commands -------------------------------------------------------------------------------
+    def run(self, command: str, timeout: float = 60.0) -> Result:
+        if self._ready_at is None:
+            raise InfraError("no shell on the console yet (call wait_ready after power-on)",
+                             part="console", tail=self.log.tail())
+        booted = self.log.events_since(self._ready_at, ("boot", "panic"))
+        if booted:
+            self._ready_at = None
+            raise DeviceError(f"the board restarted ({booted[0].text}) since the shell was set up;"
+                              f" not running {command!r}\n--- console tail ---\n"
+                              + self.log.tail())
+        tag = f"{self._session}.{next(self._seq)}"
+        begin = re.compile(rb"\x1eS" + re.escape(tag.encode()) + rb"\r?\n")
+        done = re.compile(rb"\x1eE" + re.escape(tag.encode()) + rb" (\d+)\r?\n")
+        script = (f"printf '\\036S%s\\n' {tag}; {{ {command}\n}} </dev/null 2>&1 | base64; "
+                  f"printf '\\036E%s %d\\n' {tag} $?\n")
+        sent_at = self.log.end
+        t0 = time.monotonic()
+        self.console.write(script.encode())
+        try:
+            end_hit = self.log.wait_for(done, sent_at, timeout, f"the end of {command!r}",
+                                        stop_on=("boot", "panic"))
+        except StopEvent as exc:
+            self._ready_at = None
+            raise DeviceError(f"board {exc.event.kind} ({exc.event.text}) while running "
+                              f"{command!r}\n--- console tail ---\n{exc.tail}") from None
+        except DeadlineError:
+            self.console.write(b"\x03")  # interrupt it; the session state is now unknown
+            self._ready_at = None
+            raise
+        duration = time.monotonic() - t0
+        body = self.log.read(sent_at, end_hit.start)
+        m = begin.search(body)
+        if m is None:
+            raise InfraError(f"console garbled the reply to {command!r}: no start marker",
+                             part="console", tail=self.log.tail())
+        encoded = KERNEL_LINE.sub(b"", body[m.end():])
+        try:
+            raw = base64.b64decode(b"".join(encoded.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise InfraError(f"console garbled the reply to {command!r} (not base64): "
+                             f"{encoded[:200]!r}", part="console", tail=self.log.tail()) from None
+        assert end_hit.groups[0] is not None
+        return Result(command, raw.decode("utf-8", errors="replace"), None,
+                      int(end_hit.groups[0]), duration)
+
+    def send(self, command: str) -> int:
+        """Type a command whose reply we will not wait for (``reboot``). Returns the offset."""
+        at = self.log.end
+        self.console.write(command.encode() + b"\n")
+        return at
+
+
+def _last_line(log: ConsoleLog) -> str:
+    lines = [ln for ln in log.tail(5).splitlines() if ln.strip()]
+    return repr(lines[-1]) if lines else "no console output at all"

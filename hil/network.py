@@ -1,0 +1,32 @@
+"""How the rig host reaches the DUT over the network (SSH), and the DUT the rig host."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hil.registry import PartContext
+
+
+class SshNetworkSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field(description="DUT address as the rig host sees it")
+    port: int = Field(22222, gt=0, lt=65536)
+    host_address: str = Field(description="rig host address as the DUT sees it (NTP, API)")
+
+
+class SshNetwork:
+    Settings = SshNetworkSettings
+
+    def __init__(self, settings: SshNetworkSettings, ctx: PartContext) -> None:
+        self.settings = settings
+
+    def ssh_endpoint(self) -> tuple[str, int]:
+        return self.settings.host, self.settings.port
+
+    @property
+    def host_address(self) -> str:
+        return self.settings.host_address
+
+    def close(self) -> None:
+        pass

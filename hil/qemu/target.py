@@ -1,0 +1,239 @@
+"""A QEMU board (``target: {driver: qemu}``), TCG only.
+
+Power on starts QEMU; power off kills it (a real power cut, no clean shutdown). The serial port
+is a unix socket that QEMU holds in ``wait=on`` until our console reader is connected, so the
+first byte of firmware output is captured. QMP (``qemu.qmp``) gives status and reset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hil.console.serial import SerialConsole, SerialSettings
+from hil.deadline import wait_until
+from hil.errors import InfraError
+from hil.registry import PartContext
+from hil.storage import FileStorage, FileStorageSettings
+
+log = logging.getLogger(__name__)
+
+UBOOT_ARM64 = Path("/usr/lib/u-boot/qemu_arm64/u-boot.bin")
+
+
+class QemuSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    arch: Literal["aarch64", "x86_64"] | None = Field(None, description="default: device type")
+    memory: int = Field(512, gt=0, description="MiB")
+    smp: int = Field(1, gt=0)
+    cpu: str | None = Field(None, description="default cortex-a53 (aarch64), qemu64 (x86_64)")
+    machine: str | None = Field(None, description="default virt (aarch64), pc (x86_64)")
+    firmware: Path | None = Field(None, description="-bios; default U-Boot for aarch64, "
+                                  "SeaBIOS (built in) for x86_64")
+    kernel: Path | None = Field(None, description="boot a kernel directly instead of the disk")
+    initrd: Path | None = None
+    append: str | None = None
+    disk: Path = Field(Path("disk.img"), description="disk file (relative: in the rig's "
+                       "runtime directory)")
+    disk_size: int = Field(2 * 1024**3, gt=0, description="bytes (sparse file)")
+    devices: list[str] = Field([], description="extra -device arguments, e.g. i6300esb")
+    ssh_port: int = Field(22222, gt=0, lt=65536, description="guest SSH port to forward")
+    extra_args: list[str] = []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class QemuNetwork:
+    """User-mode networking: the guest reaches the host's loopback as 10.0.2.2."""
+
+    host_address = "10.0.2.2"
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def ssh_endpoint(self) -> tuple[str, int]:
+        return "127.0.0.1", self.port
+
+    def close(self) -> None:
+        pass
+
+
+class QemuPower:
+    def __init__(self, target: QemuTarget) -> None:
+        self.t = target
+
+    def on(self) -> None:
+        self.t.start()
+
+    def off(self) -> None:
+        self.t.kill()
+
+    def is_on(self) -> bool | None:
+        return self.t.running
+
+    def close(self) -> None:
+        self.t.kill()
+
+
+class QemuTarget:
+    Settings = QemuSettings
+
+    def __init__(self, settings: QemuSettings, ctx: PartContext) -> None:
+        self.settings, self.ctx = settings, ctx
+        dtype_arch = getattr(ctx.device_type, "arch", "aarch64")
+        self.arch = settings.arch or ("x86_64" if dtype_arch in ("amd64", "x86_64") else "aarch64")
+        self.binary = shutil.which(f"qemu-system-{self.arch}")
+        self.console_sock = ctx.runtime / "console.sock"
+        self.qmp_sock = ctx.runtime / "qmp.sock"
+        self.qemu_log = ctx.runtime / "qemu.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.qmp: object | None = None
+        self.ssh_port = free_port()
+        disk_path = settings.disk if settings.disk.is_absolute() else ctx.runtime / settings.disk
+        self.storage = FileStorage(FileStorageSettings(path=disk_path, size=settings.disk_size),
+                                   ctx)
+        self.console = SerialConsole(SerialSettings(url=f"unix://{self.console_sock}"), ctx)
+        self.power = QemuPower(self)
+        self.network = QemuNetwork(self.ssh_port)
+
+    def parts(self) -> dict[str, object]:
+        return {"power": self.power, "console": self.console, "storage": self.storage,
+                "network": self.network}
+
+    # --- command line ---------------------------------------------------------------------------
+    def command(self) -> list[str]:
+        s = self.settings
+        if self.binary is None:
+            raise InfraError(f"qemu-system-{self.arch} is not installed (apt package "
+                             f"qemu-system-{'arm' if self.arch == 'aarch64' else 'x86'})",
+                             part="target", rig=self.ctx.rig)
+        aarch64 = self.arch == "aarch64"
+        cmd = [self.binary, "-accel", "tcg", "-nodefaults", "-no-user-config",
+               "-display", "none", "-m", str(s.memory), "-smp", str(s.smp),
+               "-M", s.machine or ("virt" if aarch64 else "pc"),
+               "-cpu", s.cpu or ("cortex-a53" if aarch64 else "qemu64"),
+               "-qmp", f"unix:{self.qmp_sock},server=on,wait=off",
+               "-chardev", f"socket,id=con0,path={self.console_sock},server=on,wait=on",
+               "-serial", "chardev:con0",
+               "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:{s.ssh_port}",
+               "-device", "virtio-net-pci,netdev=net0",
+               "-drive", f"file={self.storage.path},format=raw,if=none,id=disk0,cache=unsafe",
+               "-device", "virtio-blk-pci,drive=disk0",
+               "-device", "virtio-rng-pci"]
+        firmware = s.firmware or (UBOOT_ARM64 if aarch64 and not s.kernel else None)
+        if firmware:
+            if not firmware.is_file():
+                raise InfraError(f"firmware {firmware} not found (apt package u-boot-qemu)",
+                                 part="target", rig=self.ctx.rig)
+            cmd += ["-bios", str(firmware)]
+        if s.kernel:
+            cmd += ["-kernel", str(s.kernel)]
+            if s.initrd:
+                cmd += ["-initrd", str(s.initrd)]
+            cmd += ["-append", s.append or ("console=ttyAMA0" if aarch64 else "console=ttyS0")]
+        for dev in s.devices:
+            cmd += ["-device", dev]
+        return cmd + s.extra_args
+
+    # --- power ----------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self.storage.target(0)
+        for sock in (self.console_sock, self.qmp_sock):
+            sock.unlink(missing_ok=True)
+        cmd = self.command()
+        log.debug("power on: %s", " ".join(cmd))
+        with self.qemu_log.open("ab") as out:
+            # Own session: a Ctrl-C at the terminal reaches us, not QEMU; we kill it on the way out.
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                         start_new_session=True)
+        proc = self.proc
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                raise InfraError(f"QEMU exited with {proc.returncode} at start:\n"
+                                 + self._log_tail(), part="target", rig=self.ctx.rig)
+            return self.console_sock.exists()
+
+        # QEMU creates its sockets within milliseconds; there is no event to wait on.
+        wait_until(listening, 15, "QEMU to open its console socket",
+                   seen=lambda: "no socket yet", interval=0.01)
+        self.console.attach(timeout=10)
+        self.console.log.note("power-on", "qemu")
+        self._connect_qmp()
+
+    def _connect_qmp(self) -> None:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        qmp = QEMUMonitorProtocol(str(self.qmp_sock))
+        try:
+            qmp.connect()
+        except Exception as exc:  # qemu.qmp raises several unrelated types
+            raise InfraError(f"QMP connection failed: {exc}", part="target",
+                             rig=self.ctx.rig) from None
+        self.qmp = qmp
+
+    def qmp_cmd(self, name: str, **args: object) -> object:
+        if self.qmp is None or not self.running:
+            raise InfraError(f"QMP {name}: QEMU is not running", part="target", rig=self.ctx.rig)
+        return self.qmp.cmd(name, **args)  # type: ignore[attr-defined]
+
+    def status(self) -> str:
+        """QEMU's run state ("running", "paused", "shutdown", ...) or "off"."""
+        if not self.running:
+            return "off"
+        reply = self.qmp_cmd("query-status")
+        assert isinstance(reply, dict)
+        return str(reply.get("status"))
+
+    def reset(self) -> None:
+        """Press the reset button: the board restarts without losing power."""
+        self.qmp_cmd("system_reset")
+
+    def kill(self) -> None:
+        proc, self.proc = self.proc, None
+        qmp, self.qmp = self.qmp, None
+        self.console.detach()  # first, so the reader takes the EOF as the power cut it is
+        if qmp is not None:
+            with contextlib.suppress(Exception):  # the process is about to die anyway
+                qmp.close()  # type: ignore[attr-defined]
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                raise InfraError(f"QEMU pid {proc.pid} survived SIGKILL for 10 s",
+                                 part="target", rig=self.ctx.rig) from None
+        if proc is not None:
+            self.console.log.note("power-off", "qemu killed")
+
+    def close(self) -> None:
+        self.kill()
+        self.console.close()
+
+    def _log_tail(self) -> str:
+        try:
+            return "\n".join(self.qemu_log.read_text(errors="replace").splitlines()[-15:])
+        except OSError:
+            return "(no QEMU log)"
