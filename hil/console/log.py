@@ -19,6 +19,8 @@ from hil.errors import DeadlineError, InfraError
 BOOT_MARKERS = re.compile(
     rb"U-Boot 20\d\d|SeaBIOS \(version|Booting Linux on physical CPU|Linux version \d+\.\d+")
 PANIC_MARKER = re.compile(rb"Kernel panic - not syncing[^\r\n]*")
+# The kernel prints these at emergency level, so they show even with ``quiet``.
+RESET_MARKER = re.compile(rb"reboot: (?:Restarting system|Power down|System halted)")
 SCAN_OVERLAP = 64  # bytes re-scanned across chunk borders so a marker split in two is found
 
 
@@ -57,6 +59,9 @@ class ConsoleLog:
             for m in BOOT_MARKERS.finditer(window):
                 if scan_from + m.end() > start:  # not already seen in the previous chunk
                     self._event_locked(scan_from + m.start(), now, "boot", m.group().decode())
+            for m in RESET_MARKER.finditer(window):
+                if scan_from + m.end() > start:
+                    self._event_locked(scan_from + m.start(), now, "reset", m.group().decode())
             for m in PANIC_MARKER.finditer(window):
                 if scan_from + m.end() > start:
                     self._event_locked(scan_from + m.start(), now, "panic",
@@ -105,7 +110,8 @@ class ConsoleLog:
         text = data.decode("utf-8", errors="replace").replace("\r", "")
         return "\n".join(text.splitlines()[-lines:])
 
-    def events_since(self, offset: int, kinds: tuple[str, ...] = ("boot", "panic")) -> list[Event]:
+    def events_since(self, offset: int,
+                     kinds: tuple[str, ...] = ("boot", "reset", "panic")) -> list[Event]:
         with self._cond:
             return [e for e in self.events if e.offset >= offset and e.kind in kinds]
 

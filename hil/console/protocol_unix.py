@@ -15,7 +15,7 @@ class Serial(protocol_socket.Serial):  # type: ignore[misc]
         self.logger = None
         if self._port is None:
             raise serial.SerialException("Port must be configured before it can be used.")
-        if self.is_open:
+        if self.is_open:  # type: ignore[has-type]
             raise serial.SerialException("Port is already open.")
         path = self.from_url(self.portstr)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

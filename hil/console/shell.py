@@ -66,7 +66,7 @@ class ConsoleShell:
     # --- session set-up ---------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self._ready_at is not None and not self.log.events_since(self._ready_at, ("boot",))
+        return self._ready_at is not None and not self.log.events_since(self._ready_at)
 
     def invalidate(self) -> None:
         self._ready_at = None
@@ -127,7 +127,7 @@ class ConsoleShell:
         if self._ready_at is None:
             raise InfraError("no shell on the console yet (call wait_ready after power-on)",
                              part="console", tail=self.log.tail())
-        booted = self.log.events_since(self._ready_at, ("boot", "panic"))
+        booted = self.log.events_since(self._ready_at)
         if booted:
             self._ready_at = None
             raise DeviceError(f"the board restarted ({booted[0].text}) since the shell was set up;"
@@ -143,7 +143,7 @@ class ConsoleShell:
         self.console.write(script.encode())
         try:
             end_hit = self.log.wait_for(done, sent_at, timeout, f"the end of {command!r}",
-                                        stop_on=("boot", "panic"))
+                                        stop_on=("boot", "reset", "panic"))
         except StopEvent as exc:
             self._ready_at = None
             raise DeviceError(f"board {exc.event.kind} ({exc.event.text}) while running "

@@ -51,6 +51,15 @@ class QemuSettings(BaseModel):
     extra_args: list[str] = []
 
 
+def die_with_parent() -> None:
+    """Child-side: SIGKILL this process when the framework dies, even by SIGKILL, so no QEMU
+    (no powered board) outlives the session that owned it."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -166,7 +175,7 @@ class QemuTarget:
         with self.qemu_log.open("ab") as out:
             # Own session: a Ctrl-C at the terminal reaches us, not QEMU; we kill it on the way out.
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=die_with_parent)
         proc = self.proc
 
         def listening() -> bool:

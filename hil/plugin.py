@@ -1,0 +1,194 @@
+"""pytest plugin: ``--rig``, fixtures (``rig``, ``dut``), the ``needs`` marker, console slices in
+each test's report, and rig faults reported apart from test failures."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hil import redact
+from hil.config import RigConfig, load_rig
+from hil.dut import Dut
+from hil.errors import ConfigError, InfraError
+from hil.rig import Rig
+from hil.session import HilSession, Options
+
+CONSOLE_AT = pytest.StashKey[int]()
+CALL_REPORT = pytest.StashKey[pytest.TestReport]()
+SESSION = pytest.StashKey["HilSession | None"]()
+RIG_CONFIG = pytest.StashKey["RigConfig | None"]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("hil", "hardware-in-the-loop (pytest-hil)")
+    g.addoption("--rig", default=os.environ.get("HIL_RIG"),
+                help="rig name (file in --rigs-dir or ./rigs) or path to a rig YAML "
+                     "[env HIL_RIG]. Without it no hardware is touched.")
+    g.addoption("--rigs-dir", default=None, help="extra directory of rig files")
+    g.addoption("--image", default=None,
+                help="OS image to flash (.img/.gz/.xz/.zst/.zip); 'refos' builds the reference "
+                     "OS; default: the rig file's 'image:'")
+    g.addoption("--bmap", default=None, help="block map for --image (default: IMAGE.bmap)")
+    g.addoption("--config-json", default=None,
+                help="config.json to put in the image (default: one made for the session)")
+    g.addoption("--update-image", default=None,
+                help="OS image for host OS update tests (default on the reference OS: built)")
+    g.addoption("--rig-wait", type=float, default=600.0,
+                help="seconds to wait for a rig another session holds (0: fail at once)")
+    g.addoption("--no-flash", action="store_true",
+                help="boot what is on the board's storage now (skip image preparation and flash)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs(*features): run only on rigs that have all of these "
+                            "features (e.g. gpio_loopback, sd_mux, rtc); skipped otherwise")
+    config.stash[SESSION] = None
+    config.stash[RIG_CONFIG] = None
+    rig = config.getoption("--rig")
+    if rig:
+        try:
+            config.stash[RIG_CONFIG] = load_rig(rig, config.getoption("--rigs-dir"))
+        except ConfigError as exc:
+            raise pytest.UsageError(f"--rig {rig}: {exc}") from None
+        # CI cancels with SIGTERM: unwind like Ctrl-C so the rig ends powered off and unlocked.
+        if hasattr(signal, "SIGTERM"):
+            signal.signal(signal.SIGTERM, _sigterm)
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    session = config.stash.get(SESSION, None)
+    if session is not None:
+        session.close()
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def rig_config(pytestconfig: pytest.Config) -> RigConfig:
+    cfg = pytestconfig.stash.get(RIG_CONFIG, None)
+    if cfg is None:
+        pytest.skip("needs a rig: run with --rig NAME (see `hil rigs`)")
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def hil_session(pytestconfig: pytest.Config, rig_config: RigConfig) -> Iterator[HilSession]:
+    opt = pytestconfig.getoption
+    options = Options(image=opt("--image"), bmap=Path(opt("--bmap")) if opt("--bmap") else None,
+                      config_json=Path(opt("--config-json")) if opt("--config-json") else None,
+                      rig_wait=opt("--rig-wait"), flash=not opt("--no-flash"))
+    session = HilSession(rig_config, options)
+    pytestconfig.stash[SESSION] = session
+    session.start(what=f"pytest {' '.join(pytestconfig.invocation_params.args)}"[:200])
+    try:
+        yield session
+    finally:
+        session.close()
+        pytestconfig.stash[SESSION] = None
+
+
+@pytest.fixture(scope="session")
+def rig(hil_session: HilSession) -> Rig:
+    assert hil_session.rig is not None
+    return hil_session.rig
+
+
+@pytest.fixture
+def dut(request: pytest.FixtureRequest, hil_session: HilSession) -> Iterator[Dut]:
+    """The booted device. Kept up between tests; recovered (power-cycled if need be) only after
+    a test that failed or left it without a shell."""
+    d = hil_session.dut
+    assert d is not None
+    if getattr(hil_session, "needs_recovery", False) or not d.shell.ready:
+        d.recover()
+        hil_session.needs_recovery = False  # type: ignore[attr-defined]
+    yield d
+    rep = request.node.stash.get(CALL_REPORT, None)
+    if rep is None or rep.failed:
+        hil_session.needs_recovery = True  # type: ignore[attr-defined]
+
+
+# --- markers, report sections, infra errors -----------------------------------------------------
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    cfg = item.config.stash.get(RIG_CONFIG, None)
+    for mark in item.iter_markers("needs"):
+        missing = [f for f in mark.args if cfg is None or not cfg.has(f)]
+        if cfg is not None and missing:
+            pytest.skip(f"rig {cfg.name} lacks {', '.join(missing)}")
+    session = item.config.stash.get(SESSION, None)
+    if session is not None and session.rig is not None:
+        item.stash[CONSOLE_AT] = session.rig.log.end
+        session.rig.log.note("test", item.nodeid)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if call.excinfo is not None and call.excinfo.errisinstance(InfraError):
+        report.hil_infra = True  # type: ignore[attr-defined]
+    if report.when == "call":
+        item.stash[CALL_REPORT] = report
+    if report.longrepr is not None and not isinstance(report.longrepr, tuple):
+        report.longrepr = redact.text(str(report.longrepr))
+    session = item.config.stash.get(SESSION, None)
+    start = item.stash.get(CONSOLE_AT, None)
+    if session is None or session.rig is None or start is None:
+        return
+    if report.when == "call" or (report.when == "setup" and report.failed):
+        text = redact.text(session.rig.log.text(start).replace("\r", ""))
+        report.sections.append(("Captured console", text[-50000:] or "(no console output)"))
+        _allure_attach(text)
+
+
+def _allure_attach(text: str) -> None:
+    try:
+        import allure
+    except ImportError:
+        return
+    with contextlib.suppress(Exception):  # allure installed but not active in this run
+        allure.attach(text, name="console", attachment_type=allure.attachment_type.TEXT)
+
+
+def pytest_report_teststatus(report: pytest.TestReport,
+                             config: pytest.Config) -> tuple[str, str, Any] | None:
+    if getattr(report, "hil_infra", False) and report.failed:
+        return "infra", "I", ("INFRA", {"yellow": True})
+    return None
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
+                            config: pytest.Config) -> None:
+    infra = terminalreporter.stats.get("infra", [])
+    if infra:
+        terminalreporter.section("rig (infrastructure) errors — not test failures", yellow=True)
+        for rep in infra:
+            first = str(rep.longrepr).strip().splitlines()[-1:] or [""]
+            terminalreporter.line(f"{rep.nodeid}: {first[0][:300]}")
+    session = config.stash.get(SESSION, None)
+    if session is not None:
+        terminalreporter.section("pytest-hil rig")
+        for line in session.report_lines():
+            terminalreporter.line(line)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Infra errors are failures for the exit code: a green run must mean the rig worked too.
+    if session.config.stash.get(RIG_CONFIG, None) is None:
+        return
+    tr = session.config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None and tr.stats.get("infra") and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,0 +1,151 @@
+"""Rig: one board and the hardware around it, composed from the parts in its rig file.
+
+States: off → flashed → booted → ready. Every step is timed into ``timeline`` and noted in the
+console log. ``close()`` always leaves the board powered off, the SD mux released and the lock
+free, whatever happened before (Ctrl-C included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hil import registry
+from hil.cache import runtime_dir
+from hil.config import RigConfig
+from hil.console.log import ConsoleLog
+from hil.console.serial import SerialConsole
+from hil.errors import HilError, InfraError
+from hil.parts import Network, Power, SdMux, Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Step:
+    name: str
+    seconds: float
+    ok: bool
+    detail: str = ""
+
+
+class Rig:
+    def __init__(self, config: RigConfig, runtime: Path | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.runtime = runtime or runtime_dir("rigs", config.name)
+        self.timeline: list[Step] = []
+        self.target: Any = None
+        parts: dict[str, Any] = {}
+        self._owned: list[Any] = []
+        if "target" in config.parts:
+            self.target = self._make("target")
+            parts.update(self.target.parts())
+        for name in ("power", "console", "sd_mux", "storage", "network"):
+            if name in config.parts:
+                parts[name] = self._make(name)
+        self.power: Power = parts["power"]
+        self.console: SerialConsole = parts["console"]
+        self.sd_mux: SdMux | None = parts.get("sd_mux")
+        self.storage: Storage | None = parts.get("storage")
+        self.network: Network | None = parts.get("network")
+        self.state = "unknown"
+        self.flash_report: Any = None
+
+    def _make(self, part: str) -> Any:
+        spec = self.config.parts[part]
+        cls = registry.lookup(part, spec.driver)
+        assert cls is not None  # config loading checked it
+        ctx = registry.PartContext(self.name, part, self.runtime, self.config.device_type)
+        try:
+            obj = cls(spec.settings, ctx)
+        except HilError:
+            raise
+        except Exception as exc:
+            raise InfraError(f"driver {spec.driver!r} failed to start: {exc}", part=part,
+                             rig=self.name) from exc
+        self._owned.append(obj)
+        return obj
+
+    @property
+    def log(self) -> ConsoleLog:
+        return self.console.log
+
+    @contextlib.contextmanager
+    def step(self, name: str, part: str = "") -> Iterator[None]:
+        """Time a step; a non-framework exception from a driver becomes an InfraError."""
+        t0 = time.monotonic()
+        self.log.note("step", name)
+        try:
+            yield
+        except HilError as exc:
+            self.timeline.append(Step(name, time.monotonic() - t0, False, str(exc)[:200]))
+            raise
+        except (OSError, RuntimeError, ValueError) as exc:
+            self.timeline.append(Step(name, time.monotonic() - t0, False, str(exc)[:200]))
+            raise InfraError(f"{name}: {exc}", part=part, rig=self.name) from exc
+        self.timeline.append(Step(name, time.monotonic() - t0, True))
+        log.info("rig %s: %s (%.1fs)", self.name, name, time.monotonic() - t0)
+
+    # --- power ----------------------------------------------------------------------------------
+    def power_on(self) -> None:
+        with self.step("power on", "power"):
+            if not self.console.attached and self.target is None:
+                self.console.attach()  # a bench console is open before the board gets power
+            self.power.on()
+        self.state = "booting"
+
+    def power_off(self) -> None:
+        with self.step("power off", "power"):
+            self.power.off()
+        self.state = "off"
+
+    def power_cycle(self) -> None:
+        self.power_off()
+        # Deliberate: boards need their capacitors drained; the rig file sets how long.
+        time.sleep(self.config.power_off_time)
+        self.power_on()
+
+    # --- flashing -------------------------------------------------------------------------------
+    def flash(self, image: Path, bmap: Path | None = None) -> Any:
+        """Power off, give the medium to the host, write and verify, give it back to the board."""
+        from hil.flash.writer import flash as write_image
+
+        if self.storage is None:
+            raise InfraError("the rig file has no 'storage:' to flash", part="storage",
+                             rig=self.name)
+        self.power_off()
+        if self.sd_mux is not None:
+            with self.step("sd mux → host", "sd_mux"):
+                self.sd_mux.to_host()
+        with self.step("wait for storage", "storage"):
+            target = self.storage.target(self.config.timeouts.mux)
+        with self.step(f"flash {image.name} → {target}", "flash"):
+            self.flash_report = write_image(image, target, bmap=bmap,
+                                            allow_fixed=self.storage.fixed)
+        if self.sd_mux is not None:
+            with self.step("sd mux → board", "sd_mux"):
+                self.sd_mux.to_dut()
+        self.state = "flashed"
+        return self.flash_report
+
+    # --- teardown -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Power off, release the mux, close everything. Never raises: it runs on the way out."""
+        for what, action in (("power off", self.power.off),
+                             ("sd mux off", self.sd_mux.off if self.sd_mux else None)):
+            if action is None:
+                continue
+            try:
+                action()
+            except Exception as exc:
+                log.error("rig %s: %s failed during teardown: %s", self.name, what, exc)
+        for obj in reversed(self._owned):
+            with contextlib.suppress(Exception):
+                obj.close()
+        self.state = "off"

@@ -1,0 +1,161 @@
+"""One test session on one rig: lock it, start its emulated hardware, prepare and flash the image,
+boot, hand out the ``Dut``; on the way out power off, release, unlock. Used by the pytest plugin
+and by ``hil`` commands; knows nothing of pytest."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import secrets
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hil import redact
+from hil.cache import runtime_dir
+from hil.config import RigConfig
+from hil.dut import Dut
+from hil.errors import ConfigError
+from hil.lock import RigLock
+from hil.rig import Rig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Options:
+    image: str | None = None
+    bmap: Path | None = None
+    config_json: Path | None = None
+    rig_wait: float = 600.0
+    flash: bool = True
+    extra_config: dict[str, Any] = field(default_factory=dict)
+
+
+def refos_arch(config: RigConfig) -> str:
+    return "x86_64" if config.device_type.arch in ("amd64", "x86_64") else "aarch64"
+
+
+def ssh_keypair(folder: Path) -> tuple[Path, str]:
+    """A fresh ed25519 key for this session (never logged); returns (private path, public)."""
+    key = folder / "id_ed25519"
+    if not key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pytest-hil",
+                        "-f", str(key)], check=True, capture_output=True, timeout=30)
+    return key, key.with_suffix(".pub").read_text().strip()
+
+
+class HilSession:
+    def __init__(self, config: RigConfig, options: Options) -> None:
+        self.config = config
+        self.options = options
+        self.runtime = runtime_dir("rigs", config.name)
+        self.lock = RigLock(config.name)
+        self.stack = contextlib.ExitStack()
+        self.rig: Rig | None = None
+        self.dut: Dut | None = None
+        self.image: Path | None = None
+        self.device_config: dict[str, Any] = {}
+        self.api: Any = None  # registration endpoint, when the image is the reference OS
+        self.ssh_key, self.ssh_pub = ssh_keypair(self.runtime)
+
+    # --- the whole bring-up ----------------------------------------------------------------------
+    def start(self, what: str = "") -> Dut:
+        try:
+            self.lock.acquire(self.options.rig_wait, what,
+                              on_wait=lambda m: log.warning("%s", m))
+            self.stack.callback(self.lock.release)
+            if self.config.emulator:
+                emu = importlib.import_module("hil.emu")
+                self.stack.enter_context(emu.start(self.config, self.runtime))
+            self.rig = Rig(self.config, self.runtime)
+            self.stack.callback(self.rig.close)
+            self.dut = Dut(self.rig, ssh_key=self.ssh_key)
+            if self.options.flash:
+                image, bmap = self.prepare_image()
+                self.rig.flash(image, bmap)
+            self.dut.boot()
+            return self.dut
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.stack.close()
+
+    # --- image ----------------------------------------------------------------------------------
+    def base_image(self) -> tuple[Path, Path | None]:
+        name = self.options.image or self.config.image
+        if not name:
+            raise ConfigError("no image to flash: give --image, or 'image:' in "
+                              f"{self.config.source}")
+        if name == "refos":
+            from hil.refos import build
+
+            built = build(arch=refos_arch(self.config))
+            return built.disk, built.bmap
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"image {path} not found", key="--image")
+        bmap = self.options.bmap
+        for candidate in (path.with_name(path.name + ".bmap"),
+                          path.with_suffix(".bmap")):
+            if bmap is None and candidate.is_file():
+                bmap = candidate
+        return path, bmap
+
+    def device_config_for(self, using_refos: bool) -> dict[str, Any]:
+        """config.json for this session: the user's file, or one made for the reference OS."""
+        if self.options.config_json:
+            try:
+                cfg: dict[str, Any] = json.loads(self.options.config_json.read_text())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"cannot read config.json: {exc}",
+                                  file=str(self.options.config_json)) from None
+        else:
+            cfg = {"uuid": uuid.uuid4().hex, "deviceType": self.config.device_type.slug,
+                   "developmentMode": True, "persistentLogging": False}
+        cfg.setdefault("os", {}).setdefault("sshKeys", [])
+        if self.ssh_pub not in cfg["os"]["sshKeys"]:
+            cfg["os"]["sshKeys"].append(self.ssh_pub)
+        if using_refos and "apiEndpoint" not in cfg:
+            from hil.refos.api import RegistrationServer
+
+            self.api = self.stack.enter_context(RegistrationServer())
+            cfg["apiEndpoint"] = self.api.url_for_guest
+            cfg["apiKey"] = secrets.token_hex(16)
+        if using_refos and self.rig and self.rig.network:
+            cfg.setdefault("ntpServers", self.rig.network.host_address)
+        cfg.update(self.options.extra_config)
+        redact.register_config(cfg)
+        return cfg
+
+    def prepare_image(self) -> tuple[Path, Path | None]:
+        from hil.flash.configure import configure_image
+
+        base, bmap = self.base_image()
+        using_refos = (self.options.image or self.config.image) == "refos"
+        self.device_config = self.device_config_for(using_refos)
+        extra_txt = list(self.config.device_type.config_txt)
+        log.info("configuring %s with %s", base.name, redact.config(self.device_config))
+        self.image = configure_image(base, self.device_config, config_txt_lines=extra_txt)
+        # configure_image only rewrites the boot partition's files; the bmap of the base image
+        # lists every block that may hold data, so it stays a valid map of the prepared image.
+        return self.image, bmap
+
+    def report_lines(self) -> list[str]:
+        if self.rig is None:
+            return []
+        lines = [f"rig {self.config.name} ({self.config.device_type.slug}) timeline:"]
+        for step in self.rig.timeline:
+            lines.append(f"  {step.seconds:7.2f}s  {'ok ' if step.ok else 'ERR'} {step.name}"
+                         + (f" — {step.detail}" if step.detail else ""))
+        if self.rig.log.path:
+            lines.append(f"console log: {self.rig.log.path}")
+        return lines
+
+
