@@ -45,6 +45,12 @@ class DeviceType(Model):
     gpio_chips: dict[str, int] = {}
     features: list[str] = []
 
+    @property
+    def uname_machines(self) -> set[str]:
+        """What ``uname -m`` may print on this device type (32-bit userlands on 64-bit kernels)."""
+        return {"aarch64": {"aarch64"}, "armv7hf": {"armv7l", "aarch64"},
+                "amd64": {"x86_64"}, "x86_64": {"x86_64"}}[self.arch]
+
 
 class Timeouts(Model):
     boot: float = Field(180.0, gt=0, description="power on → shell, seconds")
@@ -233,7 +239,12 @@ def _part(name: str, raw: Any, path: Path, lines: dict[tuple[Any, ...], int]) ->
     if not isinstance(driver, str):
         raise ConfigError(f"missing 'driver:'; one of: {', '.join(registry.known(name))}",
                           file=str(path), line=line, key=name)
-    cls = registry.lookup(name, driver)
+    try:
+        cls = registry.lookup(name, driver)
+    except ImportError as exc:  # a driver whose library is not installed on this host
+        raise ConfigError(f"driver {driver!r} cannot be loaded: {exc} (pip install "
+                          "'pytest-hil[hw]' for hardware drivers)", file=str(path),
+                          line=_line_for(lines, (name, "driver")), key=f"{name}.driver") from None
     if cls is None:
         raise ConfigError(f"unknown driver {driver!r}; one of: {', '.join(registry.known(name))}",
                           file=str(path), line=_line_for(lines, (name, "driver")),

@@ -5,6 +5,8 @@ only the shell's ``printf`` can produce (the echoed text holds ``\\036`` as four
 the byte), and the reply is found by scanning only new console bytes. Output is base64-encoded on
 the device, so kernel messages that the console interleaves (``[ 12.345678] ...``) can be cut out
 exactly without touching the command's own output, even when that output is ``dmesg``.
+Each command runs in its own subshell, so ``cd`` or ``export`` in one test cannot leak into the
+next while the board stays up between tests.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class ConsoleShell:
         self.log: ConsoleLog = console.log
         self.user, self.password = user, password
         self._ready_at: int | None = None  # console offset at which this session was set up
+        self._configured_at: int | None = None  # last set-up, even if since invalidated
+        self._lost: str | None = None  # why the session is gone (for the next run's error)
         self._session = secrets.token_hex(3)
         self._seq = itertools.count(1)
 
@@ -68,8 +72,14 @@ class ConsoleShell:
     def ready(self) -> bool:
         return self._ready_at is not None and not self.log.events_since(self._ready_at)
 
-    def invalidate(self) -> None:
+    def invalidate(self, why: str | None = None) -> None:
         self._ready_at = None
+        self._lost = why
+
+    def _configure_line(self) -> bytes:
+        # No echo, no prompt: the reply stream is then exactly what printf and base64 print.
+        return (b"stty -echo 2>/dev/null; PS1=''; PS2=''; export TERM=dumb; "
+                b"printf '\\036R%s\\037\\n' " + self._session.encode() + b"\n")
 
     def wait_ready(self, timeout: float) -> float:
         """From anywhere in a boot: get to a configured root shell. Returns seconds taken."""
@@ -78,13 +88,18 @@ class ConsoleShell:
         start = self.log.end
         nudged_at = -1
         logged_in = False
+        marker = re.escape(f"\x1eR{self._session}\x1f".encode())
+        waiting = re.compile(PROMPT.pattern + b"|(" + marker + b")")
+        # A shell we configured earlier in this boot has no prompt to show: resync it directly.
+        resync = (self._configured_at is not None
+                  and not self.log.events_since(self._configured_at))
         while True:
             left = end - time.monotonic()
             if left <= 0:
                 raise DeadlineError("a shell prompt or login on the console",
                                     _last_line(self.log), timeout, tail=self.log.tail())
             try:
-                hit = self.log.wait_for(PROMPT, start, min(left, NUDGE_AFTER_QUIET),
+                hit = self.log.wait_for(waiting, start, min(left, NUDGE_AFTER_QUIET),
                                         "shell prompt", stop_on=("panic",))
             except StopEvent as exc:
                 raise DeviceError(f"kernel panic while waiting for a shell: {exc.event.text}\n"
@@ -94,9 +109,12 @@ class ConsoleShell:
                 if self.log.end != nudged_at:
                     nudged_at = self.log.end
                     start = self.log.end
-                    self.console.write(b"\n")
+                    self.console.write(self._configure_line() if resync else b"\n")
                 continue
             start = hit.end
+            if hit.groups[2]:  # a resync answered: the shell is configured
+                self._ready_at, self._configured_at, self._lost = self.log.end, self.log.end, None
+                return time.monotonic() - t0
             if hit.groups[0] and not logged_in:
                 self.console.write(self.user.encode() + b"\n")
                 logged_in = True
@@ -114,30 +132,32 @@ class ConsoleShell:
     def _configure(self, timeout: float) -> None:
         marker = f"\x1eR{self._session}\x1f".encode()
         before = self.log.end
-        # No echo, no prompt: the reply stream is then exactly what printf and base64 print.
-        self.console.write(b"stty -echo 2>/dev/null; PS1=''; PS2=''; export TERM=dumb; "
-                           b"set -o pipefail 2>/dev/null; "
-                           b"printf '\\036R%s\\037\\n' " + self._session.encode() + b"\n")
+        self.console.write(self._configure_line())
         self.log.wait_for(re.compile(re.escape(marker)), before, max(timeout, 1.0),
                           "the shell to accept its settings")
-        self._ready_at = self.log.end
+        self._ready_at = self._configured_at = self.log.end
+        self._lost = None
 
     # --- commands -------------------------------------------------------------------------------
     def run(self, command: str, timeout: float = 60.0) -> Result:
+        if self._ready_at is not None:
+            booted = self.log.events_since(self._ready_at)
+            if booted:
+                self.invalidate(f"the board restarted ({booted[0].text})")
         if self._ready_at is None:
+            if self._lost:
+                raise DeviceError(f"{self._lost} since the shell was set up; not running "
+                                  f"{command!r} (wait_ready first)\n--- console tail ---\n"
+                                  + self.log.tail())
             raise InfraError("no shell on the console yet (call wait_ready after power-on)",
                              part="console", tail=self.log.tail())
-        booted = self.log.events_since(self._ready_at)
-        if booted:
-            self._ready_at = None
-            raise DeviceError(f"the board restarted ({booted[0].text}) since the shell was set up;"
-                              f" not running {command!r}\n--- console tail ---\n"
-                              + self.log.tail())
         tag = f"{self._session}.{next(self._seq)}"
         begin = re.compile(rb"\x1eS" + re.escape(tag.encode()) + rb"\r?\n")
-        done = re.compile(rb"\x1eE" + re.escape(tag.encode()) + rb" (\d+)\r?\n")
-        script = (f"printf '\\036S%s\\n' {tag}; {{ {command}\n}} </dev/null 2>&1 | base64; "
-                  f"printf '\\036E%s %d\\n' {tag} $?\n")
+        done = re.compile(rb"\x1eE" + re.escape(tag.encode()) + rb"\r?\n")
+        # The exit code travels inside the encoded stream (after a last \036), so no pipefail
+        # is needed: any POSIX shell will do.
+        script = (f"printf '\\036S%s\\n' {tag}; {{ {{ {command}\n}} </dev/null 2>&1; "
+                  f"printf '\\036%d' $?; }} | base64; printf '\\036E%s\\n' {tag}\n")
         sent_at = self.log.end
         t0 = time.monotonic()
         self.console.write(script.encode())
@@ -145,12 +165,12 @@ class ConsoleShell:
             end_hit = self.log.wait_for(done, sent_at, timeout, f"the end of {command!r}",
                                         stop_on=("boot", "reset", "panic"))
         except StopEvent as exc:
-            self._ready_at = None
+            self.invalidate(f"the board restarted ({exc.event.text})")
             raise DeviceError(f"board {exc.event.kind} ({exc.event.text}) while running "
                               f"{command!r}\n--- console tail ---\n{exc.tail}") from None
         except DeadlineError:
             self.console.write(b"\x03")  # interrupt it; the session state is now unknown
-            self._ready_at = None
+            self.invalidate(f"{command!r} timed out")
             raise
         duration = time.monotonic() - t0
         body = self.log.read(sent_at, end_hit.start)
@@ -164,9 +184,12 @@ class ConsoleShell:
         except (binascii.Error, ValueError):
             raise InfraError(f"console garbled the reply to {command!r} (not base64): "
                              f"{encoded[:200]!r}", part="console", tail=self.log.tail()) from None
-        assert end_hit.groups[0] is not None
-        return Result(command, raw.decode("utf-8", errors="replace"), None,
-                      int(end_hit.groups[0]), duration)
+        output, sep, code = raw.rpartition(b"\x1e")
+        if not sep or not code.isdigit():
+            raise InfraError(f"console garbled the reply to {command!r}: no exit code",
+                             part="console", tail=self.log.tail())
+        return Result(command, output.decode("utf-8", errors="replace"), None, int(code),
+                      duration)
 
     def send(self, command: str) -> int:
         """Type a command whose reply we will not wait for (``reboot``). Returns the offset."""

@@ -120,6 +120,13 @@ class QemuTarget:
         self.power = QemuPower(self)
         self.network = QemuNetwork(self.ssh_port)
 
+    def probe(self) -> str:
+        """What ``hil check`` prints: the board can be started."""
+        cmd = self.command()
+        version = subprocess.run([cmd[0], "--version"], capture_output=True, text=True,
+                                 timeout=10).stdout.splitlines()[0]
+        return f"{version}; ssh forwarded from 127.0.0.1:{self.ssh_port}"
+
     def parts(self) -> dict[str, object]:
         return {"power": self.power, "console": self.console, "storage": self.storage,
                 "network": self.network}

@@ -1,0 +1,58 @@
+# pytest-hil. `make demo` and `make test` set up everything they need on a fresh Debian 12 machine
+# (apt packages, a venv), then run.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST := $(VENV)/bin/pytest
+# QEMU boards, the reference OS builder, flashing, emulated bench hardware, libvirt.
+APT_PACKAGES := qemu-system-arm qemu-system-x86 qemu-utils u-boot-qemu u-boot-tools \
+  busybox-static chrony dropbear-bin mtools dosfstools e2fsprogs fdisk grub-pc-bin grub-common \
+  bmap-tools ser2net socat zstd xz-utils jq cpio kmod udev openssh-client iproute2 \
+  binutils-aarch64-linux-gnu libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
+  libvirt-dev libsystemd-dev pkg-config gcc python3-dev
+STAMP := $(VENV)/.installed
+RIG ?= qemu-aarch64
+SUITES ?= suites/smoke
+
+.PHONY: deps apt venv demo test test-unit test-suites lint bench clean
+
+deps: apt venv
+
+# The reference OS is built from Debian arm64 packages fetched with apt-get download.
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	arm64=$$(dpkg --print-foreign-architectures | grep -qx arm64 || echo no); \
+	if [ -n "$$missing$$arm64" ]; then \
+	  echo "apt: installing$${missing:+ $$missing}$${arm64:+ (and the arm64 package lists)}"; \
+	  $(SUDO) dpkg --add-architecture arm64 && \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends \
+	    $(APT_PACKAGES); \
+	fi
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -e '.[dev,hw,allure,bench]' pdudaemon
+	touch $@
+
+# The main job: the suites on the default QEMU rig with the reference OS image.
+demo: deps
+	$(PYTEST) -p no:cacheprovider --rig=$(RIG) $(SUITES) -v
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# The framework's own tests (unit + integration on real QEMU boots), then the suites on QEMU.
+test: deps lint
+	$(PYTEST) tests -q -ra
+	$(PYTEST) --rig=qemu-aarch64 suites/smoke -q -ra
+
+bench: deps
+	$(PY) bench/console_roundtrip.py
+	$(PY) bench/flash.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

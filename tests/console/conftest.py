@@ -1,0 +1,100 @@
+"""A real shell behind a unix socket, standing in for a board's serial line.
+
+``/bin/sh`` runs on a pty (so echo, line discipline and job control are real); a bridge copies
+bytes between the pty and the socket that ``SerialConsole`` opens as ``unix://``. ``inject``
+writes straight onto the line, as a kernel printing on the console would.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import select
+import socket
+import subprocess
+import termios
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hil.config import load_device_type
+from hil.console.serial import SerialConsole, SerialSettings
+from hil.registry import PartContext
+
+
+def _take_tty() -> None:
+    # As getty does: the pty becomes the controlling terminal, so ^C reaches the foreground job.
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+class ShellLine:
+    def __init__(self, path: Path, prompt: str = "# ", login: bool = False) -> None:
+        self.path = path
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(1)
+        self.conn: socket.socket | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.prompt, self.login = prompt, login
+        self._stop = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.server.accept()
+        self.conn = conn
+        master, slave = pty.openpty()
+        env = {"PS1": self.prompt, "PATH": "/usr/bin:/bin", "HOME": "/tmp", "ENV": ""}
+        script = ("read -p 'login: ' u; exec sh -i" if self.login else "exec sh -i")
+        self.proc = subprocess.Popen(["sh", "-c", script], stdin=slave, stdout=slave,
+                                     stderr=slave, env=env, start_new_session=True,
+                                     preexec_fn=_take_tty)
+        os.close(slave)
+        while not self._stop:
+            ready, _, _ = select.select([master, conn], [], [], 0.1)
+            try:
+                if master in ready:
+                    data = os.read(master, 65536)
+                    if not data:
+                        break
+                    conn.sendall(data)
+                if conn in ready:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    os.write(master, data)
+            except OSError:
+                break
+        os.close(master)
+
+    def inject(self, data: bytes) -> None:
+        assert self.conn is not None
+        self.conn.sendall(data)
+
+    def close(self) -> None:
+        self._stop = True
+        if self.proc:
+            self.proc.kill()
+            self.proc.wait()
+        if self.conn:
+            self.conn.close()
+        self.server.close()
+
+
+@pytest.fixture
+def line(tmp_path: Path) -> Iterator[ShellLine]:
+    sl = ShellLine(tmp_path / "tty.sock")
+    yield sl
+    sl.close()
+
+
+@pytest.fixture
+def console(tmp_path: Path, line: ShellLine) -> Iterator[SerialConsole]:
+    ctx = PartContext("fake", "console", tmp_path, load_device_type("generic-aarch64"))
+    con = SerialConsole(SerialSettings(url=f"unix://{line.path}"), ctx)
+    con.attach(timeout=5)
+    yield con
+    con.close()

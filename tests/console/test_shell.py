@@ -1,0 +1,130 @@
+"""ConsoleShell against a real shell on a pty: framing, exit codes, interleaved kernel messages,
+reboots and hangs."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hil.config import load_device_type
+from hil.console.serial import SerialConsole, SerialSettings
+from hil.console.shell import ConsoleShell
+from hil.errors import DeadlineError, DeviceError, InfraError
+from hil.registry import PartContext
+
+from .conftest import ShellLine
+
+
+@pytest.fixture
+def shell(console: SerialConsole) -> ConsoleShell:
+    sh = ConsoleShell(console)
+    sh.wait_ready(10)
+    return sh
+
+
+def test_output_and_exit_codes(shell: ConsoleShell) -> None:
+    r = shell.run("echo out; echo err >&2; exit_with() { return $1; }; exit_with 3")
+    assert r.stdout == "out\nerr\n"
+    assert r.exit_code == 3
+    assert r.stderr is None  # one serial line carries both streams
+    assert shell.run("true").ok
+
+
+def test_binary_safe_and_large_output(shell: ConsoleShell) -> None:
+    r = shell.run("i=0; while [ $i -lt 2000 ]; do echo \"line $i\"; i=$((i+1)); done")
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2000 and lines[-1] == "line 1999"
+    r = shell.run("printf 'a\\001b\\036c\\037d\\n'")
+    assert r.stdout == "a\x01b\x1ec\x1fd\n"
+
+
+def test_commands_do_not_eat_the_framing(shell: ConsoleShell) -> None:
+    assert shell.run("cat").stdout == ""  # reads stdin: gets /dev/null, not our trailer
+    # Each command runs in its own subshell: one test's cd/export cannot leak into the next.
+    home = shell.run("pwd").stdout
+    assert shell.run("cd /tmp && export LEAK=1 && pwd").stdout == "/tmp\n"
+    assert shell.run("pwd; echo ${LEAK:-none}").stdout == home + "none\n"
+
+
+def test_kernel_messages_interleaved_with_output_are_cut_out(shell: ConsoleShell,
+                                                             line: ShellLine) -> None:
+    # The kernel writes straight onto the UART, in the middle of the command's output.
+    timer = threading.Timer(0.2, line.inject,
+                            [b"[   12.345678] usb 1-1: new high-speed USB device\r\n"])
+    timer.start()
+    r = shell.run("i=0; while [ $i -lt 30 ]; do echo row$i; sleep 0.02; i=$((i+1)); done")
+    timer.join()
+    assert r.stdout.splitlines() == [f"row{i}" for i in range(30)]
+    # ... and a command whose own output looks like kernel messages keeps it.
+    assert shell.run("echo '[    1.000000] not the kernel'").stdout == "[    1.000000] not the kernel\n"
+
+
+def test_a_hung_command_times_out_with_what_was_seen(shell: ConsoleShell) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(DeadlineError) as err:
+        shell.run("sleep 30", timeout=1)
+    assert time.monotonic() - t0 < 5
+    assert "the end of 'sleep 30'" in str(err.value)
+    assert not shell.ready  # it will be set up again before the next command
+    shell.wait_ready(10)
+    assert shell.run("echo back").stdout == "back\n"
+
+
+def test_a_reboot_during_a_command_is_a_device_error(shell: ConsoleShell,
+                                                    line: ShellLine) -> None:
+    threading.Timer(0.3, line.inject, [b"\r\nU-Boot 2023.01+dfsg-2 (Jan 01 2023)\r\n"]).start()
+    with pytest.raises(DeviceError, match="board boot"):
+        shell.run("sleep 5", timeout=10)
+    with pytest.raises(DeviceError, match="restarted"):
+        shell.run("true")
+
+
+def test_a_kernel_panic_is_named(shell: ConsoleShell, line: ShellLine) -> None:
+    threading.Timer(0.3, line.inject,
+                    [b"[ 3.1] Kernel panic - not syncing: Attempted to kill init!\r\n"]).start()
+    with pytest.raises(DeviceError, match="Attempted to kill init"):
+        shell.run("sleep 5", timeout=10)
+
+
+def test_logs_in_at_a_login_prompt(tmp_path: Path) -> None:
+    line = ShellLine(tmp_path / "login.sock", login=True)
+    ctx = PartContext("fake", "console", tmp_path, load_device_type("generic-aarch64"))
+    con = SerialConsole(SerialSettings(url=f"unix://{line.path}"), ctx)
+    try:
+        con.attach(timeout=5)
+        sh = ConsoleShell(con)
+        sh.wait_ready(10)
+        assert sh.run("echo in").stdout == "in\n"
+    finally:
+        con.close()
+        line.close()
+
+
+def test_no_shell_within_the_deadline_says_what_it_saw(tmp_path: Path) -> None:
+    import socket
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "mute.sock"))
+    server.listen(1)
+    ctx = PartContext("fake", "console", tmp_path, load_device_type("generic-aarch64"))
+    con = SerialConsole(SerialSettings(url=f"unix://{tmp_path / 'mute.sock'}"), ctx)
+    try:
+        con.attach(timeout=5)
+        conn, _ = server.accept()
+        conn.sendall(b"Starting kernel ...\r\n")
+        with pytest.raises(DeadlineError) as err:
+            ConsoleShell(con).wait_ready(2)
+        assert "Starting kernel" in str(err.value)
+        conn.close()
+    finally:
+        con.close()
+        server.close()
+
+
+def test_console_vanishing_is_a_rig_error(shell: ConsoleShell, line: ShellLine) -> None:
+    threading.Timer(0.3, line.close).start()
+    with pytest.raises(InfraError, match="console lost"):
+        shell.run("sleep 5", timeout=10)
