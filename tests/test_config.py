@@ -65,8 +65,10 @@ def test_unknown_rig_name_lists_the_known_ones(tmp_path: Path) -> None:
     (tmp_path / "bench1.yaml").write_text("device_type: generic-aarch64\ntarget: {driver: qemu}\n")
     with pytest.raises(ConfigError, match="known rigs: bench1"):
         load_rig("bench2", tmp_path)
-    assert [p.stem for p in list_rigs(tmp_path)][0] == "bench1"
+    assert [p.stem for p in list_rigs(tmp_path)] == ["bench1"]
 
+
+FIXTURE_OK = [HealthCheck.function_scoped_fixture]  # tmp_path is reused; each example rewrites it
 
 yaml_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
@@ -77,7 +79,7 @@ yaml_values = st.recursive(
     max_leaves=12)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(data=yaml_values)
 def test_any_yaml_gives_a_config_error_never_a_traceback(tmp_path: Path, data: object) -> None:
     path = write(tmp_path, yaml.safe_dump(data))
@@ -87,7 +89,7 @@ def test_any_yaml_gives_a_config_error_never_a_traceback(tmp_path: Path, data: o
         assert str(exc).startswith(str(path))
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(text=st.text(max_size=200))
 def test_any_text_gives_a_config_error_never_a_traceback(tmp_path: Path, text: str) -> None:
     path = write(tmp_path, text)
