@@ -143,7 +143,10 @@ def pytest_runtest_makereport(
     if report.when == "call":
         item.stash[CALL_REPORT] = report
     if report.longrepr is not None and not isinstance(report.longrepr, tuple):
-        report.longrepr = redact.text(str(report.longrepr))
+        text = str(report.longrepr)
+        clean = redact.text(text)
+        if clean != text:  # keep pytest's structured repr unless a secret had to go
+            report.longrepr = clean
     session = item.config.stash.get(SESSION, None)
     start = item.stash.get(CONSOLE_AT, None)
     if session is None or session.rig is None or start is None:
@@ -176,8 +179,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
     if infra:
         terminalreporter.section("rig (infrastructure) errors — not test failures", yellow=True)
         for rep in infra:
-            first = str(rep.longrepr).strip().splitlines()[-1:] or [""]
-            terminalreporter.line(f"{rep.nodeid}: {first[0][:300]}")
+            crash = getattr(rep.longrepr, "reprcrash", None)
+            message = crash.message if crash else str(rep.longrepr).strip()
+            terminalreporter.line(f"{rep.nodeid}: {redact.text(message).splitlines()[0][:300]}")
     session = config.stash.get(SESSION, None)
     if session is not None:
         terminalreporter.section("pytest-hil rig")
