@@ -47,7 +47,7 @@ def test_a_rig_fault_is_reported_as_infra_not_as_a_test_failure(
     result = pytester.runpytest_subprocess(f"--rig={rig}", "--no-flash", "-rA")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(["*rig (infrastructure) errors — not test failures*",
-                                 "*test_uses_the_board*firmware /nonexistent/u-boot.bin not found*"])
+                                 "*test_uses_the_board*/nonexistent/u-boot.bin not found*"])
     assert result.parseoutcomes().get("infra") == 2
     assert "failed" not in result.parseoutcomes()
 
