@@ -93,8 +93,7 @@ def hil_session(pytestconfig: pytest.Config, rig_config: RigConfig) -> Iterator[
     try:
         yield session
     finally:
-        session.close()
-        pytestconfig.stash[SESSION] = None
+        session.close()  # the object stays stashed for the terminal summary
 
 
 @pytest.fixture(scope="session")

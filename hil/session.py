@@ -135,17 +135,18 @@ class HilSession:
         return cfg
 
     def prepare_image(self) -> tuple[Path, Path | None]:
-        from hil.flash.configure import configure_image
+        from hil.flash.configure import bmap_path, configure_image
 
-        base, bmap = self.base_image()
+        base, _ = self.base_image()
         using_refos = (self.options.image or self.config.image) == "refos"
         self.device_config = self.device_config_for(using_refos)
         extra_txt = list(self.config.device_type.config_txt)
         log.info("configuring %s with %s", base.name, redact.config(self.device_config))
         self.image = configure_image(base, self.device_config, config_txt_lines=extra_txt)
-        # configure_image only rewrites the boot partition's files; the bmap of the base image
-        # lists every block that may hold data, so it stays a valid map of the prepared image.
-        return self.image, bmap
+        # The base image's bmap no longer matches (the boot partition changed): use the one
+        # made for the prepared image.
+        prepared_bmap = bmap_path(self.image)
+        return self.image, prepared_bmap if prepared_bmap.is_file() else None
 
     def report_lines(self) -> list[str]:
         if self.rig is None:

@@ -23,10 +23,16 @@ from hil.console.log import ConsoleLog, StopEvent
 from hil.console.serial import SerialConsole
 from hil.errors import DeadlineError, DeviceError, InfraError
 
-# A prompt or login request at the very end of what the console printed so far.
-PROMPT = re.compile(rb"(?:(login:)|(assword:)|[#$]) ?$")
+# A prompt or login request at the very end of what the console printed so far; line editors
+# may follow the prompt with terminal queries such as ESC[6n (busybox ash does).
+PROMPT = re.compile(rb"(?:(login:)|(assword:)|[#$]) ?(?:\x1b\[[0-9;?]*[A-Za-z])*$")
+# Never press Enter while a bootloader counts down: it would stop the boot.
+BOOTLOADER_WAITING = re.compile(rb"(?i)hit any key|press any key|autoboot|=> ?$|grub> ?$")
 KERNEL_LINE = re.compile(rb"\[\s*\d+\.\d+\][^\n]*\n?")
-NUDGE_AFTER_QUIET = 1.0  # seconds of console silence before pressing Enter to get a prompt
+NUDGE_AFTER_QUIET = 1.5  # seconds of console silence before pressing Enter to get a prompt
+# A prompt is followed by silence; "#" at the end of a read chunk ("virtio-net#" + "32") is not.
+PROMPT_SETTLE = 0.3
+ANY_BYTE = re.compile(rb"[\s\S]")
 
 
 @dataclass(frozen=True)
@@ -106,10 +112,14 @@ class ConsoleShell:
                                   f"--- console tail ---\n{exc.tail}") from None
             except DeadlineError:
                 # Quiet console and no prompt: press Enter, once per quiet spell.
-                if self.log.end != nudged_at:
+                if self.log.end != nudged_at and not BOOTLOADER_WAITING.search(
+                        self.log.read(self.log.end - 200)):
                     nudged_at = self.log.end
                     start = self.log.end
                     self.console.write(self._configure_line() if resync else b"\n")
+                continue
+            if not hit.groups[2] and not self._still_prompt(hit.start, end):
+                start = hit.end
                 continue
             start = hit.end
             if hit.groups[2]:  # a resync answered: the shell is configured
@@ -128,6 +138,16 @@ class ConsoleShell:
                 break
         self._configure(end - time.monotonic())
         return time.monotonic() - t0
+
+    def _still_prompt(self, at: int, end: float) -> bool:
+        """Wait for the console to fall quiet; true if what matched is still a prompt then."""
+        while time.monotonic() < end:
+            mark = self.log.end
+            try:
+                self.log.wait_for(ANY_BYTE, mark, PROMPT_SETTLE, "quiet after a prompt")
+            except DeadlineError:
+                return PROMPT.search(self.log.read(at)) is not None
+        return False
 
     def _configure(self, timeout: float) -> None:
         marker = f"\x1eR{self._session}\x1f".encode()

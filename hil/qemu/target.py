@@ -37,7 +37,7 @@ class QemuSettings(BaseModel):
     memory: int = Field(512, gt=0, description="MiB")
     smp: int = Field(1, gt=0)
     cpu: str | None = Field(None, description="default cortex-a53 (aarch64), qemu64 (x86_64)")
-    machine: str | None = Field(None, description="default virt (aarch64), pc (x86_64)")
+    machine: str | None = Field(None, description="default virt,acpi=off (aarch64), pc (x86_64)")
     firmware: Path | None = Field(None, description="-bios; default U-Boot for aarch64, "
                                   "SeaBIOS (built in) for x86_64")
     kernel: Path | None = Field(None, description="boot a kernel directly instead of the disk")
@@ -141,7 +141,8 @@ class QemuTarget:
         aarch64 = self.arch == "aarch64"
         cmd = [self.binary, "-accel", "tcg", "-nodefaults", "-no-user-config",
                "-display", "none", "-m", str(s.memory), "-smp", str(s.smp),
-               "-M", s.machine or ("virt" if aarch64 else "pc"),
+               # acpi=off: with a device tree QEMU's virt board also gets its pl061 GPIO
+               "-M", s.machine or ("virt,acpi=off" if aarch64 else "pc"),
                "-cpu", s.cpu or ("cortex-a53" if aarch64 else "qemu64"),
                "-qmp", f"unix:{self.qmp_sock},server=on,wait=off",
                "-chardev", f"socket,id=con0,path={self.console_sock},server=on,wait=on",
