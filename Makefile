@@ -9,7 +9,7 @@ APT_PACKAGES := qemu-system-arm qemu-system-x86 qemu-utils u-boot-qemu u-boot-to
   busybox-static chrony dropbear-bin mtools dosfstools e2fsprogs fdisk grub-pc-bin grub-common \
   bmap-tools ser2net socat zstd xz-utils jq cpio kmod udev openssh-client iproute2 \
   binutils-aarch64-linux-gnu libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
-  libvirt-dev libsystemd-dev pkg-config gcc python3-dev
+  libvirt-dev libsystemd-dev libhidapi-hidraw0 pkg-config gcc python3-dev
 STAMP := $(VENV)/.installed
 RIG ?= qemu-aarch64
 SUITES ?= suites/smoke
@@ -34,7 +34,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q -e '.[dev,hw,allure,bench]' pdudaemon
+	$(PY) -m pip install -q -e '.[dev,hw,allure,bench]'
 	touch $@
 
 # The main job: the suites on the default QEMU rig with the reference OS image.

@@ -55,14 +55,14 @@ class DeviceType(Model):
 class Timeouts(Model):
     boot: float = Field(180.0, gt=0, description="power on → shell, seconds")
     command: float = Field(60.0, gt=0, description="default deadline for one DUT command")
-    flash: float = Field(900.0, gt=0)
+    flash: float = Field(900.0, gt=0, description="writing and verifying the image")
     power: float = Field(10.0, gt=0, description="one power switch call")
     mux: float = Field(30.0, gt=0, description="SD mux switch until the block device appears")
 
 
 class SshSettings(Model):
-    user: str = "root"
-    port: int = Field(22222, gt=0, lt=65536)
+    user: str = Field("root", description="login on the console and over SSH")
+    port: int = Field(22222, gt=0, lt=65536, description="the OS's SSH port")
     key: Path | None = Field(None, description="private key file; default: a generated one")
 
 
@@ -100,22 +100,26 @@ class RigConfig:
 
 
 class _RigTop(Model):
-    description: str = ""
-    device_type: str
+    description: str = Field("", description="one line for `hil rigs`")
+    device_type: str = Field(description="a slug from hil/devicetypes/ (`hil device-types`)")
     image: str | None = Field(None, description="default image: a path, or 'refos'")
-    features: list[str] = []
+    features: list[str] = Field([], description="extra features this rig offers (wiring, "
+                                "peripherals) for @pytest.mark.needs")
     power_off_time: float = Field(1.0, ge=0, description="seconds off in a power cycle")
-    timeouts: Timeouts = Timeouts()
-    ssh: SshSettings = SshSettings()
-    gpio_loopback: GpioLoopback | None = None
+    timeouts: Timeouts = Field(Timeouts(), description="deadlines, seconds")
+    ssh: SshSettings = Field(SshSettings(), description="how to log in to the OS")
+    gpio_loopback: GpioLoopback | None = Field(None, description="a DUT output wired to a DUT "
+                                               "input, for the devices suite")
     emulator: dict[str, Any] | None = Field(
         None, description="emulated bench hardware to start with the rig (see docs/rigs.md)")
-    target: dict[str, Any] | None = None
-    power: dict[str, Any] | None = None
-    console: dict[str, Any] | None = None
-    sd_mux: dict[str, Any] | None = None
-    storage: dict[str, Any] | None = None
-    network: dict[str, Any] | None = None
+    target: dict[str, Any] | None = Field(None, description="a whole virtual board (qemu, "
+                                          "libvirt): power, console, storage and network")
+    power: dict[str, Any] | None = Field(None, description="what switches the board's supply")
+    console: dict[str, Any] | None = Field(None, description="the board's serial console")
+    sd_mux: dict[str, Any] | None = Field(None, description="what moves the boot medium "
+                                          "between the rig host and the board")
+    storage: dict[str, Any] | None = Field(None, description="where the image is written")
+    network: dict[str, Any] | None = Field(None, description="how SSH reaches the board")
 
 
 # --- YAML with line numbers -------------------------------------------------------------------

@@ -97,12 +97,14 @@ class Rig:
         with self.step("power on", "power"):
             if not self.console.attached and self.target is None:
                 self.console.attach()  # a bench console is open before the board gets power
+            self.log.note("power-on")  # before: the first byte the board prints comes after it
             self.power.on()
         self.state = "booting"
 
     def power_off(self) -> None:
         with self.step("power off", "power"):
             self.power.off()
+            self.log.note("power-off")
         self.state = "off"
 
     def power_cycle(self) -> None:

@@ -40,7 +40,7 @@ class ConsoleLog:
         self._cond = threading.Condition()
         self._chunks: list[tuple[int, float]] = []  # (offset, time) of each appended chunk
         self.events: list[Event] = []
-        self._file = path.open("ab") if path else None
+        self._file = path.open("wb") if path else None  # one session's console per file
         self.path = path
         self.lost: str | None = None  # set when the transport died: waiters fail at once
 

@@ -32,26 +32,13 @@ class SerialSettings(BaseModel):
         None, description="udev properties of the adapter (e.g. ID_SERIAL_SHORT), so the rig "
         "file survives re-plugging; see `hil discover`")
     baud: int | None = Field(None, gt=0, description="default: the device type's console speed")
-    rtscts: bool = False
+    rtscts: bool = Field(False, description="hardware flow control (RTS/CTS)")
 
     @model_validator(mode="after")
     def _one_source(self) -> SerialSettings:
         if (self.url is None) == (self.match is None):
             raise ValueError("give exactly one of 'url' or 'match'")
         return self
-
-
-def find_tty(match: dict[str, str]) -> str:
-    """The /dev node of the tty whose udev properties include all of ``match``."""
-    import pyudev
-
-    ctx = pyudev.Context()
-    found = [d.device_node for d in ctx.list_devices(subsystem="tty")
-             if d.device_node and all(d.properties.get(k) == v for k, v in match.items())]
-    if len(found) != 1:
-        raise InfraError(f"expected one tty with {match}, found {found or 'none'}",
-                         part="console")
-    return str(found[0])
 
 
 class SerialConsole:
@@ -76,8 +63,10 @@ class SerialConsole:
     @property
     def url(self) -> str:
         if self._url is None:
+            from hil.udev import find_node
+
             assert self.settings.match is not None
-            self._url = find_tty(self.settings.match)
+            self._url = find_node("tty", self.settings.match, part="console", rig=self.ctx.rig)
         return self._url
 
     # --- lifecycle ----------------------------------------------------------------------------

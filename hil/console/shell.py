@@ -112,8 +112,7 @@ class ConsoleShell:
                                   f"--- console tail ---\n{exc.tail}") from None
             except DeadlineError:
                 # Quiet console and no prompt: press Enter, once per quiet spell.
-                if self.log.end != nudged_at and not BOOTLOADER_WAITING.search(
-                        self.log.read(self.log.end - 200)):
+                if self.log.end != nudged_at and self._may_nudge():
                     nudged_at = self.log.end
                     start = self.log.end
                     self.console.write(self._configure_line() if resync else b"\n")
@@ -138,6 +137,15 @@ class ConsoleShell:
                 break
         self._configure(end - time.monotonic())
         return time.monotonic() - t0
+
+    def _may_nudge(self) -> bool:
+        """Pressing Enter is safe once the board has spoken since power-on (before, a byte may
+        sit in the UART until the bootloader reads it as "stop autoboot") and no bootloader is
+        counting down."""
+        powered = [e for e in self.log.events if e.kind == "power-on"]
+        if powered and powered[-1].offset == self.log.end:
+            return False
+        return not BOOTLOADER_WAITING.search(self.log.read(self.log.end - 200))
 
     def _still_prompt(self, at: int, end: float) -> bool:
         """Wait for the console to fall quiet; true if what matched is still a prompt then."""

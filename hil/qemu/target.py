@@ -35,20 +35,20 @@ class QemuSettings(BaseModel):
 
     arch: Literal["aarch64", "x86_64"] | None = Field(None, description="default: device type")
     memory: int = Field(512, gt=0, description="MiB")
-    smp: int = Field(1, gt=0)
+    smp: int = Field(1, gt=0, description="virtual CPUs")
     cpu: str | None = Field(None, description="default cortex-a53 (aarch64), qemu64 (x86_64)")
     machine: str | None = Field(None, description="default virt,acpi=off (aarch64), pc (x86_64)")
     firmware: Path | None = Field(None, description="-bios; default U-Boot for aarch64, "
                                   "SeaBIOS (built in) for x86_64")
     kernel: Path | None = Field(None, description="boot a kernel directly instead of the disk")
-    initrd: Path | None = None
-    append: str | None = None
+    initrd: Path | None = Field(None, description="initramfs for a direct kernel boot")
+    append: str | None = Field(None, description="kernel command line for a direct kernel boot")
     disk: Path = Field(Path("disk.img"), description="disk file (relative: in the rig's "
                        "runtime directory)")
     disk_size: int = Field(2 * 1024**3, gt=0, description="bytes (sparse file)")
     devices: list[str] = Field([], description="extra -device arguments, e.g. i6300esb")
     ssh_port: int = Field(22222, gt=0, lt=65536, description="guest SSH port to forward")
-    extra_args: list[str] = []
+    extra_args: list[str] = Field([], description="more QEMU arguments, appended as given")
 
 
 def die_with_parent() -> None:
@@ -196,7 +196,6 @@ class QemuTarget:
         wait_until(listening, 15, "QEMU to open its console socket",
                    seen=lambda: "no socket yet", interval=0.01)
         self.console.attach(timeout=10)
-        self.console.log.note("power-on", "qemu")
         self._connect_qmp()
 
     def _connect_qmp(self) -> None:
@@ -242,8 +241,6 @@ class QemuTarget:
             except subprocess.TimeoutExpired:
                 raise InfraError(f"QEMU pid {proc.pid} survived SIGKILL for 10 s",
                                  part="target", rig=self.ctx.rig) from None
-        if proc is not None:
-            self.console.log.note("power-off", "qemu killed")
 
     def close(self) -> None:
         self.kill()

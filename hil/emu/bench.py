@@ -1,0 +1,283 @@
+"""An emulated bench, built from a rig file's ``emulator:`` section and the rig's own parts.
+
+The rig's parts stay what a real bench has (a serial relay on a tty, a console at an
+``rfc2217://`` URL, pdudaemon at an HTTP URL, a virtual SD mux); the emulator provides the
+hardware behind them at those very addresses, so the drivers under test are the bench's:
+
+- ``relay:``   an LCUS relay board on a pty at the ``power:`` part's ``port``
+- ``pdu:``     pdudaemon (for real) at the ``power:`` part's ``url``, its ``localcmdline``
+               outlet wired to the board
+- ``console:`` the board's UART on a pty (a USB-serial adapter) behind ser2net at the
+               ``console:`` part's ``rfc2217://`` port
+- ``board:``   the QEMU machine (the same settings as ``target: {driver: qemu}``); its disk is
+               the virtual SD mux's card when the rig has ``sd_mux: {driver: virtual}``
+
+Relative paths are in the rig's runtime directory, which must be the one the rig's drivers get
+(``PartContext.runtime``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import urllib.parse
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hil.config import RigConfig
+from hil.emu.board import EmulatedBoard
+from hil.emu.ctl import ControlServer
+from hil.emu.pdu import PduDaemonRunner, ctl_command
+from hil.emu.relay import RelayBoard
+from hil.emu.ser2net import Ser2Net
+from hil.errors import ConfigError, InfraError
+from hil.power import Normally
+from hil.qemu.target import QemuSettings
+
+log = logging.getLogger(__name__)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RelayEmu(_Model):
+    channels: int = Field(4, ge=1, le=8, description="relays on the emulated board")
+    status: Literal["none", "text", "bytes"] = Field(
+        "text", description="how the board answers the FF status query: text ('CH1:ON' "
+        "lines), bytes (one per channel), none (an LCUS-1: no answer)")
+    normally: Normally | None = Field(None, description="which contact the board's supply "
+                                      "is wired through; default: what the power: part says")
+
+
+class PduEmu(_Model):
+    pass
+
+
+class ConsoleEmu(_Model):
+    tty: str = Field("console-tty", description="the adapter's tty link (relative: in the "
+                     "runtime directory), what ser2net opens")
+
+
+class EmulatorSettings(_Model):
+    board: QemuSettings = Field(QemuSettings(), description="the QEMU machine standing in for "
+                                "the board (same keys as target: {driver: qemu})")
+    relay: RelayEmu | None = Field(None, description="emulate the serial relay board of power:")
+    pdu: PduEmu | None = Field(None, description="run pdudaemon for the power: part")
+    console: ConsoleEmu | None = Field(None, description="the board's UART behind ser2net at "
+                                       "the console: part's rfc2217:// port")
+    libvirtd: bool = Field(False, description="start libvirtd (and virtlogd) unless one runs "
+                           "already: for target: {driver: libvirt} rigs")
+
+    @property
+    def has_board(self) -> bool:
+        return any(x is not None for x in (self.relay, self.pdu, self.console))
+
+
+def running_elsewhere(runtime: Path) -> int | None:
+    """The pid of another live process serving this runtime directory's bench, if any."""
+    try:
+        pid = int((runtime / "emulator.pid").read_text())
+    except (OSError, ValueError):
+        return None
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def _settings(rig: RigConfig, part: str, driver: str) -> Any:
+    cfg = rig.parts.get(part)
+    if cfg is None or cfg.driver != driver:
+        raise ConfigError(f"emulating this needs {part}: {{driver: {driver}}} in the rig",
+                          file=str(rig.source), key=f"emulator.{part}")
+    return cfg.settings
+
+
+def _path(runtime: Path, value: str | Path) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() else runtime / p
+
+
+class Bench:
+    def __init__(self, rig: RigConfig, runtime: Path) -> None:
+        try:
+            self.settings = EmulatorSettings.model_validate(rig.emulator or {})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ConfigError(err["msg"], file=str(rig.source),
+                              key="emulator." + ".".join(map(str, err["loc"]))) from None
+        self.rig, self.runtime = rig, runtime
+        runtime.mkdir(parents=True, exist_ok=True)
+        s = self.settings
+        card = None
+        card_size = 2 * 1024**3
+        mux = rig.parts.get("sd_mux")
+        if mux is not None and mux.driver == "virtual":
+            from hil.mux.virtual import card_paths
+
+            card = card_paths(mux.settings, runtime)  # type: ignore[arg-type]
+            card_size = mux.settings.size  # type: ignore[attr-defined]
+        ssh_port = None
+        net = rig.parts.get("network")
+        if net is not None and net.driver == "ssh":
+            ssh_port = net.settings.port  # type: ignore[attr-defined]
+        uart_link = _path(runtime, s.console.tty if s.console else "console-tty")
+        self.board = EmulatedBoard(s.board, rig=rig.name, runtime=runtime,
+                                   device_type=rig.device_type, uart_link=uart_link, card=card,
+                                   card_size=card_size, ssh_port=ssh_port)
+        self.has_board = s.has_board
+        self.relay: RelayBoard | None = None
+        self.relay_channel = 1
+        self.relay_normally: Normally = "open"
+        if s.relay is not None:
+            power = _settings(rig, "power", "serial-relay")
+            if power.port is None or "://" in power.port:
+                raise ConfigError("the emulated relay needs power.port to be a tty path",
+                                  file=str(rig.source), key="power.port")
+            self.relay_channel = power.channel
+            self.relay_normally = s.relay.normally or power.normally
+            if power.channel > s.relay.channels:
+                raise ConfigError(f"power.channel {power.channel} is not on the emulated "
+                                  f"{s.relay.channels}-channel board", file=str(rig.source),
+                                  key="emulator.relay.channels")
+            self.relay = RelayBoard(_path(runtime, power.port), channels=s.relay.channels,
+                                    status=s.relay.status, on_change=self._relay_changed)
+        self.ctl: ControlServer | None = None
+        self.pdu: PduDaemonRunner | None = None
+        self.pdu_outlet = ""
+        if s.pdu is not None:
+            power = _settings(rig, "power", "pdudaemon")
+            if power.alias is not None:
+                raise ConfigError("the emulated pdudaemon needs hostname and port, not alias",
+                                  file=str(rig.source), key="power.alias")
+            url = urllib.parse.urlsplit(power.url)
+            self.pdu_outlet = str(power.port)
+            sock = runtime / "emu.sock"
+            self.ctl = ControlServer(sock, self._control)
+            self.pdu = PduDaemonRunner(runtime, {power.hostname: {
+                "cmd_on": ctl_command(sock, "outlet", "OUTLET", "on"),
+                "cmd_off": ctl_command(sock, "outlet", "OUTLET", "off")}},
+                host=url.hostname or "127.0.0.1", port=url.port or 16421, rig=rig.name)
+        self.ser2net: Ser2Net | None = None
+        if s.console is not None:
+            console = _settings(rig, "console", "serial")
+            url = urllib.parse.urlsplit(console.url or "")
+            if url.scheme != "rfc2217" or url.port is None:
+                raise ConfigError("the emulated console is exported by ser2net: console.url "
+                                  "must be rfc2217://127.0.0.1:PORT?ign_set_control",
+                                  file=str(rig.source), key="console.url")
+            baud = console.baud or rig.device_type.console.baud
+            self.ser2net = Ser2Net(runtime, uart_link, url.port, host=url.hostname or
+                                   "127.0.0.1", baud=baud, rig=rig.name)
+        self._stack = contextlib.ExitStack()
+
+    # --- the wiring ------------------------------------------------------------------------------
+    def _relay_changed(self, channel: int, energised: bool) -> None:
+        if self.relay is not None and channel == self.relay_channel:
+            self.board.set_input("relay", self.relay.contact_closed(channel,
+                                                                     self.relay_normally))
+
+    def _control(self, words: list[str]) -> str:
+        if len(words) == 3 and words[0] == "outlet" and words[2] in ("on", "off"):
+            if words[1] == self.pdu_outlet:
+                self.board.set_input("pdu", words[2] == "on")
+            return "ok"  # other outlets of the PDU feed nothing
+        raise ValueError(f"unknown request {' '.join(words)!r}")
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def _remove_card_reader(self) -> None:
+        """The bench goes away with its card reader: no loop device outlives it."""
+        if not self.has_board or self.board.card is None:
+            return
+        import subprocess
+
+        from hil.mux.virtual import loops_backing
+
+        for loop in loops_backing(self.board.card[0]):
+            subprocess.run(["losetup", "-d", str(loop)], capture_output=True, check=False)
+
+    @property
+    def pid_file(self) -> Path:
+        return self.runtime / "emulator.pid"
+
+    def _drop_pid_file(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            if int(self.pid_file.read_text()) == os.getpid():
+                self.pid_file.unlink()
+
+    def start(self) -> Bench:
+        other = running_elsewhere(self.runtime)
+        if other is not None:
+            raise InfraError(f"the emulated hardware of this rig already runs (pid {other}, "
+                             f"{self.runtime})", part="emulator", rig=self.rig.name)
+        try:
+            self.pid_file.write_text(f"{os.getpid()}\n")
+            self._stack.callback(self._drop_pid_file)
+            if self.settings.libvirtd:
+                from hil.emu import libvirtd
+
+                self._stack.enter_context(libvirtd.running(self.runtime / "libvirtd"))
+            if not self.has_board:
+                return self
+            self._stack.callback(self._remove_card_reader)
+            self._stack.callback(self.board.stop)
+            self.board.start()
+            if self.relay is not None:
+                self.board.inputs["relay"] = self.relay.contact_closed(self.relay_channel,
+                                                                       self.relay_normally)
+                self._stack.callback(self.relay.stop)
+                self.relay.start()
+            if self.ctl is not None and self.pdu is not None:
+                self.board.inputs["pdu"] = False
+                self._stack.callback(self.ctl.stop)
+                self.ctl.start()
+                self._stack.callback(self.pdu.stop)
+                self.pdu.start()
+            if self.ser2net is not None:
+                self._stack.callback(self.ser2net.stop)
+                self.ser2net.start()
+            # the bench's mains: an NC-wired board (or one without a switch) starts now
+            self.board.set_input("bench", True)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stops everything started, in reverse order; safe to call twice."""
+        self._stack.close()
+
+    def __enter__(self) -> Bench:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def describe(self) -> list[str]:
+        lines = [f"runtime directory: {self.runtime}"]
+        if self.settings.libvirtd:
+            lines.append("libvirtd: qemu:///system")
+        if not self.has_board:
+            return lines
+        if self.relay is not None:
+            lines.append(f"relay board (LCUS, {self.relay.channels} ch, status "
+                         f"{self.relay.status}): {self.relay.link}; the board hangs on channel "
+                         f"{self.relay_channel}, normally {self.relay_normally}")
+        if self.pdu is not None:
+            lines.append(f"pdudaemon: {self.pdu.url}, the board on outlet {self.pdu_outlet}")
+        if self.ser2net is not None:
+            lines.append(f"console: {self.ser2net.url} (tty {self.board.uart.port.link})")
+        if self.board.card is not None:
+            lines.append(f"SD card: {self.board.card[0]} (mux position in "
+                         f"{self.board.card[1].name})")
+        lines.append(f"board log: {self.runtime / 'board' / 'qemu.log'}")
+        return lines
