@@ -12,7 +12,8 @@ APT_PACKAGES := qemu-system-arm qemu-system-x86 qemu-utils u-boot-qemu u-boot-to
   libvirt-dev libsystemd-dev libhidapi-hidraw0 pkg-config gcc python3-dev
 STAMP := $(VENV)/.installed
 RIG ?= qemu-aarch64
-SUITES ?= suites/smoke
+SUITES ?= suites
+HILTEST := $(PYTEST) -p no:cacheprovider -q -ra
 
 .PHONY: deps apt venv demo test test-unit test-suites lint bench clean
 
@@ -44,11 +45,17 @@ demo: deps
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(PY) -m hil.docgen --check
 
-# The framework's own tests (unit + integration on real QEMU boots), then the suites on QEMU.
+# The framework's own tests (unit + integration on real QEMU boots and emulated bench hardware),
+# then the suites on both QEMU boards, and the smoke suite through each emulated bench.
 test: deps lint
-	$(PYTEST) tests -q -ra
-	$(PYTEST) --rig=qemu-aarch64 suites/smoke -q -ra
+	$(HILTEST) tests
+	$(HILTEST) --rig=qemu-aarch64 suites
+	$(HILTEST) --rig=qemu-x86_64 suites
+	$(HILTEST) --rig=virtual-rpi3 suites/smoke
+	$(HILTEST) --rig=virtual-rpi3-pdu suites/smoke
+	$(HILTEST) --rig=libvirt-aarch64 suites/smoke
 
 bench: deps
 	$(PY) bench/console_roundtrip.py

@@ -43,6 +43,8 @@ class DeviceType(Model):
     config_txt: list[str] = []
     dev_nodes: list[str] = []
     gpio_chips: dict[str, int] = {}
+    # chip:line entries nothing is wired to: the devices suite may drive them as outputs
+    gpio_free_lines: list[str] = []
     features: list[str] = []
 
     @property

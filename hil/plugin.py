@@ -86,7 +86,8 @@ def hil_session(pytestconfig: pytest.Config, rig_config: RigConfig) -> Iterator[
     opt = pytestconfig.getoption
     options = Options(image=opt("--image"), bmap=Path(opt("--bmap")) if opt("--bmap") else None,
                       config_json=Path(opt("--config-json")) if opt("--config-json") else None,
-                      rig_wait=opt("--rig-wait"), flash=not opt("--no-flash"))
+                      rig_wait=opt("--rig-wait"), flash=not opt("--no-flash"),
+                      update_image=opt("--update-image"))
     session = HilSession(rig_config, options)
     pytestconfig.stash[SESSION] = session
     session.start(what=f"pytest {' '.join(pytestconfig.invocation_params.args)}"[:200])

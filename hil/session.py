@@ -8,7 +8,6 @@ import contextlib
 import importlib
 import json
 import logging
-import secrets
 import subprocess
 import uuid
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ class Options:
     rig_wait: float = 600.0
     flash: bool = True
     extra_config: dict[str, Any] = field(default_factory=dict)
+    update_image: str | None = None  # for host OS update tests (default on the reference OS: built)
 
 
 def refos_arch(config: RigConfig) -> str:
@@ -75,6 +75,10 @@ class HilSession:
             self.rig = Rig(self.config, self.runtime)
             self.stack.callback(self.rig.close)
             self.dut = Dut(self.rig, ssh_key=self.ssh_key)
+            from hil.os import BalenaOS
+
+            self.dut.os = BalenaOS(self.dut)
+            self.stack.callback(self.dut.os.close)
             if self.options.flash:
                 image, bmap = self.prepare_image()
                 self.rig.flash(image, bmap)
@@ -127,7 +131,7 @@ class HilSession:
 
             self.api = self.stack.enter_context(RegistrationServer())
             cfg["apiEndpoint"] = self.api.url_for_guest
-            cfg["apiKey"] = secrets.token_hex(16)
+            cfg["apiKey"] = self.api.api_key  # the provisioning key the endpoint accepts
         if using_refos and self.rig and self.rig.network:
             cfg.setdefault("ntpServers", self.rig.network.host_address)
         cfg.update(self.options.extra_config)

@@ -1,0 +1,649 @@
+"""The host-OS adapter the suites use as ``dut.os``, in balenaOS's own words.
+
+One implementation for balenaOS and for the project's reference OS, which honours the same
+contract (partition labels, ``/mnt/boot/config.json``, the bootloader files, the rollback
+breadcrumbs in ``/mnt/state``). Where the two differ it is hidden here and said so:
+
+- ``hostapp_update``: balenaOS installs a hostapp (a container image: a bundle file or an image
+  reference); the reference OS installs an ext4 root filesystem image, from a URL it downloads.
+- The reference OS's bootloaders print their decision on the console each boot
+  (``HIL-BOOT: ...``); balenaOS's do not, so ``await_boot`` reports only what it can see.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shlex
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from hil import redact
+from hil.console.log import PANIC_MARKER
+from hil.console.shell import CommandFailed, Result
+from hil.deadline import Deadline
+from hil.errors import DeadlineError, InfraError
+from hil.os import hostdisk, parse
+from hil.os.parse import BootLine, BootState, Mount
+from hil.os.secret import Secret
+from hil.os.transport import SshShell
+from hil.os.updates import UpdateImage
+
+if TYPE_CHECKING:
+    from hil.dut import Dut
+    from hil.os.transfer import FileServer
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+BOOT_MNT = "/mnt/boot"
+STATE_MNT = "/mnt/state"
+DATA_MNT = "/mnt/data"
+CONFIG_JSON = f"{BOOT_MNT}/config.json"
+APP_DATA = f"{DATA_MNT}/resin-data"  # what containers see as /data
+SECRET_KEYS = redact.SECRET_KEYS
+MARKERS = ("rollback-health-breadcrumb", "rollback-altboot-breadcrumb",
+           "rollback-health-triggered", "rollback-altboot-triggered", "rollback-health-failed")
+BREADCRUMBS = frozenset(MARKERS[:2])
+HEALTH_VARIABLES = f"{STATE_MNT}/rollback-health-variables"
+ROOT_LABELS = ("resin-rootA", "resin-rootB")
+BOOTLIMIT = 3  # both bootloaders boot the other root once bootcount exceeds this
+# Printed once per boot by the bootloader (the kernel's banners would count a boot twice).
+BOOTLOADER_BANNER = {"uboot": re.compile(rb"U-Boot 20\d\d"),
+                     "grub": re.compile(rb"SeaBIOS \(version|GNU GRUB|Welcome to GRUB")}
+
+
+class OSContractError(AssertionError):
+    """The device does not look like the contract says (a file or link it must have is not
+    there): the OS broke a promise, so a test failure."""
+
+
+@dataclass(frozen=True)
+class RootPart:
+    label: str  # resin-rootA / resin-rootB
+    device: str  # /dev/vda2
+    number: int  # 2: what resin_root_part names
+
+    def __str__(self) -> str:
+        return f"{self.label} ({self.device})"
+
+
+@dataclass(frozen=True)
+class Roots:
+    active: RootPart  # /dev/disk/by-state/active
+    inactive: RootPart
+    mounted_active: str  # SOURCE of /mnt/sysroot/active (must be active.device)
+
+    def by_number(self, number: int) -> RootPart:
+        for part in (self.active, self.inactive):
+            if part.number == number:
+                return part
+        raise KeyError(number)
+
+
+@dataclass(frozen=True)
+class BootRecord:
+    """One run of the bootloader, as far as the rig can see it. ``printed``: what the
+    bootloader said it did (reference OS); ``stored``: its variables on the boot partition
+    right after it printed, read by the rig host (rigs whose disk is a file). Either may be
+    None where it cannot be observed."""
+
+    start: int  # console offsets
+    end: int
+    printed: BootLine | None
+    stored: BootState | None
+
+    def __str__(self) -> str:
+        bits = []
+        if self.printed:
+            bits.append(f"booted root {self.printed.root}, bootloader saw {self.printed.state}")
+        if self.stored:
+            bits.append(f"stored {self.stored}")
+        return "; ".join(bits) or "a boot (bootloader state not observable on this rig)"
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    image: UpdateImage
+    target: RootPart
+    seconds: float
+    output: str
+
+
+class RunningUpdate:
+    """A ``hostapp-update`` started over SSH and not waited for (power-cut tests)."""
+
+    def __init__(self, channel: Any, target: RootPart, started: float) -> None:
+        self.channel, self.target, self.started = channel, target, started
+
+    def finished(self) -> int | None:
+        """The exit code once it has ended, else None."""
+        if self.channel.exit_status_ready():
+            return int(self.channel.recv_exit_status())
+        return None
+
+    def abandon(self) -> None:
+        import contextlib
+
+        with contextlib.suppress(Exception):
+            self.channel.close()
+
+
+class BalenaOS:
+    """``dut.os``. Commands go over the console by default (works with no network); reads of
+    ``config.json`` and updates go over SSH when the rig has a network (keys never pass the
+    console; bulk data is fast). ``via_ssh()`` is the same adapter over SSH only, for a
+    production device whose console has no shell."""
+
+    def __init__(self, dut: Dut, *, _ssh: SshShell | None = None, _via: str = "console",
+                 _shared: dict[str, Any] | None = None) -> None:
+        self.dut = dut
+        self.bootloader = dut.rig.config.device_type.bootloader
+        self.ssh = _ssh or SshShell(dut)
+        self.via = _via
+        self._shared: dict[str, Any] = _shared if _shared is not None else {}
+
+    def via_ssh(self) -> BalenaOS:
+        return BalenaOS(self.dut, _ssh=self.ssh, _via="ssh", _shared=self._shared)
+
+    def close(self) -> None:
+        self.ssh.close()
+        server = self._shared.pop("file_server", None)
+        if server is not None:
+            server.close()
+
+    # --- running commands -----------------------------------------------------------------
+    def run(self, command: str, timeout: float | None = None, *,
+            read_only: bool = False) -> Result:
+        """Run on the device over this adapter's transport; output merged. ``read_only``
+        commands are re-run once if an OS message cut into their console reply."""
+        timeout = timeout or self.dut.timeouts.command
+        if self.via == "ssh":
+            return self.ssh.run(command, timeout)
+        for attempt in (1, 2):
+            try:
+                # own subshell: an `exit` in the command must not skip the shell's exit-code
+                # trailer
+                return self.dut.run(f"(\n{command}\n)", timeout)
+            except InfraError as exc:
+                # The OS may print to /dev/console while a command's reply streams (e.g. the
+                # health check announcing a commit). Read-only commands are safe to re-run.
+                if attempt == 2 or "garbled" not in str(exc) or not read_only:
+                    raise
+                log.warning("console reply garbled by an OS message; re-running %r", command)
+        raise AssertionError("unreachable")
+
+    def check(self, command: str, timeout: float | None = None, *,
+              read_only: bool = False) -> str:
+        result = self.run(command, timeout, read_only=read_only)
+        if not result.ok:
+            raise CommandFailed(result)
+        return result.stdout
+
+    def _private(self, command: str, timeout: float | None = None) -> Result | None:
+        """Run where the output stays off the console log (SSH), or None if the rig has no
+        network to do so."""
+        if not self.ssh.available:
+            return None
+        return self.ssh.run(command, timeout or self.dut.timeouts.command)
+
+    # --- identity and release ---------------------------------------------------------------
+    def os_release(self, root: str = "/") -> dict[str, str]:
+        path = f"{root.rstrip('/')}/etc/os-release"
+        return parse.os_release(self.check(f"cat {shlex.quote(path)}", read_only=True))
+
+    def version(self, root: str = "/") -> str:
+        """VERSION of the OS in ``root`` (``/mnt/sysroot/inactive`` for the other root)."""
+        release = self.os_release(root)
+        version = release.get("VERSION") or release.get("VERSION_ID")
+        if not version:
+            raise OSContractError(f"{root}/etc/os-release has no VERSION: {release}")
+        return version
+
+    @property
+    def is_reference_os(self) -> bool:
+        if "reference" not in self._shared:
+            self._shared["reference"] = self.os_release().get("VARIANT_ID") == "hil-refos"
+        return bool(self._shared["reference"])
+
+    def hostname(self) -> tuple[str, str]:
+        """(/etc/hostname, what ``hostname`` says)."""
+        out = self.check("cat /etc/hostname; echo; hostname", read_only=True).split()
+        return (out[0] if out else "", out[-1] if len(out) > 1 else "")
+
+    # --- partitions -------------------------------------------------------------------------
+    def mounts(self) -> list[Mount]:
+        return parse.findmnt(self.check("findmnt -rn -o SOURCE,TARGET,FSTYPE,OPTIONS",
+                                       read_only=True))
+
+    def labels(self) -> dict[str, str]:
+        """Partition label -> device (from /dev/disk/by-label)."""
+        out = self.check('for l in /dev/disk/by-label/*; do [ -e "$l" ] && '
+                         'printf "%s %s\\n" "${l##*/}" "$(readlink -f "$l")"; done; true',
+                         read_only=True)
+        return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+
+    def roots(self) -> Roots:
+        """The active and inactive root partitions (by-state links, labels, the mount)."""
+        out = self.check(
+            'for s in active inactive; do printf "%s %s\\n" "$s" '
+            '"$(readlink -f /dev/disk/by-state/$s 2>/dev/null)"; done; '
+            'for l in /dev/disk/by-label/*; do printf "label %s %s\\n" "${l##*/}" '
+            '"$(readlink -f "$l")"; done; '
+            'printf "mounted %s\\n" "$(findmnt -no SOURCE /mnt/sysroot/active)"',
+            read_only=True)
+        state: dict[str, str] = {}
+        label_of: dict[str, str] = {}
+        mounted = ""
+        for line in out.splitlines():
+            f = line.split()
+            if len(f) == 2 and f[0] in ("active", "inactive"):
+                state[f[0]] = f[1]
+            elif len(f) == 3 and f[0] == "label":
+                label_of[f[2]] = f[1]
+            elif f and f[0] == "mounted":
+                mounted = f[1] if len(f) > 1 else ""
+        devices = {label: dev for dev, label in label_of.items()}
+        if not state.get("active"):
+            # no by-state links: the root mounted at /mnt/sysroot/active is the active one
+            if not mounted:
+                raise OSContractError("neither /dev/disk/by-state/active nor a mount at "
+                                      f"/mnt/sysroot/active: {out!r}")
+            state["active"] = mounted
+        if not state.get("inactive"):
+            others = [devices[x] for x in ROOT_LABELS if devices.get(x) not in
+                      (None, state["active"])]
+            if not others:
+                raise OSContractError(f"cannot tell the inactive root: {out!r}")
+            state["inactive"] = others[0]
+
+        def part(dev: str) -> RootPart:
+            number = parse.partition_number(dev)
+            if number is None:
+                raise OSContractError(f"{dev} is not a partition")
+            return RootPart(label_of.get(dev, "?"), dev, number)
+
+        return Roots(part(state["active"]), part(state["inactive"]), mounted)
+
+    def data_mount(self) -> Mount | None:
+        return parse.mount_at(self.mounts(), DATA_MNT)
+
+    @property
+    def data_dir(self) -> str:
+        """Where apps' persistent data lives: ``/data`` where the host OS shows it there (the
+        reference OS bind-mounts it), else its backing directory on resin-data."""
+        if "data_dir" not in self._shared:
+            at = parse.mount_at(self.mounts(), "/data")
+            self._shared["data_dir"] = "/data" if at is not None else APP_DATA
+        return str(self._shared["data_dir"])
+
+    # --- config.json --------------------------------------------------------------------------
+    def config_json(self) -> dict[str, Any]:
+        """``config.json`` as the device has it. Secret keys come back as :class:`Secret`
+        (compare with ``.matches``; repr shows only a fingerprint). Read over SSH where the rig
+        has a network, so no key passes the console; else the device hashes them first."""
+        private = self._private(f"cat {CONFIG_JSON}")
+        if private is not None:
+            if not private.ok:
+                raise CommandFailed(private)
+            try:
+                cfg: dict[str, Any] = json.loads(private.stdout)
+            except ValueError as exc:
+                raise OSContractError(f"{CONFIG_JSON} is not valid JSON ({exc})") from None
+            for key in SECRET_KEYS:
+                if isinstance(cfg.get(key), str):
+                    cfg[key] = Secret(cfg[key])
+            return cfg
+        # console: secrets are replaced by their SHA-256 on the device
+        deletes = ", ".join(f".{k}" for k in SECRET_KEYS)
+        picks = ", ".join(f'(.{k} // "")' for k in SECRET_KEYS)
+        out = self.check(
+            f"jq -r '(del({deletes}) | tojson), {picks}' {CONFIG_JSON} | "
+            '{ read -r j; echo "$j"; while IFS= read -r v; do '
+            'if [ -n "$v" ]; then printf %s "$v" | sha256sum | cut -d" " -f1; '
+            "else echo -; fi; done; }", read_only=True)
+        lines = out.splitlines()
+        try:
+            cfg = json.loads(lines[0])
+        except (ValueError, IndexError):
+            raise OSContractError(f"{CONFIG_JSON} is not valid JSON") from None
+        for key, digest in zip(SECRET_KEYS, lines[1:], strict=False):
+            if digest and digest != "-":
+                cfg[key] = Secret(digest=digest)
+        return cfg
+
+    def set_config(self, **changes: Any) -> None:
+        """Change keys of ``config.json`` on the device atomically (write a sibling, sync,
+        rename), as balenaOS's own tools do; the OS re-applies it. A key may be a dotted path
+        (``**{"os.sshKeys": [...]}``); ``None`` deletes it. Secrets cannot be set this way:
+        the command would show them on the console."""
+        if not changes:
+            return
+        filters: list[str] = []
+        args: list[str] = []
+        for i, (key, value) in enumerate(changes.items()):
+            path = key.split(".")
+            if path[0] in SECRET_KEYS or path[-1] in SECRET_KEYS:
+                raise ValueError(f"set_config will not write the secret {key!r} through a "
+                                 "shell command")
+            jpath = json.dumps(path)
+            if value is None:
+                filters.append(f"delpaths([{jpath}])")
+            else:
+                filters.append(f"setpath({jpath}; $v{i})")
+                args.append(f"--argjson v{i} {shlex.quote(json.dumps(value))}")
+        tmp = f"{CONFIG_JSON}.hil-new"
+        command = (f"jq {' '.join(args)} {shlex.quote(' | '.join(filters))} {CONFIG_JSON} "
+                   f"> {tmp} && [ -s {tmp} ] && sync {tmp} && mv -f {tmp} {CONFIG_JSON} "
+                   f"&& sync {BOOT_MNT}")
+        result = self.run(command)
+        if not result.ok:
+            self.run(f"rm -f {tmp}")
+            raise CommandFailed(result)
+
+    # --- bootloader -------------------------------------------------------------------------
+    def boot_files(self) -> dict[str, str]:
+        """The bootloader environment files on the boot partition (NULs dropped)."""
+        names = (*hostdisk.UBOOT_FILES, *hostdisk.GRUB_FILES)
+        out = self.check(
+            f"cd {BOOT_MNT} && for f in {' '.join(names)}; do [ -f \"$f\" ] && "
+            "{ echo \"==> $f\"; tr -d '\\000' < \"$f\"; echo; }; done; true",
+            read_only=True)
+        files: dict[str, str] = {}
+        current = None
+        for line in out.splitlines():
+            if line.startswith("==> "):
+                current = line[4:]
+                files[current] = ""
+            elif current is not None:
+                files[current] += line + "\n"
+        return files
+
+    def boot_state(self) -> BootState:
+        """``resin_root_part``, ``upgrade_available``, ``bootcount`` as the bootloader will
+        read them next boot: U-Boot's resinOS_uEnv.txt + bootcount.env, or GRUB's grubenv
+        (by the device type's ``bootloader``)."""
+        files = self.boot_files()
+        env: dict[str, str] = {}
+        names = hostdisk.GRUB_FILES if self.bootloader == "grub" else hostdisk.UBOOT_FILES
+        found = [n for n in names if n in files]
+        if not found:
+            raise OSContractError(f"no {self.bootloader} environment ({', '.join(names)}) on "
+                                  f"{BOOT_MNT}; it has {sorted(files) or 'none of them'}")
+        if self.bootloader == "grub":
+            env = parse.env_file(files[found[0]])
+        else:
+            for name in found:
+                env.update(parse.env_file(files[name]))
+        return parse.boot_state(env)
+
+    def rollback_markers(self) -> set[str]:
+        """Which of the five rollback breadcrumb/result files exist in /mnt/state."""
+        out = self.check(f"cd {STATE_MNT} && for m in {' '.join(MARKERS)}; do "
+                         '[ -e "$m" ] && echo "$m"; done; true', read_only=True)
+        return {m for m in out.split() if m in MARKERS}
+
+    def set_health_check(self, count: int, timeout: int) -> None:
+        """Shorten the post-update health check (``rollback-health``: COUNT checks, TIMEOUT
+        seconds apart; balenaOS defaults 15 x 60 s)."""
+        self.check(f"printf 'COUNT={int(count)}\\nTIMEOUT={int(timeout)}\\n' > "
+                   f"{HEALTH_VARIABLES} && sync {HEALTH_VARIABLES}")
+
+    def clear_health_check(self) -> None:
+        self.check(f"rm -f {HEALTH_VARIABLES} && sync {STATE_MNT}")
+
+    def wait_committed(self, timeout: float = 180.0) -> BootState:
+        """Wait for the health check to commit a booted update (``upgrade_available=0``, no
+        breadcrumbs). Reads over SSH when possible: the OS announces the commit on the
+        console, which must not cut into a console command."""
+        reader = self.via_ssh() if self.ssh.available else self
+        last: list[str] = ["nothing read yet"]
+
+        def probe() -> BootState | None:
+            state = reader.boot_state()
+            markers = reader.rollback_markers()
+            last[0] = f"{state}; markers {sorted(markers) or 'none'}"
+            if state.upgrade_available == 0 and not markers & BREADCRUMBS:
+                return state
+            return None
+
+        return self._poll(probe, timeout, "the health check to commit the update "
+                          "(upgrade_available=0, breadcrumbs removed)", lambda: last[0],
+                          interval=0.5)
+
+    # --- boots ------------------------------------------------------------------------------
+    def start_reboot(self, command: str = "reboot") -> int:
+        """Type ``command`` on the console without waiting for a shell afterwards (the caller
+        follows the boots with ``await_boot``). Returns the console offset it was sent at."""
+        _ = self.is_reference_os  # learnt while a shell is there: await_boot needs it
+        at = self.dut.shell.send(command)
+        self.dut.shell.invalidate(f"{command!r} was sent")
+        self.ssh.close()
+        return at
+
+    def await_boot(self, start: int, timeout: float | None = None) -> BootRecord:
+        """The next run of the bootloader after console offset ``start``."""
+        timeout = timeout or self.dut.timeouts.boot
+        log_ = self.dut.rig.log
+        if self.is_reference_os:
+            hit = log_.wait_for(parse.BOOT_LINE, start, timeout,
+                                "the bootloader's HIL-BOOT line (a new boot)")
+            printed: BootLine | None = parse.boot_line(hit.groups)
+        else:
+            hit = log_.wait_for(BOOTLOADER_BANNER[self.bootloader], start, timeout,
+                                f"the board to boot ({self.bootloader} starting)")
+            printed = None
+        stored = None
+        disk = hostdisk.disk_of(self.dut)
+        if disk is not None and printed is not None:
+            # printed after the bootloader saved its count: the file holds this boot's state
+            stored = hostdisk.boot_state(disk, self.bootloader)
+        return BootRecord(hit.start, hit.end, printed, stored)
+
+    def await_panic(self, start: int, timeout: float) -> int:
+        """Wait for a kernel panic after ``start`` (a root that cannot boot); returns the
+        offset after it."""
+        hit = self.dut.rig.log.wait_for(PANIC_MARKER, start, timeout,
+                                        "a kernel panic (the new root's init fails)")
+        return hit.end
+
+    def reboot_via_ssh(self) -> int:
+        """Ask the OS to reboot over SSH (a production device has no console shell); returns
+        the console offset before it. Does not wait for the new boot."""
+        _ = self.is_reference_os
+        at = self.dut.rig.log.end
+        self.ssh.start("reboot")
+        self.dut.shell.invalidate("rebooted over SSH")
+        return at
+
+    def ssh_host_key(self) -> str:
+        """SHA-256 fingerprint of the SSH host key the device presents (part of its identity:
+        it must not change across reboots and updates)."""
+        import base64
+        import hashlib
+
+        self.ssh.run("true")
+        client = self.ssh._client
+        transport = client.get_transport() if client else None
+        if transport is None:
+            raise InfraError("no SSH connection", part="network", rig=self.dut.rig.name)
+        key = transport.get_remote_server_key()
+        digest = hashlib.sha256(key.asbytes()).digest()
+        return f"{key.get_name()} SHA256:{base64.b64encode(digest).decode().rstrip('=')}"
+
+    def listening_tcp_ports(self) -> set[int]:
+        """TCP ports something listens on (from /proc/net/tcp{,6}: no netstat needed)."""
+        out = self.check("cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; true", read_only=True)
+        ports = set()
+        for line in out.splitlines()[1:]:
+            f = line.split()
+            if len(f) > 3 and f[3] == "0A" and ":" in f[1]:  # 0A: LISTEN
+                ports.add(int(f[1].rsplit(":", 1)[1], 16))
+        return ports
+
+    # --- /data --------------------------------------------------------------------------------
+    def put_checked_file(self, name: str, kib: int = 512) -> str:
+        """Write ``kib`` KiB of random data and its md5sum into the data directory, synced.
+        Returns the file's path."""
+        d = f"{self.data_dir}/hil-tests"
+        self.check(f"mkdir -p {d} && cd {d} && dd if=/dev/urandom of={name} bs=1024 "
+                   f"count={int(kib)} 2>/dev/null && md5sum {name} > {name}.md5 && "
+                   f"sync {name} {name}.md5 && sync .", timeout=120)
+        return f"{d}/{name}"
+
+    def checked_file(self, name: str) -> str | None:
+        """None if the file written by ``put_checked_file`` is there and matches its checksum,
+        else what is wrong."""
+        d = f"{self.data_dir}/hil-tests"
+        r = self.run(f"cd {d} && md5sum -c {name}.md5 2>&1", read_only=True)
+        return None if r.ok else (r.stdout.strip() or f"md5sum -c exited {r.exit_code}")
+
+    def ready_line(self, start: int, end: int | None = None) -> tuple[str, str] | None:
+        """The reference OS's ``HIL-READY <version> <hostname>`` between two offsets."""
+        m = re.search(rb"HIL-READY (\S+) (\S+)", self.dut.rig.log.read(start, end))
+        return (m.group(1).decode(), m.group(2).decode()) if m else None
+
+    # --- host OS update ---------------------------------------------------------------------
+    def _file_server(self) -> FileServer:
+        from hil.os.transfer import FileServer
+
+        server = self._shared.get("file_server")
+        if server is None:
+            network = self.dut.rig.network
+            if network is None:
+                raise InfraError("the rig has no network part: the device cannot download an "
+                                 "update from the rig host", part="network",
+                                 rig=self.dut.rig.name)
+            server = FileServer(network.host_address)
+            self._shared["file_server"] = server
+        assert isinstance(server, FileServer)
+        return server
+
+    def _update_command(self, image: UpdateImage, url: str | None) -> str:
+        if image.kind == "rootfs":
+            # the reference OS's hostapp-update takes a rootfs and downloads URLs itself
+            return f"hostapp-update -f {shlex.quote(url or image.source)}"
+        if image.kind == "hostapp":
+            # balenaOS's takes a local bundle file: fetch it onto resin-data first
+            local = f"{DATA_MNT}/hil-hostapp-update.tar"
+            return (f"(curl -fsS -o {local} {shlex.quote(url or '')} || "
+                    f"wget -q -O {local} {shlex.quote(url or '')}) && "
+                    f"hostapp-update -f {local}; rc=$?; rm -f {local}; exit $rc")
+        return f"hostapp-update -i {shlex.quote(image.source)}"
+
+    def _prepared(self, image: UpdateImage) -> Path | None:
+        if image.kind == "ref":
+            return None
+        if image.kind == "rootfs":
+            from hil.os.transfer import shrink_rootfs
+
+            return shrink_rootfs(image.path, self.dut.rig.runtime / "updates")
+        return image.path
+
+    def hostapp_update(self, image: UpdateImage, timeout: float = 900.0) -> UpdateResult:
+        """Install ``image`` into the inactive root with the OS's ``hostapp-update`` (no
+        reboot). The rig host serves the file over HTTP and the device pulls it (see
+        hil/os/transfer.py for why); the command runs over SSH where the rig has a network."""
+        target = self.roots().inactive
+        path = self._prepared(image)
+        t0 = time.monotonic()
+        if path is None:
+            result = self._run_update(self._update_command(image, None), timeout)
+        else:
+            with self._file_server().serving(path) as url:
+                result = self._run_update(self._update_command(image, url), timeout)
+        seconds = time.monotonic() - t0
+        self._shared["last_update_seconds"] = seconds
+        if not result.ok:
+            raise CommandFailed(result)
+        log.info("hostapp-update of %s into %s took %.1fs", image.describe(), target, seconds)
+        return UpdateResult(image, target, seconds, result.stdout)
+
+    def _run_update(self, command: str, timeout: float) -> Result:
+        if self.ssh.available:
+            return self.ssh.run(command, timeout)
+        # no network: only a reference image reference could work, over the console
+        return self.dut.run(command, timeout)
+
+    @property
+    def last_update_seconds(self) -> float | None:
+        value = self._shared.get("last_update_seconds")
+        return float(value) if value is not None else None
+
+    def start_hostapp_update(self, image: UpdateImage) -> tuple[RunningUpdate, Callable[[], None]]:
+        """Start an update and return at once (for cutting the power during it). The second
+        value stops serving the file; call it when done with the update."""
+        import contextlib
+
+        target = self.roots().inactive
+        path = self._prepared(image)
+        stack = contextlib.ExitStack()
+        url = stack.enter_context(self._file_server().serving(path)) if path else None
+        channel = self.ssh.start(self._update_command(image, url))
+        return RunningUpdate(channel, target, time.monotonic()), stack.close
+
+    # --- data ---------------------------------------------------------------------------------
+    def has_tools(self, *names: str) -> bool:
+        names_q = " ".join(shlex.quote(n) for n in names)
+        return self.run(f"for t in {names_q}; do command -v \"$t\" >/dev/null || exit 1; "
+                        "done").ok
+
+    def fsck_online(self, mountpoint: str = DATA_MNT) -> tuple[bool, str] | None:
+        """Check the ext4 filesystem mounted at ``mountpoint`` while it is frozen (fsfreeze
+        flushes the journal and holds writers, so the on-disk image is consistent). Returns
+        (clean, e2fsck output), or None where the OS lacks e2fsck or fsfreeze."""
+        if not self.has_tools("e2fsck", "fsfreeze"):
+            return None
+        m = parse.mount_at(self.mounts(), mountpoint)
+        if m is None:
+            raise OSContractError(f"nothing is mounted at {mountpoint}")
+        dev = m.source.split("[", 1)[0]
+        result = self.run(
+            f"sync; fsfreeze -f {mountpoint} || exit 99; trap 'fsfreeze -u {mountpoint}' EXIT; "
+            f"e2fsck -f -n {shlex.quote(dev)} 2>&1", timeout=300)
+        if result.exit_code == 99:
+            return None
+        return result.exit_code == 0, result.stdout
+
+    def kernel_fs_errors(self, device: str) -> list[str]:
+        """Kernel log lines reporting errors on ``device`` (e.g. "EXT4-fs error (vda5)")."""
+        name = device.rsplit("/", 1)[-1].split("[", 1)[0]
+        out = self.run("dmesg").stdout
+        return [ln for ln in out.splitlines()
+                if name in ln and re.search(r"(?i)EXT4-fs (error|warning)|I/O error|"
+                                            r"corrupt", ln)]
+
+    # --- polling ----------------------------------------------------------------------------
+    def _poll(self, probe: Callable[[], T | None], timeout: float, expected: str,
+              seen: Callable[[], str], interval: float = 1.0) -> T:
+        deadline = Deadline(timeout)
+        while True:
+            value = probe()
+            if value is not None:
+                return value
+            if deadline.expired():
+                raise DeadlineError(expected, seen(), timeout, tail=self.dut.rig.log.tail())
+            time.sleep(min(interval, deadline.remaining()))
+
+    def poll(self, probe: Callable[[], T | None], timeout: float, expected: str,
+             seen: Callable[[], str], interval: float = 1.0) -> T:
+        """Poll a device state that has no event to wait on (a watcher applying config.json
+        once a second); DeadlineError names what was expected and what was last seen."""
+        return self._poll(probe, timeout, expected, seen, interval)
+
+
+def secrets_in(text: bytes, secrets: Iterable[tuple[str, str]]) -> list[str]:
+    """Names of the secrets (name, value) found in ``text``, plain or base64-encoded."""
+    from hil.os.secret import encodings
+
+    compact = re.sub(rb"\s", b"", text)
+    found = []
+    for name, value in secrets:
+        forms = encodings(value)
+        if forms[0] in text or any(f in compact for f in forms):
+            found.append(name)
+    return found

@@ -1,0 +1,151 @@
+"""The host side of first-boot provisioning: a tiny registration endpoint on loopback.
+
+The guest reaches the host's loopback through QEMU user networking as 10.0.2.2, so a server on
+127.0.0.1:<port> is ``http://10.0.2.2:<port>`` for the guest. Keys are never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+
+from hil.deadline import wait_until
+
+log = logging.getLogger(__name__)
+
+GUEST_HOST = "10.0.2.2"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One registration request. ``device_api_key`` is what the server issued (None when the
+    request was refused); it is left out of repr so it cannot end up in a report."""
+
+    uuid: str
+    device_type: str
+    auth_ok: bool
+    application_id: Any = None
+    device_api_key: str | None = field(default=None, repr=False)
+
+
+class RegistrationServer:
+    """``POST /device/register`` with ``Authorization: Bearer <provisioning key>`` and a JSON
+    body ``{"uuid", "deviceType", ...}``; answers 201 ``{"id", "uuid", "deviceApiKey"}``, or
+    401 for a wrong key, 400 for a body without uuid. ``GET /ping`` answers ``OK``.
+
+    Use as a context manager; ``port=0`` takes an ephemeral port.
+    """
+
+    def __init__(self, api_key: str | None = None, *, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        self.api_key = api_key or secrets.token_hex(16)
+        self.registrations: list[Registration] = []
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("registration server: %s", self.requestline)
+
+            def _reply(self, code: int, body: dict[str, Any] | str) -> None:
+                data = (json.dumps(body) if isinstance(body, dict) else body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json" if isinstance(body, dict)
+                                 else "text/plain")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                if self.path.rstrip("/") == "/ping":
+                    self._reply(200, "OK")
+                else:
+                    self._reply(404, {"error": "not found"})
+
+            def do_POST(self) -> None:
+                if self.path.rstrip("/") not in ("/device/register", "/device/register/v2"):
+                    self._reply(404, {"error": "not found"})
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    body = json.loads(self.rfile.read(length) or b"{}")
+                except ValueError:
+                    self._reply(400, {"error": "body is not JSON"})
+                    return
+                if not isinstance(body, dict) or not body.get("uuid"):
+                    self._reply(400, {"error": "uuid missing"})
+                    return
+                auth = self.headers.get("Authorization", "")
+                ok = secrets.compare_digest(auth, f"Bearer {server.api_key}")
+                device_type = str(body.get("deviceType") or body.get("device_type") or "")
+                key = secrets.token_hex(16) if ok else None
+                server._record(Registration(str(body["uuid"]), device_type, ok,
+                                            body.get("applicationId"), key))
+                log.info("registration of %s (%s): %s", body["uuid"], device_type,
+                         "accepted" if ok else "refused (bad provisioning key)")
+                if not ok:
+                    self._reply(401, {"error": "unauthorized"})
+                    return
+                self._reply(201, {"id": len(server.registrations), "uuid": body["uuid"],
+                                  "deviceApiKey": key})
+
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    def _record(self, reg: Registration) -> None:
+        with self._cond:
+            self.registrations.append(reg)
+            self._cond.notify_all()
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url_for_guest(self) -> str:
+        return f"http://{GUEST_HOST}:{self.port}"
+
+    def start(self) -> RegistrationServer:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                            name="hil-registration", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._httpd.server_close()
+
+    def __enter__(self) -> RegistrationServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def wait_for(self, uuid: str, timeout: float) -> Registration:
+        """The first accepted registration of ``uuid``; DeadlineError after ``timeout``."""
+        def probe() -> Registration | None:
+            with self._lock:
+                return next((r for r in self.registrations if r.uuid == uuid and r.auth_ok),
+                            None)
+
+        return wait_until(probe, timeout, f"registration of {uuid}",
+                          seen=lambda: f"{len(self.registrations)} registration(s)",
+                          interval=0.1)

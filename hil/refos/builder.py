@@ -1,0 +1,552 @@
+"""Build the reference OS disk image from Debian packages, without root, loop devices or mounts.
+
+Pipeline: resolve package versions -> cache key -> (cache hit: done) -> download/extract .debs ->
+stage the root filesystem (busybox, chrony, dropbear, jq, e2fsprogs and util-linux tools with
+exactly the shared libraries they load, a module subset, kernel + initramfs in /boot) ->
+ext4 image -> GPT disk with resin-boot (FAT16 + bootloader files) and the ext4 partitions ->
+.bmap. Every byte depends only on the inputs that make up the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid as uuidlib
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from hil.cache import cache_dir
+from hil.errors import HilError
+from hil.refos import debs, fs
+
+log = logging.getLogger(__name__)
+
+FILES = Path(__file__).parent / "files"
+EPOCH = 1704067200  # 2024-01-01: every timestamp in the image
+BROKEN_MODES = ("init", "health")
+MiB = 1 << 20
+
+# Partition layout, identical on both architectures (index: name, size). GRUB's core.img
+# lives in an extra bios_grub partition (index 6) in the gap before resin-boot on x86_64.
+DISK_SIZE = 512 * MiB
+BOOT_START = 4 * MiB
+LAYOUT = (("resin-boot", 40 * MiB), ("resin-rootA", 128 * MiB), ("resin-rootB", 128 * MiB),
+          ("resin-state", 16 * MiB), ("resin-data", None))
+ROOT_SIZE = 128 * MiB
+BIOS_GRUB = (1 * MiB, 3 * MiB)  # start, size
+GPT_FAT = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"
+GPT_LINUX = "0FC63DAF-8483-4772-8E79-3D69E4C7984D"
+GPT_BIOS_GRUB = "21686148-6449-6E6F-744E-656564454649"
+
+# Binaries (path inside their package) the OS runs, besides busybox.
+BINARIES = {
+    "chrony": ["usr/sbin/chronyd", "usr/bin/chronyc"],
+    "dropbear-bin": ["usr/sbin/dropbear", "usr/bin/dropbearkey"],
+    "jq": ["usr/bin/jq"],
+    "e2fsprogs": ["sbin/tune2fs", "sbin/mke2fs"],
+    "util-linux": ["bin/findmnt", "sbin/blkid", "bin/lsblk"],
+}
+LINKS = {"sbin/e2label": "tune2fs", "sbin/mkfs.ext4": "mke2fs"}
+INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
+ROOTFS_MODULES = (*INITRD_MODULES, "overlay", "virtio_net", "vfat", "nls_cp437", "nls_ascii",
+                  "nls_utf8", "i6300esb", "virtio_rng")
+# loaded by rcS (overlay is loaded first, on its own)
+MODULES_LOAD = ("virtio_net", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "i6300esb",
+                "virtio_rng")
+HOST_TOOLS = ("e2fsprogs", "dosfstools", "mtools", "fdisk", "u-boot-tools", "grub-common",
+              "grub-pc-bin", "busybox-static", "kmod")
+
+
+class RefosBuildError(HilError):
+    """The reference OS image could not be built."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    deb_arch: str
+    triplet: str
+    console: str
+    bootloader: str  # "uboot" or "grub"
+    device_type: str
+    kernel_name: str  # name of the kernel in the root's /boot
+
+
+ARCHES = {
+    "aarch64": ArchSpec("aarch64", "arm64", "aarch64-linux-gnu", "ttyAMA0", "uboot",
+                        "generic-aarch64", "Image"),
+    "x86_64": ArchSpec("x86_64", "amd64", "x86_64-linux-gnu", "ttyS0", "grub",
+                       "genericx86-64-ext", "vmlinuz"),
+}
+
+
+@dataclass(frozen=True)
+class RefosImage:
+    """A built reference OS. ``disk`` is the raw image to flash, ``bmap`` its block map,
+    ``rootfs`` the root filesystem alone (what ``hostapp-update -f`` installs)."""
+
+    arch: str
+    version: str
+    broken: str | None
+    disk: Path
+    bmap: Path
+    rootfs: Path
+    key: str
+    device_type: str
+    kernel_version: str
+    packages: dict[str, str]
+    # aarch64: U-Boot environment for QEMU's second pflash bank (the board's SPI flash):
+    # bootdelay=0 and a bootcmd that runs boot.scr directly. Optional; without it U-Boot's
+    # default distro boot finds boot.scr too, about 2.5 s later.
+    uboot_env: Path | None = None
+
+    @property
+    def directory(self) -> Path:
+        return self.disk.parent
+
+
+def build(arch: str = "aarch64", version: str = "1.0.0", broken: str | None = None
+          ) -> RefosImage:
+    """Build (or take from the cache) the reference OS image for ``arch``.
+
+    ``broken="init"`` gives a root whose init fails (kernel panic, the bootloader counts the
+    failed boots), ``broken="health"`` one whose health check never passes.
+    """
+    if arch not in ARCHES:
+        raise RefosBuildError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHES)}")
+    if broken is not None and broken not in BROKEN_MODES:
+        raise RefosBuildError(f"unknown broken mode {broken!r}: choose init or health")
+    if not re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z.+_~-]{0,63}", version):
+        raise RefosBuildError(f"version {version!r}: use letters, digits and . + _ ~ -")
+    return _Builder(ARCHES[arch], version, broken).run()
+
+
+class _Builder:
+    def __init__(self, spec: ArchSpec, version: str, broken: str | None) -> None:
+        self.spec, self.version, self.broken = spec, version, broken
+
+    # --- inputs and key --------------------------------------------------------------------
+
+    def run(self) -> RefosImage:
+        t0 = time.monotonic()
+        kernel_pkg = debs.kernel_package(self.spec.deb_arch)
+        roots = [kernel_pkg, "busybox-static", *BINARIES]
+        resolved = debs.resolve(roots, self.spec.deb_arch)
+        libs = self._library_packages(resolved)
+        resolved.update(debs.resolve(libs, self.spec.deb_arch))
+        key = self._key(resolved)
+        name = f"{self.spec.name}-{self.version}-{self.broken or 'ok'}-{key[:12]}"
+        out = cache_dir("refos") / name
+        manifest = out / "manifest.json"
+        if manifest.exists():
+            log.info("reference OS %s: cached in %s", name, out)
+            return _image_from(json.loads(manifest.read_text()), out)
+        stage = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache_dir("refos")))
+        try:
+            paths = debs.fetch(resolved.values(), self.spec.deb_arch)
+            trees = {n: debs.extract(p) for n, p in paths.items()}
+            image = self._build(stage, out, key, resolved, trees, kernel_pkg)
+            for tmp in (stage / "work",):
+                shutil.rmtree(tmp, ignore_errors=True)
+            (stage / "manifest.json").write_text(json.dumps(
+                {**asdict(image), "disk": image.disk.name, "bmap": image.bmap.name,
+                 "rootfs": image.rootfs.name,
+                 "uboot_env": image.uboot_env.name if image.uboot_env else None},
+                indent=1, sort_keys=True) + "\n")
+            shutil.rmtree(out, ignore_errors=True)
+            stage.rename(out)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        _prune(out)
+        log.info("reference OS %s built in %.1fs", name, time.monotonic() - t0)
+        return _image_from(json.loads(manifest.read_text()), out)
+
+    def _library_packages(self, resolved: dict[str, debs.Deb]) -> list[str]:
+        """Packages that ship the shared libraries the binaries need (worked out once per set
+        of root package versions, then remembered)."""
+        ident = hashlib.sha256(json.dumps(
+            sorted((d.name, d.version) for d in resolved.values())).encode()).hexdigest()[:16]
+        memo = debs.debs_dir(self.spec.deb_arch) / f"closure-{ident}.json"
+        if memo.exists():
+            return list(json.loads(memo.read_text()))
+        arch = self.spec.deb_arch
+        paths = debs.fetch([resolved[n] for n in BINARIES], arch)
+        trees = {n: debs.extract(p) for n, p in paths.items()}
+        level = [trees[pkg] / rel for pkg, rels in BINARIES.items() for rel in rels]
+        pkgs: dict[str, Path] = {}
+        seen: set[str] = set()
+        while level:  # breadth first, so each level is one apt-get call
+            wanted: dict[str, str] = {}
+            for elf in level:
+                deps = debs.elf_deps(elf)
+                for soname in deps.needed if deps else ():
+                    if soname not in seen:
+                        seen.add(soname)
+                        wanted[soname] = debs.soname_package(soname)
+            new = sorted(set(wanted.values()) - set(pkgs))
+            if new:
+                got = debs.fetch(debs.resolve(new, arch).values(), arch)
+                pkgs.update({n: debs.extract(p) for n, p in got.items()})
+            level = []
+            for soname, pkg in sorted(wanted.items()):
+                lib = debs.find_in_tree(pkgs[pkg], soname)
+                if lib is None:
+                    raise RefosBuildError(f"{pkg} does not contain {soname}")
+                level.append(lib.resolve())
+        result = sorted(pkgs)
+        memo.write_text(json.dumps(result) + "\n")
+        return result
+
+    def _key(self, resolved: dict[str, debs.Deb]) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps({
+            "arch": self.spec.name, "version": self.version, "broken": self.broken,
+            "packages": sorted((d.name, d.version, d.arch) for d in resolved.values()),
+            "host": _host_tool_versions(),
+        }, sort_keys=True).encode())
+        here = Path(__file__).parent
+        sources = [*sorted(p for p in FILES.rglob("*") if p.is_file()),
+                   *(here / n for n in ("builder.py", "fs.py", "debs.py", "grub.py"))]
+        for path in sources:
+            h.update(str(path.relative_to(Path(__file__).parent)).encode() + b"\0")
+            h.update(path.read_bytes() + b"\0")
+        return h.hexdigest()
+
+    # --- the build proper ------------------------------------------------------------------
+
+    def _uuid(self, key: str, role: str) -> str:
+        return str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"hil-refos:{key}:{role}"))
+
+    def _build(self, stage: Path, out: Path, key: str, resolved: dict[str, debs.Deb],
+               trees: dict[str, Path], kernel_pkg: str) -> RefosImage:
+        work = stage / "work"
+        kernel_tree = trees[kernel_pkg]
+        kver = kernel_pkg.removeprefix("linux-image-")
+        _depmod_once(kernel_tree, kver)
+
+        root = work / "root"
+        self._stage_rootfs(root, trees, kernel_tree, kver)
+        initrd = self._initramfs(work / "initrd", trees["busybox-static"], kernel_tree, kver)
+        (root / "boot" / "initrd.img").write_bytes(initrd)
+        (root / "boot" / "initrd.img").chmod(0o644)
+        fs.clamp_times(root, EPOCH)
+
+        rootfs = stage / "rootfs.img"
+        fs.mkext4(rootfs, ROOT_SIZE, label="resin-rootA", uuid=self._uuid(key, "root"),
+                  epoch=EPOCH, src=root, journal=False)
+        disk = stage / "disk.img"
+        self._disk(disk, rootfs, key, work)
+        bmap = stage / "disk.img.bmap"
+        fs.write_bmap(disk, bmap)
+        uboot_env = None
+        if self.spec.bootloader == "uboot":
+            uboot_env = stage / "uboot-env.bin"
+            _uboot_env(uboot_env, work)
+        return RefosImage(
+            arch=self.spec.name, version=self.version, broken=self.broken,
+            disk=out / disk.name, bmap=out / bmap.name, rootfs=out / rootfs.name, key=key,
+            device_type=self.spec.device_type, kernel_version=kver,
+            packages={d.name: d.version for d in sorted(resolved.values(),
+                                                        key=lambda d: d.name)},
+            uboot_env=out / uboot_env.name if uboot_env else None)
+
+    def _stage_rootfs(self, root: Path, trees: dict[str, Path], kernel_tree: Path,
+                      kver: str) -> None:
+        shutil.copytree(FILES / "rootfs", root, symlinks=True)
+        for d in ("dev", "proc", "sys", "run", "tmp", "mnt/boot", "mnt/state", "mnt/data",
+                  "mnt/sysroot/active", "mnt/sysroot/inactive", "data", "home/root", "boot",
+                  "var/lib", "etc/hil", "root"):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        (root / "tmp").chmod(0o1777)
+        for link, target in (("var/log", "../run/log"), ("var/run", "../run"),
+                             ("var/tmp", "../tmp"), ("var/lock", "../run/lock"),
+                             ("etc/mtab", "../proc/self/mounts")):
+            (root / link).symlink_to(target)
+
+        interp_done: set[str] = set()
+        elfs: list[Path] = []
+        for pkg, rels in BINARIES.items():
+            for rel in rels:
+                dst = root / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(trees[pkg] / rel, dst)
+                elfs.append(dst)
+        for link, target in LINKS.items():
+            (root / link).symlink_to(target)
+        # after the real binaries: an applet never shadows one (busybox has a mke2fs too)
+        _install_busybox(root, trees["busybox-static"])
+        self._install_libraries(root, elfs, trees, interp_done)
+
+        # kernel, modules (only those the OS loads, plus their dependencies)
+        shutil.copy2(kernel_tree / "boot" / f"vmlinuz-{kver}",
+                     root / "boot" / self.spec.kernel_name)
+        mods = _module_closure(kernel_tree, kver, ROOTFS_MODULES)
+        moddir = root / "lib" / "modules" / kver
+        for rel in mods:
+            (moddir / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(kernel_tree / "lib" / "modules" / kver / rel, moddir / rel)
+        for meta in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
+            src = kernel_tree / "lib" / "modules" / kver / meta
+            if src.exists():
+                shutil.copy2(src, moddir / meta)
+        fs.run(["depmod", "-b", str(root), kver])
+
+        etc = root / "etc"
+        (etc / "hil" / "build.env").write_text(
+            f"ARCH={self.spec.name}\nBOOTLOADER={self.spec.bootloader}\n"
+            f"DEVICE_TYPE={self.spec.device_type}\nHIL_BROKEN={self.broken or ''}\n")
+        (etc / "hil" / "modules.load").write_text("\n".join(MODULES_LOAD) + "\n")
+        (etc / "os-release").write_text(
+            'ID="balena-os"\nNAME="balenaOS"\n'
+            f'VERSION="{self.version}"\nVERSION_ID="{self.version}"\n'
+            f'PRETTY_NAME="balenaOS {self.version} (pytest-hil reference OS)"\n'
+            f'MACHINE="{self.spec.device_type}"\nSLUG="{self.spec.device_type}"\n'
+            'VARIANT_ID="hil-refos"\n')
+        (etc / "hostname").write_text("balena\n")
+        (etc / "hosts").write_text("127.0.0.1\tlocalhost\n")
+        (etc / "resolv.conf").write_text("")
+        if self.broken == "init":
+            init = root / "sbin" / "init"
+            init.unlink()
+            init.write_text("#!/bin/sh\n# --broken init: this root cannot start\n"
+                            'echo "HIL-BROKEN: init of this root exits on purpose"\nexit 1\n')
+            init.chmod(0o755)
+        elif self.broken == "health":
+            check = root / "usr" / "lib" / "hil" / "health.d" / "broken"
+            check.parent.mkdir(parents=True, exist_ok=True)
+            check.write_text("#!/bin/sh\n# --broken health: this root is never healthy\n"
+                             'echo "built with --broken health" >&2\nexit 1\n')
+            check.chmod(0o755)
+
+    def _install_libraries(self, root: Path, elfs: list[Path], trees: dict[str, Path],
+                           interp_done: set[str]) -> None:
+        """Copy the dynamic loader and every needed shared library, transitively, to
+        /lib/<triplet>/<soname> (the loader's default search path on Debian)."""
+        libdir = root / "lib" / self.spec.triplet
+        libdir.mkdir(parents=True, exist_ok=True)
+        search = sorted(trees.items())
+        todo = list(elfs)
+        seen: set[str] = set()
+        while todo:
+            deps = debs.elf_deps(todo.pop())
+            if deps is None:
+                continue
+            if deps.interp and deps.interp not in interp_done:
+                interp_done.add(deps.interp)
+                src = _find_lib(search, Path(deps.interp).name)
+                target = libdir / Path(deps.interp).name
+                shutil.copy2(src.resolve(), target)
+                dst = root / deps.interp.lstrip("/")
+                if dst != target:
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    dst.symlink_to(os.path.relpath(target, dst.parent))
+            for soname in deps.needed:
+                if soname in seen:
+                    continue
+                seen.add(soname)
+                src = _find_lib(search, soname)
+                shutil.copy2(src.resolve(), libdir / soname)
+                todo.append(libdir / soname)
+
+    def _initramfs(self, work: Path, busybox_tree: Path, kernel_tree: Path, kver: str
+                   ) -> bytes:
+        work.mkdir(parents=True)
+        for d in ("bin", "sbin", "dev", "proc", "sys", "newroot", "etc", "lib/modules"):
+            (work / d).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(busybox_tree / "bin" / "busybox", work / "bin" / "busybox")
+        for applet in ("sh", "mount", "umount", "insmod", "sleep", "switch_root", "cat",
+                       "echo"):
+            (work / "bin" / applet).symlink_to("busybox")
+        shutil.copy2(FILES / "initramfs" / "init", work / "init")
+        (work / "init").chmod(0o755)
+        order = []
+        for rel in _module_closure(kernel_tree, kver, INITRD_MODULES):
+            if Path(rel).name.startswith("crc32c-intel"):
+                continue  # needs SSE4.2, which QEMU's default x86 CPU lacks; crc32c_generic does
+
+            name = Path(rel).name
+            shutil.copy2(kernel_tree / "lib" / "modules" / kver / rel,
+                         work / "lib" / "modules" / name)
+            order.append(name)
+        (work / "etc" / "modules.order").write_text("\n".join(order) + "\n")
+        fs.clamp_times(work, EPOCH)
+        return fs.gzip_fixed(fs.cpio_newc(work, EPOCH, {"dev/console": (5, 1)}))
+
+    def _disk(self, disk: Path, rootfs: Path, key: str, work: Path) -> None:
+        parts = []
+        start = BOOT_START
+        for i, (name, size) in enumerate(LAYOUT, start=1):
+            ptype = GPT_FAT if name == "resin-boot" else GPT_LINUX
+            parts.append(fs.Partition(name, size, ptype, self._uuid(key, f"part{i}"), start,
+                                      "LegacyBIOSBootable" if i == 1 else ""))
+            start += size or 0
+        if self.spec.bootloader == "grub":
+            parts.append(fs.Partition("bios_grub", BIOS_GRUB[1], GPT_BIOS_GRUB,
+                                      self._uuid(key, "part6"), BIOS_GRUB[0]))
+        placed = {p.index: p for p in fs.write_gpt(disk, DISK_SIZE, self._uuid(key, "disk"),
+                                                   parts)}
+        boot = placed[1]
+        fs.mkfat(disk, boot.offset, boot.size, label="resin-boot",
+                 volid=self._uuid(key, "boot")[:8], epoch=EPOCH,
+                 files=self._boot_files(work))
+        fs.copy_into(rootfs, disk, placed[2].offset)
+        for index, label, journal in ((3, "resin-rootB", False), (4, "resin-state", True),
+                                      (5, "resin-data", True)):
+            img = work / f"p{index}.img"
+            src = None
+            if label == "resin-data":
+                src = work / "data"
+                (src / "resin-data").mkdir(parents=True)
+                (src / "remove_me_to_reset").write_text("")
+                fs.clamp_times(src, EPOCH)
+            fs.mkext4(img, placed[index].size, label=label, uuid=self._uuid(key, label),
+                      epoch=EPOCH, src=src, journal=journal)
+            fs.copy_into(img, disk, placed[index].offset)
+            img.unlink()
+        if self.spec.bootloader == "grub":
+            from hil.refos import grub
+
+            grub.install(disk, core_offset=placed[6].offset, core_size=placed[6].size,
+                         work=work)
+
+    def _boot_files(self, work: Path) -> dict[str, bytes]:
+        config = {"deviceType": self.spec.device_type, "developmentMode": True,
+                  "persistentLogging": False}
+        files = {"config.json": (json.dumps(config, indent=1) + "\n").encode()}
+        if self.spec.bootloader == "uboot":
+            cmd = work / "boot.cmd"
+            text = (FILES / "uboot" / "boot.cmd").read_text().replace("@CONSOLE@",
+                                                                      self.spec.console)
+            # U-Boot's hush has no use for our comments; keep the script lean
+            cmd.write_text("".join(line for line in text.splitlines(keepends=True)
+                                   if not line.lstrip().startswith("#")))
+            scr = work / "boot.scr"
+            fs.run(["mkimage", "-A", "arm64", "-O", "linux", "-T", "script", "-C", "none",
+                    "-n", "hil-refos boot script", "-d", str(cmd), str(scr)],
+                   env={"SOURCE_DATE_EPOCH": str(EPOCH)})
+            files["boot.scr"] = scr.read_bytes()
+            files["resinOS_uEnv.txt"] = b"resin_root_part=2\nupgrade_available=0\n"
+            files["bootcount.env"] = b"bootcount=0\n"
+        else:
+            from hil.refos import grub
+
+            files.update(grub.boot_files(self.spec.console))
+        return files
+
+
+def _image_from(manifest: dict[str, object], out: Path) -> RefosImage:
+    packages = manifest["packages"]
+    assert isinstance(packages, dict)
+    broken = manifest["broken"]
+    return RefosImage(
+        arch=str(manifest["arch"]), version=str(manifest["version"]),
+        broken=str(broken) if broken is not None else None,
+        disk=out / str(manifest["disk"]), bmap=out / str(manifest["bmap"]),
+        rootfs=out / str(manifest["rootfs"]), key=str(manifest["key"]),
+        device_type=str(manifest["device_type"]),
+        kernel_version=str(manifest["kernel_version"]),
+        packages={str(k): str(v) for k, v in packages.items()},
+        uboot_env=out / str(manifest["uboot_env"]) if manifest.get("uboot_env") else None)
+
+
+# qemu_arm64's own addresses (from its default environment); fdtcontroladdr is set at run time
+UBOOT_ENV = {
+    "bootdelay": "0",
+    "scriptaddr": "0x40200000", "loadaddr": "0x40200000", "kernel_addr_r": "0x40400000",
+    "ramdisk_addr_r": "0x44000000", "fdt_addr": "0x40000000", "fdt_high": "0xffffffff",
+    "pxefile_addr_r": "0x40300000",
+    "bootcmd": "virtio scan; if load virtio 0:1 ${scriptaddr} boot.scr; then "
+               "source ${scriptaddr}; fi; echo HIL-BOOT: no boot.scr on virtio 0:1",
+}
+PFLASH_SIZE = 64 * MiB
+UBOOT_ENV_SIZE = 0x40000
+
+
+def _uboot_env(path: Path, work: Path) -> None:
+    txt = work / "uboot-env.txt"
+    txt.write_text("".join(f"{k}={v}\n" for k, v in sorted(UBOOT_ENV.items())))
+    fs.run(["mkenvimage", "-s", str(UBOOT_ENV_SIZE), "-o", str(path), str(txt)])
+    with path.open("r+b") as f:
+        f.truncate(PFLASH_SIZE)
+
+
+def _prune(out: Path, keep: int = 3) -> None:
+    """Bound the cache: keep the ``keep`` newest builds of the same arch/version/broken (older
+    inputs), and drop staging directories of builds that died more than an hour ago."""
+    prefix = out.name[:-12]
+    same = sorted((p for p in out.parent.iterdir()
+                   if p.is_dir() and p.name.startswith(prefix) and len(p.name) == len(out.name)),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in [p for p in same if p != out][keep - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in out.parent.glob(".*"):
+        if tmp.is_dir() and time.time() - tmp.stat().st_mtime > 3600:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _host_tool_versions() -> dict[str, str]:
+    proc = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Version}\n", *HOST_TOOLS],
+                          capture_output=True, text=True, check=False)
+    return dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+
+
+def _find_lib(search: Iterable[tuple[str, Path]], soname: str) -> Path:
+    for _, tree in search:
+        found = debs.find_in_tree(tree, soname)
+        if found is not None:
+            return found
+    raise RefosBuildError(f"no extracted package contains {soname}")
+
+
+def _depmod_once(kernel_tree: Path, kver: str) -> None:
+    marker = kernel_tree / ".hil-depmod"
+    if not marker.exists():
+        fs.run(["depmod", "-b", str(kernel_tree), kver])
+        marker.touch()
+
+
+def _module_closure(kernel_tree: Path, kver: str, names: Iterable[str]) -> list[str]:
+    """Module files (relative to /lib/modules/<kver>) for ``names`` and their dependencies,
+    in load order. Built-in modules contribute nothing."""
+    moddir = kernel_tree / "lib" / "modules" / kver
+    ordered: list[str] = []
+    for name in names:
+        out = fs.run(["modprobe", "-d", str(kernel_tree), "-S", kver, "--show-depends", name])
+        for line in out.splitlines():
+            if line.startswith("insmod "):
+                rel = os.path.relpath(line.split()[1], moddir)
+                if rel not in ordered:
+                    ordered.append(rel)
+    return ordered
+
+
+def _install_busybox(root: Path, tree: Path) -> None:
+    """busybox plus a relative symlink per applet. The applet list comes from the host's
+    busybox-static (same Debian version); each name is checked against the guest binary."""
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    binary = root / "bin" / "busybox"
+    shutil.copy2(tree / "bin" / "busybox", binary)
+    blob = binary.read_bytes()
+    try:
+        listing = subprocess.run(["busybox", "--list-full"], capture_output=True, text=True,
+                                 check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise RefosBuildError("the host's busybox (busybox-static) is needed for the applet "
+                              "list") from exc
+    for rel in listing:
+        name = Path(rel).name
+        if rel == "linuxrc" or f"\0{name}\0".encode() not in blob:
+            continue
+        dst = root / rel
+        if dst.exists() or dst.is_symlink():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to(os.path.relpath(binary, dst.parent))

@@ -1,0 +1,99 @@
+# Shared helpers of the reference OS scripts (sourced, busybox ash).
+# shellcheck shell=sh
+PATH=/usr/sbin:/usr/bin:/sbin:/bin
+export PATH
+. /etc/hil/build.env            # BOOTLOADER, DEVICE_TYPE, ARCH
+BOOT_MNT=/mnt/boot
+STATE_MNT=/mnt/state
+DATA_MNT=/mnt/data
+CONFIG_JSON=$BOOT_MNT/config.json
+UENV=$BOOT_MNT/resinOS_uEnv.txt
+BOOTCOUNT_ENV=$BOOT_MNT/bootcount.env
+GRUBENV=$BOOT_MNT/grub/grubenv
+BOOTLIMIT=3
+
+is_mounted() { grep -q " $1 " /proc/mounts; }
+log() { echo "$(basename "$0"): $*" >&2; logger -t "$(basename "$0")" "$*" 2>/dev/null; }
+# Messages for whoever watches the serial console (tests do).
+console() { echo "$*" > /dev/console 2>/dev/null || true; }
+
+# --- which disk and partitions -------------------------------------------------------------
+# The booted root comes from the kernel command line (root=/dev/vdaN); partition 2 is
+# resin-rootA and 3 resin-rootB on every image.
+booted_root() { sed -n 's/.*root=\([^ ]*\).*/\1/p' /proc/cmdline; }
+booted_part() { r=$(booted_root); echo "${r##*[!0-9]}"; }
+disk_dev() { r=$(booted_root); echo "${r%[0-9]*}"; }
+part_dev() { echo "$(disk_dev)$1"; }
+other_part() { if [ "$1" = 2 ]; then echo 3; else echo 2; fi; }
+part_label() { if [ "$1" = 2 ]; then echo resin-rootA; else echo resin-rootB; fi; }
+
+# --- bootloader state ----------------------------------------------------------------------
+# U-Boot: resinOS_uEnv.txt (resin_root_part, upgrade_available) and bootcount.env (bootcount)
+# on resin-boot. GRUB: one grubenv with all three. U-Boot's `env export -t` ends files in NUL.
+_env_file() {
+    if [ "$BOOTLOADER" = grub ]; then echo "$GRUBENV"
+    elif [ "$1" = bootcount ]; then echo "$BOOTCOUNT_ENV"
+    else echo "$UENV"; fi
+}
+
+bootenv_get() {
+    f=$(_env_file "$1")
+    v=
+    [ -f "$f" ] && v=$(tr -d '\000' < "$f" | sed -n "s/^$1=//p" | tail -n 1)
+    if [ -z "$v" ]; then
+        case $1 in resin_root_part) v=2 ;; upgrade_available|bootcount) v=0 ;; esac
+    fi
+    echo "$v"
+}
+
+# Replace a small file on the FAT partition: write a sibling, fsync, rename, fsync. A power
+# cut leaves the old or the new content, and the bootloader falls back to defaults if neither.
+_fat_replace() { # file content
+    printf '%s' "$2" > "$1.new" && sync "$1.new" 2>/dev/null; mv -f "$1.new" "$1" && sync
+}
+
+# bootenv_set VAR=VALUE... (resin_root_part, upgrade_available, bootcount)
+bootenv_set() {
+    rp=$(bootenv_get resin_root_part)
+    ua=$(bootenv_get upgrade_available)
+    bc=$(bootenv_get bootcount)
+    for kv in "$@"; do
+        case $kv in
+            resin_root_part=*) rp=${kv#*=} ;;
+            upgrade_available=*) ua=${kv#*=} ;;
+            bootcount=*) bc=${kv#*=} ;;
+            *) log "unknown boot variable $kv"; return 1 ;;
+        esac
+    done
+    if [ "$BOOTLOADER" = grub ]; then
+        body=$(printf '# GRUB Environment Block\nresin_root_part=%s\nupgrade_available=%s\nbootcount=%s\n' "$rp" "$ua" "$bc")
+        pad=$((1024 - ${#body} - 1))
+        # grubenv is exactly 1024 bytes, padded with '#'
+        _fat_replace "$GRUBENV" "$body
+$(head -c "$pad" /dev/zero | tr '\000' '#')"
+    else
+        # bootcount first: a cut between the two writes leaves an older, consistent state
+        _fat_replace "$BOOTCOUNT_ENV" "bootcount=$bc
+"
+        _fat_replace "$UENV" "resin_root_part=$rp
+upgrade_available=$ua
+"
+    fi
+}
+
+bootenv_show() {
+    echo "resin_root_part=$(bootenv_get resin_root_part)"
+    echo "upgrade_available=$(bootenv_get upgrade_available)"
+    echo "bootcount=$(bootenv_get bootcount)"
+}
+
+# --- config.json ---------------------------------------------------------------------------
+cfg() { jq -r "$1 // empty" "$CONFIG_JSON" 2>/dev/null; }
+
+# Rewrite config.json through jq (filter and args as given), atomically.
+cfg_update() {
+    tmp=$CONFIG_JSON.new
+    jq "$@" "$CONFIG_JSON" > "$tmp" && [ -s "$tmp" ] && sync "$tmp" && mv -f "$tmp" "$CONFIG_JSON" && sync
+}
+
+os_version() { sed -n 's/^VERSION="\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "${1:-}/etc/os-release"; }

@@ -1,0 +1,53 @@
+# Reference OS boot script (U-Boot, balenaOS semantics). State lives on resin-boot (virtio 0:1):
+#   resinOS_uEnv.txt  resin_root_part=<2|3>, upgrade_available=<0|1>   (written by the OS)
+#   bootcount.env     bootcount=<n>   (counted here while upgrade_available=1)
+# Once bootcount exceeds bootlimit the other root boots; its rollback-altboot cleans up.
+setenv resin_root_part 2
+setenv upgrade_available 0
+setenv bootcount 0
+setenv bootlimit 3
+if fatload virtio 0:1 ${scriptaddr} resinOS_uEnv.txt; then
+  env import -t ${scriptaddr} ${filesize} resin_root_part upgrade_available
+fi
+if fatload virtio 0:1 ${scriptaddr} bootcount.env; then
+  env import -t ${scriptaddr} ${filesize} bootcount
+fi
+# a damaged file must not leave the board unbootable
+if test "${resin_root_part}" != 2 && test "${resin_root_part}" != 3; then
+  setenv resin_root_part 2
+fi
+if test "${upgrade_available}" = 1; then
+  # no arithmetic needed (setexpr works in hex): count 0..9, then stay at 9
+  if test "${bootcount}" = 0; then setenv bootcount 1
+  elif test "${bootcount}" = 1; then setenv bootcount 2
+  elif test "${bootcount}" = 2; then setenv bootcount 3
+  elif test "${bootcount}" = 3; then setenv bootcount 4
+  elif test "${bootcount}" = 4; then setenv bootcount 5
+  elif test "${bootcount}" = 5; then setenv bootcount 6
+  elif test "${bootcount}" = 6; then setenv bootcount 7
+  elif test "${bootcount}" = 7; then setenv bootcount 8
+  else setenv bootcount 9
+  fi
+  env export -t ${scriptaddr} bootcount
+  fatwrite virtio 0:1 ${scriptaddr} bootcount.env ${filesize}
+else
+  setenv bootcount 0
+fi
+setenv boot_part ${resin_root_part}
+if test "${upgrade_available}" = 1 && test ${bootcount} -gt ${bootlimit}; then
+  if test "${resin_root_part}" = 2; then setenv boot_part 3; else setenv boot_part 2; fi
+fi
+echo "HIL-BOOT: root=${boot_part} resin_root_part=${resin_root_part} bootcount=${bootcount} upgrade_available=${upgrade_available}"
+setenv bootargs "console=@CONSOLE@ root=/dev/vda${boot_part} rootfstype=ext4 ro panic=1 quiet loglevel=3"
+if load virtio 0:${boot_part} ${kernel_addr_r} /boot/Image; then
+  load virtio 0:${boot_part} ${ramdisk_addr_r} /boot/initrd.img
+  booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${fdtcontroladdr}
+fi
+# the chosen root has no kernel: try the other one rather than stop
+if test "${boot_part}" = 2; then setenv boot_part 3; else setenv boot_part 2; fi
+echo "HIL-BOOT: no kernel there, trying root=${boot_part}"
+setenv bootargs "console=@CONSOLE@ root=/dev/vda${boot_part} rootfstype=ext4 ro panic=1 quiet loglevel=3"
+load virtio 0:${boot_part} ${kernel_addr_r} /boot/Image
+load virtio 0:${boot_part} ${ramdisk_addr_r} /boot/initrd.img
+booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${fdtcontroladdr}
+echo "HIL-BOOT: nothing bootable"

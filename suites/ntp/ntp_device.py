@@ -1,0 +1,245 @@
+"""The NTP suite's view of the device: chrony's sources and tracking, the device clock, the
+system log and config.json, through plain commands (``chronyc -c``, ``date``, ``jq``) that
+balenaOS and the reference OS both have, so the suite runs unchanged on both."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from hil.deadline import Deadline
+from hil.dut import Dut
+from hil.errors import InfraError
+from hil.ntp import NtpServer
+
+T = TypeVar("T")
+CONFIG_JSON = "/mnt/boot/config.json"
+POLL_EVERY = 2.0  # seconds between two looks at the device
+APPLY_TIMEOUT = 60.0  # a config.json change reaches chrony
+
+
+def poll(probe: Callable[[], T | None], timeout: float, promise: str,
+         seen: Callable[[], str]) -> T:
+    """Look at the device until ``probe`` returns a value; else fail naming the promise.
+
+    Running out of time here is the OS breaking ``promise``: an AssertionError (a test
+    failure), not a rig fault.
+    """
+    deadline = Deadline(timeout)
+    while True:
+        t0 = time.monotonic()
+        value = probe()
+        if value is not None and value is not False:
+            return value
+        if deadline.expired():
+            raise AssertionError(f"{promise}: not so after {timeout:.0f}s; last seen:\n{seen()}")
+        # the probe itself takes device time: look again POLL_EVERY after the last look began
+        time.sleep(min(max(0.0, POLL_EVERY - (time.monotonic() - t0)), deadline.remaining()))
+
+
+# --- chrony as the device reports it -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Source:
+    """One line of ``chronyc -c -n sources``."""
+
+    mode: str  # ^ server, = peer, # reference clock
+    state: str  # * selected, + combined, - not combined, ? unusable, x falseticker, ~ jittery
+    address: str
+    stratum: int
+    poll: int  # log2 seconds
+    reach: int  # the 8-bit reachability register (one bit per poll)
+    last_rx: int  # seconds since the last sample (4294967295: never)
+
+
+@dataclass(frozen=True)
+class Tracking:
+    ref_id: str  # hex, e.g. 0A000202 for 10.0.2.2
+    stratum: int
+    leap: str  # "Normal", "Not synchronised", ...
+
+
+@dataclass(frozen=True)
+class ChronyView:
+    sources: list[Source]
+    tracking: Tracking | None
+    device_time: int  # `date +%s` on the device
+    host_time: float  # our clock in the middle of that command
+    raw: str
+
+    def source(self, address: str) -> Source | None:
+        return next((s for s in self.sources if s.address == address), None)
+
+
+def parse_sources(text: str) -> list[Source]:
+    out = []
+    for line in text.splitlines():
+        f = line.strip().split(",")
+        if len(f) >= 7 and f[0] in ("^", "=", "#"):
+            out.append(Source(f[0], f[1], f[2], int(f[3]), int(f[4]), int(f[5], 8),
+                              int(f[6])))
+    return out
+
+
+def parse_tracking(text: str) -> Tracking | None:
+    for line in text.splitlines():
+        f = line.strip().split(",")
+        if len(f) >= 14 and len(f[0]) == 8:
+            return Tracking(f[0].upper(), int(f[2]), f[-1])
+    return None
+
+
+def chrony_view(dut: Dut) -> ChronyView:
+    """Sources, tracking and the device clock in one command (one round trip)."""
+    t0 = time.time()
+    r = dut.run("echo S; chronyc -c -n sources; echo T; chronyc -c tracking; echo D; date +%s",
+                timeout=30)
+    t1 = time.time()
+    src, _, rest = r.stdout.partition("\nT\n")
+    trk, _, dat = rest.partition("\nD\n")
+    try:
+        device_time = int(dat.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        device_time = 0
+    return ChronyView(parse_sources(src), parse_tracking(trk), device_time, (t0 + t1) / 2,
+                      r.stdout)
+
+
+def ip_hex(address: str) -> str:
+    return socket.inet_aton(address).hex().upper()
+
+
+def expected_ip(host_address: str) -> str:
+    """``chronyc -n`` shows addresses: the rig host's, as the DUT should resolve it."""
+    try:
+        return str(ipaddress.IPv4Address(host_address))
+    except ValueError:
+        return socket.gethostbyname(host_address)
+
+
+# --- the system log (journald on balenaOS, syslogd on the reference OS) --------------------------
+
+LOG_COMMAND = ("if command -v journalctl >/dev/null; then journalctl --no-pager -q -o short "
+               "-n 5000; elif [ -f /var/log/messages ]; then cat /var/log/messages; "
+               "else logread; fi")
+
+
+def log_mark(dut: Dut) -> str:
+    """Write a unique line to the system log; ``log_since`` returns what came after it."""
+    mark = f"pytest-hil-mark-{uuid.uuid4().hex[:12]}"
+    dut.run_check(f"logger -t pytest-hil {mark}")
+    return mark
+
+
+def log_since(dut: Dut, mark: str) -> str:
+    text = dut.run(LOG_COMMAND, timeout=60).stdout
+    _, found, after = text.partition(mark)
+    return after if found else ""
+
+
+# --- config.json on the device -------------------------------------------------------------------
+
+def device_config(dut: Dut) -> dict[str, object]:
+    """config.json through the host-OS adapter (``dut.os``), else read plainly."""
+    if dut.os is not None and hasattr(dut.os, "config_json"):
+        return dict(dut.os.config_json())
+    data = json.loads(dut.run_check(f"cat {CONFIG_JSON}").stdout)
+    assert isinstance(data, dict), f"{CONFIG_JSON} is not a JSON object"
+    return data
+
+
+def set_ntp_servers(dut: Dut, value: str | None) -> None:
+    """Write ``ntpServers`` (None: remove it) the way users do; the OS re-applies config.json."""
+    if dut.os is not None and hasattr(dut.os, "set_config"):
+        dut.os.set_config(ntpServers=value)
+        return
+    expr = "del(.ntpServers)" if value is None else f'.ntpServers = "{value}"'
+    dut.run_check(f"jq '{expr}' {CONFIG_JSON} > {CONFIG_JSON}.hil && sync && "
+                  f"mv {CONFIG_JSON}.hil {CONFIG_JSON} && sync")
+
+
+# --- the device and the rig's server together -----------------------------------------------------
+
+@dataclass
+class NtpRig:
+    """What the NTP tests work with: the device, the server, the address the device uses."""
+
+    dut: Dut
+    server: NtpServer
+    address: str  # the server's address as chronyc -n shows it on the device
+
+    def view(self) -> ChronyView:
+        return chrony_view(self.dut)
+
+    def clock_error(self, v: ChronyView) -> float:
+        """Device clock minus the server's time, seconds (the device clock has 1 s steps)."""
+        return v.device_time - (v.host_time + self.server.offset)
+
+    def synced(self, v: ChronyView, tolerance: float = 3.0) -> bool:
+        src = v.source(self.address)
+        return (src is not None and src.state == "*" and v.tracking is not None
+                and v.tracking.leap == "Normal" and v.tracking.ref_id == ip_hex(self.address)
+                and abs(self.clock_error(v)) <= tolerance)
+
+    def unreachable(self, v: ChronyView) -> bool:
+        src = v.source(self.address)
+        return (src is not None and src.reach == 0 and src.state not in "*+"
+                and not any(s.state in "*+" for s in v.sources))
+
+    def describe(self, v: ChronyView) -> str:
+        log = "\n".join(self.server.log_text().strip().splitlines()[-5:])
+        return (f"device clock - server time = {self.clock_error(v):+.1f}s; {self.server!r}\n"
+                f"--- device ---\n{v.raw.strip()}\n--- server log (tail) ---\n{log}")
+
+    def poll_deadline(self, v: ChronyView | None = None, polls: int = 1) -> float:
+        """How long ``polls`` NTP polls of our source may take: the device's current poll
+        interval, doubled (chrony backs off while a server is silent), plus slack."""
+        v = v or self.view()
+        src = v.source(self.address)
+        return float(polls * 2 ** ((src.poll if src else 6) + 1) * 1.25 + 90.0)
+
+    def _wait(self, ok: Callable[[ChronyView], bool], timeout: float | None, polls: int,
+              promise: str) -> ChronyView:
+        last = [self.view()]
+        if ok(last[0]):
+            return last[0]
+
+        def probe() -> ChronyView | None:
+            last[0] = self.view()
+            return last[0] if ok(last[0]) else None
+
+        return poll(probe, timeout or self.poll_deadline(last[0], polls), promise,
+                    lambda: self.describe(last[0]))
+
+    def wait_listed(self) -> ChronyView:
+        """Until chrony carries our server at all: no poll interval to size a wait by before."""
+        return self._wait(lambda v: v.source(self.address) is not None, APPLY_TIMEOUT, 1,
+                          f"chrony on the device has the NTP server that config.json's "
+                          f"ntpServers names ({self.address}) among its sources")
+
+    def wait_synced(self, promise: str, timeout: float | None = None) -> ChronyView:
+        v = self.wait_listed()
+        # 4 polls: the first reply, and chrony wants a few samples before it selects a source
+        return self._wait(self.synced, timeout or self.poll_deadline(v, polls=4), 4, promise)
+
+    def wait_unreachable(self, v0: ChronyView | None = None) -> ChronyView:
+        # chrony's reachability register holds 8 polls: all 8 must go unanswered
+        return self._wait(self.unreachable, self.poll_deadline(v0, polls=8), 8,
+                          f"with its NTP server {self.address} down, the device reports no "
+                          "online source: chronyc shows it unreachable (^?, reach 0) and "
+                          "selects nothing")
+
+    def require_only_source(self) -> None:
+        """Tests that stop or shift the server need it to be the device's only time source."""
+        others = [s for s in self.view().sources if s.address != self.address and s.reach]
+        if others:
+            raise InfraError("the DUT also reaches other NTP servers ("
+                             + ", ".join(s.address for s in others) + "): the rig host must be "
+                             "its only reachable time source (block UDP 123 elsewhere)",
+                             part="network")

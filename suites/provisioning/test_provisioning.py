@@ -1,0 +1,364 @@
+"""Provisioning: the device is what the config.json put into the image before flashing says it
+is, registers itself, is reachable over SSH only with the right key on a production image, and
+keeps its identity across reboots, power cuts and host OS updates — without ever showing a key.
+
+Tests run in file order; the last one checks the console of the whole session for keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from hil import redact
+from hil.dut import Dut
+from hil.os import BalenaOS, Secret, UpdateSet
+from hil.os.balena import secrets_in
+from hil.os.secret import private_key_stretch
+from hil.session import HilSession
+
+SSH_PORT = 22222  # balenaOS's host SSH port, development and production alike
+APPLY_TIMEOUT = 60.0  # the OS re-applies a changed config.json (a watcher) within this
+REGISTER_TIMEOUT = 120.0
+
+
+def expected_hostname(cfg: dict[str, Any]) -> str:
+    return str(cfg.get("hostname") or str(cfg["uuid"])[:7])
+
+
+@dataclass(frozen=True)
+class Identity:
+    uuid: str
+    hostname: str
+    device_api_key: Secret | None
+    ssh_host_key: str | None
+
+    def differences(self, other: Identity) -> list[str]:
+        return [f"{name}: {getattr(self, name)!r} -> {getattr(other, name)!r}"
+                for name in ("uuid", "hostname", "device_api_key", "ssh_host_key")
+                if getattr(self, name) != getattr(other, name)]
+
+
+def identity(dut: Dut, host_os: BalenaOS) -> Identity:
+    cfg = host_os.config_json()
+    key = cfg.get("deviceApiKey")
+    return Identity(str(cfg.get("uuid")), host_os.hostname()[1],
+                    key if isinstance(key, Secret) else None,
+                    host_os.ssh_host_key() if dut.rig.network is not None else None)
+
+
+def wait_device_api_key(host_os: BalenaOS) -> Secret:
+    last: list[Any] = [None]
+
+    def probe() -> Secret | None:
+        key = host_os.config_json().get("deviceApiKey")
+        last[0] = key
+        return key if isinstance(key, Secret) else None
+
+    return host_os.poll(probe, REGISTER_TIMEOUT, "config.json to hold a deviceApiKey "
+                        "(the device registered)", lambda: f"deviceApiKey={last[0]!r}")
+
+
+def accepted_registrations(session: HilSession, uuid: str) -> int:
+    return len([r for r in session.api.registrations if r.uuid == uuid and r.auth_ok])
+
+
+@pytest.fixture
+def device_config(hil_session: HilSession) -> dict[str, Any]:
+    if not hil_session.device_config:
+        pytest.skip("the session did not configure the image (--no-flash): nothing to compare")
+    return hil_session.device_config
+
+
+# --- first boot ------------------------------------------------------------------------------
+
+def test_config_json_put_in_the_image_is_on_the_device(host_os: BalenaOS,
+                                                       device_config: dict[str, Any],
+                                                       hil_session: HilSession) -> None:
+    have = host_os.config_json()
+    for key in ("uuid", "deviceType", "apiEndpoint", "developmentMode", "hostname",
+                "ntpServers", "dnsServers", "persistentLogging", "applicationId"):
+        if key in device_config:
+            assert have.get(key) == device_config[key], (
+                f"config.json written into the image before flashing has {key}="
+                f"{device_config[key]!r}; the device has {have.get(key)!r}")
+    keys = have.get("os", {}).get("sshKeys", [])
+    assert hil_session.ssh_pub in keys, "os.sshKeys lost the session's public key"
+    # balena's supervisor may drop the provisioning key once registered; if kept, it is ours
+    if "apiKey" in have and "apiKey" in device_config:
+        assert isinstance(have["apiKey"], Secret) and have["apiKey"].matches(
+            device_config["apiKey"]), "config.json holds a provisioning key that is not ours"
+
+
+def test_hostname_is_config_hostname_or_uuid_prefix(host_os: BalenaOS) -> None:
+    cfg = host_os.config_json()
+    want = expected_hostname(cfg)
+    etc_hostname, running = host_os.hostname()
+    rule = "config.json hostname" if cfg.get("hostname") else "the first 7 characters of uuid"
+    assert etc_hostname == want, f"/etc/hostname is {etc_hostname!r}; {rule} is {want!r}"
+    assert running == want, f"the kernel's hostname is {running!r}; {rule} is {want!r}"
+
+
+def test_registered_under_its_uuid_and_holds_a_device_api_key(
+        host_os: BalenaOS, device_config: dict[str, Any], hil_session: HilSession) -> None:
+    uuid = str(device_config["uuid"])
+    key = wait_device_api_key(host_os)
+    if hil_session.api is None:
+        return  # an external endpoint: the device side is all the rig can see
+    reg = hil_session.api.wait_for(uuid, timeout=REGISTER_TIMEOUT)
+    redact.register(reg.device_api_key)
+    assert reg.device_type == device_config.get("deviceType", reg.device_type), (
+        f"registered as device type {reg.device_type!r}, config.json says "
+        f"{device_config.get('deviceType')!r}")
+    assert key.matches(reg.device_api_key), (
+        "config.json's deviceApiKey is not the key the API issued at registration")
+    assert accepted_registrations(hil_session, uuid) == 1, (
+        f"the device registered {accepted_registrations(hil_session, uuid)} times; once is "
+        "the promise")
+
+
+# --- SSH -------------------------------------------------------------------------------------
+
+def _login(dut: Dut, *, key_file: str | None = None, pkey: Any = None,
+           passwordless: bool = False) -> bool:
+    """Whether root may log in over SSH this way (True), or is refused (False)."""
+    import paramiko
+
+    assert dut.rig.network is not None
+    host, port = dut.rig.network.ssh_endpoint()
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    try:
+        if passwordless:
+            client.connect(host, port=port, username="root", password="", look_for_keys=False,
+                           allow_agent=False, timeout=15, banner_timeout=15, auth_timeout=15)
+        else:
+            client.connect(host, port=port, username="root", key_filename=key_file, pkey=pkey,
+                           look_for_keys=False, allow_agent=False, timeout=15,
+                           banner_timeout=15, auth_timeout=15)
+        _, out, _ = client.exec_command("true", timeout=15)
+        return out.channel.recv_exit_status() == 0
+    except paramiko.AuthenticationException:
+        return False
+    finally:
+        client.close()
+
+
+def _passwordless(dut: Dut) -> bool:
+    """Root login with no key and no password: the "none" method, then an empty password."""
+    import paramiko
+
+    assert dut.rig.network is not None
+    host, port = dut.rig.network.ssh_endpoint()
+    transport = paramiko.Transport((host, port))
+    try:
+        transport.start_client(timeout=15)
+        try:
+            transport.auth_none("root")
+        except paramiko.BadAuthenticationType as exc:
+            if "password" not in exc.allowed_types:
+                return False
+            try:
+                transport.auth_password("root", "")
+            except paramiko.AuthenticationException:
+                return False
+        except paramiko.AuthenticationException:
+            return False
+        return transport.is_authenticated()
+    finally:
+        transport.close()
+
+
+def _foreign_key() -> Any:
+    import paramiko
+
+    return paramiko.ECDSAKey.generate()
+
+
+@pytest.fixture
+def network(dut: Dut) -> None:
+    if dut.rig.network is None:
+        pytest.skip(f"rig {dut.rig.name} has no network part: SSH cannot be reached")
+
+
+def test_root_ssh_on_22222_with_the_config_key(dut: Dut, host_os: BalenaOS,
+                                               network: None) -> None:
+    assert SSH_PORT in host_os.listening_tcp_ports(), f"nothing listens on TCP {SSH_PORT}"
+    r = dut.ssh_run("cat /etc/hostname")
+    assert r.ok and r.stdout.strip() == host_os.hostname()[0], f"SSH as root failed: {r}"
+    assert not _login(dut, pkey=_foreign_key()), "SSH accepted a key that is not in os.sshKeys"
+    if host_os.config_json().get("developmentMode") is True:
+        assert _passwordless(dut), "a development device must allow passwordless root SSH"
+
+
+@pytest.fixture
+def production(dut: Dut, host_os: BalenaOS, network: None) -> Iterator[tuple[BalenaOS, int]]:
+    """The device rebooted as a production device (developmentMode false), and brought back to
+    development mode afterwards, whatever happens. Yields (adapter over SSH, console offset of
+    the production boot)."""
+    host_os.set_config(developmentMode=False)
+    at = host_os.start_reboot()
+    boot = host_os.await_boot(at)
+    over_ssh = host_os.via_ssh()
+    try:
+        # sshd comes up with the key from os.sshKeys: the only way in now
+        over_ssh.ssh.run("true", connect_timeout=dut.timeouts.boot)
+        yield over_ssh, boot.end
+    finally:
+        _back_to_development(dut, host_os, over_ssh)
+
+
+def _back_to_development(dut: Dut, host_os: BalenaOS, over_ssh: BalenaOS) -> None:
+    try:
+        over_ssh.set_config(developmentMode=True)
+        at = over_ssh.reboot_via_ssh()
+        host_os.await_boot(at)
+        dut.wait_ready()
+        return
+    except Exception as exc:  # the device may be unreachable: repair it from the rig side
+        from hil.os import hostdisk
+
+        disk = hostdisk.disk_of(dut)
+        if disk is None:
+            raise RuntimeError("could not put the device back into development mode over SSH "
+                               f"({exc}); the rig cannot edit its disk either: reflash it"
+                               ) from exc
+        import json
+
+        dut.shell.invalidate("repairing development mode from the rig")
+        dut.rig.power_off()
+        raw = hostdisk.read_boot_file(disk, "config.json") or b"{}"
+        cfg = json.loads(raw)
+        cfg["developmentMode"] = True
+        hostdisk.write_boot_file(disk, "config.json", (json.dumps(cfg) + "\n").encode())
+        dut.rig.power_on()
+        dut.wait_ready()
+
+
+def test_production_device_refuses_root_ssh_without_the_key(
+        dut: Dut, production: tuple[BalenaOS, int]) -> None:
+    over_ssh, boot_at = production
+    cfg = over_ssh.config_json()
+    assert cfg.get("developmentMode") is False
+    assert _login(dut, key_file=str(dut.ssh_key)), (
+        "a production device refused the key from os.sshKeys")
+    assert not _passwordless(dut), "a production device allowed root SSH with no key"
+    assert not _login(dut, pkey=_foreign_key()), (
+        "a production device accepted a key that is not in os.sshKeys")
+    # and its console gives no root shell: a shell would answer with the sum
+    import re
+
+    probe_at = dut.rig.log.end
+    dut.rig.console.write(b"echo HIL-PROBE-$((6*7))\n")
+    try:
+        hit = dut.rig.log.wait_for(re.compile(rb"HIL-PROBE-42|assword:|[Ll]ogin incorrect"),
+                                   probe_at, 10, "the console's answer to a command")
+        assert b"HIL-PROBE-42" not in hit.data, "a production device's console runs a root shell"
+    except Exception as exc:
+        from hil.errors import DeadlineError
+
+        if not isinstance(exc, DeadlineError):
+            raise  # silence is fine: balenaOS production images have no console login
+    with contextlib.suppress(Exception):
+        dut.rig.console.write(b"\n")  # end the login attempt
+
+
+def test_hostname_change_at_runtime_is_applied(host_os: BalenaOS) -> None:
+    before = host_os.config_json().get("hostname")
+    new = f"hil-{secrets.token_hex(3)}"
+    host_os.set_config(hostname=new)
+    try:
+        host_os.poll(lambda: True if host_os.hostname() == (new, new) else None, APPLY_TIMEOUT,
+                     f"hostname {new!r} written to config.json at runtime to be applied "
+                     "(/etc/hostname and the kernel's hostname)",
+                     lambda: f"(/etc/hostname, hostname) = {host_os.hostname()}")
+    finally:
+        host_os.set_config(hostname=before)
+    want = expected_hostname(host_os.config_json())
+    host_os.poll(lambda: True if host_os.hostname() == (want, want) else None, APPLY_TIMEOUT,
+                 f"the hostname to go back to {want!r} when the key is removed",
+                 lambda: f"(/etc/hostname, hostname) = {host_os.hostname()}")
+
+
+# --- identity over time ------------------------------------------------------------------------
+
+@pytest.fixture
+def before(dut: Dut, host_os: BalenaOS, hil_session: HilSession) -> Identity:
+    wait_device_api_key(host_os)
+    return identity(dut, host_os)
+
+
+def _assert_same_identity(after: str, was: Identity, now: Identity,
+                          hil_session: HilSession) -> None:
+    diff = was.differences(now)
+    assert not diff, f"the device's identity changed after {after}: {'; '.join(diff)}"
+    if hil_session.api is not None:
+        n = accepted_registrations(hil_session, was.uuid)
+        assert n == 1, f"the device registered again after {after} ({n} registrations)"
+
+
+def test_identity_survives_a_reboot(dut: Dut, host_os: BalenaOS, before: Identity,
+                                    hil_session: HilSession) -> None:
+    dut.reboot()
+    _assert_same_identity("a soft reboot", before, identity(dut, host_os), hil_session)
+
+
+def test_identity_survives_a_power_cut(dut: Dut, host_os: BalenaOS, before: Identity,
+                                       hil_session: HilSession) -> None:
+    dut.power_cycle()
+    _assert_same_identity("a power cut", before, identity(dut, host_os), hil_session)
+
+
+def test_identity_survives_a_host_os_update(dut: Dut, host_os: BalenaOS, before: Identity,
+                                            updates: UpdateSet,
+                                            hil_session: HilSession) -> None:
+    running = host_os.version()
+    image = updates.good(running)
+    if image is None:
+        pytest.skip(updates.missing_reason("good"))
+    host_os.hostapp_update(image)
+    dut.reboot()
+    host_os.wait_committed()
+    if image.version:
+        assert host_os.version() == image.version, "the update did not boot"
+    _assert_same_identity(f"a host OS update {running} -> {host_os.version()}", before,
+                          identity(dut, host_os), hil_session)
+
+
+# --- last: nothing leaked -------------------------------------------------------------------
+
+def test_no_key_in_the_console_log_or_the_report(dut: Dut, host_os: BalenaOS,
+                                                 hil_session: HilSession) -> None:
+    found: dict[str, str] = {}
+    cfg = hil_session.device_config
+    if isinstance(cfg.get("apiKey"), str):
+        found["provisioning key (apiKey)"] = cfg["apiKey"]
+    device_key = host_os.config_json().get("deviceApiKey")
+    if isinstance(device_key, Secret):
+        with contextlib.suppress(ValueError):  # console transport: only its hash is known
+            found["device key (deviceApiKey)"] = device_key.reveal()
+    if hil_session.api is not None:
+        for reg in hil_session.api.registrations:
+            if reg.device_api_key:
+                found["device key issued by the API"] = reg.device_api_key
+    found["the session's SSH private key"] = private_key_stretch(hil_session.ssh_key)
+    assert found, "no secret known to check"
+    console = dut.rig.log.read(0)
+    leaked = secrets_in(console, found.items())
+    assert not leaked, (f"{', '.join(leaked)} appeared on the console (plain or base64); "
+                        "console log: " + str(dut.rig.log.path))
+    if dut.rig.log.path and dut.rig.log.path.exists():
+        leaked = secrets_in(dut.rig.log.path.read_bytes(), found.items())
+        assert not leaked, f"{', '.join(leaked)} in the console log file {dut.rig.log.path}"
+    # anything that reaches the report goes through redact: every secret must be masked there
+    for name, value in found.items():
+        if name.startswith("the session's SSH"):
+            continue
+        assert value not in redact.text(f"x {value} y"), f"the report would show the {name}"
+    report = "\n".join(hil_session.report_lines())
+    assert not secrets_in(report.encode(), found.items()), "the rig summary shows a key"

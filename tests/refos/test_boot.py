@@ -1,0 +1,228 @@
+"""First boot of the reference OS in QEMU: the OS contract a suite relies on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from refos_guest import Guest, Images, SshKey, ssh_ok, ssh_run
+
+from hil.deadline import wait_until
+from hil.refos import RegistrationServer, boot_env, configure
+
+pytestmark = pytest.mark.qemu
+
+GuestFactory = Callable[..., Guest]
+
+
+def test_first_boot_dev_mode(arch: str, images: Images, disk: Path, api: RegistrationServer,
+                             guest_factory: GuestFactory, keys: tuple[SshKey, SshKey],
+                             record_property: Callable[[str, object], None]) -> None:
+    uuid = secrets.token_hex(16)
+    configure(disk, {"uuid": uuid, "developmentMode": True, "apiEndpoint": api.url_for_guest,
+                     "apiKey": api.api_key, "os": {"sshKeys": [keys[0].public]},
+                     "ntpServers": "10.0.2.2"})
+    g = guest_factory(disk)
+    g.start()
+    boot = g.wait_boot()
+    assert (boot.root, boot.bootcount, boot.upgrade_available) == (2, 0, 0)
+    version, host = g.wait_ready()
+    g.wait_prompt()
+    shell_s = time.monotonic() - g.started
+    record_property("boot_to_shell_s", round(shell_s, 2))
+    print(f"{arch}: QEMU start -> root shell {shell_s:.1f}s")
+    assert shell_s < {"aarch64": 20, "x86_64": 30}[arch]
+    assert (version, host) == ("1.0.0", uuid[:7])
+
+    # hostname, os-release, partitions and mounts of the contract
+    assert g.run("cat /etc/hostname; hostname").split() == [uuid[:7]] * 2
+    assert 'VERSION="1.0.0"' in g.run("cat /etc/os-release")
+    assert g.run("uname -m") == arch
+    labels = g.run("ls /dev/disk/by-label").split()
+    assert sorted(labels) == ["resin-boot", "resin-data", "resin-rootA", "resin-rootB",
+                              "resin-state"]
+    assert g.run("readlink -f /dev/disk/by-state/active") == "/dev/vda2"
+    assert g.run("readlink -f /dev/disk/by-state/inactive") == "/dev/vda3"
+    assert g.run("findmnt -no SOURCE /mnt/sysroot/active") == "/dev/vda2"
+    mounts = g.run("cat /proc/mounts")
+    for point in ("/mnt/boot", "/mnt/state", "/mnt/data", "/mnt/sysroot/active",
+                  "/mnt/sysroot/inactive", "/data"):
+        assert f" {point} " in mounts, point
+    assert g.run("awk '$2 == \"/\" {print $4}' /proc/mounts").startswith("ro")
+    assert g.exists("/mnt/data/remove_me_to_reset")
+    for node in ("/dev/rtc0", "/dev/watchdog", "/dev/gpiochip0"):
+        if arch == "x86_64" and node == "/dev/gpiochip0":
+            continue  # no GPIO controller on the PC machine
+        assert g.exists(node), node
+    assert g.run("cat /mnt/boot/config.json | jq -r .deviceType") == images.v1.device_type
+
+    # registration reached the endpoint with our uuid and the provisioning key
+    reg = api.wait_for(uuid, timeout=60)
+    assert reg.auth_ok and reg.device_type == images.v1.device_type
+    assert reg.device_api_key is not None
+    want = hashlib.sha256(reg.device_api_key.encode()).hexdigest()
+    wait_until(lambda: g.run("jq -j '.deviceApiKey // empty' /mnt/boot/config.json"
+                             " | sha256sum | cut -d' ' -f1") == want,
+               30, "deviceApiKey stored in config.json", interval=0.5)
+
+    # chrony is the NTP client and carries the configured server
+    assert "10.0.2.2" in g.run("chronyc -n sources")
+    assert "Reference ID" in g.run("chronyc tracking")
+
+    # SSH on 22222: key login, and passwordless root in development mode
+    assert ssh_run(g.ssh_port, "cat /etc/hostname", keys[0]) == (0, uuid[:7])
+    assert ssh_ok(g.ssh_port, None)
+
+    # no key ever reaches the console
+    log = g.tail(10**7)
+    assert api.api_key not in log and reg.device_api_key not in log
+
+    # identity survives a reboot; registration is not repeated
+    g.run("reboot", check=False)
+    g.wait_boot()
+    assert g.wait_ready() == ("1.0.0", uuid[:7])
+    g.wait_prompt()
+    assert len([r for r in api.registrations if r.uuid == uuid]) == 1
+    assert json.loads(g.run("jq -c '{uuid}' /mnt/boot/config.json")) == {"uuid": uuid}
+
+
+def test_production_mode_ssh_keys_and_runtime_config(
+        arch: str, disk: Path, guest_factory: GuestFactory, keys: tuple[SshKey, SshKey]
+) -> None:
+    key1, key2 = keys
+    configure(disk, {"uuid": secrets.token_hex(16), "hostname": "hil-prod",
+                     "developmentMode": False, "os": {"sshKeys": [key1.public]}})
+    g = guest_factory(disk)
+    g.start()
+    g.wait_boot()
+    assert g.wait_ready()[1] == "hil-prod"
+    g.expect(r"login: ", 30)  # production: a login prompt, not a shell
+
+    port = g.ssh_port
+    assert ssh_run(port, "cat /etc/hostname", key1) == (0, "hil-prod")
+    assert not ssh_ok(port, None), "production must refuse passwordless root"
+    assert not ssh_ok(port, key2)
+
+    # change config.json at runtime (as a supervisor would): keys and hostname re-applied
+    cmd = ("cd /mnt/boot && jq '.os.sshKeys=[\"" + key2.public + "\"] | "
+           ".hostname=\"hil-renamed\"' config.json > c.tmp && mv c.tmp config.json && sync")
+    assert ssh_run(port, cmd, key1)[0] == 0
+    wait_until(lambda: ssh_ok(port, key2), 30, "login with the new key")
+    assert not ssh_ok(port, key1)
+    assert ssh_run(port, "cat /etc/hostname; hostname", key2) == (0, "hil-renamed\nhil-renamed")
+
+
+def test_data_purge(disk: Path, guest_factory: GuestFactory) -> None:
+    configure(disk, {"uuid": secrets.token_hex(16), "developmentMode": True})
+    g = guest_factory(disk)
+    g.start()
+    g.wait_ready()
+    g.wait_prompt()
+    g.run("echo keep > /data/app.txt && sync")
+    g.run("reboot", check=False)
+    g.wait_ready()
+    g.wait_prompt()
+    assert g.run("cat /data/app.txt") == "keep"
+    g.run("rm /mnt/data/remove_me_to_reset && sync")
+    g.run("reboot", check=False)
+    g.wait_ready()
+    g.wait_prompt()
+    assert not g.exists("/data/app.txt")
+    assert g.exists("/mnt/data/remove_me_to_reset")
+
+
+def test_power_cut_keeps_state(disk: Path, guest_factory: GuestFactory) -> None:
+    configure(disk, {"uuid": secrets.token_hex(16), "developmentMode": True})
+    g = guest_factory(disk)
+    g.start()
+    g.wait_ready()
+    g.wait_prompt()
+    g.run("echo before-cut > /data/cut.txt && sync")
+    g.kill()
+    assert boot_env(disk) == {"resin_root_part": "2", "upgrade_available": "0",
+                              "bootcount": "0"}
+    g.start()
+    g.wait_ready()
+    g.wait_prompt()
+    assert g.run("cat /data/cut.txt") == "before-cut"
+
+
+@pytest.fixture
+def ntp_server(tmp_path: Path) -> Iterator[None]:
+    """chronyd serving time on the host's 127.0.0.1:123 (the guest's 10.0.2.2:123)."""
+    import shutil
+    import socket
+    import subprocess
+
+    if shutil.which("chronyd") is None:
+        pytest.skip("chronyd is not installed on the host")
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.bind(("127.0.0.1", 123))
+    except OSError as exc:
+        pytest.skip(f"cannot serve NTP on 127.0.0.1:123 ({exc})")
+    finally:
+        probe.close()
+    conf = tmp_path / "chrony-server.conf"
+    conf.write_text(f"local stratum 8\nallow all\nbindaddress 127.0.0.1\nport 123\ncmdport 0\n"
+                    f"pidfile {tmp_path}/chronyd.pid\ndriftfile {tmp_path}/drift\n")
+    # foreground (-d) and never touching the host clock (-x)
+    proc = subprocess.Popen(["chronyd", "-x", "-d", "-u", "root", "-f", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield None
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_ntp_client_syncs(disk: Path, guest_factory: GuestFactory, ntp_server: None) -> None:
+    configure(disk, {"uuid": secrets.token_hex(16), "developmentMode": True,
+                     "ntpServers": "10.0.2.2"})
+    g = guest_factory(disk)
+    g.start()
+    g.wait_ready()
+    g.wait_prompt()
+    wait_until(lambda: "^* 10.0.2.2" in g.run("chronyc -n sources"), 90,
+               "chrony to select 10.0.2.2", seen=lambda: g.run("chronyc -n sources"),
+               interval=1)
+    assert "Leap status     : Normal" in g.run("chronyc tracking")
+
+
+def test_registration_retries_until_accepted(disk: Path, guest_factory: GuestFactory) -> None:
+    """The endpoint is down at first boot, then refuses a wrong provisioning key: the device
+    keeps retrying, stores nothing, and registers once config.json has the right key."""
+    from refos_guest import free_port
+
+    port = free_port()  # nothing listens there until the server starts below
+    uuid = secrets.token_hex(16)
+    configure(disk, {"uuid": uuid, "developmentMode": True, "persistentLogging": True,
+                     "apiEndpoint": f"http://10.0.2.2:{port}", "apiKey": "wrong-key"})
+    g = guest_factory(disk)
+    g.start()
+    g.wait_ready()
+    g.wait_prompt()
+    # persistentLogging: the log lives on resin-state
+    assert g.run("readlink -f /var/log") == "/mnt/state/log"
+    assert g.exists("/mnt/state/log/messages")
+
+    with RegistrationServer(port=port) as api:
+        wait_until(lambda: len(api.registrations) >= 2, 60, "two refused attempts",
+                   interval=0.2)
+        assert not any(r.auth_ok for r in api.registrations)
+        assert g.run("jq -r '.deviceApiKey // \"none\"' /mnt/boot/config.json") == "none"
+        # fix the key at runtime, as a user re-provisioning the device would
+        # (over SSH's stdin: the key must not appear on the console)
+        rc, out = ssh_run(g.ssh_port, "cd /mnt/boot && jq --rawfile k /dev/stdin "
+                          "'.apiKey = $k' config.json > c.tmp && mv c.tmp config.json && sync",
+                          None, stdin=api.api_key)
+        assert rc == 0, out
+        reg = api.wait_for(uuid, timeout=60)
+        assert reg.device_type
+    wait_until(lambda: g.run("jq -r '.deviceApiKey | length' /mnt/boot/config.json") == "32",
+               30, "deviceApiKey stored", interval=0.5)

@@ -1,0 +1,203 @@
+"""The reference OS builder: cache, reproducibility, layout, bmap, contents (no QEMU)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from refos_guest import Images
+
+import hil.refos.builder as build_mod
+from hil.cli import main as hil_main
+from hil.refos import RefosImage, RegistrationServer, boot_env, build, configure
+from hil.refos.debs import elf_deps
+from hil.refos.fs import cpio_newc
+from hil.refos.image import read_boot_file
+
+LABELS = ["resin-boot", "resin-rootA", "resin-rootB", "resin-state", "resin-data"]
+
+
+def sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def test_cache_hit_does_no_work(images: Images) -> None:
+    before = images.v1.disk.stat().st_mtime_ns
+    t0 = time.monotonic()
+    again = build(images.v1.arch, "1.0.0")
+    assert again == images.v1
+    assert again.disk.stat().st_mtime_ns == before
+    assert time.monotonic() - t0 < 10  # version look-ups only
+
+
+def test_same_inputs_same_bytes(images: Images, tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    real = build_mod.cache_dir
+
+    def elsewhere(*parts: str) -> Path:  # a second image cache; the .deb cache is shared
+        path = tmp_path.joinpath(*parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    monkeypatch.setattr(build_mod, "cache_dir", elsewhere)
+    rebuilt = build(images.v1.arch, "1.0.0")
+    monkeypatch.setattr(build_mod, "cache_dir", real)
+    assert rebuilt.disk != images.v1.disk
+    for a, b in ((rebuilt.disk, images.v1.disk), (rebuilt.rootfs, images.v1.rootfs),
+                 (rebuilt.bmap, images.v1.bmap)):
+        assert sha(a) == sha(b), a.name
+
+
+def test_partition_layout(images: Images) -> None:
+    table = json.loads(subprocess.run(["sfdisk", "-J", str(images.v1.disk)], check=True,
+                                      capture_output=True, text=True).stdout)["partitiontable"]
+    assert table["label"] == "gpt"
+    parts = {int(p["node"][len(str(images.v1.disk)):]): p for p in table["partitions"]}
+    assert [parts[i]["name"] for i in range(1, 6)] == LABELS
+    assert parts[1]["size"] * 512 == 40 << 20
+    assert parts[2]["size"] * 512 == parts[3]["size"] * 512 == 128 << 20
+    assert images.v1.disk.stat().st_size == 512 << 20
+    for i, label in enumerate(LABELS, start=1):
+        out = subprocess.run(["blkid", "-p", "-O", str(parts[i]["start"] * 512), "-o", "export",
+                              str(images.v1.disk)], capture_output=True, text=True).stdout
+        assert f"LABEL={label}" in out, (label, out)
+        fstype = "vfat" if label == "resin-boot" else "ext4"
+        assert f"TYPE={fstype}" in out
+    subprocess.run(["e2fsck", "-fn", str(images.v1.rootfs)], check=True, capture_output=True)
+
+
+def test_bmap_copies_with_bmaptool(images: Images, tmp_path: Path) -> None:
+    if shutil.which("bmaptool") is None:
+        pytest.skip("bmaptool not installed")
+    out = tmp_path / "flashed.img"
+    subprocess.run(["bmaptool", "copy", "--bmap", str(images.v1.bmap), str(images.v1.disk),
+                    str(out)], check=True, capture_output=True)
+    assert sha(out) == sha(images.v1.disk)
+
+
+def test_rootfs_has_every_library_its_binaries_load(images: Images, tmp_path: Path) -> None:
+    tree = tmp_path / "root"
+    tree.mkdir()
+    subprocess.run(["debugfs", "-R", f"rdump / {tree}", str(images.v1.rootfs)], check=True,
+                   capture_output=True)
+    libdir = next((tree / "lib").glob("*-linux-gnu"))
+    checked = 0
+    for path in sorted(tree.rglob("*")):
+        if path.is_symlink() or not path.is_file() or path.suffix == ".ko":
+            continue
+        deps = elf_deps(path)
+        if deps is None:
+            continue
+        checked += 1
+        if deps.interp:
+            assert (tree / deps.interp.lstrip("/")).exists(), (path, deps.interp)
+        for soname in deps.needed:
+            assert (libdir / soname).exists(), (path, soname)
+    assert checked >= 10
+    for tool in ("bin/busybox", "usr/sbin/chronyd", "usr/bin/chronyc", "usr/sbin/dropbear",
+                 "usr/bin/jq", "sbin/tune2fs", "bin/findmnt", "usr/sbin/hostapp-update",
+                 "usr/bin/rollback-health", "usr/bin/rollback-altboot", "boot/initrd.img"):
+        assert (tree / tool).exists(), tool
+    kernel = "Image" if images.v1.arch == "aarch64" else "vmlinuz"
+    assert (tree / "boot" / kernel).stat().st_size > 5 << 20
+    assert 'VERSION="1.0.0"' in (tree / "etc/os-release").read_text()
+
+
+def test_broken_variants(images: Images, tmp_path: Path) -> None:
+    def cat(img: RefosImage, path: str) -> str:
+        return subprocess.run(["debugfs", "-R", f"cat {path}", str(img.rootfs)], check=True,
+                              capture_output=True, text=True).stdout
+
+    assert "exit 1" in cat(images.broken_init, "/sbin/init")
+    assert "exit 1" in cat(images.broken_health, "/usr/lib/hil/health.d/broken")
+    assert cat(images.v2, "/usr/lib/hil/health.d/broken") == ""  # the good one has no such check
+    assert "busybox" not in cat(images.broken_init, "/sbin/init")
+    assert 'VERSION="2.0.0"' in cat(images.v2, "/etc/os-release")
+
+
+def test_configure_and_boot_env(images: Images, tmp_path: Path) -> None:
+    disk = tmp_path / "d.img"
+    subprocess.run(["cp", "--sparse=always", str(images.v1.disk), str(disk)], check=True)
+    assert boot_env(disk) == {"resin_root_part": "2", "upgrade_available": "0",
+                              "bootcount": "0"}
+    written = configure(disk, {"uuid": "abc", "hostname": "h1"})
+    assert written["deviceType"] == images.v1.device_type
+    raw = read_boot_file(disk, "config.json")
+    assert raw is not None and json.loads(raw) == written
+    assert hil_main(["refos", "configure", str(disk), "--prod", "--hostname", "h2"]) == 0
+    raw = read_boot_file(disk, "config.json")
+    assert raw is not None
+    assert json.loads(raw)["developmentMode"] is False and json.loads(raw)["hostname"] == "h2"
+
+
+def test_cli_build_prints_paths(images: Images, capsys: pytest.CaptureFixture[str]) -> None:
+    assert hil_main(["refos", "build", "--arch", images.v1.arch, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["disk"] == str(images.v1.disk) and out["rootfs"] == str(images.v1.rootfs)
+
+
+def test_cli_rejects_bad_version() -> None:
+    assert hil_main(["refos", "build", "--version", "1.0 beta"]) == 1
+
+
+# --- units: registration server, cpio, ELF reader --------------------------------------------
+
+def _post(url: str, body: dict[str, object], key: str | None) -> tuple[int, dict[str, object]]:
+    req = urllib.request.Request(url + "/device/register", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_registration_server() -> None:
+    with RegistrationServer() as api:
+        assert api.url_for_guest == f"http://10.0.2.2:{api.port}"
+        code, body = _post(api.url, {"uuid": "u1", "deviceType": "generic-aarch64"},
+                           api.api_key)
+        assert code == 201 and body["uuid"] == "u1" and len(str(body["deviceApiKey"])) == 32
+        assert _post(api.url, {"uuid": "u2"}, "wrong")[0] == 401
+        assert _post(api.url, {"deviceType": "x"}, api.api_key)[0] == 400
+        reg = api.wait_for("u1", timeout=1)
+        assert reg.device_api_key == body["deviceApiKey"]
+        assert [(r.uuid, r.auth_ok) for r in api.registrations] == [("u1", True), ("u2", False)]
+        assert "deviceApiKey" not in repr(reg) and str(body["deviceApiKey"]) not in repr(reg)
+        with urllib.request.urlopen(api.url + "/ping", timeout=5) as resp:
+            assert resp.read() == b"OK"
+
+
+def test_cpio_is_sorted_and_fixed(tmp_path: Path) -> None:
+    (tmp_path / "b").write_text("bee")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("ex")
+    (tmp_path / "l").symlink_to("b")
+    one = cpio_newc(tmp_path, 1000, {"dev/console": (5, 1)})
+    (tmp_path / "b").touch()
+    assert cpio_newc(tmp_path, 1000, {"dev/console": (5, 1)}) == one
+    listing = subprocess.run(["cpio", "-t", "--quiet"], input=one, capture_output=True,
+                             check=True).stdout.decode().split()
+    assert listing == ["a", "a/x", "b", "dev/console", "l"]
+
+
+def test_elf_reader_matches_readelf() -> None:
+    deps = elf_deps(Path("/bin/ls"))
+    assert deps is not None and deps.interp and "libc.so.6" in deps.needed
+    readelf = subprocess.run(["readelf", "-d", "/bin/ls"], capture_output=True, text=True)
+    if readelf.returncode == 0:
+        for soname in deps.needed:
+            assert f"[{soname}]" in readelf.stdout
+    assert elf_deps(Path(__file__)) is None
