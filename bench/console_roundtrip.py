@@ -89,8 +89,9 @@ class ShellState:
 class Guest:
     """The reference OS booted once in QEMU, its serial console on 127.0.0.1:``port``."""
 
-    def __init__(self, workdir: Path, boot_timeout: float) -> None:
+    def __init__(self, workdir: Path, boot_timeout: float, *, nagle: bool = False) -> None:
         self.workdir = workdir
+        self.nagle = nagle
         self.boot_timeout = boot_timeout
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -117,7 +118,10 @@ class Guest:
         chardev = [i for i, arg in enumerate(cmd) if arg.startswith("socket,id=con0,")]
         if len(chardev) != 1:
             raise RuntimeError(f"no console chardev in the QEMU command line: {cmd}")
-        cmd[chardev[0]] = f"socket,id=con0,host=127.0.0.1,port={self.port},server=on,wait=off"
+        # nodelay: without it QEMU's Nagle and the client's delayed ACK add ~40 ms to most round
+        # trips of every client (an empty line took 44 ms), hiding what is being measured.
+        cmd[chardev[0]] = (f"socket,id=con0,host=127.0.0.1,port={self.port},server=on,wait=off"
+                           + ("" if self.nagle else ",nodelay=on"))
         return cmd
 
     def start(self) -> None:
@@ -612,6 +616,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output-cmd", default=OUTPUT_CMD)
     parser.add_argument("--boot-timeout", type=float, default=300.0)
+    parser.add_argument("--nagle", action="store_true",
+                        help="leave QEMU's console socket at nodelay=off (its default)")
     parser.add_argument("--mem-n", type=int, default=40,
                         help="`echo hi` in the memory pass (output commands: a quarter)")
     parser.add_argument("--no-memory", action="store_true", help="skip the tracemalloc pass")
@@ -628,7 +634,7 @@ def main() -> int:
     started = datetime.datetime.now(datetime.UTC)
     load_start = Path("/proc/loadavg").read_text().strip()
     workdir = Path(tempfile.mkdtemp(prefix="hil-bench-console-"))
-    guest = Guest(workdir, args.boot_timeout)
+    guest = Guest(workdir, args.boot_timeout, nagle=args.nagle)
     makers: dict[str, Callable[[], Client]] = {
         "floor": lambda: Floor(guest), "ours": lambda: Ours(guest),
         "labgrid": lambda: Labgrid(guest)}

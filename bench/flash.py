@@ -255,8 +255,9 @@ def render(cases: list[Case], tools: list[str], reps: int, dropped: bool, raw: P
             shlex.quote(sys.executable), "python")
         lines.append(f"- {tool}: `{cmd}`")
     lines += ["", "ours verifies by reading back every written byte past the page cache "
-              "(O_DIRECT) and comparing SHA-256; bmaptool checks the bmap's checksums of the "
-              "source but does not read the target back; dd checks nothing.", ""]
+              "(O_DIRECT on the device; on a file, after sync_file_range and "
+              "POSIX_FADV_DONTNEED) and comparing SHA-256; bmaptool checks the bmap's "
+              "checksums of the source but does not read the target back; dd checks nothing.", ""]
     return "\n".join(lines)
 
 

@@ -7,7 +7,10 @@ boot log is never lost to a late ``expect``.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import sys
+import termios
 import threading
 from typing import Any
 
@@ -39,6 +42,19 @@ class SerialSettings(BaseModel):
         if (self.url is None) == (self.match is None):
             raise ValueError("give exactly one of 'url' or 'match'")
         return self
+
+
+def _available(port: Any) -> int:
+    """Bytes ready to read. pyserial's socket handlers report only "readable" (1), which would
+    make the reader take one byte per call; the kernel knows the real count."""
+    sock = getattr(port, "_socket", None)
+    if sock is not None:
+        try:
+            buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+            return max(1, int.from_bytes(buf, sys.byteorder))
+        except OSError:
+            return 1
+    return int(port.in_waiting)
 
 
 class SerialConsole:
@@ -137,7 +153,7 @@ class SerialConsole:
                     return
                 port = self._port
             try:
-                data = port.read(max(1, min(port.in_waiting, 65536)))
+                data = port.read(max(1, min(_available(port), 65536)))
             except (serial.SerialException, OSError, TypeError, AttributeError) as exc:
                 # TypeError/AttributeError: pyserial internals after close() from another thread
                 with self._lock:

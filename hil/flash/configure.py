@@ -25,8 +25,8 @@ from hil.errors import ConfigError, DeadlineError, InfraError
 from hil.flash.bmap import create_bmap, write_bmap
 from hil.flash.partitions import Partition, find_partition
 from hil.flash.pipeline import CHUNK, nonzero_runs
-from hil.flash.redact import redact, redact_text, secret_values
 from hil.flash.source import open_source
+from hil.redact import redact, redact_text, secret_values
 
 log = logging.getLogger(__name__)
 

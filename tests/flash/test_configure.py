@@ -18,8 +18,8 @@ from hil.flash import configure
 from hil.flash.bmap import parse_bmap
 from hil.flash.configure import bmap_path, configure_image
 from hil.flash.partitions import read_partitions
-from hil.flash.redact import REDACTED, redact, redact_text, secret_values
 from hil.flash.writer import flash
+from hil.redact import REDACTED, redact, redact_text, secret_values
 
 from .conftest import read_all
 
