@@ -2,8 +2,8 @@
 """Console round-trip benchmark: ours vs labgrid's ShellDriver vs a bare pexpect loop (the floor).
 
 One QEMU boot of the reference OS (aarch64, the ``qemu-aarch64`` rig's QEMU command line with the
-serial port moved to a TCP socket on 127.0.0.1). Then, one client after another on the SAME
-booted guest (connect, measure, disconnect):
+serial port moved to a TCP socket on 127.0.0.1, ``nodelay=on``). Then, one client after another
+on the SAME booted guest (connect, measure, disconnect):
 
 - ``floor``: a raw socket and ``pexpect.fdpexpect.fdspawn``: ``sendline(cmd)``, ``expect(prompt)``,
   with the shell's own echo and prompt; nothing is parsed, no exit code is fetched.
@@ -11,10 +11,11 @@ booted guest (connect, measure, disconnect):
 - ``labgrid``: ``NetworkSerialPort(protocol="raw")`` + ``SerialDriver`` + ``ShellDriver.run(cmd)``.
 
 Each client runs two workloads, ``echo hi`` and one with output (``dmesg | head -n 50``), each
-``--n`` timed commands after ``--warmup`` untimed ones. The whole comparison is repeated
-``--rounds`` times, the client order rotating, to show the noise. A last, untimed pass measures
-the Python memory (tracemalloc peak) of ours and labgrid for one session. Every reply is checked
-(the output must match the other clients'), so no client can win by skipping work.
+``--n`` (output: ``--n-output``) timed commands after ``--warmup`` untimed ones. The whole
+comparison is repeated ``--rounds`` times, the client order rotating, to show the noise. A last,
+untimed pass measures the Python memory (tracemalloc peak) of ours and labgrid for one session.
+Every reply is checked (the output must match the other clients'), so no client can win by
+skipping work.
 
     .venv/bin/python bench/console_roundtrip.py [--n 200] [--out bench/results/console.md]
 """
@@ -39,7 +40,6 @@ import sys
 import tempfile
 import time
 import tracemalloc
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +67,7 @@ PROMPT = re.compile(rb"root@[\w.-]+:[^\r\n#]*# ")
 LABGRID_PROMPT = r"root@[\w.-]+:[^\r\n#]*# "
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 CMD_TIMEOUT = 60.0
+BENCH_UUID = "b3c0c0a5010e" + "0" * 20  # the guest's config.json uuid (32 hex digits)
 CONNECT_TIMEOUT = 15.0
 
 
@@ -129,7 +130,9 @@ class Guest:
 
         image = build("aarch64")
         self.image_name = f"refos {image.arch} {image.version} ({image.key[:12]})"
-        config = {"uuid": uuid.uuid4().hex, "deviceType": self.device_type.slug,
+        # A fixed config: configure_image caches one prepared image per config, so every run
+        # of this benchmark reuses the same one instead of adding 512 MiB to the cache.
+        config = {"uuid": BENCH_UUID, "deviceType": self.device_type.slug,
                   "developmentMode": True, "persistentLogging": False}
         prepared = configure_image(image.disk, config)
         disk = self.workdir / "disk.img"
@@ -426,8 +429,9 @@ def session(client: Client, workloads: dict[str, str], counts: dict[str, int], w
 
 
 def memory(make: Callable[[], Client], workloads: dict[str, str], counts: dict[str, int]
-           ) -> tuple[int, int]:
-    """tracemalloc peak and what is still held at the end, over a session (untimed)."""
+           ) -> tuple[int, int, int | None]:
+    """tracemalloc peak and what is still held at the end of a session (untimed), and the
+    console bytes of the session where the client counts them."""
     gc.collect()
     tracemalloc.start()
     try:
@@ -439,12 +443,13 @@ def memory(make: Callable[[], Client], workloads: dict[str, str], counts: dict[s
                 for _ in range(counts[workload]):
                     client.run(command)
             held = tracemalloc.get_traced_memory()[0] - base
+            traffic = client.traffic()
         finally:
             client.close()
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
-    return peak, held
+    return peak, held, traffic[0] if traffic else None
 
 
 # --- the report -----------------------------------------------------------------------------------
@@ -494,7 +499,7 @@ def version(dist: str) -> str:
 
 def render(samples: list[Sample], workloads: dict[str, str], mem_counts: dict[str, int],
            args: argparse.Namespace, guest: Guest, loads: tuple[str, str],
-           mem: dict[str, tuple[int, int]], checker: Checker, started: datetime.datetime
+           mem: dict[str, tuple[int, int, int | None]], checker: Checker, started: datetime.datetime
            ) -> str:
     rounds = sorted({s.round for s in samples})
     lines = [
@@ -513,7 +518,12 @@ def render(samples: list[Sample], workloads: dict[str, str], mem_counts: dict[st
         f"Guest: {guest.image_name} on the `{RIG}` rig's QEMU command line (TCG, "
         "`virt`, cortex-a53, 1 vCPU), booted once "
         f"({guest.boot_seconds:.1f} s to `HIL-READY`); its pl011 console on a QEMU TCP "
-        "chardev on 127.0.0.1, busybox ash as root. The clients take turns on that one shell "
+        "chardev on 127.0.0.1"
+        + (" (QEMU's default `nodelay=off`)" if guest.nagle else
+           " with `nodelay=on` (without it, Nagle on QEMU's side and the clients' delayed ACKs "
+           "added ~40 ms to nearly every round trip: an empty line took 44 ms instead of 3; "
+           "`--nagle` measures that)")
+        + ", busybox ash as root. The clients take turns on that one shell "
         f"(connect, measure, disconnect), {len(rounds)} rounds, order rotating. Per client and "
         f"round: {args.warmup} untimed warm-up commands, then the timed ones. Times are wall "
         "time of one call per command, in ms.",
@@ -584,12 +594,14 @@ def render(samples: list[Sample], workloads: dict[str, str], mem_counts: dict[st
                   "Python allocations (`tracemalloc`) over one more session per client, untimed: "
                   "connect, "
                   + ", ".join(f"{mem_counts[w]} x `{c}`" for w, c in workloads.items())
-                  + ", disconnect. Ours keeps every console byte in its `ConsoleLog` (the "
-                  "per-test console slices and failure tails come from it), so what it holds "
-                  "grows with the output until the session closes.", "",
-                  "| client | peak | held before disconnect |", "|---|---|---|"]
-        for client, (peak, held) in mem.items():
-            lines.append(f"| {client} | {peak / 1024:.0f} KiB | {held / 1024:.0f} KiB |")
+                  + ", disconnect. Ours keeps the session's console log (`ConsoleLog`: the "
+                  "per-test console slices and failure tails come from it) until it closes, "
+                  "so what it holds grows with the console traffic.", "",
+                  "| client | peak | held before disconnect | console bytes in the session |",
+                  "|---|---|---|---|"]
+        for client, (peak, held, nbytes) in mem.items():
+            lines.append(f"| {client} | {peak / 1024:.0f} KiB | {held / 1024:.0f} KiB | "
+                         f"{'' if nbytes is None else nbytes} |")
         lines.append("")
     if checker.mismatches:
         lines += ["Replies that differed from the reference (kernel messages on the console?): "
@@ -641,7 +653,7 @@ def main() -> int:
     clients = {name: make() for name, make in makers.items()}
     checker = Checker()
     samples: list[Sample] = []
-    mem: dict[str, tuple[int, int]] = {}
+    mem: dict[str, tuple[int, int, int | None]] = {}
     try:
         print(f"booting the guest (workdir {workdir}) ...", flush=True)
         guest.start()

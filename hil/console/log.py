@@ -7,6 +7,7 @@ board rebooted under me".
 
 from __future__ import annotations
 
+import bisect
 import re
 import threading
 import time
@@ -70,6 +71,8 @@ class ConsoleLog:
                 drop = len(self._buf) - self._max
                 del self._buf[:drop]
                 self._base += drop
+                keep = bisect.bisect_right(self._chunks, (self._base, float("inf"))) - 1
+                del self._chunks[:max(0, keep)]
             self._cond.notify_all()
 
     def note(self, kind: str, text: str = "") -> None:
@@ -109,6 +112,12 @@ class ConsoleLog:
         data = self.read(max(self._base, self.end - 8192))
         text = data.decode("utf-8", errors="replace").replace("\r", "")
         return "\n".join(text.splitlines()[-lines:])
+
+    def time_at(self, offset: int) -> float | None:
+        """When the byte at ``offset`` arrived (time.time()), from the chunk that carried it."""
+        with self._cond:
+            i = bisect.bisect_right(self._chunks, (offset, float("inf"))) - 1
+            return self._chunks[i][1] if i >= 0 else None
 
     def events_since(self, offset: int,
                      kinds: tuple[str, ...] = ("boot", "reset", "panic")) -> list[Event]:

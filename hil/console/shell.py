@@ -3,8 +3,9 @@
 One round trip per command: the command is sent in a single write, framed by nonce markers that
 only the shell's ``printf`` can produce (the echoed text holds ``\\036`` as four characters, never
 the byte), and the reply is found by scanning only new console bytes. Output is base64-encoded on
-the device, so kernel messages that the console interleaves (``[ 12.345678] ...``) can be cut out
-exactly without touching the command's own output, even when that output is ``dmesg``.
+the device, so kernel messages that the console interleaves (``[ 12.345678] ...``), and lines other
+programs write to the console, can be cut out exactly without touching the command's own output,
+even when that output is ``dmesg``.
 Each command runs in its own subshell, so ``cd`` or ``export`` in one test cannot leak into the
 next while the board stays up between tests.
 """
@@ -29,6 +30,9 @@ PROMPT = re.compile(rb"(?:(login:)|(assword:)|[#$]) ?(?:\x1b\[[0-9;?]*[A-Za-z])*
 # Never press Enter while a bootloader counts down: it would stop the boot.
 BOOTLOADER_WAITING = re.compile(rb"(?i)hit any key|press any key|autoboot|=> ?$|grub> ?$")
 KERNEL_LINE = re.compile(rb"\[\s*\d+\.\d+\][^\n]*\n?")
+# Other programs writing to /dev/console (init scripts, getty) interleave whole lines; a line
+# with a character base64 never uses is not part of the reply.
+NOT_BASE64_LINE = re.compile(rb"^.*[^A-Za-z0-9+/=\r\n].*$\n?", re.M)
 NUDGE_AFTER_QUIET = 1.5  # seconds of console silence before pressing Enter to get a prompt
 # A prompt is followed by silence; "#" at the end of a read chunk ("virtio-net#" + "32") is not.
 PROMPT_SETTLE = 0.3
@@ -206,7 +210,7 @@ class ConsoleShell:
         if m is None:
             raise InfraError(f"console garbled the reply to {command!r}: no start marker",
                              part="console", tail=self.log.tail())
-        encoded = KERNEL_LINE.sub(b"", body[m.end():])
+        encoded = NOT_BASE64_LINE.sub(b"", KERNEL_LINE.sub(b"", body[m.end():]))
         try:
             raw = base64.b64decode(b"".join(encoded.split()), validate=True)
         except (binascii.Error, ValueError):

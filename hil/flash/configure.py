@@ -231,7 +231,21 @@ def configure_image(image: str | os.PathLike[str], config: Mapping[str, Any], *,
             tmp.replace(prepared)
         finally:
             tmp.unlink(missing_ok=True)
+        prune_prepared(keep=KEEP_PREPARED)
     return _deliver(prepared, Path(out)) if out is not None else prepared
+
+
+KEEP_PREPARED = 6  # each test session configures its own identity: keep the newest few
+
+
+def prune_prepared(keep: int) -> None:
+    """Drop all but the ``keep`` newest prepared images (and their bmaps) from the cache."""
+    folder = cache_dir("images")
+    prepared = sorted((p for p in folder.glob("*.img") if not p.name.startswith("base-")),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in prepared[keep:]:
+        old.unlink(missing_ok=True)
+        bmap_path(old).unlink(missing_ok=True)
 
 
 def bmap_path(image: Path) -> Path:

@@ -14,13 +14,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from hil.console.serial import SerialConsole, SerialSettings
-from hil.deadline import wait_until
+from hil.deadline import Deadline, wait_until
 from hil.errors import InfraError
 from hil.registry import PartContext
 from hil.storage import FileStorage, FileStorageSettings
@@ -201,12 +202,18 @@ class QemuTarget:
     def _connect_qmp(self) -> None:
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
-        qmp = QEMUMonitorProtocol(str(self.qmp_sock))
-        try:
-            qmp.connect()
-        except Exception as exc:  # qemu.qmp raises several unrelated types
-            raise InfraError(f"QMP connection failed: {exc}", part="target",
-                             rig=self.ctx.rig) from None
+        deadline = Deadline(10)
+        while True:
+            qmp = QEMUMonitorProtocol(str(self.qmp_sock))
+            try:
+                qmp.connect()
+                break
+            except Exception as exc:  # qemu.qmp raises several unrelated types
+                # seen once under load: negotiation raced QEMU's start-up; try again briefly
+                if deadline.expired() or not self.running:
+                    raise InfraError(f"QMP connection failed: {exc}", part="target",
+                                     rig=self.ctx.rig, tail=self._log_tail()) from None
+                time.sleep(0.1)
         self.qmp = qmp
 
     def qmp_cmd(self, name: str, **args: object) -> object:

@@ -15,10 +15,14 @@ import pytest
 from hil.dut import Dut
 
 BREAKS = {
-    # chrony loses the servers config.json's ntpServers gave it ("chrony misconfigured")
+    # chrony ignores the servers config.json's ntpServers gives it ("chrony misconfigured"):
+    # its config loses the sourcedir the OS writes them to. (Emptying that file instead would
+    # not last: the OS rewrites it whenever config.json changes, e.g. at registration.)
     "chrony-no-servers": (
-        "if [ -s /run/chrony/sources.d/config.sources ]; then "
-        ": > /run/chrony/sources.d/config.sources && chronyc reload sources >/dev/null; fi"),
+        "if grep -q sourcedir /run/chrony/chrony.conf; then "
+        "sed -i /sourcedir/d /run/chrony/chrony.conf && killall chronyd && "
+        "while pidof chronyd >/dev/null; do sleep 0.1; done && "
+        "chronyd -u root -f /run/chrony/chrony.conf; fi"),
     # chrony runs without `makestep`: it slews a clock minutes off instead of stepping it
     "chrony-no-makestep": (
         "if grep -q makestep /run/chrony/chrony.conf; then "

@@ -31,7 +31,9 @@ def free_udp_port() -> int:
 
 
 @pytest.fixture
-def port() -> int:
+def port(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> int:
+    """A free port, and a lock directory of its own (no lock files left for random ports)."""
+    monkeypatch.setenv("HIL_LOCK_DIR", str(tmp_path / "locks"))
     return free_udp_port()
 
 

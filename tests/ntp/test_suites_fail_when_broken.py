@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from hil.cache import runtime_dir
+from hil.lock import lock_dir
+
 pytestmark = pytest.mark.qemu
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,15 +27,19 @@ def run_broken(tmp_path: Path, brk: str, args: list[str],
                timeout: float = 840) -> subprocess.CompletedProcess[str]:
     rigs = tmp_path / "rigs"
     rigs.mkdir()
-    name = f"neg-{brk}-{os.getpid()}"
+    name = f"neg-{brk}-{os.getpid()}"  # a rig of its own: no queue behind others, no reuse
     shutil.copy(REPO / "rigs" / "qemu-aarch64.yaml", rigs / f"{name}.yaml")
     # (the default runtime directory: QEMU's socket paths under tmp_path get too long)
     env = {**os.environ, "HIL_BREAK": brk, "COLUMNS": "400"}  # untruncated summary
     env.pop("HIL_RIG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "tests.ntp.break_os",
-         f"--rigs-dir={rigs}", f"--rig={name}", "-rfs", "-v", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p",
+             "tests.ntp.break_os", f"--rigs-dir={rigs}", f"--rig={name}", "-rfs", "-v", *args],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        (lock_dir() / f"{name}.lock").unlink(missing_ok=True)
+        shutil.rmtree(runtime_dir("rigs", name), ignore_errors=True)
 
 
 def failed_lines(out: str) -> str:
