@@ -61,7 +61,10 @@ def test_bad_rig_file_names_file_line_and_key(tmp_path: Path, text: str, line: i
         assert f": {key}: " in message
 
 
-def test_unknown_rig_name_lists_the_known_ones(tmp_path: Path) -> None:
+def test_unknown_rig_name_lists_the_known_ones(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # ./rigs is searched too: keep the repository's out of it
+    monkeypatch.delenv("HIL_RIGS_DIR", raising=False)
     (tmp_path / "bench1.yaml").write_text("device_type: generic-aarch64\ntarget: {driver: qemu}\n")
     with pytest.raises(ConfigError, match="known rigs: bench1"):
         load_rig("bench2", tmp_path)

@@ -425,6 +425,29 @@ class BalenaOS:
         self.ssh.close()
         return at
 
+    def power_off(self) -> None:
+        """Cut the power (no shutdown)."""
+        _ = self.is_reference_os
+        self.dut.shell.invalidate("power cut")
+        self.ssh.close()
+        self.dut.rig.power_off()
+
+    def power_on(self) -> BootRecord:
+        """Power on and wait for a shell. The boot is awaited first: asking for a shell before
+        the new boot shows would let the console shell type its set-up line into a UART the
+        kernel has not taken over yet (QEMU's PL011 then drops all input for good)."""
+        at = self.dut.rig.log.end
+        self.dut.rig.power_on()
+        rec = self.await_boot(at)
+        self.dut.wait_ready()
+        return rec
+
+    def power_cycle(self) -> BootRecord:
+        """Hard power cut and back on (the rig's off-time between), then a shell."""
+        self.power_off()
+        time.sleep(self.dut.rig.config.power_off_time)  # the rig's capacitor drain time
+        return self.power_on()
+
     def await_boot(self, start: int, timeout: float | None = None) -> BootRecord:
         """The next run of the bootloader after console offset ``start``."""
         timeout = timeout or self.dut.timeouts.boot

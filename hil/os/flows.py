@@ -5,9 +5,11 @@ promise that was broken."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from hil.errors import DeadlineError
 from hil.os.balena import BOOTLIMIT, BREADCRUMBS, BalenaOS, BootRecord, RootPart, UpdateResult
 from hil.os.parse import BootState
 from hil.os.updates import UpdateImage
@@ -132,7 +134,14 @@ def boot_broken_init(dut: Dut, host_os: BalenaOS, inst: Installed) -> None:
         inst.boots.append(rec)
         _assert_boot(rec, inst.old.number, BootState(inst.new.number, 1, BOOTLIMIT + 1),
                      f"boot {BOOTLIMIT + 1}: a bootcount over the limit must boot the old root")
-        # the old OS's rollback-altboot restores the bootloader state and reboots once more
+        # the old OS's rollback-altboot restores the bootloader state and reboots once more,
+        # before the OS reports ready
+        hit = dut.rig.log.wait_for(re.compile(rb"HIL-BOOT: |HIL-READY "), rec.end,
+                                   dut.timeouts.boot, "rollback-altboot to reboot the old OS")
+        assert hit.data.startswith(b"HIL-BOOT"), (
+            "the old OS came up after the fallback boot without running rollback-altboot "
+            "(no reboot into a consistent old state); the bootloader is left on the failed "
+            "update")
         rec = host_os.await_boot(rec.end)
         inst.boots.append(rec)
         _assert_boot(rec, inst.old.number, BootState(inst.old.number, 0, 0),
@@ -153,7 +162,14 @@ def boot_broken_health(dut: Dut, host_os: BalenaOS, inst: Installed, *, count: i
         inst.boots.append(rec)
         _assert_boot(rec, inst.new.number, BootState(inst.new.number, 1, 1),
                      "the trial boot of the unhealthy update")
-        nxt = host_os.await_boot(rec.end, dut.timeouts.boot + count * (timeout + 30))
+        wait = dut.timeouts.boot + count * (timeout + 10)
+        try:
+            nxt = host_os.await_boot(rec.end, wait)
+        except DeadlineError as exc:
+            raise AssertionError(
+                f"the unhealthy update {inst.image.describe()} was not rolled back: no reboot "
+                f"within {wait:.0f}s of its boot (health check shortened to {count} checks "
+                f"{timeout}s apart)\n{exc}") from None
         inst.boots.append(nxt)
         if host_os.is_reference_os:
             ready = host_os.ready_line(rec.end, nxt.start)

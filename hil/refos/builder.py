@@ -265,7 +265,6 @@ class _Builder:
                   "mnt/sysroot/active", "mnt/sysroot/inactive", "data", "home/root", "boot",
                   "var/lib", "etc/hil", "root"):
             (root / d).mkdir(parents=True, exist_ok=True)
-        (root / "tmp").chmod(0o1777)
         for link, target in (("var/log", "../run/log"), ("var/run", "../run"),
                              ("var/tmp", "../tmp"), ("var/lock", "../run/lock"),
                              ("etc/mtab", "../proc/self/mounts")):
@@ -325,6 +324,8 @@ class _Builder:
             check.write_text("#!/bin/sh\n# --broken health: this root is never healthy\n"
                              'echo "built with --broken health" >&2\nexit 1\n')
             check.chmod(0o755)
+        fs.normalize_modes(root)
+        (root / "tmp").chmod(0o1777)
 
     def _install_libraries(self, root: Path, elfs: list[Path], trees: dict[str, Path],
                            interp_done: set[str]) -> None:
@@ -377,6 +378,7 @@ class _Builder:
                          work / "lib" / "modules" / name)
             order.append(name)
         (work / "etc" / "modules.order").write_text("\n".join(order) + "\n")
+        fs.normalize_modes(work)
         fs.clamp_times(work, EPOCH)
         return fs.gzip_fixed(fs.cpio_newc(work, EPOCH, {"dev/console": (5, 1)}))
 

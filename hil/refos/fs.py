@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import stat
 import subprocess
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,20 @@ def walk_sorted(root: Path) -> Iterator[Path]:
         base = Path(dirpath)
         for name in sorted(dirnames + filenames):
             yield base / name
+
+
+def normalize_modes(root: Path) -> None:
+    """0755 for directories and scripts/ELF files, 0644 for the rest, whatever the checkout's
+    umask made of them (the modes end up in the image bytes)."""
+    for path in walk_sorted(root):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(0o755)
+            continue
+        with path.open("rb") as f:
+            head = f.read(4)
+        path.chmod(0o755 if head[:2] == b"#!" or head == b"\x7fELF" else 0o644)
 
 
 def clamp_times(root: Path, epoch: int) -> None:
@@ -111,10 +127,11 @@ def mkext4(img: Path, size: int, *, label: str, uuid: str, epoch: int, src: Path
         argv += ["-d", str(src)]
     run([*argv, str(img), f"{size // 1024}k"], env=env)
     if src is not None:
-        # mkfs -d copies each file's ctime, which nobody can set: rewrite them all.
-        cmds = [f"sif / ctime @{epoch}"]
-        cmds += [f'sif "/{p.relative_to(src).as_posix()}" ctime @{epoch}'
-                 for p in walk_sorted(src)]
+        # mkfs -d copies each file's ctime, which nobody can set, and its owner, which is
+        # whoever builds: make both fixed (root-owned, epoch) for every inode.
+        cmds = []
+        for rel in ["/", *(f'"/{p.relative_to(src).as_posix()}"' for p in walk_sorted(src))]:
+            cmds += [f"sif {rel} ctime @{epoch}", f"sif {rel} uid 0", f"sif {rel} gid 0"]
         run(["debugfs", "-w", "-f", "-", str(img)], env=env,
             input=("\n".join(cmds) + "\n").encode())
 
@@ -137,8 +154,6 @@ def _mtools_env(epoch: int) -> dict[str, str]:
 def write_fat_files(disk: Path, offset: int, files: Mapping[str, bytes], *, epoch: int,
                     scratch: Path | None = None) -> None:
     """Create or replace files on the FAT at ``offset`` (directories made as needed)."""
-    import tempfile
-
     env = _mtools_env(epoch)
     target = f"{disk}@@{offset}"
     made: set[str] = set()
@@ -209,8 +224,6 @@ def write_gpt(disk: Path, size: int, disk_guid: str, parts: Sequence[Partition])
 
 
 def read_gpt(disk: Path) -> list[Placed]:
-    import json
-
     table = json.loads(run(["sfdisk", "-J", str(disk)]))["partitiontable"]
     placed = []
     for p in table["partitions"]:

@@ -197,18 +197,18 @@ def test_root_ssh_on_22222_with_the_config_key(dut: Dut, host_os: BalenaOS,
 
 
 @pytest.fixture
-def production(dut: Dut, host_os: BalenaOS, network: None) -> Iterator[tuple[BalenaOS, int]]:
+def production(dut: Dut, host_os: BalenaOS, network: None) -> Iterator[BalenaOS]:
     """The device rebooted as a production device (developmentMode false), and brought back to
-    development mode afterwards, whatever happens. Yields (adapter over SSH, console offset of
-    the production boot)."""
+    development mode afterwards, whatever happens. Yields the adapter over SSH (the console has
+    no shell now)."""
     host_os.set_config(developmentMode=False)
     at = host_os.start_reboot()
-    boot = host_os.await_boot(at)
+    host_os.await_boot(at)
     over_ssh = host_os.via_ssh()
     try:
         # sshd comes up with the key from os.sshKeys: the only way in now
         over_ssh.ssh.run("true", connect_timeout=dut.timeouts.boot)
-        yield over_ssh, boot.end
+        yield over_ssh
     finally:
         _back_to_development(dut, host_os, over_ssh)
 
@@ -230,20 +230,17 @@ def _back_to_development(dut: Dut, host_os: BalenaOS, over_ssh: BalenaOS) -> Non
                                ) from exc
         import json
 
-        dut.shell.invalidate("repairing development mode from the rig")
-        dut.rig.power_off()
+        host_os.power_off()
         raw = hostdisk.read_boot_file(disk, "config.json") or b"{}"
         cfg = json.loads(raw)
         cfg["developmentMode"] = True
         hostdisk.write_boot_file(disk, "config.json", (json.dumps(cfg) + "\n").encode())
-        dut.rig.power_on()
-        dut.wait_ready()
+        host_os.power_on()
 
 
 def test_production_device_refuses_root_ssh_without_the_key(
-        dut: Dut, production: tuple[BalenaOS, int]) -> None:
-    over_ssh, boot_at = production
-    cfg = over_ssh.config_json()
+        dut: Dut, production: BalenaOS) -> None:
+    cfg = production.config_json()
     assert cfg.get("developmentMode") is False
     assert _login(dut, key_file=str(dut.ssh_key)), (
         "a production device refused the key from os.sshKeys")
@@ -310,7 +307,7 @@ def test_identity_survives_a_reboot(dut: Dut, host_os: BalenaOS, before: Identit
 
 def test_identity_survives_a_power_cut(dut: Dut, host_os: BalenaOS, before: Identity,
                                        hil_session: HilSession) -> None:
-    dut.power_cycle()
+    host_os.power_cycle()
     _assert_same_identity("a power cut", before, identity(dut, host_os), hil_session)
 
 

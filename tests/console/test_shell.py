@@ -63,6 +63,15 @@ def test_kernel_messages_interleaved_with_output_are_cut_out(shell: ConsoleShell
     assert shell.run(f"echo '{fake}'").stdout == fake + "\n"
 
 
+def test_lines_other_programs_write_to_the_console_are_cut_out(shell: ConsoleShell,
+                                                              line: ShellLine) -> None:
+    timer = threading.Timer(0.2, line.inject, [b"HIL: registered 1234abcd\r\n"])
+    timer.start()
+    r = shell.run("i=0; while [ $i -lt 30 ]; do echo row$i; sleep 0.02; i=$((i+1)); done")
+    timer.join()
+    assert r.stdout.splitlines() == [f"row{i}" for i in range(30)]
+
+
 def test_a_hung_command_times_out_with_what_was_seen(shell: ConsoleShell) -> None:
     t0 = time.monotonic()
     with pytest.raises(DeadlineError) as err:

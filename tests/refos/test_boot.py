@@ -153,37 +153,34 @@ def test_power_cut_keeps_state(disk: Path, guest_factory: GuestFactory) -> None:
 
 
 @pytest.fixture
-def ntp_server(tmp_path: Path) -> Iterator[None]:
-    """chronyd serving time on the host's 127.0.0.1:123 (the guest's 10.0.2.2:123)."""
+def ntp_server(tmp_path: Path) -> Iterator[int]:
+    """chronyd serving time on the host's 127.0.0.1:<port> (the guest's 10.0.2.2:<port>); a
+    free unprivileged port, so it never collides with another NTP server on this host."""
     import shutil
     import socket
     import subprocess
 
     if shutil.which("chronyd") is None:
         pytest.skip("chronyd is not installed on the host")
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        probe.bind(("127.0.0.1", 123))
-    except OSError as exc:
-        pytest.skip(f"cannot serve NTP on 127.0.0.1:123 ({exc})")
-    finally:
-        probe.close()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
     conf = tmp_path / "chrony-server.conf"
-    conf.write_text(f"local stratum 8\nallow all\nbindaddress 127.0.0.1\nport 123\ncmdport 0\n"
-                    f"pidfile {tmp_path}/chronyd.pid\ndriftfile {tmp_path}/drift\n")
+    conf.write_text(f"local stratum 8\nallow all\nbindaddress 127.0.0.1\nport {port}\n"
+                    f"cmdport 0\npidfile {tmp_path}/chronyd.pid\ndriftfile {tmp_path}/drift\n")
     # foreground (-d) and never touching the host clock (-x)
     proc = subprocess.Popen(["chronyd", "-x", "-d", "-u", "root", "-f", str(conf)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        yield None
+        yield port
     finally:
         proc.kill()
         proc.wait(timeout=10)
 
 
-def test_ntp_client_syncs(disk: Path, guest_factory: GuestFactory, ntp_server: None) -> None:
+def test_ntp_client_syncs(disk: Path, guest_factory: GuestFactory, ntp_server: int) -> None:
     configure(disk, {"uuid": secrets.token_hex(16), "developmentMode": True,
-                     "ntpServers": "10.0.2.2"})
+                     "ntpServers": f"10.0.2.2:{ntp_server}"})
     g = guest_factory(disk)
     g.start()
     g.wait_ready()

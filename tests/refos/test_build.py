@@ -201,3 +201,27 @@ def test_elf_reader_matches_readelf() -> None:
         for soname in deps.needed:
             assert f"[{soname}]" in readelf.stdout
     assert elf_deps(Path(__file__)) is None
+
+
+def test_json_flattener_agrees_with_jq(tmp_path: Path) -> None:
+    """The guest reads config.json at boot with json-flat.awk (busybox awk) instead of jq."""
+    if shutil.which("busybox") is None or shutil.which("jq") is None:
+        pytest.skip("needs the host's busybox and jq")
+    script = Path(build_mod.__file__).parent / "files/rootfs/usr/lib/hil/json-flat.awk"
+    doc = {"uuid": "0123abc", "hostname": 'we"ird\\name', "developmentMode": True,
+           "persistentLogging": False, "os": {"sshKeys": ["ssh-ed25519 AAAA k1",
+                                                          "ssh-rsa B/C k2"], "udevRules": {}},
+           "ntpServers": "a.example 10.0.2.2", "n": 12, "z": None,
+           "nested": [[1, 2], {"q": "w"}], "empty": []}
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(doc, indent=1))
+    flat = subprocess.run(["busybox", "awk", "-f", str(script), str(cfg)], check=True,
+                          capture_output=True, text=True).stdout
+    got = dict(line.split("\t", 1) for line in flat.splitlines())
+    jq = subprocess.run(["jq", "-r", '[paths(type != "object" and type != "array")] | .[] | '
+                         'map(if type == "number" then "[\\(.)]" else ".\\(.)" end) | add',
+                         str(cfg)], check=True, capture_output=True, text=True).stdout.split()
+    assert sorted(got) == sorted(jq)
+    assert got[".hostname"] == 'we"ird\\name'
+    assert got[".os.sshKeys[1]"] == "ssh-rsa B/C k2"
+    assert got[".developmentMode"] == "true" and got[".z"] == "null"

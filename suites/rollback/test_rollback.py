@@ -1,0 +1,143 @@
+"""Host OS updates and rollbacks: a good update switches the active root, commits and leaves no
+markers; a new OS that cannot boot falls back through the bootloader's counter; one that boots
+but stays unhealthy falls back through the health check; a power cut at any moment of an update
+leaves a device that boots the old or the new OS, never neither; /data survives all of it.
+
+Each test starts from whatever root is active (the previous test may have switched it).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from hil.dut import Dut
+from hil.errors import DeadlineError, DeviceError
+from hil.os import BalenaOS, UpdateImage, UpdateSet, hostdisk
+from hil.os.balena import BootRecord
+from hil.os.flows import boot_broken_health, boot_broken_init, boot_good, install
+from hil.os.parse import BootState
+
+DATA_FILE = "rollback-suite"
+
+
+@pytest.fixture
+def data_file(host_os: BalenaOS) -> str:
+    """A checksummed file in /data before the update; each test checks it after."""
+    host_os.put_checked_file(DATA_FILE)
+    return DATA_FILE
+
+
+def _data_survived(host_os: BalenaOS, name: str, after: str) -> None:
+    problem = host_os.checked_file(name)
+    assert problem is None, f"/data did not survive {after}: {problem}"
+
+
+def _image(updates: UpdateSet, kind: str, running: str) -> UpdateImage:
+    image = updates.good(running) if kind == "good" else updates.broken(kind)
+    if image is None:
+        pytest.skip(updates.missing_reason(kind))
+    return image
+
+
+def test_good_update_switches_root_commits_and_leaves_no_markers(
+        dut: Dut, host_os: BalenaOS, updates: UpdateSet, data_file: str) -> None:
+    inst = install(host_os, _image(updates, "good", host_os.version()))
+    boot_good(dut, host_os, inst)
+    _data_survived(host_os, data_file, "a good update")
+
+
+def test_unbootable_update_falls_back_through_the_bootloader_counter(
+        dut: Dut, host_os: BalenaOS, updates: UpdateSet, data_file: str) -> None:
+    inst = install(host_os, _image(updates, "init", host_os.version()))
+    boot_broken_init(dut, host_os, inst)
+    _data_survived(host_os, data_file, "an update that could not boot and its rollback")
+
+
+def test_unhealthy_update_falls_back_through_the_health_check(
+        dut: Dut, host_os: BalenaOS, updates: UpdateSet, data_file: str) -> None:
+    inst = install(host_os, _image(updates, "health", host_os.version()))
+    boot_broken_health(dut, host_os, inst, count=2, timeout=1)
+    _data_survived(host_os, data_file, "an unhealthy update and its rollback")
+
+
+# --- power cuts during an update ---------------------------------------------------------------
+
+def _boot_after_cut(dut: Dut, host_os: BalenaOS, when: str) -> list[BootRecord]:
+    """Power on and wait for a shell, letting the bootloader retry roots that panic (a fallback
+    through the counter is a bootable device too). Fails the test if no OS comes up."""
+    from hil.os.balena import BOOTLIMIT
+
+    boots: list[BootRecord] = []
+    at = dut.rig.log.end
+    dut.rig.power_on()
+    deadline = time.monotonic() + dut.timeouts.boot * (BOOTLIMIT + 2)
+    while True:
+        try:
+            rec = host_os.await_boot(at, max(1.0, deadline - time.monotonic()))
+            boots.append(rec)
+            at = rec.end
+            dut.wait_ready(max(1.0, deadline - time.monotonic()))
+            return boots
+        except DeviceError:
+            continue  # a panicking root: the bootloader counts it and tries again
+        except DeadlineError as exc:
+            seen = "; ".join(str(b) for b in boots) or "no boot"
+            raise AssertionError(f"after a power cut {when} the device boots neither the old "
+                                 f"nor the new OS (boots: {seen}): {exc}") from None
+
+
+@pytest.mark.parametrize("moment", ["while writing", "after hostapp-update returned"])
+def test_power_cut_during_an_update_leaves_a_bootable_device(
+        dut: Dut, host_os: BalenaOS, updates: UpdateSet, data_file: str, moment: str,
+        pytestconfig: pytest.Config) -> None:
+    old_version = host_os.version()
+    image = _image(updates, "good", old_version)
+    roots = host_os.roots()
+    disk = hostdisk.disk_of(dut)
+    when = f"{moment} ({image.describe()})"
+    completed = False
+    if moment == "while writing":
+        seed = int(pytestconfig.getoption("--power-cut-seed"))
+        # the write dominates an update: cut inside it, at a seeded random fraction
+        expected = host_os.last_update_seconds or 8.0
+        delay = random.Random(seed).uniform(0.1, 0.8) * expected
+        running, stop_serving = host_os.start_hostapp_update(image)
+        try:
+            time.sleep(delay)  # deliberate: the moment of the cut is the point of the test
+            code = running.finished()
+            host_os.power_off()
+        finally:
+            running.abandon()
+            stop_serving()
+        completed = code == 0
+        when += f", {delay:.1f}s in (seed {seed}){'; it had completed' if completed else ''}"
+    else:
+        host_os.hostapp_update(image)
+        host_os.power_off()
+        completed = True
+    stored = hostdisk.boot_state(disk, host_os.bootloader) if disk is not None else None
+    time.sleep(dut.rig.config.power_off_time)
+    boots = _boot_after_cut(dut, host_os, when)
+    now = host_os.roots()
+    assert now.active in (roots.active, roots.inactive), f"unexpected active root {now.active}"
+    on_new = now.active == roots.inactive
+    if completed:
+        assert on_new, (f"hostapp-update had reported success {when}, but after the power "
+                        f"cut the device runs the old root {now.active}; the update was lost")
+    if on_new:
+        state = host_os.wait_committed()
+        assert state == BootState(roots.inactive.number, 0, 0), state
+        if image.version:
+            assert host_os.version() == image.version, (
+                f"the new root {now.active} is active but VERSION is {host_os.version()}")
+    else:
+        assert host_os.version() == old_version, (
+            f"back on the old root {now.active} but VERSION is {host_os.version()}")
+        state = host_os.boot_state()
+        assert state.resin_root_part == roots.active.number and state.upgrade_available == 0, (
+            f"the device runs the old root but the bootloader is left with {state} "
+            f"(stored at the cut: {stored}; boots: {'; '.join(map(str, boots))})")
+    _data_survived(host_os, data_file, f"a power cut {when}")

@@ -1,0 +1,76 @@
+"""A pytest plugin (``-p tests.os.break_os``) that breaks one promise of the OS at runtime, on
+the booted reference OS, so the provisioning, persistence and rollback suites can be shown to
+fail — naming the promise — when the OS does not keep it. ``HIL_OS_BREAK`` picks the breaks
+(comma-separated).
+
+Each break is what a faulty OS would do, done to the running device (the reference OS builder
+has no such modes yet): nothing in the suites or the adapter knows about it. Breaks are
+idempotent and re-applied before every test, since a failed test power-cycles the board.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from hil.dut import Dut
+from hil.os import BalenaOS
+
+BREAKS: dict[str, str] = {
+    # /data is not persisted: a tmpfs hides the resin-data partition (an OS that forgot to
+    # mount it). Re-applied before each test; a reboot inside a test brings the real one back,
+    # which is exactly when the suite looks for what it wrote.
+    "data-not-persisted": (
+        "grep -q ' /data tmpfs ' /proc/mounts || "
+        "{ mount -t tmpfs tmpfs /mnt/data && mkdir -p /mnt/data/resin-data && "
+        "mount -t tmpfs tmpfs /data; }"),
+    # the OS prints its provisioning key on the console (a debug line left in a boot script)
+    "console-leaks-key": "jq -r '\"provisioning with \" + .apiKey' /mnt/boot/config.json "
+                         "> /dev/console",
+    # the OS ignores config.json's hostname / uuid and keeps a fixed one
+    "hostname-ignored": "hostname balena && echo balena > /etc/hostname",
+    # the running OS's rollback-altboot does nothing (so after a failed update the bootloader
+    # falls back, but the old OS never cleans up): a root made writable for the purpose
+    "no-altboot-rollback": (
+        "grep -q '^exit 0 # broken' /usr/bin/rollback-altboot || "
+        "{ mount -o remount,rw / && "
+        "printf '#!/bin/sh\\nexit 0 # broken\\n' > /usr/bin/rollback-altboot && sync && "
+        "mount -o remount,ro /; }"),
+    # the new OS's health check never rolls back: applied to each update right after
+    # hostapp-update wrote it (see _hook_updates)
+    "no-health-rollback": "true",
+}
+
+DISABLE_HEALTH_ROLLBACK = (
+    "mount -o remount,rw /mnt/sysroot/inactive && "
+    "printf '#!/bin/sh\\nexit 0 # broken\\n' > /mnt/sysroot/inactive/usr/bin/rollback-health "
+    "&& sync && mount -o remount,ro /mnt/sysroot/inactive")
+
+
+def _names() -> list[str]:
+    names = [n for n in os.environ.get("HIL_OS_BREAK", "").split(",") if n]
+    unknown = [n for n in names if n not in BREAKS]
+    if not names or unknown:
+        raise pytest.UsageError(f"HIL_OS_BREAK={','.join(names)!r}: choose from "
+                                f"{', '.join(BREAKS)} (comma-separated)")
+    return names
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if "no-health-rollback" in _names():
+        original = BalenaOS.hostapp_update
+
+        def hostapp_update(self: BalenaOS, image: Any, timeout: float = 900.0) -> Any:
+            result = original(self, image, timeout)
+            self.check(DISABLE_HEALTH_ROLLBACK)
+            return result
+
+        BalenaOS.hostapp_update = hostapp_update  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def _hil_os_break(dut: Dut) -> None:
+    for name in _names():
+        dut.run_check(BREAKS[name], timeout=60)
