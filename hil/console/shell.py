@@ -20,6 +20,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from hil.console.log import BOOT_MARKERS as BOOT_BANNER
 from hil.console.log import ConsoleLog, StopEvent
 from hil.console.serial import SerialConsole
 from hil.errors import DeadlineError, DeviceError, InfraError
@@ -28,6 +29,9 @@ from hil.errors import DeadlineError, DeviceError, InfraError
 # may follow the prompt with terminal queries such as ESC[6n (busybox ash does).
 PROMPT = re.compile(rb"(?:(login:)|(assword:)|[#$]) ?(?:\x1b\[[0-9;?]*[A-Za-z])*$")
 # Never press Enter while a bootloader counts down: it would stop the boot.
+# Printed once a kernel runs: until then a keypress may land in a bootloader.
+KERNEL_STARTED = re.compile(rb"Starting kernel|Booting the kernel|Linux version|Booting Linux|"
+                            rb"Run /init|HIL-INIT|Freeing unused kernel")
 BOOTLOADER_WAITING = re.compile(rb"(?i)hit any key|press any key|autoboot|=> ?$|grub> ?$")
 KERNEL_LINE = re.compile(rb"\[\s*\d+\.\d+\][^\n]*\n?")
 # Other programs writing to /dev/console (init scripts, getty) interleave whole lines; a line
@@ -143,12 +147,15 @@ class ConsoleShell:
         return time.monotonic() - t0
 
     def _may_nudge(self) -> bool:
-        """Pressing Enter is safe once the board has spoken since power-on (before, a byte may
-        sit in the UART until the bootloader reads it as "stop autoboot") and no bootloader is
-        counting down."""
-        powered = [e for e in self.log.events if e.kind == "power-on"]
-        if powered and powered[-1].offset == self.log.end:
-            return False
+        """Pressing Enter is safe once the board has spoken since power-on or reset and, if a
+        bootloader ran, a kernel has started (before, a byte may sit in the UART until the
+        bootloader reads it as "stop autoboot"), and no bootloader is counting down."""
+        starts = [e for e in self.log.events if e.kind in ("power-on", "reset", "boot")]
+        if starts:
+            since = self.log.read(starts[-1].offset)
+            if not since or ((starts[-1].kind != "power-on" or BOOT_BANNER.search(since)) and \
+                    not KERNEL_STARTED.search(since)):
+                return False
         return not BOOTLOADER_WAITING.search(self.log.read(self.log.end - 200))
 
     def _still_prompt(self, at: int, end: float) -> bool:

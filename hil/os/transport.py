@@ -79,6 +79,13 @@ class SshShell:
         assert channel is not None
         return self._exec(channel, command, timeout, stdin)
 
+    def host_key(self) -> Any:
+        """The SSH host key the device presented (paramiko PKey)."""
+        transport = self._connected(60.0).get_transport()
+        if transport is None:
+            raise InfraError("SSH transport closed", part="network", rig=self.dut.rig.name)
+        return transport.get_remote_server_key()
+
     def start(self, command: str, connect_timeout: float = 60.0) -> Any:
         """Start ``command`` and return its paramiko channel without waiting (the caller may
         cut the power while it runs)."""

@@ -91,7 +91,7 @@ class UpdateSet:
 
         image = session.options.image or session.config.image
         arch = refos_arch(session.config) if image == "refos" else None
-        given_opt = getattr(session.options, "update_image", None)
+        given_opt = session.options.update_image
         given = UpdateImage.from_option(given_opt) if given_opt else None
         given_broken = {k: UpdateImage.from_option(v, broken=k)
                         for k, v in (broken or {}).items() if v}

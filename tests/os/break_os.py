@@ -18,6 +18,10 @@ import pytest
 from hil.dut import Dut
 from hil.os import BalenaOS
 
+# Overwrite a script's first bytes in place (an update's root is shrunk to its content: no free
+# block for a new file): it now exits at once, the rest is never read.
+_STUB = "printf '#!/bin/sh\\nexit 0 # broken\\n' | dd of={path} conv=notrunc 2>/dev/null"
+
 BREAKS: dict[str, str] = {
     # /data is not persisted: a tmpfs hides the resin-data partition (an OS that forgot to
     # mount it). Re-applied before each test; a reboot inside a test brings the real one back,
@@ -35,9 +39,8 @@ BREAKS: dict[str, str] = {
     # falls back, but the old OS never cleans up): a root made writable for the purpose
     "no-altboot-rollback": (
         "grep -q '^exit 0 # broken' /usr/bin/rollback-altboot || "
-        "{ mount -o remount,rw / && "
-        "printf '#!/bin/sh\\nexit 0 # broken\\n' > /usr/bin/rollback-altboot && sync && "
-        "mount -o remount,ro /; }"),
+        "{ mount -o remount,rw / && " + _STUB.format(path="/usr/bin/rollback-altboot") +
+        " && sync && mount -o remount,ro /; }"),
     # the new OS's health check never rolls back: applied to each update right after
     # hostapp-update wrote it (see _hook_updates)
     "no-health-rollback": "true",
@@ -45,8 +48,8 @@ BREAKS: dict[str, str] = {
 
 DISABLE_HEALTH_ROLLBACK = (
     "mount -o remount,rw /mnt/sysroot/inactive && "
-    "printf '#!/bin/sh\\nexit 0 # broken\\n' > /mnt/sysroot/inactive/usr/bin/rollback-health "
-    "&& sync && mount -o remount,ro /mnt/sysroot/inactive")
+    + _STUB.format(path="/mnt/sysroot/inactive/usr/bin/rollback-health") +
+    " && sync && mount -o remount,ro /mnt/sysroot/inactive")
 
 
 def _names() -> list[str]:

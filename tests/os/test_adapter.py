@@ -1,0 +1,118 @@
+"""The adapter turns what the device prints into the contract's terms: a fake device answers
+its commands with what balenaOS / the reference OS print (no board needed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from hil.console.shell import Result
+from hil.os import BalenaOS, BootState, OSContractError, RootPart, Secret
+
+
+class FakeDut:
+    """Answers by the first key that occurs in the command."""
+
+    def __init__(self, answers: dict[str, str | Callable[[str], str]],
+                 bootloader: str = "uboot") -> None:
+        self.answers = answers
+        self.commands: list[str] = []
+        dtype = SimpleNamespace(bootloader=bootloader)
+        self.rig = SimpleNamespace(config=SimpleNamespace(device_type=dtype), network=None,
+                                   name="fake", log=SimpleNamespace(end=0))
+        self.timeouts = SimpleNamespace(command=5.0, boot=60.0)
+
+    def run(self, command: str, timeout: float | None = None) -> Result:
+        self.commands.append(command)
+        for key, answer in self.answers.items():
+            if key in command:
+                out = answer(command) if callable(answer) else answer
+                return Result(command, out, None, 0, 0.01)
+        raise AssertionError(f"unexpected command {command!r}")
+
+
+def adapter(answers: dict[str, Any], bootloader: str = "uboot") -> BalenaOS:
+    return BalenaOS(FakeDut(answers, bootloader))  # type: ignore[arg-type]
+
+
+ROOTS_B_ACTIVE = ("active /dev/mmcblk0p3\ninactive /dev/mmcblk0p2\n"
+                  "label resin-boot /dev/mmcblk0p1\nlabel resin-rootA /dev/mmcblk0p2\n"
+                  "label resin-rootB /dev/mmcblk0p3\nlabel resin-state /dev/mmcblk0p5\n"
+                  "label resin-data /dev/mmcblk0p6\nmounted /dev/mmcblk0p3\n")
+
+
+def test_roots_from_by_state_links_and_labels() -> None:
+    roots = adapter({"by-state": ROOTS_B_ACTIVE}).roots()
+    assert roots.active == RootPart("resin-rootB", "/dev/mmcblk0p3", 3)
+    assert roots.inactive == RootPart("resin-rootA", "/dev/mmcblk0p2", 2)
+    assert roots.mounted_active == "/dev/mmcblk0p3"
+    assert roots.by_number(2) == roots.inactive
+
+
+def test_roots_without_by_state_links_use_the_mount() -> None:
+    text = ("active \ninactive \nlabel resin-rootA /dev/sda2\nlabel resin-rootB /dev/sda3\n"
+            "mounted /dev/sda2\n")
+    roots = adapter({"by-state": text}).roots()
+    assert (roots.active.device, roots.inactive.device) == ("/dev/sda2", "/dev/sda3")
+    with pytest.raises(OSContractError, match="neither"):
+        adapter({"by-state": "active \ninactive \nmounted \n"}).roots()
+
+
+def test_uboot_state_merges_both_files() -> None:
+    files = ("==> resinOS_uEnv.txt\nresin_root_part=3\nupgrade_available=1\n\n"
+             "==> bootcount.env\nbootcount=2\n\n")
+    assert adapter({"==>": files}).boot_state() == BootState(3, 1, 2)
+
+
+def test_grub_state_and_missing_environment() -> None:
+    files = ("==> grub/grubenv\n# GRUB Environment Block\nresin_root_part=3\n"
+             "upgrade_available=0\nbootcount=0\n" + "#" * 900 + "\n\n")
+    assert adapter({"==>": files}, "grub").boot_state() == BootState(3, 0, 0)
+    # a U-Boot file on a GRUB device is not what GRUB reads
+    with pytest.raises(OSContractError, match="no grub environment"):
+        adapter({"==>": "==> resinOS_uEnv.txt\nresin_root_part=2\n\n"}, "grub").boot_state()
+
+
+def test_markers_only_known_names() -> None:
+    os_ = adapter({"rollback-health-breadcrumb": "rollback-health-breadcrumb\n"
+                                                 "rollback-altboot-triggered\nnoise\n"})
+    assert os_.rollback_markers() == {"rollback-health-breadcrumb", "rollback-altboot-triggered"}
+
+
+def test_config_json_over_the_console_hashes_secrets_on_the_device() -> None:
+    key = "0f" * 16
+    answer = (json.dumps({"uuid": "abc", "os": {"sshKeys": []}}) + "\n-\n"
+              + hashlib.sha256(key.encode()).hexdigest() + "\n-\n")
+    fake = FakeDut({"jq -r": answer})
+    cfg = BalenaOS(fake).config_json()  # type: ignore[arg-type]
+    assert cfg["uuid"] == "abc" and "apiKey" not in cfg
+    assert isinstance(cfg["deviceApiKey"], Secret) and cfg["deviceApiKey"].matches(key)
+    assert key not in " ".join(fake.commands)  # the command never carries a key either
+
+
+def test_set_config_is_atomic_and_refuses_secrets() -> None:
+    fake = FakeDut({"jq": ""})
+    os_ = BalenaOS(fake)  # type: ignore[arg-type]
+    os_.set_config(hostname="x", **{"os.sshKeys": ["k"]}, ntpServers=None)
+    cmd = fake.commands[-1]
+    assert 'setpath(["hostname"]; $v0)' in cmd and 'setpath(["os", "sshKeys"]; $v1)' in cmd
+    assert 'delpaths([["ntpServers"]])' in cmd
+    assert "config.json.hil-new" in cmd and "mv -f" in cmd and "sync" in cmd
+    with pytest.raises(ValueError, match="secret"):
+        os_.set_config(deviceApiKey="nope")
+
+
+def test_listening_ports_and_data_dir() -> None:
+    tcp = ("  sl  local_address rem_address   st\n"
+           "   0: 00000000:56CE 00000000:0000 0A 0\n"
+           "   1: 0F02000A:56CE 0202000A:D082 01 0\n")
+    assert adapter({"/proc/net/tcp": tcp}).listening_tcp_ports() == {22222}
+    mounts = "/dev/vda5 /mnt/data ext4 rw\n/dev/vda5[/resin-data] /data ext4 rw\n"
+    assert adapter({"findmnt": mounts}).data_dir == "/data"
+    assert adapter({"findmnt": "/dev/sda6 /mnt/data ext4 rw\n"}).data_dir == \
+        "/mnt/data/resin-data"
