@@ -60,6 +60,8 @@ class Timeouts(Model):
     flash: float = Field(900.0, gt=0, description="writing and verifying the image")
     power: float = Field(10.0, gt=0, description="one power switch call")
     mux: float = Field(30.0, gt=0, description="SD mux switch until the block device appears")
+    install: float = Field(900.0, gt=0, description="flasher boards: installer power-on → it "
+                           "powers the board off")
 
 
 class SshSettings(Model):
@@ -289,6 +291,10 @@ def load_rig(name_or_path: str, rigs_dir: str | os.PathLike[str] | None = None) 
     if "target" not in parts and not {"power", "console"} <= parts.keys():
         raise ConfigError("a rig needs either 'target:' (a QEMU or libvirt board) or at least "
                           "'power:' and 'console:'", file=str(path), line=1)
+    if dtype.flasher and "target" not in parts and "sd_mux" not in parts:
+        raise ConfigError(f"{dtype.slug} is a flasher board: the rig needs an 'sd_mux:' to take "
+                          "the installer medium away after it has run", file=str(path),
+                          line=_line_for(lines, ("device_type",)), key="sd_mux")
     features = set(top.features) | set(dtype.features)
     if top.gpio_loopback:
         features.add("gpio_loopback")

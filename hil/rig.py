@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,12 +19,16 @@ from typing import Any
 from hil import registry
 from hil.cache import runtime_dir
 from hil.config import RigConfig
-from hil.console.log import ConsoleLog
+from hil.console.log import ConsoleLog, StopEvent
 from hil.console.serial import SerialConsole
-from hil.errors import HilError, InfraError
+from hil.errors import DeviceError, HilError, InfraError
 from hil.parts import Network, Power, SdMux, Storage
 
 log = logging.getLogger(__name__)
+
+# How a board's kernel says it stopped (emergency level: printed even with ``quiet``). An
+# installer is done when it powers the board off; halting or restarting means it gave up.
+STOPPED = re.compile(rb"reboot: (Power down|System halted|Restarting system)")
 
 
 @dataclass
@@ -56,6 +61,7 @@ class Rig:
         self.network: Network | None = parts.get("network")
         self.state = "unknown"
         self.flash_report: Any = None
+        self._off_since: float | None = None  # monotonic time of the last power off
 
     def _make(self, part: str) -> Any:
         spec = self.config.parts[part]
@@ -94,6 +100,10 @@ class Rig:
 
     # --- power ----------------------------------------------------------------------------------
     def power_on(self) -> None:
+        if self._off_since is not None:
+            # Deliberate: boards need their capacitors drained; the rig file sets how long.
+            left = self._off_since + self.config.power_off_time - time.monotonic()
+            time.sleep(max(0.0, left))
         with self.step("power on", "power"):
             if not self.console.attached and self.target is None:
                 self.console.attach()  # a bench console is open before the board gets power
@@ -105,13 +115,12 @@ class Rig:
         with self.step("power off", "power"):
             self.power.off()
             self.log.note("power-off")
+        self._off_since = time.monotonic()
         self.state = "off"
 
     def power_cycle(self) -> None:
         self.power_off()
-        # Deliberate: boards need their capacitors drained; the rig file sets how long.
-        time.sleep(self.config.power_off_time)
-        self.power_on()
+        self.power_on()  # after the rig's off-time
 
     # --- flashing -------------------------------------------------------------------------------
     def flash(self, image: Path, bmap: Path | None = None) -> Any:
@@ -133,8 +142,35 @@ class Rig:
         if self.sd_mux is not None:
             with self.step("sd mux → board", "sd_mux"):
                 self.sd_mux.to_dut()
+        if self.config.device_type.flasher:
+            self.install()
         self.state = "flashed"
         return self.flash_report
+
+    def install(self) -> None:
+        """Flasher boards (NUC, BeagleBone Black): the medium just written holds an installer.
+        Boot it, wait until it has written the internal disk and powered the board off, then
+        take the medium away so the next power-on boots the installed OS."""
+        if self.sd_mux is None:
+            raise InfraError("a flasher board needs an sd_mux: to switch the installer medium "
+                             "away once it has run", part="sd_mux", rig=self.name)
+        start = self.log.end
+        self.power_on()
+        with self.step("installer runs", "flash"):
+            expected = "the installer to power the board off ('reboot: Power down')"
+            try:
+                hit = self.log.wait_for(STOPPED, start, self.config.timeouts.install, expected,
+                                        stop_on=("panic",))
+            except StopEvent as exc:
+                raise DeviceError(f"kernel panic while the installer ran: {exc.event.text}\n"
+                                  f"--- console tail ---\n{exc.tail}") from None
+            if hit.groups[0] != b"Power down":
+                raise DeviceError(f"the installer stopped with {hit.data.decode()!r} instead of "
+                                  f"powering the board off\n--- console tail ---\n"
+                                  f"{self.log.tail()}")
+        self.power_off()
+        with self.step("sd mux → off (installer medium away)", "sd_mux"):
+            self.sd_mux.off()
 
     # --- teardown -------------------------------------------------------------------------------
     def close(self) -> None:

@@ -100,7 +100,9 @@ class HilSession:
         if name == "refos":
             from hil.refos import build
 
-            built = build(arch=refos_arch(self.config))
+            # flasher boards get the installer image, which installs the same OS
+            built = build(arch=refos_arch(self.config),
+                          flasher=self.config.device_type.flasher)
             return built.disk, built.bmap
         path = Path(name).expanduser()
         if not path.is_file():

@@ -46,6 +46,8 @@ def write(tmp_path: Path, text: str) -> Path:
      "timeouts.boot", "greater than 0"),
     ("device_type: generic-aarch64\nconsole:\n  driver: serial\npower: {driver: manual}\n", 2,
      "console", "exactly one of 'url' or 'match'"),
+    ("power: {driver: manual}\nconsole: {driver: serial, url: x}\ndevice_type: intel-nuc\n", 3,
+     "sd_mux", "a flasher board: the rig needs an 'sd_mux:'"),
     ("device_type: [\n", 2, None, "invalid YAML"),
     ("- a\n- b\n", 1, None, "expected a mapping"),
 ])

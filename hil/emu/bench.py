@@ -62,6 +62,13 @@ class ConsoleEmu(_Model):
                      "runtime directory), what ser2net opens")
 
 
+class InternalDiskEmu(_Model):
+    image: Path = Field(Path("internal-disk.img"), description="the board's own storage (eMMC, "
+                        "SSD) that a flasher image installs to: an image file (relative: in "
+                        "the runtime directory)")
+    size: int = Field(4 * 1024**3, gt=0, description="bytes; created blank (sparse)")
+
+
 class EmulatorSettings(_Model):
     board: QemuSettings = Field(QemuSettings(), description="the QEMU machine standing in for "
                                 "the board (same keys as target: {driver: qemu})")
@@ -69,6 +76,9 @@ class EmulatorSettings(_Model):
     pdu: PduEmu | None = Field(None, description="run pdudaemon for the power: part")
     console: ConsoleEmu | None = Field(None, description="the board's UART behind ser2net at "
                                        "the console: part's rfc2217:// port")
+    internal_disk: InternalDiskEmu | None = Field(
+        None, description="give the board a disk of its own besides the SD mux's card (a "
+        "flasher board's eMMC or SSD); the card, when in the board, comes first in boot order")
     libvirtd: bool = Field(False, description="start libvirtd (and virtlogd) unless one runs "
                            "already: for target: {driver: libvirt} rigs")
 
@@ -131,9 +141,12 @@ class Bench:
         if net is not None and net.driver == "ssh":
             ssh_port = net.settings.port  # type: ignore[attr-defined]
         uart_link = _path(runtime, s.console.tty if s.console else "console-tty")
+        internal = None
+        if s.internal_disk is not None:
+            internal = (_path(runtime, s.internal_disk.image), s.internal_disk.size)
         self.board = EmulatedBoard(s.board, rig=rig.name, runtime=runtime,
                                    device_type=rig.device_type, uart_link=uart_link, card=card,
-                                   card_size=card_size, ssh_port=ssh_port)
+                                   card_size=card_size, ssh_port=ssh_port, internal=internal)
         self.has_board = s.has_board
         self.relay: RelayBoard | None = None
         self.relay_channel = 1
@@ -279,5 +292,7 @@ class Bench:
         if self.board.card is not None:
             lines.append(f"SD card: {self.board.card[0]} (mux position in "
                          f"{self.board.card[1].name})")
+        if self.board.internal is not None:
+            lines.append(f"internal disk: {self.board.internal[0]}")
         lines.append(f"board log: {self.runtime / 'board' / 'qemu.log'}")
         return lines

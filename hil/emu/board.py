@@ -139,14 +139,25 @@ class Uart:
             sock.sendall(data)  # small (typed commands); a full socket buffer is rare
 
 
+def _blank(image: Path, size: int) -> None:
+    """A blank (sparse) disk where none is yet."""
+    if not image.exists():
+        image.parent.mkdir(parents=True, exist_ok=True)
+        with image.open("wb") as f:
+            f.truncate(size)
+
+
 class EmulatedBoard:
     def __init__(self, qemu: QemuSettings, *, rig: str, runtime: Path, device_type: Any,
                  uart_link: Path, card: tuple[Path, Path] | None = None,
-                 card_size: int = 2 * 1024**3, ssh_port: int | None = None) -> None:
+                 card_size: int = 2 * 1024**3, ssh_port: int | None = None,
+                 internal: tuple[Path, int] | None = None) -> None:
         """``card``: (image, mux position file) of a virtual SD mux; the board gets the image
-        as its disk only while the mux is in position "dut"."""
+        as its disk only while the mux is in position "dut". ``internal``: (image, size) of a
+        disk the board always has (eMMC, SSD), after the card in boot order."""
         self.rig, self.runtime = rig, runtime
         self.card, self.card_size = card, card_size
+        self.internal = internal
         board_dir = runtime / "board"
         board_dir.mkdir(parents=True, exist_ok=True)
         if card is not None:
@@ -200,14 +211,18 @@ class EmulatedBoard:
     # --- power ---------------------------------------------------------------------------------
     def _command(self) -> list[str]:
         cmd = self.target.command()
+        if self.internal is not None:
+            # PCI slots follow the command line: the card (when in) is the first disk the
+            # firmware tries and the kernel's vda, the internal disk the next
+            image, size = self.internal
+            _blank(image, size)
+            cmd += ["-drive", f"file={image},format=raw,if=none,id=internal,cache=unsafe",
+                    "-device", "virtio-blk-pci,drive=internal"]
         if self.card is None:
             self.target.storage.target(0)  # the board's own disk
             return cmd
         image, position_file = self.card
-        if not image.exists():
-            image.parent.mkdir(parents=True, exist_ok=True)
-            with image.open("wb") as f:
-                f.truncate(self.card_size)  # a blank card
+        _blank(image, self.card_size)
         if read_position(position_file) == "dut":
             return cmd
         # the card is on the host side (or nowhere): the board boots without it

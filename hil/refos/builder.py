@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 FILES = Path(__file__).parent / "files"
 EPOCH = 1704067200  # 2024-01-01: every timestamp in the image
 BROKEN_MODES = ("init", "health")
+FLASHER_MARKER = "hil-flasher"  # on resin-boot: this image is an installer (rcS runs the flasher)
 MiB = 1 << 20
 
 # Partition layout, identical on both architectures (index: name, size). GRUB's core.img
@@ -103,6 +104,9 @@ class RefosImage:
     device_type: str
     kernel_version: str
     packages: dict[str, str]
+    # an installer image for flasher boards (NUC, BBB): boots, copies itself to the board's
+    # internal disk as an installed OS, powers the board off
+    flasher: bool = False
     # aarch64: U-Boot environment for QEMU's second pflash bank (the board's SPI flash):
     # bootdelay=0 and a bootcmd that runs boot.scr directly. Optional; without it U-Boot's
     # default distro boot finds boot.scr too, about 2.5 s later.
@@ -113,12 +117,14 @@ class RefosImage:
         return self.disk.parent
 
 
-def build(arch: str = "aarch64", version: str = "1.0.0", broken: str | None = None
-          ) -> RefosImage:
+def build(arch: str = "aarch64", version: str = "1.0.0", broken: str | None = None,
+          flasher: bool = False) -> RefosImage:
     """Build (or take from the cache) the reference OS image for ``arch``.
 
     ``broken="init"`` gives a root whose init fails (kernel panic, the bootloader counts the
-    failed boots), ``broken="health"`` one whose health check never passes.
+    failed boots), ``broken="health"`` one whose health check never passes. ``flasher=True``
+    gives the installer image of flasher boards: the same bytes plus a ``hil-flasher`` marker
+    on resin-boot, which makes the OS install itself to the internal disk and power off.
     """
     if arch not in ARCHES:
         raise RefosBuildError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHES)}")
@@ -126,12 +132,12 @@ def build(arch: str = "aarch64", version: str = "1.0.0", broken: str | None = No
         raise RefosBuildError(f"unknown broken mode {broken!r}: choose init or health")
     if not re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z.+_~-]{0,63}", version):
         raise RefosBuildError(f"version {version!r}: use letters, digits and . + _ ~ -")
-    return _Builder(ARCHES[arch], version, broken).run()
+    return _Builder(ARCHES[arch], version, broken, flasher).run()
 
 
 class _Builder:
-    def __init__(self, spec: ArchSpec, version: str, broken: str | None) -> None:
-        self.spec, self.version, self.broken = spec, version, broken
+    def __init__(self, spec: ArchSpec, version: str, broken: str | None, flasher: bool) -> None:
+        self.spec, self.version, self.broken, self.flasher = spec, version, broken, flasher
 
     # --- inputs and key --------------------------------------------------------------------
 
@@ -143,7 +149,8 @@ class _Builder:
         libs = self._library_packages(resolved)
         resolved.update(debs.resolve(libs, self.spec.deb_arch))
         key = self._key(resolved)
-        name = f"{self.spec.name}-{self.version}-{self.broken or 'ok'}-{key[:12]}"
+        kind = (self.broken or "ok") + ("-flasher" if self.flasher else "")
+        name = f"{self.spec.name}-{self.version}-{kind}-{key[:12]}"
         out = cache_dir("refos") / name
         manifest = out / "manifest.json"
         if manifest.exists():
@@ -209,6 +216,7 @@ class _Builder:
         h = hashlib.sha256()
         h.update(json.dumps({
             "arch": self.spec.name, "version": self.version, "broken": self.broken,
+            "flasher": self.flasher,
             "packages": sorted((d.name, d.version, d.arch) for d in resolved.values()),
             "host": _host_tool_versions(),
         }, sort_keys=True).encode())
@@ -253,7 +261,7 @@ class _Builder:
         return RefosImage(
             arch=self.spec.name, version=self.version, broken=self.broken,
             disk=out / disk.name, bmap=out / bmap.name, rootfs=out / rootfs.name, key=key,
-            device_type=self.spec.device_type, kernel_version=kver,
+            device_type=self.spec.device_type, kernel_version=kver, flasher=self.flasher,
             packages={d.name: d.version for d in sorted(resolved.values(),
                                                         key=lambda d: d.name)},
             uboot_env=out / uboot_env.name if uboot_env else None)
@@ -423,6 +431,9 @@ class _Builder:
         config = {"deviceType": self.spec.device_type, "developmentMode": True,
                   "persistentLogging": False}
         files = {"config.json": (json.dumps(config, indent=1) + "\n").encode()}
+        if self.flasher:
+            files[FLASHER_MARKER] = (b"This is an installer: it writes itself to the board's "
+                                     b"internal disk (without this file) and powers off.\n")
         if self.spec.bootloader == "uboot":
             cmd = work / "boot.cmd"
             text = (FILES / "uboot" / "boot.cmd").read_text().replace("@CONSOLE@",
@@ -455,6 +466,7 @@ def _image_from(manifest: dict[str, object], out: Path) -> RefosImage:
         rootfs=out / str(manifest["rootfs"]), key=str(manifest["key"]),
         device_type=str(manifest["device_type"]),
         kernel_version=str(manifest["kernel_version"]),
+        flasher=bool(manifest.get("flasher", False)),
         packages={str(k): str(v) for k, v in packages.items()},
         uboot_env=out / str(manifest["uboot_env"]) if manifest.get("uboot_env") else None)
 

@@ -27,6 +27,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--version", default="1.0.0", help="VERSION in /etc/os-release")
     p.add_argument("--broken", choices=BROKEN_MODES, default=None,
                    help="a root that fails to boot (init) or never passes its health check")
+    p.add_argument("--flasher", action="store_true",
+                   help="an installer for flasher boards: installs itself to the internal disk")
     p.add_argument("--json", action="store_true", help="print a JSON object instead")
     p.set_defaults(func=_build)
 
@@ -60,9 +62,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 
 def _build(args: argparse.Namespace) -> int:
-    img = build(args.arch, args.version, args.broken)
+    img = build(args.arch, args.version, args.broken, flasher=args.flasher)
     if args.json:
         print(json.dumps({"arch": img.arch, "version": img.version, "broken": img.broken,
+                          "flasher": img.flasher,
                           "disk": str(img.disk), "bmap": str(img.bmap),
                           "rootfs": str(img.rootfs), "key": img.key}, indent=1))
     else:
