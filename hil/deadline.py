@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from hil.errors import DeadlineError
@@ -48,3 +50,26 @@ def wait_until(
             raise DeadlineError(expected, seen() if seen else repr(value), timeout,
                                 tail=tail() if tail else "")
         time.sleep(min(interval, deadline.remaining()))
+
+
+class WaitTally:
+    """Seconds the framework spent blocked on the device, by kind ("boot", "command", "ssh").
+    The session report splits its wall time with it: the device's share and the framework's.
+    Nested timings count once, under the outermost kind (a boot's waits for single lines are
+    boot time, not command time)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._depth = threading.local()
+
+    @contextlib.contextmanager
+    def timing(self, kind: str) -> Iterator[None]:
+        depth = getattr(self._depth, "n", 0)
+        self._depth.n = depth + 1
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self._depth.n = depth
+            if depth == 0:
+                self.seconds[kind] = self.seconds.get(kind, 0.0) + time.monotonic() - t0

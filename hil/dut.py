@@ -60,7 +60,10 @@ class Dut:
     # --- restarts -------------------------------------------------------------------------------
     def reboot(self, timeout: float | None = None, command: str = "reboot") -> float:
         """Soft reboot through the OS. Waits for the kernel to go down, then for a new shell."""
-        timeout = timeout or self.timeouts.boot
+        with self.rig.log.tally.timing("boot"):
+            return self._reboot(timeout or self.timeouts.boot, command)
+
+    def _reboot(self, timeout: float, command: str) -> float:
         t0 = time.monotonic()
         at = self.shell.send(command)
         self.shell.invalidate()
@@ -101,6 +104,10 @@ class Dut:
     # --- SSH ------------------------------------------------------------------------------------
     def ssh(self, *, key: Path | None = None, timeout: float = 30.0) -> paramiko.SSHClient:
         """An SSH client logged in as root on the OS's SSH port (22222 on balenaOS)."""
+        with self.rig.log.tally.timing("ssh"):
+            return self._ssh(key, timeout)
+
+    def _ssh(self, key: Path | None, timeout: float) -> paramiko.SSHClient:
         import paramiko
 
         if self.rig.network is None:
@@ -132,6 +139,10 @@ class Dut:
     def ssh_run(self, command: str, timeout: float | None = None, *,
                 key: Path | None = None) -> Result:
         """Run over SSH: stdout and stderr separate."""
+        with self.rig.log.tally.timing("ssh"):
+            return self._ssh_run(command, timeout, key)
+
+    def _ssh_run(self, command: str, timeout: float | None, key: Path | None) -> Result:
         client = self.ssh(key=key)
         with contextlib.closing(client):
             t0 = time.monotonic()

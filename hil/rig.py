@@ -100,11 +100,11 @@ class Rig:
 
     # --- power ----------------------------------------------------------------------------------
     def power_on(self) -> None:
-        if self._off_since is not None:
-            # Deliberate: boards need their capacitors drained; the rig file sets how long.
-            left = self._off_since + self.config.power_off_time - time.monotonic()
-            time.sleep(max(0.0, left))
         with self.step("power on", "power"):
+            if self._off_since is not None:
+                # Deliberate: boards need their capacitors drained; the rig file sets how long.
+                left = self._off_since + self.config.power_off_time - time.monotonic()
+                time.sleep(max(0.0, left))
             if not self.console.attached and self.target is None:
                 self.console.attach()  # a bench console is open before the board gets power
             self.log.note("power-on")  # before: the first byte the board prints comes after it
@@ -156,7 +156,7 @@ class Rig:
                              "away once it has run", part="sd_mux", rig=self.name)
         start = self.log.end
         self.power_on()
-        with self.step("installer runs", "flash"):
+        with self.step("installer runs", "flash"), self.log.tally.timing("boot"):
             expected = "the installer to power the board off ('reboot: Power down')"
             try:
                 hit = self.log.wait_for(STOPPED, start, self.config.timeouts.install, expected,

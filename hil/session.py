@@ -9,6 +9,7 @@ import importlib
 import json
 import logging
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,9 +63,12 @@ class HilSession:
         self.device_config: dict[str, Any] = {}
         self.api: Any = None  # registration endpoint, when the image is the reference OS
         self.ssh_key, self.ssh_pub = ssh_keypair(self.runtime)
+        self.started: float | None = None  # monotonic, at start()
+        self.ended: float | None = None  # monotonic, at the first close()
 
     # --- the whole bring-up ----------------------------------------------------------------------
     def start(self, what: str = "") -> Dut:
+        self.started = time.monotonic()
         try:
             self.lock.acquire(self.options.rig_wait, what,
                               on_wait=lambda m: log.warning("%s", m))
@@ -90,6 +94,8 @@ class HilSession:
 
     def close(self) -> None:
         self.stack.close()
+        if self.started is not None and self.ended is None:
+            self.ended = time.monotonic()
 
     # --- image ----------------------------------------------------------------------------------
     def base_image(self) -> tuple[Path, Path | None]:
@@ -161,8 +167,33 @@ class HilSession:
         for step in self.rig.timeline:
             lines.append(f"  {step.seconds:7.2f}s  {'ok ' if step.ok else 'ERR'} {step.name}"
                          + (f" — {step.detail}" if step.detail else ""))
+        lines.append(self.time_split())
         if self.rig.log.path:
             lines.append(f"console log: {self.rig.log.path}")
         return lines
+
+    def time_split(self) -> str:
+        """Where the session's wall time went: waiting on the device, switching and flashing
+        the rig's hardware, and the rest (framework, image preparation, test code)."""
+        assert self.rig is not None and self.started is not None
+        wall = (self.ended or time.monotonic()) - self.started
+        waits = self.rig.log.tally.seconds
+        device = sum(waits.values())
+        hardware: dict[str, float] = {}
+        for step in self.rig.timeline:
+            kind = next((k for k in ("power", "sd mux", "flash", "wait for storage")
+                         if step.name.startswith(k)), None)
+            if kind is not None:  # not "wait for shell" or "installer runs": those are waits
+                kind = {"sd mux": "mux", "wait for storage": "flash"}.get(kind, kind)
+                hardware[kind] = hardware.get(kind, 0.0) + step.seconds
+        rest = max(0.0, wall - device - sum(hardware.values()))
+
+        def parts(d: dict[str, float]) -> str:
+            return ", ".join(f"{k} {v:.1f}s" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))
+
+        return (f"time: {wall:.1f}s on the rig; waiting on the device {device:.1f}s "
+                f"({100 * device / wall if wall else 0:.0f}%: {parts(waits) or 'none'}); "
+                f"rig hardware {sum(hardware.values()):.1f}s ({parts(hardware) or 'none'}); "
+                f"framework and test code {rest:.1f}s ({100 * rest / wall if wall else 0:.0f}%)")
 
 

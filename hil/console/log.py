@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hil.deadline import WaitTally
 from hil.errors import DeadlineError, InfraError
 
 # Lines that mean "the board (re)started" or "the kernel died", across bootloaders.
@@ -44,6 +45,7 @@ class ConsoleLog:
         self._file = path.open("wb") if path else None  # one session's console per file
         self.path = path
         self.lost: str | None = None  # set when the transport died: waiters fail at once
+        self.tally = WaitTally()  # time blocked in wait_for (and over SSH, see hil.os)
 
     # --- writer side (the reader thread) ----------------------------------------------------
     def append(self, data: bytes) -> None:
@@ -132,6 +134,11 @@ class ConsoleLog:
         chunks) so a long boot log costs nothing per wake-up. ``stop_on`` event kinds
         (e.g. "panic") end the wait early with the event in the error.
         """
+        with self.tally.timing("command"):
+            return self._wait_for(pattern, start, timeout, expected, stop_on)
+
+    def _wait_for(self, pattern: re.Pattern[bytes], start: int, timeout: float, expected: str,
+                  stop_on: tuple[str, ...]) -> Hit:
         deadline = time.monotonic() + timeout
         pos = start
         with self._cond:

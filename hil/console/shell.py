@@ -97,6 +97,10 @@ class ConsoleShell:
 
     def wait_ready(self, timeout: float) -> float:
         """From anywhere in a boot: get to a configured root shell. Returns seconds taken."""
+        with self.log.tally.timing("boot"):
+            return self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float) -> float:
         t0 = time.monotonic()
         end = t0 + timeout
         start = self.log.end

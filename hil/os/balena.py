@@ -446,12 +446,16 @@ class BalenaOS:
     def power_cycle(self) -> BootRecord:
         """Hard power cut and back on (the rig's off-time between), then a shell."""
         self.power_off()
-        time.sleep(self.dut.rig.config.power_off_time)  # the rig's capacitor drain time
-        return self.power_on()
+        return self.power_on()  # after the rig's off-time
 
     def await_boot(self, start: int, timeout: float | None = None) -> BootRecord:
         """The next run of the bootloader after console offset ``start``."""
         timeout = timeout or self.dut.timeouts.boot
+        log_ = self.dut.rig.log
+        with log_.tally.timing("boot"):
+            return self._await_boot(start, timeout)
+
+    def _await_boot(self, start: int, timeout: float) -> BootRecord:
         log_ = self.dut.rig.log
         if self.is_reference_os:
             hit = log_.wait_for(parse.BOOT_LINE, start, timeout,
@@ -471,8 +475,10 @@ class BalenaOS:
     def await_panic(self, start: int, timeout: float) -> int:
         """Wait for a kernel panic after ``start`` (a root that cannot boot); returns the
         offset after it."""
-        hit = self.dut.rig.log.wait_for(PANIC_MARKER, start, timeout,
-                                        "a kernel panic (the new root's init fails)")
+        log_ = self.dut.rig.log
+        with log_.tally.timing("boot"):
+            hit = log_.wait_for(PANIC_MARKER, start, timeout,
+                                "a kernel panic (the new root's init fails)")
         return hit.end
 
     def reboot_via_ssh(self) -> int:

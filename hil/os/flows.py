@@ -136,8 +136,9 @@ def boot_broken_init(dut: Dut, host_os: BalenaOS, inst: Installed) -> None:
                      f"boot {BOOTLIMIT + 1}: a bootcount over the limit must boot the old root")
         # the old OS's rollback-altboot restores the bootloader state and reboots once more,
         # before the OS reports ready
-        hit = dut.rig.log.wait_for(re.compile(rb"HIL-BOOT: |HIL-READY "), rec.end,
-                                   dut.timeouts.boot, "rollback-altboot to reboot the old OS")
+        with dut.rig.log.tally.timing("boot"):
+            hit = dut.rig.log.wait_for(re.compile(rb"HIL-BOOT: |HIL-READY "), rec.end,
+                                       dut.timeouts.boot, "rollback-altboot to reboot the old OS")
         assert hit.data.startswith(b"HIL-BOOT"), (
             "the old OS came up after the fallback boot without running rollback-altboot "
             "(no reboot into a consistent old state); the bootloader is left on the failed "

@@ -60,6 +60,11 @@ class SshShell:
         """Run ``command`` (stdout and stderr merged, like the console). A command whose
         channel could not be opened is retried once on a fresh connection; one that started is
         never re-run."""
+        with self.dut.rig.log.tally.timing("ssh"):
+            return self._run(command, timeout, stdin, connect_timeout)
+
+    def _run(self, command: str, timeout: float, stdin: bytes | None,
+             connect_timeout: float) -> Result:
         import paramiko
 
         channel = None

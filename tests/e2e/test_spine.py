@@ -59,6 +59,14 @@ def test_smoke_suite_passes_on_the_qemu_rig(tmp_path: Path, env: dict[str, str])
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     assert "4 passed" in run.stdout
     assert not qemu_pids(tmp_path), "a QEMU board outlived its session"
+    # the summary splits the wall time: boots and commands were waited on, the rest is ours
+    split = re.search(r"time: ([\d.]+)s on the rig; waiting on the device ([\d.]+)s \(\d+%: "
+                      r"(.*?)\); rig hardware ([\d.]+)s \((.*?)\); framework and test code "
+                      r"([\d.]+)s", run.stdout)
+    assert split, run.stdout[-3000:]
+    wall, device, waits, hardware, _, rest = split.groups()
+    assert "boot" in waits and "command" in waits, waits
+    assert abs(float(wall) - float(device) - float(hardware) - float(rest)) < 0.3
 
 
 def test_qemu_that_fails_to_start_is_one_clear_rig_error(tmp_path: Path,
