@@ -11,23 +11,22 @@ import errno
 import hashlib
 import os
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from hil.errors import ConfigError, InfraError
 
 SUPPORTED_MAJOR = 2
 
 
-@dataclass(frozen=True)
-class BmapRange:
+# NamedTuple rather than dataclass: `hil flash` starts without importing dataclasses (~10 ms)
+class BmapRange(NamedTuple):
     first: int  # first block
     last: int  # last block, inclusive (bmaptool's convention)
     checksum: str | None
 
 
-@dataclass(frozen=True)
-class Bmap:
+class Bmap(NamedTuple):
     image_size: int
     block_size: int
     ranges: tuple[BmapRange, ...]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -95,6 +94,8 @@ def _cmd_flash(args: argparse.Namespace) -> int:
 
 
 def _cmd_configure(args: argparse.Namespace) -> int:
+    import json
+
     from hil.flash.configure import configure_image
 
     try:

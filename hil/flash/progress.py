@@ -6,16 +6,14 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 log = logging.getLogger("hil.flash")
 
 Phase = Literal["write", "verify"]
 
 
-@dataclass(frozen=True)
-class FlashProgress:
+class FlashProgress(NamedTuple):
     phase: Phase
     done: int  # write: image bytes covered so far (holes included); verify: bytes read back
     total: int

@@ -3,18 +3,22 @@
 A block device is refused if it (or a partition of it) is mounted, used as swap, holds the host's
 root, is held by device-mapper/md (``holders/``), is a partition, is read-only, is not removable
 (unless the rig says it is its own disk: ``allow_fixed``), or is smaller than the image. Regular
-files (QEMU disks, a virtual SD mux) are allowed, except the image itself or an active swap file.
+files (QEMU disks, a virtual SD mux) are allowed, except the image itself, an active swap file, or
+the disk of a running QEMU: any target another process holds a byte-range lock on is refused, and
+QEMU locks its images that way (``in_use_by``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import logging
 import os
 import stat
-from dataclasses import dataclass, field
+import struct
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from hil.errors import InfraError
 
@@ -23,8 +27,7 @@ log = logging.getLogger(__name__)
 SYS_BLOCK = Path("/sys/class/block")
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     given: str  # as the caller named it (maybe a /dev/disk/by-id symlink)
     path: Path  # resolved
     kind: Literal["file", "block"]
@@ -34,7 +37,7 @@ class Target:
     description: str = ""
     logical_block_size: int = 512
     discard: bool = False
-    devnums: frozenset[int] = field(default_factory=frozenset)  # the disk and its partitions
+    devnums: frozenset[int] = frozenset()  # the disk and its partitions
     loop_autoclear: bool | None = None  # loop devices: the flag `losetup -d` sets when busy
 
     def __str__(self) -> str:
@@ -201,6 +204,7 @@ def check_target(target: str | os.PathLike[str], *, image_size: int | None,
     if image_size is not None and image_size > t.size:
         raise _refuse(t.given, f"{t.path} holds {t.size} bytes ({_human(t.size)}) but the "
                       f"image needs {image_size} bytes ({_human(image_size)})")
+    _check_unlocked(t)
     return t
 
 
@@ -212,6 +216,78 @@ def _check_file(t: Target, source: str | os.PathLike[str] | None) -> None:
     if t.size and str(t.path) in {_unescape(line.split()[0]) for line in
                                   _read(Path("/proc/swaps")).splitlines()[1:] if line.split()}:
         raise _refuse(t.given, "it is an active swap file")
+    if t.path.exists():
+        _check_unlocked(t)
+
+
+# struct flock (flock64 on 32-bit ABIs): l_type, l_whence, l_start, l_len, l_pid
+_FLOCK = struct.Struct("hhqqi")
+
+
+def lock_conflict(fd: int) -> int | None:
+    """Is there a byte-range lock on ``fd``'s file that a whole-file write lock would conflict
+    with? Returns the holder's pid, 0 if the kernel does not say (OFD locks), None if free."""
+    probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0) + bytes(16)  # + room for padding
+    got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe)
+    l_type, _whence, _start, _len, pid = _FLOCK.unpack_from(got)
+    return None if l_type == fcntl.F_UNLCK else max(pid, 0)
+
+
+def lock_holders(path: Path) -> list[str]:
+    """Each process with a lock on ``path``, as "pid N (program)": the ``lock:`` lines of
+    /proc/PID/fdinfo/FD name the inode as /proc/locks does (major:minor:inode, hex:hex:dec)."""
+    st = os.stat(path)
+    key = f" {os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fdinfo")
+        except OSError:  # gone, or not ours to see
+            continue
+        for fd in fds:
+            info = _read(Path(f"/proc/{pid}/fdinfo/{fd}"))
+            if any(line.startswith("lock:") and key in line for line in info.splitlines()):
+                found.append(_process(int(pid)))
+                break
+    return found
+
+
+def _process(pid: int) -> str:
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        argv0 = b""
+    name = os.path.basename(argv0.decode(errors="replace")) or _read(Path(f"/proc/{pid}/comm"))
+    return f"pid {pid} ({name})" if name else f"pid {pid}"
+
+
+def in_use_by(t: Target) -> str | None:
+    """Who holds a byte-range lock on the target, or None. A running QEMU holds OFD locks on
+    its disk images (bytes 100+ for the permissions it uses, 200+ for those it does not share),
+    and it writes through them without noticing what else changed the file."""
+    try:
+        fd = os.open(t.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:  # e.g. no medium: other checks speak for that
+        return None
+    try:
+        pid = lock_conflict(fd)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP):  # no locks here
+            return None
+        raise
+    finally:
+        os.close(fd)
+    if pid is None:
+        return None
+    holders = [_process(pid)] if pid else lock_holders(t.path)
+    return ", ".join(holders) or "another process (pid not visible)"
+
+
+def _check_unlocked(t: Target) -> None:
+    holder = in_use_by(t)
+    if holder:
+        raise _refuse(t.given, f"it is in use: {holder} holds a lock on {t.path} (a running "
+                      "QEMU locks its disk images); stop it first")
 
 
 class Presence:

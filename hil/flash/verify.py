@@ -1,14 +1,16 @@
 """Read back what was written and compare SHA-256 with the digests taken while writing.
 
 The target is read past the page cache (see ``_Reader``), so we see what the medium holds, not
-what we just gave the kernel. Each run is verified as soon as it is written, overlapping the
-read-back with the rest of the write (``OVERLAP``; otherwise after the final flush).
-One thread reads, two hash (hashlib releases the GIL): runs go to the less busy hasher.
+what we just gave the kernel. One thread reads, two hash (hashlib releases the GIL): runs go to
+the less busy hasher. When reading starts is the caller's choice (``overlap``): each run as soon
+as it is written, overlapping the rest of the write; or all of them once the last one is written,
+alongside the final flush.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import hashlib
 import mmap
@@ -17,7 +19,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +29,18 @@ from hil.flash.safety import Target, vanished
 from hil.flash.source import open_source
 
 HASHERS = 2
-OVERLAP = {"block": True, "file": True}
+FILE_ALIGN = 4096  # O_DIRECT on a file: a page covers any filesystem block size up to it
 
 
-@dataclass
 class Run:
     """A contiguous written range and the SHA-256 it must read back with: of the bytes sent
     there, or the bmap's checksum of that range (``key``: its index in the bmap)."""
 
-    start: int
-    end: int
-    digest: bytes = b""
-    key: int | None = None
+    __slots__ = ("digest", "end", "key", "start")
+
+    def __init__(self, start: int, end: int, digest: bytes = b"", key: int | None = None
+                 ) -> None:
+        self.start, self.end, self.digest, self.key = start, end, digest, key
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -48,27 +49,47 @@ SYNC_RANGE_ALL = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER: the range is on 
 
 
 class _Reader:
-    """pread on the target, past the page cache. Block devices: O_DIRECT. Files: each run is
-    written back (sync_file_range) and dropped from the cache (POSIX_FADV_DONTNEED) before an
-    ordinary read, which then comes from the disk; ext4 would make O_DIRECT reads wait for the
-    inode lock that concurrent buffered writes hold."""
+    """pread on the target, past the page cache. With O_DIRECT (block devices; files when
+    ``direct`` and the filesystem supports it) the kernel writes back what the cache holds for
+    the range, then reads the medium. Otherwise each range is written back (sync_file_range)
+    and dropped from the cache (POSIX_FADV_DONTNEED) before an ordinary read, which then comes
+    from the disk. Files being written get the latter: ext4 makes O_DIRECT reads wait for the
+    inode lock that each buffered write takes."""
 
-    def __init__(self, t: Target) -> None:
+    def __init__(self, t: Target, direct: bool = True) -> None:
         self.t = t
-        self.align = t.logical_block_size if t.kind == "block" else 1
-        flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if t.kind == "block" else 0)
-        self.fd = os.open(t.path, flags)
+        self.direct = direct or t.kind == "block"
+        self.fd = -1
+        if self.direct:
+            try:
+                self.fd = os.open(t.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+            except OSError as exc:
+                if t.kind == "block" or exc.errno != errno.EINVAL:  # EINVAL: not on this fs
+                    raise
+                self.direct = False
+        if self.fd < 0:
+            self.fd = os.open(t.path, os.O_RDONLY | os.O_CLOEXEC)
+        self.align = t.logical_block_size if t.kind == "block" else (
+            FILE_ALIGN if self.direct else 1)
 
-    def settle(self, start: int, end: int) -> None:
-        """Make [start, end) come from the medium on the next read."""
-        if self.t.kind != "file":
-            return
+    def _settle(self, start: int, end: int) -> None:
+        """Make [start, end) of a file come from the medium on the next buffered read."""
         if _libc.sync_file_range(self.fd, start, end - start, SYNC_RANGE_ALL) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
         os.posix_fadvise(self.fd, start, end - start, os.POSIX_FADV_DONTNEED)
 
     def pread(self, view: memoryview, offset: int) -> int:
+        if self.direct:
+            try:
+                return os.preadv(self.fd, [view], offset)
+            except OSError as exc:  # a file system that opens O_DIRECT but refuses to read so
+                if self.t.kind == "block" or exc.errno != errno.EINVAL:
+                    raise
+            os.close(self.fd)
+            self.fd = os.open(self.t.path, os.O_RDONLY | os.O_CLOEXEC)
+            self.direct = False
+        self._settle(offset, offset + len(view))
         return os.preadv(self.fd, [view], offset)
 
     def close(self) -> None:
@@ -76,14 +97,18 @@ class _Reader:
 
 
 class Verifier:
-    """Feed it runs as they are written (``add``); ``finish`` after the final flush."""
+    """Feed it runs as they are written (``add``), call ``written`` once the last one is, and
+    ``finish`` after the final flush. ``overlap``: read each run back as soon as it is added;
+    otherwise from ``written`` on (with O_DIRECT on a file, so the final flush and the read-back
+    proceed together: each read waits only for its own range to reach the medium)."""
 
     def __init__(self, t: Target, write_fd: int, image: Path,
-                 progress: Callable[[int, int, float], None], bmap: Bmap | None = None) -> None:
+                 progress: Callable[[int, int, float], None], bmap: Bmap | None = None, *,
+                 overlap: bool = True) -> None:
         self.t, self.write_fd, self.image, self.progress = t, write_fd, image, progress
         self.bmap = bmap
-        self.reader = _Reader(t)
-        self.overlap = OVERLAP[t.kind]  # else wait for the final flush before reading
+        self.overlap = overlap
+        self.reader = _Reader(t, direct=not overlap)
         self.bufs = Buffers(SLOTS)
         self.runs: list[Run] = []
         self.runs_q: queue.Queue[Any] = queue.Queue()
@@ -93,11 +118,13 @@ class Verifier:
         self.total = self.done = 0
         self.bad: dict[int, bytes] = {}  # run index -> digest read back
         self.t0 = time.monotonic()
+        self.started = False
         self.threads: list[threading.Thread] = []
         if self.overlap:
             self._start()
 
     def _start(self) -> None:
+        self.started = True
         self.t0 = time.monotonic()
         self.threads = [start_stage(self._read_stage, self.hash_qs, self.bufs,
                                     "flash-verify-read")]
@@ -113,6 +140,13 @@ class Verifier:
                 self.runs_q.put(len(self.runs) - 1)
         self.poll()
 
+    def written(self) -> None:
+        """Every run has been added and handed to the kernel: start reading all of them."""
+        if not self.started:
+            for i in range(len(self.runs)):
+                self.runs_q.put(i)
+            self._start()
+
     def _read_stage(self) -> None:
         align, bufs = self.reader.align, self.bufs
         while True:
@@ -123,11 +157,6 @@ class Verifier:
             r = self.runs[i]
             h = self.pending.index(min(self.pending))
             self.pending[h] += r.end - r.start
-            try:
-                self.reader.settle(r.start, r.end)
-            except OSError as exc:
-                raise InfraError(f"flushing {self.t} at {r.start}-{r.end - 1} to read it back "
-                                 f"failed: {exc.strerror}", part="flash") from exc
             pos = r.start - r.start % align
             while pos < r.end:
                 n = min(CHUNK, -(-(r.end - pos) // align) * align)
@@ -190,10 +219,7 @@ class Verifier:
     def finish(self) -> None:
         """Call after the final flush: verify what is left, raise on any difference."""
         try:
-            if not self.overlap:
-                for i in range(len(self.runs)):
-                    self.runs_q.put(i)
-                self._start()
+            self.written()
             self.runs_q.put(END)
             ended = 0
             while ended < HASHERS:
@@ -242,7 +268,6 @@ def first_difference(image: Path, t: Target, start: int, end: int) -> int | None
     maps = mmap.mmap(-1, step), mmap.mmap(-1, step)
     want, have = memoryview(maps[0]), memoryview(maps[1])
     try:
-        reader.settle(start - start % step, end)
         with open_source(image) as src:
             pos = start - start % step  # aligned, so O_DIRECT reads are too
             skip = pos

@@ -2,8 +2,10 @@
 
 Three stages overlap (see ``pipeline``): read/decompress and find the data (bmap ranges, the
 source's SEEK_DATA extents, or non-zero 4 KiB blocks) -> SHA-256 per written run (which is also
-the bmap range check) -> write on the calling thread, so Ctrl-C lands there. Then ``verify``
-reads the runs back past the page cache and compares digests.
+the bmap range check) -> write on the calling thread, so Ctrl-C lands there. ``verify`` reads the
+runs back past the page cache and compares digests: while the write goes on, or (a raw image
+copied inside the kernel, which keeps the disk busy by itself) from the moment the last range is
+handed over, alongside the final flush.
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ import os
 import queue
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from hil.errors import ConfigError, InfraError
 from hil.flash.bmap import Bmap, parse_bmap
@@ -43,8 +44,7 @@ PREFETCH = 32 << 20  # raw images: ask for this much ahead of the copy (POSIX_FA
 RUN_SPLIT = 16 << 20  # verify runs are cut here (when no bmap checksum needs the whole range)
 
 
-@dataclass(frozen=True)
-class FlashReport:
+class FlashReport(NamedTuple):
     image: str
     target: str
     image_size: int
@@ -76,14 +76,15 @@ class _Hash(Protocol):
     def digest(self) -> bytes: ...
 
 
-@dataclass
 class _Chunk:
-    slot: int
-    offset: int
-    length: int
-    segs: list[tuple[int, int, int | None]]  # (start, end, bmap range index) to write
-    scan: list[tuple[int, int]] = field(default_factory=list)  # find the data here (stage 2)
-    runs: list[Run] = field(default_factory=list)  # runs complete once this chunk is written
+    __slots__ = ("length", "offset", "runs", "scan", "segs", "slot")
+
+    def __init__(self, slot: int, offset: int, length: int,
+                 segs: list[tuple[int, int, int | None]], scan: list[tuple[int, int]]) -> None:
+        self.slot, self.offset, self.length = slot, offset, length
+        self.segs = segs  # (start, end, bmap range index) to write
+        self.scan = scan  # find the data here (stage 2)
+        self.runs: list[Run] = []  # runs complete once this chunk is written
 
 
 def _spans(extents: list[tuple[int, int, int | None]]) -> Iterator[
@@ -105,8 +106,9 @@ def _spans(extents: list[tuple[int, int, int | None]]) -> Iterator[
 
 class _Job:
     def __init__(self, src: ImageSource, bm: Bmap | None, t: Target, tio: TargetIO,
-                 callbacks: list[ProgressCallback]) -> None:
+                 callbacks: list[ProgressCallback], verify: bool) -> None:
         self.src, self.bm, self.t, self.tio, self.callbacks = src, bm, t, tio, callbacks
+        self.verify = verify
         self.bufs = Buffers(SLOTS)
         self.last_runs: list[Run] = []  # closed at the end of the image
         self.verifier: Verifier | None = None
@@ -260,17 +262,21 @@ class _Job:
     def trusted(self) -> bool:
         """Verifying against a bmap with a SHA-256 for every range (see ``trusted_runs``)."""
         bm = self.bm
-        return self.verifier is not None and bm is not None and \
+        return self.verify and bm is not None and \
             bm.checksum_type == "sha256" and all(r.checksum for r in bm.ranges)
+
+    def in_kernel(self) -> bool:
+        """Raw image, trusted bmap, file target: ``kernel_copy`` applies."""
+        return isinstance(self.src, RawSource) and self.t.kind == "file" and self.trusted()
 
     def kernel_copy(self) -> bool:
         """Raw image, trusted bmap, file target: copy_file_range moves each mapped range inside
         the kernel, never through Python; the read-back proves it. False (and nothing done) if
         the kernel cannot copy between these files (e.g. different filesystem types)."""
         bm, src, verifier = self.bm, self.src, self.verifier
-        if not (isinstance(src, RawSource) and self.t.kind == "file" and self.trusted()):
+        if not self.in_kernel():
             return False
-        assert bm is not None and verifier is not None
+        assert bm is not None and verifier is not None and isinstance(src, RawSource)
         t0, last_end, ahead = time.monotonic(), -1, 0
         for key, r in enumerate(bm.ranges):
             start, end = bm.byte_range(r)
@@ -403,7 +409,7 @@ def _run(src: ImageSource, bm: Bmap | None, t: Target, tio: TargetIO, expected: 
          verify: bool, zero_fill: bool, progress: ProgressCallback | None, display: bool,
          t_start: float) -> FlashReport:
     shown = make_display(f"{src.path.name} -> {t.path}", display)
-    job = _Job(src, bm, t, tio, [cb for cb in (shown, progress) if cb is not None])
+    job = _Job(src, bm, t, tio, [cb for cb in (shown, progress) if cb is not None], verify)
     try:
         tio.prepare(expected, zero_fill=zero_fill, have_bmap=bm is not None)
         log.info("flashing %s (%s) to %s; empty areas: %s", src.path, src.format, t,
@@ -414,8 +420,14 @@ def _run(src: ImageSource, bm: Bmap | None, t: Target, tio: TargetIO, expected: 
                 for cb in job.callbacks:
                     cb(p)
 
-            job.verifier = Verifier(t, tio.fd, src.path, on_verify, bm)
+            # The kernel copy is limited by the disk alone: reading back at the same time only
+            # competes with it (measured slower), so its read-back starts after the last range.
+            job.verifier = Verifier(t, tio.fd, src.path, on_verify, bm,
+                                    overlap=not job.in_kernel())
         job.write()
+        if job.verifier is not None:
+            job.verifier.add(job.last_runs)
+            job.verifier.written()  # reads now run alongside the final flush
         try:
             tio.finish(job.size)
         except OSError as exc:
@@ -423,7 +435,6 @@ def _run(src: ImageSource, bm: Bmap | None, t: Target, tio: TargetIO, expected: 
         job.check_alive("at the end of the write")
         t_written = time.monotonic()
         if job.verifier is not None:
-            job.verifier.add(job.last_runs)
             job.verifier.finish()
             job.check_alive("while verifying")
         t_end = time.monotonic()

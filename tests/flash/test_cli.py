@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,14 @@ def test_image_configure_and_bmap_commands(tmp_path: Path,
     assert (tmp_path / "ready.img.bmap").is_file()
     assert "MiB mapped" in capsys.readouterr().out
     assert main(["image", "configure", str(src), "--config", str(tmp_path / "nope.json")]) == 2
+
+
+def test_flash_command_starts_without_the_other_subsystems(tmp_path: Path) -> None:
+    # `hil flash` must not pay for pydantic, the rig config and every driver at each start
+    code = ("import sys; from hil.cli import main; "
+            f"rc = main(['flash', {str(tmp_path / 'none.img')!r}, 'x.img', '--no-progress']); "
+            "print(rc, sorted(m for m in sys.modules if m.startswith(('hil.', 'pydantic')) "
+            "and not m.startswith('hil.flash')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split(" ", 1)
+    assert out == ["3", "['hil.cli', 'hil.errors']\n"]

@@ -165,9 +165,12 @@ def test_bmap_of_another_image_is_refused(image: ImageFixture, bmap_file: Path,
         flash(other, tmp_path / "out.img", bmap=bmap_file, display=False)
 
 
-def test_verify_finds_the_first_bad_byte(image: ImageFixture, tmp_path: Path) -> None:
+@pytest.mark.parametrize("use_bmap", [False, True], ids=["nobmap", "bmap"])
+def test_verify_finds_the_first_bad_byte(image: ImageFixture, bmap_file: Path, tmp_path: Path,
+                                         use_bmap: bool) -> None:
+    # with the bmap, the raw image is copied inside the kernel and read back afterwards
     out = tmp_path / "out.img"
-    bad_offset = image.size - 100  # in the last run, which is verified after the final flush
+    bad_offset = image.size - 100  # in the last run, which is read back after the write ends
 
     def corrupt(p: FlashProgress) -> None:
         if p.phase == "write" and p.done == p.total:
@@ -176,7 +179,8 @@ def test_verify_finds_the_first_bad_byte(image: ImageFixture, tmp_path: Path) ->
                 f.write(bytes([image.data[bad_offset] ^ 0xFF]))
 
     with pytest.raises(InfraError, match=rf"verify failed: .* at offset {bad_offset} "):
-        flash(image.raw, out, progress=corrupt, display=False)
+        flash(image.raw, out, bmap=bmap_file if use_bmap else None, progress=corrupt,
+              display=False)
 
 
 def test_ctrl_c_stops_promptly(image: ImageFixture, loops: Loops) -> None:
