@@ -1,5 +1,5 @@
-"""Exclusive rig lock. ``flock`` dies with its process, so a SIGKILLed or cancelled holder frees
-the rig at once (no stale locks to clean by hand). The file names the holder for whoever waits."""
+"""Host-wide exclusive locks: a rig, an NTP port. ``flock`` dies with its process, so a SIGKILLed
+or cancelled holder frees it at once (no stale locks to clean by hand)."""
 
 from __future__ import annotations
 
@@ -23,10 +23,16 @@ def lock_dir() -> Path:
     return path
 
 
-class RigLock:
-    def __init__(self, rig: str) -> None:
-        self.rig = rig
-        self.path = lock_dir() / f"{rig}.lock"
+class HostLock:
+    """``flock`` on ``<lock dir>/<name>.lock`` for one thing on this host that only one session
+    may use at a time (a rig, an NTP port); the file names the holder for whoever waits."""
+
+    hint = ""  # appended to the "in use" error: how to wait longer
+
+    def __init__(self, name: str, subject: str, *, part: str = "lock",
+                 rig: str = "") -> None:
+        self.subject, self.part, self.rig = subject, part, rig
+        self.path = lock_dir() / f"{name}.lock"
         self._fd: int | None = None
 
     def holder(self) -> str:
@@ -52,14 +58,13 @@ class RigLock:
                 holder = self.holder()
                 if time.monotonic() >= deadline:
                     os.close(fd)
-                    raise InfraError(f"rig is in use by {holder}"
-                                     + (f"; waited {wait:.0f}s" if wait else "")
-                                     + " (--rig-wait=SECONDS to wait longer)",
-                                     part="lock", rig=self.rig) from None
+                    raise InfraError(f"{self.subject} is in use by {holder}"
+                                     + (f"; waited {wait:.0f}s" if wait else "") + self.hint,
+                                     part=self.part, rig=self.rig) from None
                 if not told and on_wait:
-                    on_wait(f"rig {self.rig} is in use by {holder}; waiting up to {wait:.0f}s")
+                    on_wait(f"{self.subject} is in use by {holder}; waiting up to {wait:.0f}s")
                     told = True
-                time.sleep(POLL)
+                time.sleep(min(POLL, max(deadline - time.monotonic(), 0.0)))
         info = {"pid": os.getpid(), "user": getpass.getuser(), "host": socket.gethostname(),
                 "since": time.time(), "what": what}
         os.ftruncate(fd, 0)
@@ -76,3 +81,12 @@ class RigLock:
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+
+class RigLock(HostLock):
+    """The exclusive lock a session holds on its rig."""
+
+    hint = " (--rig-wait=SECONDS to wait longer)"
+
+    def __init__(self, rig: str) -> None:
+        super().__init__(rig, "rig", rig=rig)

@@ -23,9 +23,6 @@ Why chronyd and how:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import logging
 import os
 import pwd
@@ -43,13 +40,12 @@ from typing import Any
 from hil.cache import runtime_dir
 from hil.deadline import Deadline
 from hil.errors import InfraError
-from hil.lock import lock_dir
+from hil.lock import HostLock
 
 log = logging.getLogger(__name__)
 
 NTP_EPOCH = 2208988800  # seconds from 1900-01-01 (NTP era 0) to 1970-01-01
 QEMU_USER_NET_HOST = "10.0.2.2"  # QEMU user networking shows the host's loopback at this address
-LOCK_POLL = 0.25  # flock has no "released" event to wait on
 
 
 @dataclass(frozen=True)
@@ -166,52 +162,6 @@ def _describe(holders: list[tuple[int, str]]) -> str:
     return "; ".join(f"pid {pid} ({cmd})" if pid else cmd for pid, cmd in holders) or "nobody"
 
 
-# --- the host-wide lock on one NTP port --------------------------------------------------------
-
-class _PortLock:
-    """flock on ``<lock dir>/ntp-<address>-<port>.lock``: dies with its holder."""
-
-    def __init__(self, address: str, port: int) -> None:
-        self.path = lock_dir() / f"ntp-{address}-{port}.lock"
-        self.fd: int | None = None
-
-    def holder(self) -> str:
-        try:
-            info = json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            return "an unknown holder"
-        return f"pid {info.get('pid')} ({info.get('what', '?')})"
-
-    def acquire(self, wait: float, what: str) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        deadline = Deadline(wait)
-        told = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if deadline.expired():
-                    os.close(fd)
-                    raise InfraError(f"NTP port {self.path.stem[4:]} is in use by "
-                                     f"{self.holder()}; waited {wait:.0f}s", part="ntp") from None
-                if not told:
-                    log.warning("NTP port is in use by %s; waiting up to %.0fs",
-                                self.holder(), wait)
-                    told = True
-                time.sleep(min(LOCK_POLL, deadline.remaining()))
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "what": what}).encode())
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self.fd, 0)
-            os.close(self.fd)  # closing drops the flock
-            self.fd = None
-
-
 # --- the server ---------------------------------------------------------------------------------
 
 def bind_address_for(host_address: str, port: int = 123) -> str:
@@ -249,7 +199,7 @@ class NtpServer:
         self.chronyd = shutil.which(chronyd) or chronyd
         self.chronyc = shutil.which(chronyc) or chronyc
         self._offset = float(offset)
-        self._lock = _PortLock(address, port)
+        self._lock = HostLock(f"ntp-{address}-{port}", f"NTP port {address}:{port}", part="ntp")
         self._proc: subprocess.Popen[bytes] | None = None
         self._silent: socket.socket | None = None  # holds the port while stopped
         self._ignored = 0  # requests that reached the port while stopped
@@ -299,8 +249,8 @@ class NtpServer:
             raise InfraError(f"serving NTP on port {self.port} needs root", part="ntp")
         if shutil.which(self.chronyd) is None:
             raise InfraError("chronyd not found (apt-get install chrony)", part="ntp")
-        if self._lock.fd is None:
-            self._lock.acquire(self.lock_wait, self.what)
+        if not self._lock.held:
+            self._lock.acquire(self.lock_wait, self.what, on_wait=log.warning)
         if self._workdir is None:
             self._workdir = Path(tempfile.mkdtemp(prefix="ntp-", dir=runtime_dir()))
         self._release_port()
@@ -330,7 +280,7 @@ class NtpServer:
     def stop(self) -> None:
         """Kill the server; the port stays ours and silent until ``start()``."""
         self._kill()
-        if self._lock.fd is not None and self._silent is None:
+        if self._lock.held and self._silent is None:
             self._hold_port()
 
     def restart(self) -> None:

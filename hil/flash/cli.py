@@ -128,34 +128,9 @@ def _cmd_bmap(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Only the flashing commands (``python -m hil.flash.cli flash ...``): starts faster than
-    the full ``hil`` command, which imports every subsystem."""
-    from hil.errors import HilError, InfraError
+if __name__ == "__main__":  # ``python -m hil.flash.cli flash ...``, as the benchmark runs it
+    from hil.cli import main
 
-    parser = argparse.ArgumentParser(prog="hil")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)  # exit codes as in hil.cli.main
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"hil: config error: {exc}", file=sys.stderr)
-        return 2
-    except InfraError as exc:
-        print(f"hil: rig error: {exc}", file=sys.stderr)
-        return 3
-    except HilError as exc:
-        print(f"hil: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("hil: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
     code = main()
     logging.shutdown()
     sys.stdout.flush()

@@ -25,7 +25,8 @@ from pydantic import Field
 
 from hil.console.serial import SerialConsole, SerialSettings
 from hil.errors import InfraError
-from hil.qemu.target import UBOOT_ARM64, QemuNetwork, QemuSettings, free_port
+from hil.qemu.firmware import default_firmware
+from hil.qemu.target import QemuNetwork, QemuSettings, free_port
 from hil.registry import PartContext
 from hil.storage import FileStorage, FileStorageSettings
 
@@ -116,7 +117,8 @@ class LibvirtTarget:
             raise self._error(f"qemu-system-{self.arch} is not installed")
         machine = s.machine or ("virt" if aarch64 else "pc")
         cpu = s.cpu or ("cortex-a53" if aarch64 else "qemu64")
-        firmware = s.firmware or (UBOOT_ARM64 if aarch64 and not s.kernel else None)
+        firmware = s.firmware or (None if s.kernel else
+                                   default_firmware(self.arch, bootdelay=s.bootdelay))
         os_xml = [f"<type arch={quoteattr(self.arch)} machine={quoteattr(machine)}>hvm</type>"]
         if firmware is not None:
             if not firmware.is_file():

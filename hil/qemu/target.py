@@ -23,12 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from hil.console.serial import SerialConsole, SerialSettings
 from hil.deadline import Deadline, wait_until
 from hil.errors import InfraError
+from hil.qemu.firmware import default_firmware
 from hil.registry import PartContext
 from hil.storage import FileStorage, FileStorageSettings
 
 log = logging.getLogger(__name__)
-
-UBOOT_ARM64 = Path("/usr/lib/u-boot/qemu_arm64/u-boot.bin")
 
 
 class QemuSettings(BaseModel):
@@ -41,6 +40,9 @@ class QemuSettings(BaseModel):
     machine: str | None = Field(None, description="default virt,acpi=off (aarch64), pc (x86_64)")
     firmware: Path | None = Field(None, description="-bios; default U-Boot for aarch64, "
                                   "SeaBIOS (built in) for x86_64")
+    bootdelay: int | None = Field(0, ge=0, le=9, description="the default U-Boot's autoboot "
+                                  "countdown in seconds, as a lab sets its boards' (null: as "
+                                  "built, 2)")
     kernel: Path | None = Field(None, description="boot a kernel directly instead of the disk")
     initrd: Path | None = Field(None, description="initramfs for a direct kernel boot")
     append: str | None = Field(None, description="kernel command line for a direct kernel boot")
@@ -153,7 +155,8 @@ class QemuTarget:
                "-drive", f"file={self.storage.path},format=raw,if=none,id=disk0,cache=unsafe",
                "-device", "virtio-blk-pci,drive=disk0",
                "-device", "virtio-rng-pci"]
-        firmware = s.firmware or (UBOOT_ARM64 if aarch64 and not s.kernel else None)
+        firmware = s.firmware or (None if s.kernel else
+                                   default_firmware(self.arch, bootdelay=s.bootdelay))
         if firmware:
             if not firmware.is_file():
                 raise InfraError(f"firmware {firmware} not found (apt package u-boot-qemu)",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-UBOOT_ARM64 = Path("/usr/lib/u-boot/qemu_arm64/u-boot.bin")
+from hil.qemu.firmware import UBOOT_ARM64
 
 
 def qemu_argv(arch: str, disk: Path, *, ssh_port: int | None = None,

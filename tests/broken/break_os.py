@@ -1,0 +1,95 @@
+"""A pytest plugin (``-p tests.broken.break_os``) that breaks promises of the OS at runtime, on
+the booted reference OS, so each suite can be shown to fail, naming the promise, when the OS does
+not keep it. ``HIL_BREAK`` picks the breaks (comma-separated).
+
+Each break is what a faulty OS would do, done to the running device (the reference OS builder
+has no such modes): nothing in the suites or the adapter knows about it. Breaks are idempotent
+and re-applied before every test, since a failed test power-cycles the board (which would heal a
+runtime break).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from hil.dut import Dut
+from hil.os import BalenaOS
+
+# Overwrite a script's first bytes in place (an update's root is shrunk to its content: no free
+# block for a new file): it now exits at once, the rest is never read.
+_STUB = "printf '#!/bin/sh\\nexit 0 # broken\\n' | dd of={path} conv=notrunc 2>/dev/null"
+
+
+def _restart_chrony_without(word: str) -> str:
+    return (f"if grep -q {word} /run/chrony/chrony.conf; then "
+            f"sed -i /{word}/d /run/chrony/chrony.conf && killall chronyd && "
+            "while pidof chronyd >/dev/null; do sleep 0.1; done && "
+            "chronyd -u root -f /run/chrony/chrony.conf; fi")
+
+
+BREAKS: dict[str, str] = {
+    # /data is not persisted: a tmpfs hides the resin-data partition (an OS that forgot to
+    # mount it). Re-applied before each test; a reboot inside a test brings the real one back,
+    # which is exactly when the suite looks for what it wrote.
+    "data-not-persisted": (
+        "grep -q ' /data tmpfs ' /proc/mounts || "
+        "{ mount -t tmpfs tmpfs /mnt/data && mkdir -p /mnt/data/resin-data && "
+        "mount -t tmpfs tmpfs /data; }"),
+    # the OS prints its provisioning key on the console (a debug line left in a boot script)
+    "console-leaks-key": "jq -r '\"provisioning with \" + .apiKey' /mnt/boot/config.json "
+                         "> /dev/console",
+    # the OS ignores config.json's hostname / uuid and keeps a fixed one
+    "hostname-ignored": "hostname balena && echo balena > /etc/hostname",
+    # the running OS's rollback-altboot does nothing (so after a failed update the bootloader
+    # falls back, but the old OS never cleans up): a root made writable for the purpose
+    "no-altboot-rollback": (
+        "grep -q '^exit 0 # broken' /usr/bin/rollback-altboot || "
+        "{ mount -o remount,rw / && " + _STUB.format(path="/usr/bin/rollback-altboot") +
+        " && sync && mount -o remount,ro /; }"),
+    # the new OS's health check never rolls back: applied to each update right after
+    # hostapp-update wrote it (see pytest_configure)
+    "no-health-rollback": "true",
+    # chrony ignores the servers config.json's ntpServers gives it ("chrony misconfigured"):
+    # its config loses the sourcedir the OS writes them to. (Emptying that file instead would
+    # not last: the OS rewrites it whenever config.json changes, e.g. at registration.)
+    "chrony-no-servers": _restart_chrony_without("sourcedir"),
+    # chrony runs without `makestep`: it slews a clock minutes off instead of stepping it
+    "chrony-no-makestep": _restart_chrony_without("makestep"),
+    # a device node the device type promises disappears
+    "no-gpiochip0": "rm -f /dev/gpiochip0",
+}
+
+DISABLE_HEALTH_ROLLBACK = (
+    "mount -o remount,rw /mnt/sysroot/inactive && "
+    + _STUB.format(path="/mnt/sysroot/inactive/usr/bin/rollback-health") +
+    " && sync && mount -o remount,ro /mnt/sysroot/inactive")
+
+
+def _names() -> list[str]:
+    names = [n for n in os.environ.get("HIL_BREAK", "").split(",") if n]
+    unknown = [n for n in names if n not in BREAKS]
+    if not names or unknown:
+        raise pytest.UsageError(f"HIL_BREAK={','.join(names)!r}: choose from "
+                                f"{', '.join(BREAKS)} (comma-separated)")
+    return names
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if "no-health-rollback" in _names():
+        original = BalenaOS.hostapp_update
+
+        def hostapp_update(self: BalenaOS, image: Any, timeout: float = 900.0) -> Any:
+            result = original(self, image, timeout)
+            self.check(DISABLE_HEALTH_ROLLBACK)
+            return result
+
+        BalenaOS.hostapp_update = hostapp_update  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def _hil_break(dut: Dut) -> None:
+    for name in _names():
+        dut.run_check(BREAKS[name], timeout=60)

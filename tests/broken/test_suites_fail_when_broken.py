@@ -1,0 +1,116 @@
+"""Every suite fails when the OS breaks its promise, and says which promise.
+
+A child pytest runs a suite on a QEMU board with the reference OS while ``break_os.py`` breaks
+promises on the running device (``HIL_BREAK``). The rig is a copy of ``qemu-aarch64`` under a
+name of its own (no queueing behind other sessions); the NTP server still takes the host-wide
+lock on :123.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hil.cache import runtime_dir
+from hil.lock import lock_dir
+
+pytestmark = pytest.mark.qemu
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_broken(tmp_path: Path, breaks: str, args: list[str], *, boot_timeout: int = 0,
+               timeout: float = 840) -> tuple[int, str, str]:
+    """(exit code, whole output, the FAILED/ERROR summary lines) of the suite run broken.
+    ``boot_timeout``: a short boot deadline, so a missing reboot is reported in a minute."""
+    if shutil.which("qemu-system-aarch64") is None:
+        pytest.skip("no qemu-system-aarch64")
+    rigs = tmp_path / "rigs"
+    rigs.mkdir()
+    name = f"neg-{os.getpid()}-{tmp_path.name}"[:60]  # a rig of its own: no queue, no reuse
+    text = (REPO / "rigs" / "qemu-aarch64.yaml").read_text()
+    if boot_timeout:
+        text += f"timeouts: {{boot: {boot_timeout}}}\n"
+    (rigs / f"{name}.yaml").write_text(text)
+    # (the default runtime directory: QEMU's socket paths under tmp_path get too long)
+    env = {**os.environ, "HIL_BREAK": breaks, "COLUMNS": "400"}  # untruncated summary
+    env.pop("HIL_RIG", None)
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p",
+             "tests.broken.break_os", f"--rigs-dir={rigs}", f"--rig={name}", "-rfE", "-v",
+             *args],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        (lock_dir() / f"{name}.lock").unlink(missing_ok=True)
+        shutil.rmtree(runtime_dir("rigs", name), ignore_errors=True)
+    out = run.stdout + run.stderr
+    failed = "\n".join(ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR")))
+    return run.returncode, out, failed
+
+
+def test_provisioning_suite_fails_on_a_leaked_key_and_a_wrong_hostname(tmp_path: Path) -> None:
+    code, out, failed = run_broken(tmp_path, "console-leaks-key,hostname-ignored", [
+        "suites/provisioning", "-k", "hostname_is_config or no_key_in"], boot_timeout=60)
+    assert code == 1 and "2 failed" in out, out[-6000:]
+    assert ("test_hostname_is_config_hostname_or_uuid_prefix - AssertionError: /etc/hostname "
+            "is 'balena'; the first 7 characters of uuid is") in failed, out[-6000:]
+    assert ("test_no_key_in_the_console_log_or_the_report - AssertionError: provisioning key "
+            "(apiKey) appeared on the console") in failed, out[-6000:]
+
+
+def test_devices_suite_fails_naming_a_missing_node(tmp_path: Path) -> None:
+    code, out, failed = run_broken(tmp_path, "no-gpiochip0", ["suites/devices"])
+    assert code == 1, out[-6000:]
+    assert ("test_dev_node_exists_and_opens[/dev/gpiochip0] - AssertionError: /dev/gpiochip0 "
+            "is missing: device type generic-aarch64 promises it") in failed, out[-6000:]
+    assert ("test_gpio_chip_has_its_lines[gpiochip0] - AssertionError: GPIO chip "
+            "/dev/gpiochip0 is missing") in failed, out[-6000:]
+    # the other nodes still pass: the failure is about the broken promise only
+    assert "test_dev_node_exists_and_opens[/dev/rtc0] PASSED" in out
+
+
+def test_persistence_suite_fails_when_data_is_not_persisted(tmp_path: Path) -> None:
+    code, out, failed = run_broken(tmp_path, "data-not-persisted", [
+        "suites/persistence", "--power-cuts=1", "-k",
+        "data_lives or soft_reboot or random_power_cuts"], boot_timeout=60)
+    assert code == 1 and "3 failed" in out, out[-6000:]
+    assert ("test_data_lives_on_the_data_partition - AssertionError: /data is on tmpfs (tmpfs), "
+            "not on the resin-data partition") in failed, out[-6000:]
+    assert ("test_file_survives_a_soft_reboot - AssertionError: a file and its checksum in "
+            "/data did not survive a soft reboot") in failed, out[-6000:]
+    assert "was acknowledged (fsync returned) before the power cut, but only records 1..0 " \
+           "survived" in failed, out[-6000:]
+
+
+def test_rollback_suite_fails_when_rollbacks_are_disabled(tmp_path: Path) -> None:
+    code, out, failed = run_broken(tmp_path, "no-altboot-rollback,no-health-rollback", [
+        "suites/rollback", "-k", "unbootable or unhealthy"], boot_timeout=60)
+    assert code == 1 and "2 failed" in out, out[-6000:]
+    assert ("test_unbootable_update_falls_back_through_the_bootloader_counter - AssertionError: "
+            "the old OS came up after the fallback boot without running rollback-altboot"
+            ) in failed, out[-6000:]
+    assert ("test_unhealthy_update_falls_back_through_the_health_check - AssertionError: the "
+            "unhealthy update rootfs rootfs.img (VERSION 2.0.0-broken-health) [broken: health] "
+            "was not rolled back") in failed, out[-6000:]
+
+
+def test_ntp_suite_fails_when_chrony_drops_the_configured_server(tmp_path: Path) -> None:
+    code, out, failed = run_broken(tmp_path, "chrony-no-servers",
+                                   ["suites/ntp", "-k", "synchronises_to_the_rig"])
+    assert code == 1 and "1 failed" in out, out[-6000:]
+    assert ("chrony on the device has the NTP server that config.json's ntpServers names "
+            "(10.0.2.2) among its sources: not so after") in failed, out[-6000:]
+
+
+def test_ntp_suite_fails_when_chrony_does_not_step_the_clock(tmp_path: Path) -> None:
+    code, out, failed = run_broken(tmp_path, "chrony-no-makestep",
+                                   ["suites/ntp", "-k", "synchronises_to_the_rig or steps_back"])
+    assert code == 1, out[-6000:]
+    assert "1 failed, 1 passed" in out, out[-6000:]  # it still synchronises: only the step fails
+    assert ("after its clock was set 300s wrong, the device steps back to the NTP server's "
+            "time: not so after") in failed, out[-6000:]
