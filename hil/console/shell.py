@@ -40,6 +40,7 @@ NOT_BASE64_LINE = re.compile(rb"^.*[^A-Za-z0-9+/=\r\n].*$\n?", re.M)
 NUDGE_AFTER_QUIET = 1.5  # seconds of console silence before pressing Enter to get a prompt
 # A prompt is followed by silence; "#" at the end of a read chunk ("virtio-net#" + "32") is not.
 PROMPT_SETTLE = 0.3
+CONFIGURE_RETRY = 5.0  # seconds without an answer to the settings line before typing it again
 ANY_BYTE = re.compile(rb"[\s\S]")
 
 
@@ -175,9 +176,22 @@ class ConsoleShell:
     def _configure(self, timeout: float) -> None:
         marker = f"\x1eR{self._session}\x1f".encode()
         before = self.log.end
-        self.console.write(self._configure_line())
-        self.log.wait_for(re.compile(re.escape(marker)), before, max(timeout, 1.0),
-                          "the shell to accept its settings")
+        timeout = max(timeout, 1.0)
+        end = time.monotonic() + timeout
+        # The line is idempotent, so it is typed again while unanswered: a boot script that
+        # sets the console's modes (stty, getty) flushes input typed before it ran.
+        while True:
+            self.console.write(self._configure_line())
+            left = end - time.monotonic()
+            try:
+                self.log.wait_for(re.compile(re.escape(marker)), before,
+                                  min(left, CONFIGURE_RETRY), "the shell to accept its settings")
+                break
+            except DeadlineError:
+                if left <= CONFIGURE_RETRY:
+                    raise DeadlineError("the shell to accept its settings (typed every "
+                                        f"{CONFIGURE_RETRY:.0f}s)", _last_line(self.log),
+                                        timeout, tail=self.log.tail()) from None
         self._ready_at = self._configured_at = self.log.end
         self._lost = None
 

@@ -31,14 +31,15 @@ def _take_tty() -> None:
 
 
 class ShellLine:
-    def __init__(self, path: Path, prompt: str = "# ", login: bool = False) -> None:
+    def __init__(self, path: Path, prompt: str = "# ", login: bool = False,
+                 script: str = "") -> None:
         self.path = path
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(str(path))
         self.server.listen(1)
         self.conn: socket.socket | None = None
         self.proc: subprocess.Popen[bytes] | None = None
-        self.prompt, self.login = prompt, login
+        self.prompt, self.login, self.script = prompt, login, script
         self._stop = False
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -48,7 +49,8 @@ class ShellLine:
         self.conn = conn
         master, slave = pty.openpty()
         env = {"PS1": self.prompt, "PATH": "/usr/bin:/bin", "HOME": "/tmp", "ENV": ""}
-        script = ("read -p 'login: ' u; exec sh -i" if self.login else "exec sh -i")
+        script = self.script or ("read -p 'login: ' u; exec sh -i" if self.login else
+                                 "exec sh -i")
         self.proc = subprocess.Popen(["sh", "-c", script], stdin=slave, stdout=slave,
                                      stderr=slave, env=env, start_new_session=True,
                                      preexec_fn=_take_tty)

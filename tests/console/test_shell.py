@@ -11,7 +11,7 @@ import pytest
 
 from hil.config import load_device_type
 from hil.console.serial import SerialConsole, SerialSettings
-from hil.console.shell import ConsoleShell
+from hil.console.shell import CONFIGURE_RETRY, ConsoleShell
 from hil.errors import DeadlineError, DeviceError, InfraError
 from hil.registry import PartContext
 
@@ -107,6 +107,23 @@ def test_logs_in_at_a_login_prompt(tmp_path: Path) -> None:
         con.attach(timeout=5)
         sh = ConsoleShell(con)
         sh.wait_ready(10)
+        assert sh.run("echo in").stdout == "in\n"
+    finally:
+        con.close()
+        line.close()
+
+
+def test_settings_typed_again_when_a_boot_script_swallowed_them(tmp_path: Path) -> None:
+    # a prompt, then something that eats the line typed at it (as a getty or stty flushing
+    # the console's input would), then the real shell
+    line = ShellLine(tmp_path / "flush.sock", script="printf '# '; read -r eaten; exec sh -i")
+    ctx = PartContext("fake", "console", tmp_path, load_device_type("generic-aarch64"))
+    con = SerialConsole(SerialSettings(url=f"unix://{line.path}"), ctx)
+    try:
+        con.attach(timeout=5)
+        sh = ConsoleShell(con)
+        took = sh.wait_ready(20)
+        assert took >= CONFIGURE_RETRY  # answered on the second try
         assert sh.run("echo in").stdout == "in\n"
     finally:
         con.close()
