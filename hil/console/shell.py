@@ -112,6 +112,7 @@ class ConsoleShell:
         # A shell we configured earlier in this boot has no prompt to show: resync it directly.
         resync = (self._configured_at is not None
                   and not self.log.events_since(self._configured_at))
+        interrupt = False
         while True:
             left = end - time.monotonic()
             if left <= 0:
@@ -125,10 +126,17 @@ class ConsoleShell:
                                   f"--- console tail ---\n{exc.tail}") from None
             except DeadlineError:
                 # Quiet console and no prompt: press Enter, once per quiet spell.
-                if self.log.end != nudged_at and self._may_nudge():
+                if (self.log.end != nudged_at or interrupt) and self._may_nudge():
                     nudged_at = self.log.end
                     start = self.log.end
-                    self.console.write(self._configure_line() if resync else b"\n")
+                    if not resync:
+                        self.console.write(b"\n")
+                    else:
+                        # Whatever runs in the foreground is a leftover of ours (a command that
+                        # timed out before its ^C landed): interrupt it, then resync at the
+                        # next quiet spell. Not in one write: ^C flushes the line's input.
+                        interrupt = not interrupt
+                        self.console.write(b"\x03" if interrupt else self._configure_line())
                 continue
             if not hit.groups[2] and not self._still_prompt(hit.start, end):
                 start = hit.end

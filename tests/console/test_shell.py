@@ -113,6 +113,13 @@ def test_logs_in_at_a_login_prompt(tmp_path: Path) -> None:
         line.close()
 
 
+def test_an_idle_shell_set_up_earlier_in_this_boot_is_resynced(shell: ConsoleShell) -> None:
+    shell.invalidate("the test says so")
+    took = shell.wait_ready(15)  # a ^C to an idle shell, then the settings
+    assert took < 10
+    assert shell.run("echo again").stdout == "again\n"
+
+
 def test_settings_typed_again_when_a_boot_script_swallowed_them(tmp_path: Path) -> None:
     # a prompt, then something that eats the line typed at it (as a getty or stty flushing
     # the console's input would), then the real shell

@@ -101,8 +101,8 @@ def test_guest_that_never_reaches_a_shell_fails_within_its_deadline(
     assert not qemu_pids(tmp_path)
 
 
-def test_ctrl_c_leaves_the_board_off_and_the_rig_free(tmp_path: Path,
-                                                       env: dict[str, str]) -> None:
+def test_ctrl_c_leaves_the_board_off_and_the_rig_free(tmp_path: Path, env: dict[str, str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "test_long.py").write_text(
         "import time\n\ndef test_long(dut):\n    print('RUNNING', flush=True)\n"
         "    time.sleep(120)\n")
@@ -120,9 +120,15 @@ def test_ctrl_c_leaves_the_board_off_and_the_rig_free(tmp_path: Path,
     assert any("RUNNING" in s for s in seen), "".join(seen[-40:])
     assert qemu_pids(tmp_path), "the board should be on while the test runs"
     proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=60)
+    try:
+        rest, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # pytest's faulthandler prints every thread's stack
+        rest, _ = proc.communicate(timeout=30)
+        pytest.fail("the session did not end within 60 s of Ctrl-C:\n" + "".join(seen) + rest)
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, "".join(seen) + rest
     assert not qemu_pids(tmp_path), "Ctrl-C left the board powered"
+    monkeypatch.setenv("HIL_LOCK_DIR", env["HIL_LOCK_DIR"])  # the child's lock directory
     lock = RigLock("qemu-aarch64")
     lock.acquire(0)
     lock.release()
