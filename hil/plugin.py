@@ -120,6 +120,19 @@ def dut(request: pytest.FixtureRequest, hil_session: HilSession) -> Iterator[Dut
 
 # --- markers, report sections, infra errors -----------------------------------------------------
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None
+                            ) -> Generator[None, None, None]:
+    # Each test's wall time, split like the session's, summed by suite (its directory).
+    session = item.config.stash.get(SESSION, None)
+    before = session.snapshot() if session is not None and session.ready else None
+    yield
+    session = item.config.stash.get(SESSION, None)
+    if session is None or session.ready is None:
+        return
+    session.add_time(item.path.parent.name, before or session.ready, session.snapshot())
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     cfg = item.config.stash.get(RIG_CONFIG, None)
     for mark in item.iter_markers("needs"):

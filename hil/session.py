@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from hil import redact
 from hil.cache import runtime_dir
@@ -50,6 +50,15 @@ def ssh_keypair(folder: Path) -> tuple[Path, str]:
     return key, key.with_suffix(".pub").read_text().strip()
 
 
+class Snapshot(NamedTuple):
+    """A point in a session: monotonic time, seconds waited on the device and spent in the
+    rig's hardware so far."""
+
+    at: float
+    device: float
+    hardware: float
+
+
 class HilSession:
     def __init__(self, config: RigConfig, options: Options) -> None:
         self.config = config
@@ -65,6 +74,9 @@ class HilSession:
         self.ssh_key, self.ssh_pub = ssh_keypair(self.runtime)
         self.started: float | None = None  # monotonic, at start()
         self.ended: float | None = None  # monotonic, at the first close()
+        self.ready: Snapshot | None = None  # at the end of start(): the device is up
+        # wall, device and hardware seconds by suite (and the session start)
+        self.by_suite: dict[str, list[float]] = {}
 
     # --- the whole bring-up ----------------------------------------------------------------------
     def start(self, what: str = "") -> Dut:
@@ -87,6 +99,8 @@ class HilSession:
                 image, bmap = self.prepare_image()
                 self.rig.flash(image, bmap)
             self.dut.boot()
+            self.ready = self.snapshot()
+            self.add_time("session start", Snapshot(self.started, 0.0, 0.0), self.ready)
             return self.dut
         except BaseException:
             self.close()
@@ -168,17 +182,22 @@ class HilSession:
             lines.append(f"  {step.seconds:7.2f}s  {'ok ' if step.ok else 'ERR'} {step.name}"
                          + (f" — {step.detail}" if step.detail else ""))
         lines.append(self.time_split())
+        if self.by_suite:
+            lines.append("time by suite: wall, waiting on the device, rig hardware, framework "
+                         "and test code")
+            width = max(len(k) for k in self.by_suite)
+            for suite, (wall, device, hw) in self.by_suite.items():
+                rest = max(0.0, wall - device - hw)
+                lines.append(f"  {suite:<{width}} {wall:7.1f}s  device {device:6.1f}s "
+                             f"({_pct(device, wall)})  hardware {hw:5.1f}s  framework "
+                             f"{rest:5.1f}s ({_pct(rest, wall)})")
         if self.rig.log.path:
             lines.append(f"console log: {self.rig.log.path}")
         return lines
 
-    def time_split(self) -> str:
-        """Where the session's wall time went: waiting on the device, switching and flashing
-        the rig's hardware, and the rest (framework, image preparation, test code)."""
-        assert self.rig is not None and self.started is not None
-        wall = (self.ended or time.monotonic()) - self.started
-        waits = self.rig.log.tally.seconds
-        device = sum(waits.values())
+    def _waits_and_hardware(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Seconds so far waiting on the device (by kind) and in the rig's hardware steps."""
+        assert self.rig is not None
         hardware: dict[str, float] = {}
         for step in self.rig.timeline:
             kind = next((k for k in ("power", "sd mux", "flash", "wait for storage")
@@ -186,6 +205,25 @@ class HilSession:
             if kind is not None:  # not "wait for shell" or "installer runs": those are waits
                 kind = {"sd mux": "mux", "wait for storage": "flash"}.get(kind, kind)
                 hardware[kind] = hardware.get(kind, 0.0) + step.seconds
+        return dict(self.rig.log.tally.seconds), hardware
+
+    def snapshot(self) -> Snapshot:
+        waits, hardware = self._waits_and_hardware()
+        return Snapshot(self.ended or time.monotonic(), sum(waits.values()),
+                        sum(hardware.values()))
+
+    def add_time(self, suite: str, before: Snapshot, after: Snapshot) -> None:
+        row = self.by_suite.setdefault(suite, [0.0, 0.0, 0.0])
+        for i, (a, b) in enumerate(zip(before, after, strict=True)):
+            row[i] += b - a
+
+    def time_split(self) -> str:
+        """Where the session's wall time went: waiting on the device, switching and flashing
+        the rig's hardware, and the rest (framework, image preparation, test code)."""
+        assert self.rig is not None and self.started is not None
+        wall = (self.ended or time.monotonic()) - self.started
+        waits, hardware = self._waits_and_hardware()
+        device = sum(waits.values())
         rest = max(0.0, wall - device - sum(hardware.values()))
 
         def parts(d: dict[str, float]) -> str:
@@ -197,3 +235,5 @@ class HilSession:
                 f"framework and test code {rest:.1f}s ({100 * rest / wall if wall else 0:.0f}%)")
 
 
+def _pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:3.0f}%" if whole else "  -"

@@ -67,6 +67,10 @@ def test_smoke_suite_passes_on_the_qemu_rig(tmp_path: Path, env: dict[str, str])
     wall, device, waits, hardware, _, rest = split.groups()
     assert "boot" in waits and "command" in waits, waits
     assert abs(float(wall) - float(device) - float(hardware) - float(rest)) < 0.3
+    # and by suite: the session start (flash, first boot), then the suite's tests
+    rows = dict(re.findall(r"^  (session start|smoke) +([\d.]+)s  device", run.stdout, re.M))
+    assert set(rows) == {"session start", "smoke"}, run.stdout[-3000:]
+    assert abs(sum(map(float, rows.values())) - float(wall)) < 1.0, run.stdout[-3000:]
 
 
 def test_qemu_that_fails_to_start_is_one_clear_rig_error(tmp_path: Path,
