@@ -646,13 +646,14 @@ class BalenaOS:
     def _poll(self, probe: Callable[[], T | None], timeout: float, expected: str,
               seen: Callable[[], str], interval: float = 1.0) -> T:
         deadline = Deadline(timeout)
-        while True:
-            value = probe()
-            if value is not None:
-                return value
-            if deadline.expired():
-                raise DeadlineError(expected, seen(), timeout, tail=self.dut.rig.log.tail())
-            time.sleep(min(interval, deadline.remaining()))
+        with self.dut.rig.log.tally.timing("poll"):  # all of it is waiting on the device
+            while True:
+                value = probe()
+                if value is not None:
+                    return value
+                if deadline.expired():
+                    raise DeadlineError(expected, seen(), timeout, tail=self.dut.rig.log.tail())
+                time.sleep(min(interval, deadline.remaining()))
 
     def poll(self, probe: Callable[[], T | None], timeout: float, expected: str,
              seen: Callable[[], str], interval: float = 1.0) -> T:

@@ -57,7 +57,7 @@ def ntp(hil_session: HilSession, ntp_server: NtpServer, rig: Rig) -> Iterator[Nt
             last[0] = dut.run("chronyc -c -n sources").stdout
             return any(s.address == address for s in parse_sources(last[0]))
 
-        poll(listed, APPLY_TIMEOUT, f"ntpServers written to config.json at runtime is applied "
+        poll(dut, listed, APPLY_TIMEOUT, f"ntpServers written to config.json at runtime is applied "
              f"(chrony lists {address})", lambda: last[0])
     try:
         yield NtpRig(dut, ntp_server, address)

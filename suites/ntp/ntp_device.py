@@ -24,13 +24,19 @@ POLL_EVERY = 2.0  # seconds between two looks at the device
 APPLY_TIMEOUT = 60.0  # a config.json change reaches chrony
 
 
-def poll(probe: Callable[[], T | None], timeout: float, promise: str,
+def poll(dut: Dut, probe: Callable[[], T | None], timeout: float, promise: str,
          seen: Callable[[], str]) -> T:
     """Look at the device until ``probe`` returns a value; else fail naming the promise.
 
     Running out of time here is the OS breaking ``promise``: an AssertionError (a test
-    failure), not a rig fault.
+    failure), not a rig fault. The whole wait is time spent waiting on the device.
     """
+    with dut.rig.log.tally.timing("poll"):
+        return _poll(probe, timeout, promise, seen)
+
+
+def _poll(probe: Callable[[], T | None], timeout: float, promise: str,
+          seen: Callable[[], str]) -> T:
     deadline = Deadline(timeout)
     while True:
         t0 = time.monotonic()
@@ -214,7 +220,7 @@ class NtpRig:
             last[0] = self.view()
             return last[0] if ok(last[0]) else None
 
-        return poll(probe, timeout or self.poll_deadline(last[0], polls), promise,
+        return poll(self.dut, probe, timeout or self.poll_deadline(last[0], polls), promise,
                     lambda: self.describe(last[0]))
 
     def wait_listed(self) -> ChronyView:

@@ -32,7 +32,7 @@ def wait_log(dut: Dut, mark: str, pattern: str, promise: str) -> re.Match[str]:
         last[0] = log_since(dut, mark)
         return re.search(pattern, last[0])
 
-    return poll(probe, 30, promise, lambda: last[0][-3000:] or "(nothing logged since)")
+    return poll(dut, probe, 30, promise, lambda: last[0][-3000:] or "(nothing logged since)")
 
 
 def test_synchronises_to_the_rig_ntp_server(ntp: NtpRig, dut: Dut) -> None:
