@@ -141,12 +141,13 @@ class LibvirtTarget:
             args += ["-device", dev]
         args += s.extra_args
         qemu_args = "".join(f"<qemu:arg value={quoteattr(a)}/>" for a in args)
+        tcg = f"<tcg><tb-cache unit='MiB'>{s.tb_size}</tb-cache></tcg>" if s.tb_size else ""
         return f"""<domain type='qemu' xmlns:qemu='{QEMU_NS}'>
   <name>{escape(self.name)}</name>
   <memory unit='MiB'>{s.memory}</memory>
   <vcpu>{s.smp}</vcpu>
   <os>{''.join(os_xml)}</os>
-  <features>{'' if aarch64 else '<acpi/>'}</features>
+  <features>{'' if aarch64 else '<acpi/>'}{tcg}</features>
   <cpu mode='custom' match='exact' check='none'><model fallback='forbid'>{escape(cpu)}</model>
   </cpu>
   <clock offset='utc'/>

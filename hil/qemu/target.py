@@ -35,6 +35,10 @@ class QemuSettings(BaseModel):
 
     arch: Literal["aarch64", "x86_64"] | None = Field(None, description="default: device type")
     memory: int = Field(512, gt=0, description="MiB")
+    tb_size: int | None = Field(256, gt=0, description="TCG translation cache in MiB (null: "
+                                "QEMU's 1024). QEMU keeps translations across a guest reboot; "
+                                "with a cache that seldom fills, a bootloader copying a kernel "
+                                "over the old kernel's pages crawls (GRUB took minutes)")
     smp: int = Field(1, gt=0, description="virtual CPUs")
     cpu: str | None = Field(None, description="default cortex-a53 (aarch64), qemu64 (x86_64)")
     machine: str | None = Field(None, description="default virt,acpi=off (aarch64), pc (x86_64)")
@@ -142,7 +146,8 @@ class QemuTarget:
                              f"qemu-system-{'arm' if self.arch == 'aarch64' else 'x86'})",
                              part="target", rig=self.ctx.rig)
         aarch64 = self.arch == "aarch64"
-        cmd = [self.binary, "-accel", "tcg", "-nodefaults", "-no-user-config",
+        tcg = f"tcg,tb-size={s.tb_size}" if s.tb_size else "tcg"
+        cmd = [self.binary, "-accel", tcg, "-nodefaults", "-no-user-config",
                "-display", "none", "-m", str(s.memory), "-smp", str(s.smp),
                # acpi=off: with a device tree QEMU's virt board also gets its pl061 GPIO
                "-M", s.machine or ("virt,acpi=off" if aarch64 else "pc"),

@@ -37,7 +37,8 @@ def test_domain_xml_pins_tcg(tmp_path: Path) -> None:
     xml = LibvirtTarget(LibvirtSettings(arch="x86_64"), ctx).domain_xml()
     assert "<domain type='qemu'" in xml and "<acpi/>" in xml
     xml = LibvirtTarget(LibvirtSettings(), ctx).domain_xml()
-    assert "<acpi/>" not in xml and "u-boot.bin</loader>" in xml
+    assert "<acpi/>" not in xml and "bootdelay0.bin</loader>" in xml  # the lab's bootdelay
+    assert "<tcg><tb-cache unit='MiB'>256</tb-cache></tcg>" in xml
 
 
 def test_libvirt_target_boots_and_cuts_power(libvirt_uri: str, mini_os: MiniOs,
