@@ -11,6 +11,7 @@ import fcntl
 import os
 import pty
 import select
+import signal
 import socket
 import subprocess
 import termios
@@ -28,6 +29,9 @@ from hil.registry import PartContext
 def _take_tty() -> None:
     # As getty does: the pty becomes the controlling terminal, so ^C reaches the foreground job.
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    # and ^C kills: a shell keeps SIGINT ignored if it was at its start (as it is for a
+    # background job of a non-interactive shell that may have started these tests)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class ShellLine:

@@ -105,6 +105,12 @@ def test_guest_that_never_reaches_a_shell_fails_within_its_deadline(
     assert not qemu_pids(tmp_path)
 
 
+def _sigint_default() -> None:
+    # Python ignores SIGINT if it was ignored at its start (as for a background job of a
+    # non-interactive shell, which may be how these tests run): a bench user's Ctrl-C is not
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_leaves_the_board_off_and_the_rig_free(tmp_path: Path, env: dict[str, str],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "test_long.py").write_text(
@@ -113,7 +119,7 @@ def test_ctrl_c_leaves_the_board_off_and_the_rig_free(tmp_path: Path, env: dict[
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-s",
                              f"--rigs-dir={REPO / 'rigs'}", "--rig=qemu-aarch64",
                              "test_long.py"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=_sigint_default)
     assert proc.stdout is not None
     seen = []
     deadline = time.monotonic() + 300
