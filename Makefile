@@ -49,7 +49,7 @@ lint: venv
 
 # The framework's own tests (unit + integration on real QEMU boots and emulated bench hardware),
 # then every suite on both QEMU boards, and the smoke suite through each emulated bench.
-# About 50 min on 2 vCPUs under TCG.
+# About 45 min on 2 vCPUs under TCG (docs/benchmarks.md).
 test: deps lint
 	$(HILTEST) tests
 	$(HILTEST) --rig=qemu-aarch64 suites
