@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from hil.console.serial import SerialConsole, SerialSettings
 from hil.deadline import Deadline, wait_until
 from hil.errors import InfraError
+from hil.qemu import TB_SIZE_MIB
 from hil.qemu.firmware import default_firmware
 from hil.registry import PartContext
 from hil.storage import FileStorage, FileStorageSettings
@@ -35,10 +36,10 @@ class QemuSettings(BaseModel):
 
     arch: Literal["aarch64", "x86_64"] | None = Field(None, description="default: device type")
     memory: int = Field(512, gt=0, description="MiB")
-    tb_size: int | None = Field(256, gt=0, description="TCG translation cache in MiB (null: "
-                                "QEMU's 1024). QEMU keeps translations across a guest reboot; "
-                                "with a cache that seldom fills, a bootloader copying a kernel "
-                                "over the old kernel's pages crawls (GRUB took minutes)")
+    tb_size: int | None = Field(TB_SIZE_MIB, gt=0, description="TCG translation cache in MiB "
+                                "(null: QEMU's 1024). QEMU keeps translations across a guest "
+                                "reboot; with a cache that seldom fills, a bootloader copying "
+                                "a kernel over the old kernel's pages crawls (GRUB took minutes)")
     smp: int = Field(1, gt=0, description="virtual CPUs")
     cpu: str | None = Field(None, description="default cortex-a53 (aarch64), qemu64 (x86_64)")
     machine: str | None = Field(None, description="default virt,acpi=off (aarch64), pc (x86_64)")

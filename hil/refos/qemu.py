@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from hil.qemu import TB_SIZE_MIB
 from hil.qemu.firmware import UBOOT_ARM64
 
 
@@ -19,7 +20,7 @@ def qemu_argv(arch: str, disk: Path, *, ssh_port: int | None = None,
     the image's RefosImage.uboot_env, attached as the second pflash bank: no autoboot delay."""
     fwd = f",hostfwd=tcp:127.0.0.1:{ssh_port}-:22222" if ssh_port else ""
     common = [
-        "-m", str(memory_mib), "-smp", "1", "-accel", "tcg",
+        "-m", str(memory_mib), "-smp", "1", "-accel", f"tcg,tb-size={TB_SIZE_MIB}",
         "-display", "none", "-monitor", "none", "-serial", serial,
         "-drive", f"file={disk},format=raw,if=virtio,cache=unsafe",
     ]
