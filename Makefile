@@ -42,9 +42,12 @@ $(STAMP): pyproject.toml
 demo: deps
 	$(PYTEST) -p no:cacheprovider --rig=$(RIG) $(SUITES) -v
 
+# mypy strict on the suites too: each suite folder on its own (their conftest.py files share a name)
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict suites/conftest.py
+	for d in suites/*/; do MYPYPATH=$$d $(VENV)/bin/mypy --strict $$d*.py || exit 1; done
 	$(PY) -m hil.docgen --check
 
 # The framework's own tests (unit + integration on real QEMU boots and emulated bench hardware),

@@ -36,20 +36,23 @@ def wait_until(
     interval: float = 0.05,
     tail: Callable[[], str] | None = None,
 ) -> T:
-    """Poll ``probe`` until it returns something other than None/False.
+    """Poll ``probe`` until it returns something other than None/False, looking every
+    ``interval`` seconds (from the start of one look to the next: a probe of the device takes
+    time itself). The framework's one poller; ``Dut.poll`` is it for states of the device.
 
     Only for states that have no event to wait on (a socket that starts listening, a file that a
     foreign process creates). ``seen`` describes the last observed state for the error message.
     """
     deadline = Deadline(timeout)
     while True:
+        began = time.monotonic()
         value = probe()
         if value is not None and value is not False:
             return value
         if deadline.expired():
             raise DeadlineError(expected, seen() if seen else repr(value), timeout,
                                 tail=tail() if tail else "")
-        time.sleep(min(interval, deadline.remaining()))
+        time.sleep(min(max(0.0, interval - (time.monotonic() - began)), deadline.remaining()))
 
 
 class WaitTally:

@@ -1,51 +1,54 @@
-"""The device under test as the suites see it: run commands, reboot, power-cycle, SSH."""
+"""The device under test as the suites see it: commands, boots and power, SSH, waits for a
+state. Every restart goes through here and ends the same way: the new boot seen on the console
+(as the host-OS adapter recognises it), then a shell."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
+import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TypeVar
 
-from hil.console.log import StopEvent
+from hil.config import Timeouts
+from hil.console.log import PANIC_MARKER, RESTARTS, EventKind, StopEvent
 from hil.console.shell import CommandFailed, ConsoleShell, Result
-from hil.errors import DeadlineError, DeviceError, InfraError
-from hil.rig import Rig
-
-if TYPE_CHECKING:
-    import paramiko
+from hil.deadline import wait_until
+from hil.errors import DeadlineError, DeviceError, InfraError, NotReached
+from hil.os.balena import BalenaOS
+from hil.os.contract import BootRecord, HostOS
+from hil.os.hostdisk import HostDisk
+from hil.rig import Rig, RigState
+from hil.ssh import SshShell
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+NEVER = re.compile(rb"(?!)")  # waits that end only on a console event
 
 
 class Dut:
-    def __init__(self, rig: Rig, *, ssh_key: Path | None = None) -> None:
+    def __init__(self, rig: Rig, *, ssh_key: Path | None = None,
+                 host_os: Callable[[Dut], HostOS] = BalenaOS) -> None:
+        """``host_os`` makes the OS adapter (``dut.os``) for this device."""
         self.rig = rig
         self.shell = ConsoleShell(rig.console, user=rig.config.ssh.user)
         self.ssh_key = ssh_key
+        self.ssh = SshShell(rig, ssh_key)  # one connection per boot
         self.boots = 0  # boots this session has seen through the framework
-        self.os: Any = None  # host-OS adapter, set by the plugin
+        self.os: HostOS = host_os(self)
 
     @property
-    def timeouts(self) -> Any:
+    def timeouts(self) -> Timeouts:
         return self.rig.config.timeouts
 
-    # --- readiness ------------------------------------------------------------------------------
-    def wait_ready(self, timeout: float | None = None) -> float:
-        """Wait for a root shell on the console after power-on or reboot. Returns seconds."""
-        with self.rig.step("wait for shell", "console"):
-            took = self.shell.wait_ready(timeout or self.timeouts.boot)
-        self.rig.state = "ready"
-        self.boots += 1
-        return took
-
-    def boot(self) -> float:
-        self.rig.power_on()
-        return self.wait_ready()
+    @property
+    def disk(self) -> HostDisk | None:
+        """The board's disk, where it is a file on the rig host (once flashed); else None."""
+        return HostDisk.of(self.rig)
 
     # --- commands -------------------------------------------------------------------------------
     def run(self, command: str, timeout: float | None = None) -> Result:
+        """Run on the console's root shell (output merged)."""
         return self.shell.run(command, timeout or self.timeouts.command)
 
     def run_check(self, command: str, timeout: float | None = None) -> Result:
@@ -54,45 +57,104 @@ class Dut:
             raise CommandFailed(result)
         return result
 
+    def ssh_run(self, command: str, timeout: float | None = None) -> Result:
+        """Run over SSH, on the boot's one connection: stdout and stderr apart."""
+        return self.ssh.run(command, timeout or self.timeouts.command, merge=False)
+
     def boot_id(self) -> str:
         return self.run_check("cat /proc/sys/kernel/random/boot_id").stdout.strip()
 
-    # --- restarts -------------------------------------------------------------------------------
-    def reboot(self, timeout: float | None = None, command: str = "reboot") -> float:
-        """Soft reboot through the OS. Waits for the kernel to go down, then for a new shell."""
+    def poll(self, probe: Callable[[], T | None], timeout: float, expected: str,
+             seen: Callable[[], str], interval: float = 1.0) -> T:
+        """Look at the device until ``probe`` returns a value (not None or False). The device
+        not getting there in time is a broken promise: ``NotReached``, a test failure naming
+        ``expected`` and what was ``seen`` last. A rig fault in the probe stays infra."""
+        with self.rig.log.tally.timing("poll"):  # all of it is waiting on the device
+            try:
+                return wait_until(probe, timeout, expected, seen=seen, interval=interval)
+            except DeadlineError as exc:
+                raise NotReached(expected, exc.seen, timeout, tail=self.rig.log.tail()
+                                 ) from None
+
+    # --- boots and power ------------------------------------------------------------------------
+    def wait_ready(self, timeout: float | None = None) -> float:
+        """Wait for a root shell on the console; returns seconds. After a restart, call it only
+        once ``await_boot`` has seen the new boot: typed into a UART the kernel has not taken
+        over yet, the shell's set-up line is lost (QEMU's PL011 then drops all input)."""
+        with self.rig.step("wait for shell", "console", device_wait=True):
+            took = self.shell.wait_ready(timeout or self.timeouts.boot)
+        self.rig.state = RigState.READY
+        self.os.learn()
+        self.boots += 1
+        return took
+
+    def await_boot(self, start: int, timeout: float | None = None) -> BootRecord:
+        """The next boot of the OS after console offset ``start`` (its bootloader's run)."""
+        pattern, expected = self.os.boot_signature()
         with self.rig.log.tally.timing("boot"):
-            return self._reboot(timeout or self.timeouts.boot, command)
+            hit = self.rig.log.wait_for(pattern, start, timeout or self.timeouts.boot, expected)
+        return self.os.boot_record(hit)
 
-    def _reboot(self, timeout: float, command: str) -> float:
-        t0 = time.monotonic()
-        at = self.shell.send(command)
-        self.shell.invalidate()
+    def await_panic(self, start: int, timeout: float | None = None) -> int:
+        """Wait for a kernel panic after ``start`` (a root that cannot boot); returns the
+        offset after it."""
+        with self.rig.log.tally.timing("boot"):
+            hit = self.rig.log.wait_for(PANIC_MARKER, start, timeout or self.timeouts.boot,
+                                        "a kernel panic (the new root's init fails)")
+        return hit.end
+
+    def power_on(self) -> BootRecord:
+        """Power on, await the boot, then a shell."""
+        at = self.rig.log.end
+        self.rig.power_on()
+        rec = self.await_boot(at)
+        self.wait_ready()
+        return rec
+
+    def power_off(self) -> None:
+        """Cut the power (no shutdown)."""
+        self._going_down("power cut")
+        self.rig.power_off()
+
+    def power_cycle(self) -> BootRecord:
+        """Hard: cut the power, and on again after the rig's off-time; then a shell."""
+        self.power_off()
+        return self.power_on()
+
+    def start_reboot(self, command: str = "reboot") -> int:
+        """Type ``command`` on the console and return the console offset it was sent at,
+        without waiting (the caller follows the boots with ``await_boot``)."""
+        self._going_down(f"{command!r} was sent")
+        return self.shell.send(command)
+
+    def reboot_via_ssh(self) -> int:
+        """Ask the OS to reboot over SSH (a production device has no console shell); returns
+        the console offset before it. Does not wait for the new boot."""
+        self.os.learn()
+        at = self.rig.log.end
+        self.ssh.start("reboot")
+        self.shell.invalidate("rebooted over SSH")
+        return at
+
+    def reboot(self, command: str = "reboot") -> BootRecord:
+        """Soft reboot through the OS: the board must go down, boot again, give a shell."""
+        at = self.start_reboot(command)
         try:
-            import re
-
-            self.rig.log.wait_for(re.compile(rb"(?!)"), at, min(timeout, 60.0),
-                                  f"the board to restart after {command!r}",
-                                  stop_on=("reset", "boot", "panic"))
+            self.rig.log.wait_for(NEVER, at, min(self.timeouts.boot, 60.0),
+                                  f"the board to restart after {command!r}", stop_on=RESTARTS)
         except StopEvent as exc:
-            if exc.event.kind == "panic":
-                raise DeviceError(f"kernel panic during {command!r}: {exc.event.text}\n"
-                                  f"--- console tail ---\n{exc.tail}") from None
+            if exc.event.kind == EventKind.PANIC:
+                raise DeviceError(f"kernel panic during {command!r}: {exc.event.text}",
+                                  tail=exc.tail) from None
         except DeadlineError as exc:
             raise DeviceError(f"{command!r} did not restart the board: {exc}") from None
-        self.wait_ready(max(1.0, timeout - (time.monotonic() - t0)))
-        return time.monotonic() - t0
-
-    def power_cycle(self) -> float:
-        """Hard: cut the power, wait the rig's off-time, power on, wait for a shell."""
-        t0 = time.monotonic()
-        self.shell.invalidate()
-        self.rig.power_cycle()
+        rec = self.await_boot(at)
         self.wait_ready()
-        return time.monotonic() - t0
+        return rec
 
     def recover(self) -> None:
         """After a failed test: get back to a usable shell, power-cycling if needed."""
-        if self.shell.ready:
+        if self.rig.state == RigState.READY and self.shell.ready:
             try:
                 self.shell.run("true", 5)
                 return
@@ -101,53 +163,7 @@ class Dut:
                             self.rig.name, exc)
         self.power_cycle()
 
-    # --- SSH ------------------------------------------------------------------------------------
-    def ssh(self, *, key: Path | None = None, timeout: float = 30.0) -> paramiko.SSHClient:
-        """An SSH client logged in as root on the OS's SSH port (22222 on balenaOS)."""
-        with self.rig.log.tally.timing("ssh"):
-            return self._ssh(key, timeout)
-
-    def _ssh(self, key: Path | None, timeout: float) -> paramiko.SSHClient:
-        import paramiko
-
-        if self.rig.network is None:
-            raise InfraError("the rig has no network part to reach the DUT over SSH",
-                             part="network", rig=self.rig.name)
-        host, port = self.rig.network.ssh_endpoint()
-        client = paramiko.SSHClient()
-        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-        key_file = key or self.ssh_key
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                client.connect(host, port=port, username=self.rig.config.ssh.user,
-                               key_filename=str(key_file) if key_file else None,
-                               look_for_keys=False, allow_agent=False, timeout=5,
-                               banner_timeout=5, auth_timeout=5)
-                return client
-            except paramiko.AuthenticationException:
-                client.close()
-                raise
-            except (OSError, paramiko.SSHException) as exc:
-                # sshd may still be starting after boot: the port refuses or drops us
-                if time.monotonic() >= deadline:
-                    client.close()
-                    raise DeadlineError(f"SSH on {host}:{port}", str(exc), timeout,
-                                        tail=self.rig.log.tail()) from None
-                time.sleep(0.5)
-
-    def ssh_run(self, command: str, timeout: float | None = None, *,
-                key: Path | None = None) -> Result:
-        """Run over SSH: stdout and stderr separate."""
-        with self.rig.log.tally.timing("ssh"):
-            return self._ssh_run(command, timeout, key)
-
-    def _ssh_run(self, command: str, timeout: float | None, key: Path | None) -> Result:
-        client = self.ssh(key=key)
-        with contextlib.closing(client):
-            t0 = time.monotonic()
-            _, out, err = client.exec_command(command, timeout=timeout or self.timeouts.command)
-            stdout = out.read().decode(errors="replace")
-            stderr = err.read().decode(errors="replace")
-            code = out.channel.recv_exit_status()
-            return Result(command, stdout, stderr, code, time.monotonic() - t0)
+    def _going_down(self, why: str) -> None:
+        self.os.learn()  # while a shell is there: the next boot is recognised by it
+        self.shell.invalidate(why)
+        self.ssh.close()

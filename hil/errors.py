@@ -1,7 +1,8 @@
 """The error kinds the framework raises.
 
-A test failure (the device broke a promise) is an ordinary ``AssertionError``. Everything else
-is one of these, so the report can tell "the OS is wrong" from "the rig is wrong".
+A test failure (the device broke a promise) is an ``AssertionError``: a plain ``assert`` in a
+test, or ``OSContractError`` from the framework. A rig fault is an ``InfraError`` and the report
+shows it apart, so a reader can tell "the OS is wrong" from "the rig is wrong".
 """
 
 from __future__ import annotations
@@ -28,15 +29,17 @@ class ConfigError(HilError):
         self.file, self.line, self.key = file, line, key
 
 
+def with_tail(text: str, tail: str) -> str:
+    """``text`` followed by what the console showed last, in the one format every error uses."""
+    return f"{text}\n--- console tail ---\n{tail}" if tail else text
+
+
 class InfraError(HilError):
     """The rig failed (power, mux, console, flash, QEMU): not the device under test's fault."""
 
     def __init__(self, message: str, *, part: str = "", rig: str = "", tail: str = "") -> None:
         head = " ".join(x for x in (f"rig {rig}" if rig else "", part) if x)
-        text = f"[{head}] {message}" if head else message
-        if tail:
-            text += "\n--- console tail ---\n" + tail
-        super().__init__(text)
+        super().__init__(with_tail(f"[{head}] {message}" if head else message, tail))
         self.part, self.rig, self.tail = part, rig, tail
 
 
@@ -44,13 +47,30 @@ class DeadlineError(HilError):
     """A wait ran out of time. Says what was expected and what was seen."""
 
     def __init__(self, expected: str, seen: str, timeout: float, *, tail: str = "") -> None:
-        text = f"timed out after {timeout:.1f}s waiting for {expected}; saw: {seen}"
-        if tail:
-            text += "\n--- console tail ---\n" + tail
-        super().__init__(text)
+        super().__init__(with_tail(f"timed out after {timeout:.1f}s waiting for {expected}; "
+                                   f"saw: {seen}", tail))
         self.expected, self.seen, self.timeout, self.tail = expected, seen, timeout, tail
 
 
 class DeviceError(HilError):
     """The device did something that makes the current test meaningless (panic, unexpected
     reboot, lost shell). Not a rig fault, and not an assertion about the OS either."""
+
+    def __init__(self, message: str, *, tail: str = "") -> None:
+        super().__init__(with_tail(message, tail))
+        self.tail = tail
+
+
+class OSContractError(AssertionError):
+    """The device broke a promise of its OS's contract (a file or link it must have is not
+    there, a state it must reach does not come): a test failure, not a framework error."""
+
+
+class NotReached(OSContractError):
+    """A state the device promised did not come within its deadline (``Dut.poll``): says what
+    was expected and what was seen last."""
+
+    def __init__(self, expected: str, seen: str, timeout: float, *, tail: str = "") -> None:
+        super().__init__(with_tail(f"{expected}: not so after {timeout:.0f}s; last seen:\n"
+                                   f"{seen}", tail))
+        self.expected, self.seen, self.timeout, self.tail = expected, seen, timeout, tail

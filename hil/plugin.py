@@ -14,15 +14,24 @@ import pytest
 
 from hil import redact
 from hil.config import RigConfig, load_rig
+from hil.console.log import EventKind
 from hil.dut import Dut
 from hil.errors import ConfigError, InfraError
 from hil.rig import Rig
 from hil.session import HilSession, Options
 
-CONSOLE_AT = pytest.StashKey[int]()
-CALL_REPORT = pytest.StashKey[pytest.TestReport]()
-SESSION = pytest.StashKey["HilSession | None"]()
-RIG_CONFIG = pytest.StashKey["RigConfig | None"]()
+CONSOLE_AT = pytest.StashKey[int]()  # item: console offset at the test's start
+CALL_REPORT = pytest.StashKey[pytest.TestReport]()  # item: its call phase's report
+SESSION = pytest.StashKey["HilSession | None"]()  # config
+RIG_CONFIG = pytest.StashKey["RigConfig | None"]()  # config: --rig, loaded
+NEEDS_RECOVERY = pytest.StashKey[bool]()  # config: the last test failed or lost the shell
+INFRA = ("hil", "infra")  # in a report's user_properties: the failure is a rig fault
+
+
+def configured_rig(config: pytest.Config) -> RigConfig | None:
+    """The rig the run was given (``--rig``), for collection-time hooks such as
+    ``pytest_generate_tests`` that cannot use the ``rig_config`` fixture."""
+    return config.stash.get(RIG_CONFIG, None)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -37,8 +46,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--bmap", default=None, help="block map for --image (default: IMAGE.bmap)")
     g.addoption("--config-json", default=None,
                 help="config.json to put in the image (default: one made for the session)")
-    g.addoption("--update-image", default=None,
-                help="OS image for host OS update tests (default on the reference OS: built)")
     g.addoption("--rig-wait", type=float, default=600.0,
                 help="seconds to wait for a rig another session holds (0: fail at once)")
     g.addoption("--no-flash", action="store_true",
@@ -50,6 +57,7 @@ def pytest_configure(config: pytest.Config) -> None:
                             "features (e.g. gpio_loopback, sd_mux, rtc); skipped otherwise")
     config.stash[SESSION] = None
     config.stash[RIG_CONFIG] = None
+    config.stash[NEEDS_RECOVERY] = False
     rig = config.getoption("--rig")
     if rig:
         try:
@@ -86,8 +94,7 @@ def hil_session(pytestconfig: pytest.Config, rig_config: RigConfig) -> Iterator[
     opt = pytestconfig.getoption
     options = Options(image=opt("--image"), bmap=Path(opt("--bmap")) if opt("--bmap") else None,
                       config_json=Path(opt("--config-json")) if opt("--config-json") else None,
-                      rig_wait=opt("--rig-wait"), flash=not opt("--no-flash"),
-                      update_image=opt("--update-image"))
+                      rig_wait=opt("--rig-wait"), flash=not opt("--no-flash"))
     session = HilSession(rig_config, options)
     pytestconfig.stash[SESSION] = session
     session.start(what=f"pytest {' '.join(pytestconfig.invocation_params.args)}"[:200])
@@ -109,13 +116,14 @@ def dut(request: pytest.FixtureRequest, hil_session: HilSession) -> Iterator[Dut
     a test that failed or left it without a shell."""
     d = hil_session.dut
     assert d is not None
-    if getattr(hil_session, "needs_recovery", False) or not d.shell.ready:
+    stash = request.config.stash
+    if stash[NEEDS_RECOVERY] or not d.shell.ready:
         d.recover()
-        hil_session.needs_recovery = False  # type: ignore[attr-defined]
+        stash[NEEDS_RECOVERY] = False
     yield d
     rep = request.node.stash.get(CALL_REPORT, None)
     if rep is None or rep.failed:
-        hil_session.needs_recovery = True  # type: ignore[attr-defined]
+        stash[NEEDS_RECOVERY] = True
 
 
 # --- markers, report sections, infra errors -----------------------------------------------------
@@ -142,7 +150,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     session = item.config.stash.get(SESSION, None)
     if session is not None and session.rig is not None:
         item.stash[CONSOLE_AT] = session.rig.log.end
-        session.rig.log.note("test", item.nodeid)
+        session.rig.log.note(EventKind.TEST, item.nodeid)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -152,7 +160,8 @@ def pytest_runtest_makereport(
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
     if call.excinfo is not None and call.excinfo.errisinstance(InfraError):
-        report.hil_infra = True  # type: ignore[attr-defined]
+        # a new list: pytest hands every phase's report the item's own list
+        report.user_properties = [*report.user_properties, INFRA]
     if report.when == "call":
         item.stash[CALL_REPORT] = report
     if report.longrepr is not None and not isinstance(report.longrepr, tuple):
@@ -181,7 +190,8 @@ def _allure_attach(text: str) -> None:
 
 def pytest_report_teststatus(report: pytest.TestReport,
                              config: pytest.Config) -> tuple[str, str, Any] | None:
-    if getattr(report, "hil_infra", False) and report.failed:
+    # tuple(): a report that crossed a process boundary (pytest-xdist) holds lists
+    if report.failed and any(tuple(prop) == INFRA for prop in report.user_properties):
         return "infra", "I", ("INFRA", {"yellow": True})
     return None
 

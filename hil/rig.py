@@ -1,8 +1,8 @@
 """Rig: one board and the hardware around it, composed from the parts in its rig file.
 
-States: off → flashed → booted → ready. Every step is timed into ``timeline`` and noted in the
-console log. ``close()`` always leaves the board powered off, the SD mux released and the lock
-free, whatever happened before (Ctrl-C included).
+``state`` is a ``RigState``; every step is timed into ``timeline`` and noted in the console log.
+``close()`` always leaves the board powered off, the SD mux released and the lock free, whatever
+happened before (Ctrl-C included).
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from hil import registry
 from hil.cache import runtime_dir
 from hil.config import RigConfig
-from hil.console.log import ConsoleLog, StopEvent
+from hil.console.log import ConsoleLog, EventKind, StopEvent
 from hil.console.serial import SerialConsole
 from hil.errors import DeviceError, HilError, InfraError
 from hil.parts import Network, Power, SdMux, Storage
@@ -31,12 +32,22 @@ log = logging.getLogger(__name__)
 STOPPED = re.compile(rb"reboot: (Power down|System halted|Restarting system)")
 
 
+class RigState(StrEnum):
+    UNKNOWN = "unknown"  # before the first power switch: whatever the board was doing
+    OFF = "off"
+    FLASHED = "flashed"  # off, with the image on the board's medium
+    BOOTING = "booting"  # powered, no shell yet
+    READY = "ready"  # a shell answered since the last power-on (set by ``Dut.wait_ready``)
+
+
 @dataclass
 class Step:
     name: str
+    part: str  # the rig part it drove ("power", "sd_mux", "storage", "flash", "console")
     seconds: float
     ok: bool
     detail: str = ""
+    device_wait: bool = False  # waiting on the device (a shell, an installer), not hardware
 
 
 class Rig:
@@ -59,7 +70,7 @@ class Rig:
         self.sd_mux: SdMux | None = parts.get("sd_mux")
         self.storage: Storage | None = parts.get("storage")
         self.network: Network | None = parts.get("network")
-        self.state = "unknown"
+        self.state = RigState.UNKNOWN
         self.flash_report: Any = None
         self._off_since: float | None = None  # monotonic time of the last power off
 
@@ -83,19 +94,24 @@ class Rig:
         return self.console.log
 
     @contextlib.contextmanager
-    def step(self, name: str, part: str = "") -> Iterator[None]:
+    def step(self, name: str, part: str, *, device_wait: bool = False) -> Iterator[None]:
         """Time a step; a non-framework exception from a driver becomes an InfraError."""
         t0 = time.monotonic()
-        self.log.note("step", name)
+        self.log.note(EventKind.STEP, name)
+
+        def record(ok: bool, detail: str = "") -> None:
+            self.timeline.append(Step(name, part, time.monotonic() - t0, ok, detail[:200],
+                                      device_wait))
+
         try:
             yield
         except HilError as exc:
-            self.timeline.append(Step(name, time.monotonic() - t0, False, str(exc)[:200]))
+            record(False, str(exc))
             raise
         except (OSError, RuntimeError, ValueError) as exc:
-            self.timeline.append(Step(name, time.monotonic() - t0, False, str(exc)[:200]))
+            record(False, str(exc))
             raise InfraError(f"{name}: {exc}", part=part, rig=self.name) from exc
-        self.timeline.append(Step(name, time.monotonic() - t0, True))
+        record(True)
         log.info("rig %s: %s (%.1fs)", self.name, name, time.monotonic() - t0)
 
     # --- power ----------------------------------------------------------------------------------
@@ -107,16 +123,16 @@ class Rig:
                 time.sleep(max(0.0, left))
             if not self.console.attached and self.target is None:
                 self.console.attach()  # a bench console is open before the board gets power
-            self.log.note("power-on")  # before: the first byte the board prints comes after it
+            self.log.note(EventKind.POWER_ON)  # first: the board's first byte comes after it
             self.power.on()
-        self.state = "booting"
+        self.state = RigState.BOOTING
 
     def power_off(self) -> None:
         with self.step("power off", "power"):
             self.power.off()
-            self.log.note("power-off")
+            self.log.note(EventKind.POWER_OFF)
         self._off_since = time.monotonic()
-        self.state = "off"
+        self.state = RigState.OFF
 
     def power_cycle(self) -> None:
         self.power_off()
@@ -144,7 +160,7 @@ class Rig:
                 self.sd_mux.to_dut()
         if self.config.device_type.flasher:
             self.install()
-        self.state = "flashed"
+        self.state = RigState.FLASHED
         return self.flash_report
 
     def install(self) -> None:
@@ -156,18 +172,18 @@ class Rig:
                              "away once it has run", part="sd_mux", rig=self.name)
         start = self.log.end
         self.power_on()
-        with self.step("installer runs", "flash"), self.log.tally.timing("boot"):
+        with self.step("installer runs", "flash", device_wait=True), \
+                self.log.tally.timing("boot"):
             expected = "the installer to power the board off ('reboot: Power down')"
             try:
                 hit = self.log.wait_for(STOPPED, start, self.config.timeouts.install, expected,
-                                        stop_on=("panic",))
+                                        stop_on=(EventKind.PANIC,))
             except StopEvent as exc:
-                raise DeviceError(f"kernel panic while the installer ran: {exc.event.text}\n"
-                                  f"--- console tail ---\n{exc.tail}") from None
+                raise DeviceError(f"kernel panic while the installer ran: {exc.event.text}",
+                                  tail=exc.tail) from None
             if hit.groups[0] != b"Power down":
                 raise DeviceError(f"the installer stopped with {hit.data.decode()!r} instead of "
-                                  f"powering the board off\n--- console tail ---\n"
-                                  f"{self.log.tail()}")
+                                  "powering the board off", tail=self.log.tail())
         self.power_off()
         with self.step("sd mux → off (installer medium away)", "sd_mux"):
             self.sd_mux.off()
@@ -186,4 +202,4 @@ class Rig:
         for obj in reversed(self._owned):
             with contextlib.suppress(Exception):
                 obj.close()
-        self.state = "off"
+        self.state = RigState.OFF

@@ -5,15 +5,16 @@ and by ``hil`` commands; knows nothing of pytest."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import logging
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hil import redact
 from hil.cache import runtime_dir
@@ -21,9 +22,15 @@ from hil.config import RigConfig
 from hil.dut import Dut
 from hil.errors import ConfigError
 from hil.lock import RigLock
+from hil.os import BalenaOS
 from hil.rig import Rig
 
+if TYPE_CHECKING:
+    from hil.refos.api import RegistrationServer
+
 log = logging.getLogger(__name__)
+# the session report's names for the rig parts whose steps are hardware time
+HARDWARE_KIND = {"sd_mux": "mux", "storage": "flash"}
 
 
 @dataclass
@@ -33,12 +40,6 @@ class Options:
     config_json: Path | None = None
     rig_wait: float = 600.0
     flash: bool = True
-    extra_config: dict[str, Any] = field(default_factory=dict)
-    update_image: str | None = None  # for host OS update tests (default on the reference OS: built)
-
-
-def refos_arch(config: RigConfig) -> str:
-    return "x86_64" if config.device_type.arch in ("amd64", "x86_64") else "aarch64"
 
 
 def ssh_keypair(folder: Path) -> tuple[Path, str]:
@@ -70,7 +71,7 @@ class HilSession:
         self.dut: Dut | None = None
         self.image: Path | None = None
         self.device_config: dict[str, Any] = {}
-        self.api: Any = None  # registration endpoint, when the image is the reference OS
+        self.api: RegistrationServer | None = None  # when the session built the reference OS
         self.ssh_key, self.ssh_pub = ssh_keypair(self.runtime)
         self.started: float | None = None  # monotonic, at start()
         self.ended: float | None = None  # monotonic, at the first close()
@@ -90,15 +91,15 @@ class HilSession:
                 self.stack.enter_context(emu.start(self.config, self.runtime))
             self.rig = Rig(self.config, self.runtime)
             self.stack.callback(self.rig.close)
-            self.dut = Dut(self.rig, ssh_key=self.ssh_key)
-            from hil.os import BalenaOS
-
-            self.dut.os = BalenaOS(self.dut)
+            builds = self.builds_reference_os
+            self.dut = Dut(self.rig, ssh_key=self.ssh_key,
+                           host_os=functools.partial(BalenaOS, reference=builds or None))
             self.stack.callback(self.dut.os.close)
+            self.stack.callback(self.dut.ssh.close)
             if self.options.flash:
                 image, bmap = self.prepare_image()
                 self.rig.flash(image, bmap)
-            self.dut.boot()
+            self.dut.power_on()
             self.ready = self.snapshot()
             self.add_time("session start", Snapshot(self.started, 0.0, 0.0), self.ready)
             return self.dut
@@ -112,6 +113,17 @@ class HilSession:
             self.ended = time.monotonic()
 
     # --- image ----------------------------------------------------------------------------------
+    @property
+    def builds_reference_os(self) -> bool:
+        """The session flashes a reference OS image it builds (``--image refos``). Once the
+        device is up, ``dut.os.is_reference_os`` is the answer for any image."""
+        return self.options.flash and (self.options.image or self.config.image) == "refos"
+
+    @property
+    def refos_arch(self) -> str:
+        """The reference OS build for this rig's device type."""
+        return "x86_64" if self.config.device_type.arch in ("amd64", "x86_64") else "aarch64"
+
     def base_image(self) -> tuple[Path, Path | None]:
         name = self.options.image or self.config.image
         if not name:
@@ -121,8 +133,7 @@ class HilSession:
             from hil.refos import build
 
             # flasher boards get the installer image, which installs the same OS
-            built = build(arch=refos_arch(self.config),
-                          flasher=self.config.device_type.flasher)
+            built = build(arch=self.refos_arch, flasher=self.config.device_type.flasher)
             return built.disk, built.bmap
         path = Path(name).expanduser()
         if not path.is_file():
@@ -156,7 +167,6 @@ class HilSession:
             cfg["apiKey"] = self.api.api_key  # the provisioning key the endpoint accepts
         if using_refos and self.rig and self.rig.network:
             cfg.setdefault("ntpServers", self.rig.network.host_address)
-        cfg.update(self.options.extra_config)
         redact.register_config(cfg)
         return cfg
 
@@ -164,8 +174,7 @@ class HilSession:
         from hil.flash.configure import bmap_path, configure_image
 
         base, _ = self.base_image()
-        using_refos = (self.options.image or self.config.image) == "refos"
-        self.device_config = self.device_config_for(using_refos)
+        self.device_config = self.device_config_for(self.builds_reference_os)
         extra_txt = list(self.config.device_type.config_txt)
         log.info("configuring %s with %s", base.name, redact.config(self.device_config))
         self.image = configure_image(base, self.device_config, config_txt_lines=extra_txt)
@@ -181,6 +190,7 @@ class HilSession:
         for step in self.rig.timeline:
             lines.append(f"  {step.seconds:7.2f}s  {'ok ' if step.ok else 'ERR'} {step.name}"
                          + (f" — {step.detail}" if step.detail else ""))
+        lines.append(f"rig state now: {self.rig.state}")
         lines.append(self.time_split())
         if self.by_suite:
             lines.append("time by suite: wall, waiting on the device, rig hardware, framework "
@@ -196,14 +206,13 @@ class HilSession:
         return lines
 
     def _waits_and_hardware(self) -> tuple[dict[str, float], dict[str, float]]:
-        """Seconds so far waiting on the device (by kind) and in the rig's hardware steps."""
+        """Seconds so far waiting on the device (by kind) and in the rig's hardware steps (by
+        part: power, mux, flash)."""
         assert self.rig is not None
         hardware: dict[str, float] = {}
         for step in self.rig.timeline:
-            kind = next((k for k in ("power", "sd mux", "flash", "wait for storage")
-                         if step.name.startswith(k)), None)
-            if kind is not None:  # not "wait for shell" or "installer runs": those are waits
-                kind = {"sd mux": "mux", "wait for storage": "flash"}.get(kind, kind)
+            if not step.device_wait:  # a shell or an installer is the device's time
+                kind = HARDWARE_KIND.get(step.part, step.part)
                 hardware[kind] = hardware.get(kind, 0.0) + step.seconds
         return dict(self.rig.log.tally.seconds), hardware
 

@@ -7,11 +7,11 @@ board rebooted under me".
 
 from __future__ import annotations
 
-import bisect
 import re
 import threading
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from hil.deadline import WaitTally
@@ -26,11 +26,28 @@ RESET_MARKER = re.compile(rb"reboot: (?:Restarting system|Power down|System halt
 SCAN_OVERLAP = 64  # bytes re-scanned across chunk borders so a marker split in two is found
 
 
+class EventKind(StrEnum):
+    """What an entry of the console's timeline records."""
+
+    BOOT = "boot"  # a bootloader or kernel banner: the board (re)started
+    RESET = "reset"  # the kernel said it restarts, halts or powers off
+    PANIC = "panic"
+    POWER_ON = "power-on"  # the rig switched the power (noted just before the switch)
+    POWER_OFF = "power-off"
+    CONSOLE_LOST = "console-lost"
+    STEP = "step"  # a rig step began (flash, power, mux)
+    TEST = "test"  # a test began
+
+
+# What a wait on the board stops at by default: the board restarted or died under it.
+RESTARTS = (EventKind.BOOT, EventKind.RESET, EventKind.PANIC)
+
+
 @dataclass(frozen=True)
 class Event:
     offset: int
     when: float  # time.time()
-    kind: str  # "boot" | "panic" | "power-on" | "power-off" | "console-lost" | note
+    kind: EventKind
     text: str
 
 
@@ -40,7 +57,6 @@ class ConsoleLog:
         self._base = 0  # offset of _buf[0]; the head is dropped past max_bytes
         self._max = max_bytes
         self._cond = threading.Condition()
-        self._chunks: list[tuple[int, float]] = []  # (offset, time) of each appended chunk
         self.events: list[Event] = []
         self._file = path.open("wb") if path else None  # one session's console per file
         self.path = path
@@ -54,30 +70,29 @@ class ConsoleLog:
             start = self.end
             scan_from = max(self._base, start - SCAN_OVERLAP)
             self._buf += data
-            self._chunks.append((start, now))
             if self._file:
                 self._file.write(data)
                 self._file.flush()
             window = bytes(self._buf[scan_from - self._base:])
             for m in BOOT_MARKERS.finditer(window):
                 if scan_from + m.end() > start:  # not already seen in the previous chunk
-                    self._event_locked(scan_from + m.start(), now, "boot", m.group().decode())
+                    self._event_locked(scan_from + m.start(), now, EventKind.BOOT,
+                                       m.group().decode())
             for m in RESET_MARKER.finditer(window):
                 if scan_from + m.end() > start:
-                    self._event_locked(scan_from + m.start(), now, "reset", m.group().decode())
+                    self._event_locked(scan_from + m.start(), now, EventKind.RESET,
+                                       m.group().decode())
             for m in PANIC_MARKER.finditer(window):
                 if scan_from + m.end() > start:
-                    self._event_locked(scan_from + m.start(), now, "panic",
+                    self._event_locked(scan_from + m.start(), now, EventKind.PANIC,
                                        m.group().decode(errors="replace"))
             if len(self._buf) > self._max:
                 drop = len(self._buf) - self._max
                 del self._buf[:drop]
                 self._base += drop
-                keep = bisect.bisect_right(self._chunks, (self._base, float("inf"))) - 1
-                del self._chunks[:max(0, keep)]
             self._cond.notify_all()
 
-    def note(self, kind: str, text: str = "") -> None:
+    def note(self, kind: EventKind, text: str = "") -> None:
         """Record a rig event (power on/off, flash, test start) in the timeline."""
         with self._cond:
             self._event_locked(self.end, time.time(), kind, text)
@@ -86,14 +101,14 @@ class ConsoleLog:
     def mark_lost(self, why: str) -> None:
         with self._cond:
             self.lost = why
-            self._event_locked(self.end, time.time(), "console-lost", why)
+            self._event_locked(self.end, time.time(), EventKind.CONSOLE_LOST, why)
             self._cond.notify_all()
 
     def mark_alive(self) -> None:
         with self._cond:
             self.lost = None
 
-    def _event_locked(self, offset: int, when: float, kind: str, text: str) -> None:
+    def _event_locked(self, offset: int, when: float, kind: EventKind, text: str) -> None:
         self.events.append(Event(offset, when, kind, text))
 
     # --- reader side --------------------------------------------------------------------------
@@ -115,19 +130,12 @@ class ConsoleLog:
         text = data.decode("utf-8", errors="replace").replace("\r", "")
         return "\n".join(text.splitlines()[-lines:])
 
-    def time_at(self, offset: int) -> float | None:
-        """When the byte at ``offset`` arrived (time.time()), from the chunk that carried it."""
-        with self._cond:
-            i = bisect.bisect_right(self._chunks, (offset, float("inf"))) - 1
-            return self._chunks[i][1] if i >= 0 else None
-
-    def events_since(self, offset: int,
-                     kinds: tuple[str, ...] = ("boot", "reset", "panic")) -> list[Event]:
+    def events_since(self, offset: int, kinds: tuple[EventKind, ...] = RESTARTS) -> list[Event]:
         with self._cond:
             return [e for e in self.events if e.offset >= offset and e.kind in kinds]
 
     def wait_for(self, pattern: re.Pattern[bytes], start: int, timeout: float, expected: str,
-                 *, stop_on: tuple[str, ...] = ()) -> Hit:
+                 *, stop_on: tuple[EventKind, ...] = ()) -> Hit:
         """Block until ``pattern`` appears at or after ``start``.
 
         Each wake-up scans only the new bytes (plus a small overlap for matches that straddle
@@ -138,7 +146,7 @@ class ConsoleLog:
             return self._wait_for(pattern, start, timeout, expected, stop_on)
 
     def _wait_for(self, pattern: re.Pattern[bytes], start: int, timeout: float, expected: str,
-                  stop_on: tuple[str, ...]) -> Hit:
+                  stop_on: tuple[EventKind, ...]) -> Hit:
         deadline = time.monotonic() + timeout
         pos = start
         with self._cond:

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from hil.console.log import BOOT_MARKERS as BOOT_BANNER
-from hil.console.log import ConsoleLog, StopEvent
+from hil.console.log import RESTARTS, ConsoleLog, EventKind, StopEvent
 from hil.console.serial import SerialConsole
 from hil.errors import DeadlineError, DeviceError, InfraError
 
@@ -120,10 +120,10 @@ class ConsoleShell:
                                     _last_line(self.log), timeout, tail=self.log.tail())
             try:
                 hit = self.log.wait_for(waiting, start, min(left, NUDGE_AFTER_QUIET),
-                                        "shell prompt", stop_on=("panic",))
+                                        "shell prompt", stop_on=(EventKind.PANIC,))
             except StopEvent as exc:
-                raise DeviceError(f"kernel panic while waiting for a shell: {exc.event.text}\n"
-                                  f"--- console tail ---\n{exc.tail}") from None
+                raise DeviceError(f"kernel panic while waiting for a shell: {exc.event.text}",
+                                  tail=exc.tail) from None
             except DeadlineError:
                 # Quiet console and no prompt: press Enter, once per quiet spell.
                 if (self.log.end != nudged_at or interrupt) and self._may_nudge():
@@ -163,11 +163,12 @@ class ConsoleShell:
         """Pressing Enter is safe once the board has spoken since power-on or reset and, if a
         bootloader ran, a kernel has started (before, a byte may sit in the UART until the
         bootloader reads it as "stop autoboot"), and no bootloader is counting down."""
-        starts = [e for e in self.log.events if e.kind in ("power-on", "reset", "boot")]
+        starts = [e for e in self.log.events
+                  if e.kind in (EventKind.POWER_ON, EventKind.RESET, EventKind.BOOT)]
         if starts:
             since = self.log.read(starts[-1].offset)
-            if not since or ((starts[-1].kind != "power-on" or BOOT_BANNER.search(since)) and \
-                    not KERNEL_STARTED.search(since)):
+            bootloader_ran = starts[-1].kind != EventKind.POWER_ON or BOOT_BANNER.search(since)
+            if not since or (bootloader_ran and not KERNEL_STARTED.search(since)):
                 return False
         return not BOOTLOADER_WAITING.search(self.log.read(self.log.end - 200))
 
@@ -212,8 +213,7 @@ class ConsoleShell:
         if self._ready_at is None:
             if self._lost:
                 raise DeviceError(f"{self._lost} since the shell was set up; not running "
-                                  f"{command!r} (wait_ready first)\n--- console tail ---\n"
-                                  + self.log.tail())
+                                  f"{command!r} (wait_ready first)", tail=self.log.tail())
             raise InfraError("no shell on the console yet (call wait_ready after power-on)",
                              part="console", tail=self.log.tail())
         tag = f"{self._session}.{next(self._seq)}"
@@ -228,11 +228,11 @@ class ConsoleShell:
         self.console.write(script.encode())
         try:
             end_hit = self.log.wait_for(done, sent_at, timeout, f"the end of {command!r}",
-                                        stop_on=("boot", "reset", "panic"))
+                                        stop_on=RESTARTS)
         except StopEvent as exc:
             self.invalidate(f"the board restarted ({exc.event.text})")
             raise DeviceError(f"board {exc.event.kind} ({exc.event.text}) while running "
-                              f"{command!r}\n--- console tail ---\n{exc.tail}") from None
+                              f"{command!r}", tail=exc.tail) from None
         except DeadlineError:
             self.console.write(b"\x03")  # interrupt it; the session state is now unknown
             self.invalidate(f"{command!r} timed out")

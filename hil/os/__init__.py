@@ -1,17 +1,11 @@
 """The host-OS adapter (``dut.os``): balenaOS's contract as the suites see it, for balenaOS and
-for the project's reference OS. See ``hil/os/balena.py``."""
+for the project's reference OS. The interface is ``HostOS`` (hil/os/contract.py); its
+implementation ``BalenaOS`` (hil/os/balena.py)."""
 
-from hil.os.balena import (
-    BREADCRUMBS,
-    MARKERS,
-    BalenaOS,
-    BootRecord,
-    OSContractError,
-    RootPart,
-    Roots,
-    RunningUpdate,
-    UpdateResult,
-)
+from hil.errors import OSContractError
+from hil.os.balena import BREADCRUMBS, MARKERS, BalenaOS
+from hil.os.contract import BootRecord, HostOS, RootPart, Roots, RunningUpdate, UpdateResult
+from hil.os.hostdisk import HostDisk
 from hil.os.parse import BootLine, BootState, Mount
 from hil.os.secret import Secret
 from hil.os.updates import UpdateImage, UpdateSet
@@ -23,6 +17,8 @@ __all__ = [
     "BootLine",
     "BootRecord",
     "BootState",
+    "HostDisk",
+    "HostOS",
     "Mount",
     "OSContractError",
     "RootPart",

@@ -7,11 +7,12 @@ breadcrumbs in ``/mnt/state``). Where the two differ it is hidden here and said 
 - ``hostapp_update``: balenaOS installs a hostapp (a container image: a bundle file or an image
   reference); the reference OS installs an ext4 root filesystem image, from a URL it downloads.
 - The reference OS's bootloaders print their decision on the console each boot
-  (``HIL-BOOT: ...``); balenaOS's do not, so ``await_boot`` reports only what it can see.
+  (``HIL-BOOT: ...``); balenaOS's do not, so a ``BootRecord`` holds only what the rig sees.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -20,17 +21,16 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from hil import redact
-from hil.console.log import PANIC_MARKER
+from hil.console.log import Hit
 from hil.console.shell import CommandFailed, Result
-from hil.deadline import Deadline
-from hil.errors import DeadlineError, InfraError
+from hil.errors import InfraError, OSContractError
 from hil.os import hostdisk, parse
+from hil.os.contract import BootRecord, RootPart, Roots, RunningUpdate, UpdateResult
 from hil.os.parse import BootLine, BootState, Mount
 from hil.os.secret import Secret
-from hil.os.transport import SshShell
 from hil.os.updates import UpdateImage
 
 if TYPE_CHECKING:
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from hil.os.transfer import FileServer
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 BOOT_MNT = "/mnt/boot"
 STATE_MNT = "/mnt/state"
@@ -57,80 +56,14 @@ BOOTLOADER_BANNER = {"uboot": re.compile(rb"U-Boot 20\d\d"),
                      "grub": re.compile(rb"SeaBIOS \(version|GNU GRUB|Welcome to GRUB")}
 
 
-class OSContractError(AssertionError):
-    """The device does not look like the contract says (a file or link it must have is not
-    there): the OS broke a promise, so a test failure."""
+@dataclass
+class _Learned:
+    """What an adapter and its ``via_ssh()`` twin learn of the device once and share."""
 
-
-@dataclass(frozen=True)
-class RootPart:
-    label: str  # resin-rootA / resin-rootB
-    device: str  # /dev/vda2
-    number: int  # 2: what resin_root_part names
-
-    def __str__(self) -> str:
-        return f"{self.label} ({self.device})"
-
-
-@dataclass(frozen=True)
-class Roots:
-    active: RootPart  # /dev/disk/by-state/active
-    inactive: RootPart
-    mounted_active: str  # SOURCE of /mnt/sysroot/active (must be active.device)
-
-    def by_number(self, number: int) -> RootPart:
-        for part in (self.active, self.inactive):
-            if part.number == number:
-                return part
-        raise KeyError(number)
-
-
-@dataclass(frozen=True)
-class BootRecord:
-    """One run of the bootloader, as far as the rig can see it. ``printed``: what the
-    bootloader said it did (reference OS); ``stored``: its variables on the boot partition
-    right after it printed, read by the rig host (rigs whose disk is a file). Either may be
-    None where it cannot be observed."""
-
-    start: int  # console offsets
-    end: int
-    printed: BootLine | None
-    stored: BootState | None
-
-    def __str__(self) -> str:
-        bits = []
-        if self.printed:
-            bits.append(f"booted root {self.printed.root}, bootloader saw {self.printed.state}")
-        if self.stored:
-            bits.append(f"stored {self.stored}")
-        return "; ".join(bits) or "a boot (bootloader state not observable on this rig)"
-
-
-@dataclass(frozen=True)
-class UpdateResult:
-    image: UpdateImage
-    target: RootPart
-    seconds: float
-    output: str
-
-
-class RunningUpdate:
-    """A ``hostapp-update`` started over SSH and not waited for (power-cut tests)."""
-
-    def __init__(self, channel: Any, target: RootPart, started: float) -> None:
-        self.channel, self.target, self.started = channel, target, started
-
-    def finished(self) -> int | None:
-        """The exit code once it has ended, else None."""
-        if self.channel.exit_status_ready():
-            return int(self.channel.recv_exit_status())
-        return None
-
-    def abandon(self) -> None:
-        import contextlib
-
-        with contextlib.suppress(Exception):
-            self.channel.close()
+    reference: bool | None = None  # the reference OS (its bootloaders print HIL-BOOT lines)
+    data_dir: str | None = None
+    file_server: FileServer | None = None
+    last_update_seconds: float | None = None
 
 
 class BalenaOS:
@@ -139,20 +72,20 @@ class BalenaOS:
     console; bulk data is fast). ``via_ssh()`` is the same adapter over SSH only, for a
     production device whose console has no shell."""
 
-    def __init__(self, dut: Dut, *, _ssh: SshShell | None = None, _via: str = "console",
-                 _shared: dict[str, Any] | None = None) -> None:
+    def __init__(self, dut: Dut, *, reference: bool | None = None, _via: str = "console",
+                 _learned: _Learned | None = None) -> None:
+        """``reference``: whether the device runs the reference OS, where the session knows
+        it before the first boot (it built the image); else learnt from os-release."""
         self.dut = dut
         self.bootloader = dut.rig.config.device_type.bootloader
-        self.ssh = _ssh or SshShell(dut)
         self.via = _via
-        self._shared: dict[str, Any] = _shared if _shared is not None else {}
+        self._learned = _learned or _Learned(reference=reference)
 
     def via_ssh(self) -> BalenaOS:
-        return BalenaOS(self.dut, _ssh=self.ssh, _via="ssh", _shared=self._shared)
+        return BalenaOS(self.dut, _via="ssh", _learned=self._learned)
 
     def close(self) -> None:
-        self.ssh.close()
-        server = self._shared.pop("file_server", None)
+        server, self._learned.file_server = self._learned.file_server, None
         if server is not None:
             server.close()
 
@@ -163,7 +96,7 @@ class BalenaOS:
         commands are re-run once if an OS message cut into their console reply."""
         timeout = timeout or self.dut.timeouts.command
         if self.via == "ssh":
-            return self.ssh.run(command, timeout)
+            return self.dut.ssh.run(command, timeout)
         for attempt in (1, 2):
             try:
                 # own subshell: an `exit` in the command must not skip the shell's exit-code
@@ -188,9 +121,9 @@ class BalenaOS:
     def _private(self, command: str, timeout: float | None = None) -> Result | None:
         """Run where the output stays off the console log (SSH), or None if the rig has no
         network to do so."""
-        if not self.ssh.available:
+        if not self.dut.ssh.available:
             return None
-        return self.ssh.run(command, timeout or self.dut.timeouts.command)
+        return self.dut.ssh.run(command, timeout or self.dut.timeouts.command)
 
     # --- identity and release ---------------------------------------------------------------
     def os_release(self, root: str = "/") -> dict[str, str]:
@@ -207,9 +140,13 @@ class BalenaOS:
 
     @property
     def is_reference_os(self) -> bool:
-        if "reference" not in self._shared:
-            self._shared["reference"] = self.os_release().get("VARIANT_ID") == "hil-refos"
-        return bool(self._shared["reference"])
+        """The one answer to "is this the reference OS?" (``VARIANT_ID=hil-refos``)."""
+        if self._learned.reference is None:
+            self._learned.reference = self.os_release().get("VARIANT_ID") == "hil-refos"
+        return self._learned.reference
+
+    def learn(self) -> None:
+        _ = self.is_reference_os
 
     def hostname(self) -> tuple[str, str]:
         """(/etc/hostname, what ``hostname`` says)."""
@@ -270,17 +207,14 @@ class BalenaOS:
 
         return Roots(part(state["active"]), part(state["inactive"]), mounted)
 
-    def data_mount(self) -> Mount | None:
-        return parse.mount_at(self.mounts(), DATA_MNT)
-
     @property
     def data_dir(self) -> str:
         """Where apps' persistent data lives: ``/data`` where the host OS shows it there (the
         reference OS bind-mounts it), else its backing directory on resin-data."""
-        if "data_dir" not in self._shared:
+        if self._learned.data_dir is None:
             at = parse.mount_at(self.mounts(), "/data")
-            self._shared["data_dir"] = "/data" if at is not None else APP_DATA
-        return str(self._shared["data_dir"])
+            self._learned.data_dir = "/data" if at is not None else APP_DATA
+        return self._learned.data_dir
 
     # --- config.json --------------------------------------------------------------------------
     def config_json(self) -> dict[str, Any]:
@@ -401,7 +335,7 @@ class BalenaOS:
         """Wait for the health check to commit a booted update (``upgrade_available=0``, no
         breadcrumbs). Reads over SSH when possible: the OS announces the commit on the
         console, which must not cut into a console command."""
-        reader = self.via_ssh() if self.ssh.available else self
+        reader = self.via_ssh() if self.dut.ssh.available else self
         last: list[str] = ["nothing read yet"]
 
         def probe() -> BootState | None:
@@ -412,83 +346,28 @@ class BalenaOS:
                 return state
             return None
 
-        return self._poll(probe, timeout, "the health check to commit the update "
-                          "(upgrade_available=0, breadcrumbs removed)", lambda: last[0],
-                          interval=0.5)
+        return self.dut.poll(probe, timeout, "the health check to commit the update "
+                             "(upgrade_available=0, breadcrumbs removed)", lambda: last[0],
+                             interval=0.5)
 
     # --- boots ------------------------------------------------------------------------------
-    def start_reboot(self, command: str = "reboot") -> int:
-        """Type ``command`` on the console without waiting for a shell afterwards (the caller
-        follows the boots with ``await_boot``). Returns the console offset it was sent at."""
-        _ = self.is_reference_os  # learnt while a shell is there: await_boot needs it
-        at = self.dut.shell.send(command)
-        self.dut.shell.invalidate(f"{command!r} was sent")
-        self.ssh.close()
-        return at
+    def boot_signature(self) -> tuple[re.Pattern[bytes], str]:
+        # Not learnt yet (the first boot of an image the session did not build): every
+        # bootloader's banner, the reference OS's included.
+        if self._learned.reference:
+            return parse.BOOT_LINE, "the bootloader's HIL-BOOT line (a new boot)"
+        return BOOTLOADER_BANNER[self.bootloader], f"the board to boot ({self.bootloader} starting)"
 
-    def power_off(self) -> None:
-        """Cut the power (no shutdown)."""
-        _ = self.is_reference_os
-        self.dut.shell.invalidate("power cut")
-        self.ssh.close()
-        self.dut.rig.power_off()
-
-    def power_on(self) -> BootRecord:
-        """Power on and wait for a shell. The boot is awaited first: asking for a shell before
-        the new boot shows would let the console shell type its set-up line into a UART the
-        kernel has not taken over yet (QEMU's PL011 then drops all input for good)."""
-        at = self.dut.rig.log.end
-        self.dut.rig.power_on()
-        rec = self.await_boot(at)
-        self.dut.wait_ready()
-        return rec
-
-    def power_cycle(self) -> BootRecord:
-        """Hard power cut and back on (the rig's off-time between), then a shell."""
-        self.power_off()
-        return self.power_on()  # after the rig's off-time
-
-    def await_boot(self, start: int, timeout: float | None = None) -> BootRecord:
-        """The next run of the bootloader after console offset ``start``."""
-        timeout = timeout or self.dut.timeouts.boot
-        log_ = self.dut.rig.log
-        with log_.tally.timing("boot"):
-            return self._await_boot(start, timeout)
-
-    def _await_boot(self, start: int, timeout: float) -> BootRecord:
-        log_ = self.dut.rig.log
-        if self.is_reference_os:
-            hit = log_.wait_for(parse.BOOT_LINE, start, timeout,
-                                "the bootloader's HIL-BOOT line (a new boot)")
-            printed: BootLine | None = parse.boot_line(hit.groups)
-        else:
-            hit = log_.wait_for(BOOTLOADER_BANNER[self.bootloader], start, timeout,
-                                f"the board to boot ({self.bootloader} starting)")
-            printed = None
+    def boot_record(self, hit: Hit) -> BootRecord:
+        printed: BootLine | None = None
+        if self._learned.reference and hit.groups:
+            printed = parse.boot_line(hit.groups)
         stored = None
-        disk = hostdisk.disk_of(self.dut)
+        disk = self.dut.disk
         if disk is not None and printed is not None:
             # printed after the bootloader saved its count: the file holds this boot's state
-            stored = hostdisk.boot_state(disk, self.bootloader)
+            stored = disk.boot_state()
         return BootRecord(hit.start, hit.end, printed, stored)
-
-    def await_panic(self, start: int, timeout: float) -> int:
-        """Wait for a kernel panic after ``start`` (a root that cannot boot); returns the
-        offset after it."""
-        log_ = self.dut.rig.log
-        with log_.tally.timing("boot"):
-            hit = log_.wait_for(PANIC_MARKER, start, timeout,
-                                "a kernel panic (the new root's init fails)")
-        return hit.end
-
-    def reboot_via_ssh(self) -> int:
-        """Ask the OS to reboot over SSH (a production device has no console shell); returns
-        the console offset before it. Does not wait for the new boot."""
-        _ = self.is_reference_os
-        at = self.dut.rig.log.end
-        self.ssh.start("reboot")
-        self.dut.shell.invalidate("rebooted over SSH")
-        return at
 
     def ssh_host_key(self) -> str:
         """SHA-256 fingerprint of the SSH host key the device presents (part of its identity:
@@ -496,7 +375,7 @@ class BalenaOS:
         import base64
         import hashlib
 
-        key = self.ssh.host_key()
+        key = self.dut.ssh.host_key()
         digest = hashlib.sha256(key.asbytes()).digest()
         return f"{key.get_name()} SHA256:{base64.b64encode(digest).decode().rstrip('=')}"
 
@@ -536,17 +415,14 @@ class BalenaOS:
     def _file_server(self) -> FileServer:
         from hil.os.transfer import FileServer
 
-        server = self._shared.get("file_server")
-        if server is None:
+        if self._learned.file_server is None:
             network = self.dut.rig.network
             if network is None:
                 raise InfraError("the rig has no network part: the device cannot download an "
                                  "update from the rig host", part="network",
                                  rig=self.dut.rig.name)
-            server = FileServer(network.host_address)
-            self._shared["file_server"] = server
-        assert isinstance(server, FileServer)
-        return server
+            self._learned.file_server = FileServer(network.host_address)
+        return self._learned.file_server
 
     def _update_command(self, image: UpdateImage, url: str | None) -> str:
         if image.kind == "rootfs":
@@ -582,33 +458,30 @@ class BalenaOS:
             with self._file_server().serving(path) as url:
                 result = self._run_update(self._update_command(image, url), timeout)
         seconds = time.monotonic() - t0
-        self._shared["last_update_seconds"] = seconds
+        self._learned.last_update_seconds = seconds
         if not result.ok:
             raise CommandFailed(result)
         log.info("hostapp-update of %s into %s took %.1fs", image.describe(), target, seconds)
         return UpdateResult(image, target, seconds, result.stdout)
 
     def _run_update(self, command: str, timeout: float) -> Result:
-        if self.ssh.available:
-            return self.ssh.run(command, timeout)
+        if self.dut.ssh.available:
+            return self.dut.ssh.run(command, timeout)
         # no network: only a reference image reference could work, over the console
         return self.dut.run(command, timeout)
 
     @property
     def last_update_seconds(self) -> float | None:
-        value = self._shared.get("last_update_seconds")
-        return float(value) if value is not None else None
+        return self._learned.last_update_seconds
 
     def start_hostapp_update(self, image: UpdateImage) -> tuple[RunningUpdate, Callable[[], None]]:
         """Start an update and return at once (for cutting the power during it). The second
         value stops serving the file; call it when done with the update."""
-        import contextlib
-
         target = self.roots().inactive
         path = self._prepared(image)
         stack = contextlib.ExitStack()
         url = stack.enter_context(self._file_server().serving(path)) if path else None
-        channel = self.ssh.start(self._update_command(image, url))
+        channel = self.dut.ssh.start(self._update_command(image, url))
         return RunningUpdate(channel, target, time.monotonic()), stack.close
 
     # --- data ---------------------------------------------------------------------------------
@@ -641,26 +514,6 @@ class BalenaOS:
         return [ln for ln in out.splitlines()
                 if name in ln and re.search(r"(?i)EXT4-fs (error|warning)|I/O error|"
                                             r"corrupt", ln)]
-
-    # --- polling ----------------------------------------------------------------------------
-    def _poll(self, probe: Callable[[], T | None], timeout: float, expected: str,
-              seen: Callable[[], str], interval: float = 1.0) -> T:
-        deadline = Deadline(timeout)
-        with self.dut.rig.log.tally.timing("poll"):  # all of it is waiting on the device
-            while True:
-                value = probe()
-                if value is not None:
-                    return value
-                if deadline.expired():
-                    raise DeadlineError(expected, seen(), timeout, tail=self.dut.rig.log.tail())
-                time.sleep(min(interval, deadline.remaining()))
-
-    def poll(self, probe: Callable[[], T | None], timeout: float, expected: str,
-             seen: Callable[[], str], interval: float = 1.0) -> T:
-        """Poll a device state that has no event to wait on (a watcher applying config.json
-        once a second); DeadlineError names what was expected and what was last seen."""
-        return self._poll(probe, timeout, expected, seen, interval)
-
 
 def secrets_in(text: bytes, secrets: Iterable[tuple[str, str]]) -> list[str]:
     """Names of the secrets (name, value) found in ``text``, plain or base64-encoded."""

@@ -9,8 +9,9 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from hil.errors import DeadlineError
-from hil.os.balena import BOOTLIMIT, BREADCRUMBS, BalenaOS, BootRecord, RootPart, UpdateResult
+from hil.errors import DeadlineError, OSContractError
+from hil.os.balena import BOOTLIMIT, BREADCRUMBS
+from hil.os.contract import BootRecord, HostOS, RootPart, UpdateResult, check
 from hil.os.parse import BootState
 from hil.os.updates import UpdateImage
 
@@ -30,31 +31,33 @@ class Installed:
     boots: list[BootRecord] = field(default_factory=list)
 
 
-def install(host_os: BalenaOS, image: UpdateImage) -> Installed:
+def install(host_os: HostOS, image: UpdateImage) -> Installed:
     """hostapp-update, then the contract's state before the reboot: the bootloader points at
     the new root for a trial (upgrade_available=1, bootcount=0), both breadcrumbs are there,
     the new root holds the new VERSION, the old root is untouched and still active."""
     roots = host_os.roots()
     old_version = host_os.version()
     result = host_os.hostapp_update(image)
-    assert result.target == roots.inactive, (
-        f"hostapp-update wrote {result.target}, not the inactive root {roots.inactive}")
+    check(result.target == roots.inactive,
+          f"hostapp-update wrote {result.target}, not the inactive root {roots.inactive}")
     state = host_os.boot_state()
     want = BootState(roots.inactive.number, 1, 0)
-    assert state == want, (f"after hostapp-update the bootloader must try the new root once: "
-                           f"want {want}, have {state}")
+    check(state == want,
+          f"after hostapp-update the bootloader must try the new root once: "
+          f"want {want}, have {state}")
     markers = host_os.rollback_markers()
-    assert markers == set(BREADCRUMBS), (
-        f"hostapp-update must leave exactly the breadcrumbs {sorted(BREADCRUMBS)} in "
-        f"/mnt/state; found {sorted(markers) or 'none'}")
+    check(markers == set(BREADCRUMBS),
+          f"hostapp-update must leave exactly the breadcrumbs {sorted(BREADCRUMBS)} in "
+          f"/mnt/state; found {sorted(markers) or 'none'}")
     after = host_os.roots()
-    assert after.active == roots.active, "hostapp-update changed the running root"
-    assert after.inactive.label == roots.inactive.label, (
-        f"the new root lost its label {roots.inactive.label} (now {after.inactive.label})")
+    check(after.active == roots.active,
+          "hostapp-update changed the running root")
+    check(after.inactive.label == roots.inactive.label,
+          f"the new root lost its label {roots.inactive.label} (now {after.inactive.label})")
     if image.version:
         new_version = host_os.version("/mnt/sysroot/inactive")
-        assert new_version == image.version, (
-            f"the inactive root holds VERSION {new_version}, the update is {image.version}")
+        check(new_version == image.version,
+              f"the inactive root holds VERSION {new_version}, the update is {image.version}")
     return Installed(image, roots.active, roots.inactive, old_version, result)
 
 
@@ -62,75 +65,79 @@ def _assert_boot(rec: BootRecord, root: int, want: BootState, what: str) -> None
     """Both views of one boot — what the bootloader printed, what it stored — against the
     contract (each only where the rig can observe it)."""
     if rec.printed is not None:
-        assert rec.printed.root == root and rec.printed.state == want, (
-            f"{what}: the bootloader should boot root {root} with {want}; it printed root "
-            f"{rec.printed.root} with {rec.printed.state}")
+        check(rec.printed.root == root and rec.printed.state == want,
+              f"{what}: the bootloader should boot root {root} with {want}; it printed root "
+              f"{rec.printed.root} with {rec.printed.state}")
     if rec.stored is not None:
-        assert rec.stored == want, (f"{what}: the boot partition should hold {want}; it holds "
-                                    f"{rec.stored}")
+        check(rec.stored == want,
+              f"{what}: the boot partition should hold {want}; it holds "
+              f"{rec.stored}")
 
 
-def boot_good(dut: Dut, host_os: BalenaOS, inst: Installed, commit_timeout: float = 180.0
+def boot_good(dut: Dut, host_os: HostOS, inst: Installed, commit_timeout: float = 180.0
               ) -> None:
     """Reboot into a good update: the first boot is a counted trial of the new root, the
     health check commits, no markers are left, the new root is active with the new VERSION."""
-    at = host_os.start_reboot()
-    rec = host_os.await_boot(at)
+    at = dut.start_reboot()
+    rec = dut.await_boot(at)
     inst.boots.append(rec)
     _assert_boot(rec, inst.new.number, BootState(inst.new.number, 1, 1),
                  "first boot after the update")
     dut.wait_ready()
     state = host_os.wait_committed(commit_timeout)
-    assert state == BootState(inst.new.number, 0, 0), (
-        f"a committed update must leave resin_root_part={inst.new.number} "
-        f"upgrade_available=0 bootcount=0; have {state}")
+    check(state == BootState(inst.new.number, 0, 0),
+          f"a committed update must leave resin_root_part={inst.new.number} "
+          f"upgrade_available=0 bootcount=0; have {state}")
     markers = host_os.rollback_markers()
-    assert not markers, f"a good update must leave no rollback markers; found {sorted(markers)}"
+    check(not markers,
+          f"a good update must leave no rollback markers; found {sorted(markers)}")
     roots = host_os.roots()
-    assert roots.active == inst.new, (
-        f"after a good update {inst.new} must be active; {roots.active} is")
-    assert roots.mounted_active == inst.new.device, (
-        f"/mnt/sysroot/active is {roots.mounted_active}, the active root is {inst.new.device}")
+    check(roots.active == inst.new,
+          f"after a good update {inst.new} must be active; {roots.active} is")
+    check(roots.mounted_active == inst.new.device,
+          f"/mnt/sysroot/active is {roots.mounted_active}, the active root is {inst.new.device}")
     if inst.image.version:
-        assert host_os.version() == inst.image.version, (
-            f"after a good update VERSION must be {inst.image.version}; it is "
-            f"{host_os.version()}")
+        check(host_os.version() == inst.image.version,
+              f"after a good update VERSION must be {inst.image.version}; it is "
+              f"{host_os.version()}")
 
 
-def assert_back_on_old(host_os: BalenaOS, inst: Installed, marker: str) -> None:
+def assert_back_on_old(host_os: HostOS, inst: Installed, marker: str) -> None:
     """After a rollback: the old root active with the old VERSION, the bootloader committed
     to it, only ``marker`` left in /mnt/state."""
     roots = host_os.roots()
-    assert roots.active == inst.old, (f"after the rollback {inst.old} must be active; "
-                                      f"{roots.active} is")
-    assert roots.mounted_active == inst.old.device, (
-        f"/mnt/sysroot/active is {roots.mounted_active}, the active root is {inst.old.device}")
+    check(roots.active == inst.old,
+          f"after the rollback {inst.old} must be active; "
+          f"{roots.active} is")
+    check(roots.mounted_active == inst.old.device,
+          f"/mnt/sysroot/active is {roots.mounted_active}, the active root is {inst.old.device}")
     version = host_os.version()
-    assert version == inst.old_version, (
-        f"after the rollback VERSION must be the old {inst.old_version}; it is {version}")
+    check(version == inst.old_version,
+          f"after the rollback VERSION must be the old {inst.old_version}; it is {version}")
     state = host_os.boot_state()
-    assert state == BootState(inst.old.number, 0, 0), (
-        f"after the rollback the bootloader must be back on {inst.old.number} with no trial "
-        f"pending (upgrade_available=0 bootcount=0); have {state}")
+    check(state == BootState(inst.old.number, 0, 0),
+          f"after the rollback the bootloader must be back on {inst.old.number} with no trial "
+          f"pending (upgrade_available=0 bootcount=0); have {state}")
     markers = host_os.rollback_markers()
-    assert markers == {marker}, (f"after the rollback /mnt/state must hold {marker} (and no "
-                                 f"breadcrumb); it holds {sorted(markers) or 'nothing'}")
+    check(markers == {marker},
+          f"after the rollback /mnt/state must hold {marker} (and no "
+          f"breadcrumb); it holds {sorted(markers) or 'nothing'}")
 
 
-def boot_broken_init(dut: Dut, host_os: BalenaOS, inst: Installed) -> None:
+def boot_broken_init(dut: Dut, host_os: HostOS, inst: Installed) -> None:
     """Reboot into a root that cannot boot: each failed boot counts (bootcount 1..limit with
     upgrade_available=1, asserted per boot where the rig can see it), the next one boots the
     old root, whose rollback-altboot sets rollback-altboot-triggered, points the bootloader
     back and reboots."""
-    at = host_os.start_reboot()
+    at = dut.start_reboot()
     if host_os.is_reference_os:  # its bootloader prints each decision: follow every boot
         for count in range(1, BOOTLIMIT + 1):
-            rec = host_os.await_boot(at)
+            rec = dut.await_boot(at)
             inst.boots.append(rec)
             _assert_boot(rec, inst.new.number, BootState(inst.new.number, 1, count),
                          f"failed boot {count} of the new root")
-            at = host_os.await_panic(rec.end, dut.timeouts.boot)
-        rec = host_os.await_boot(at)
+            at = dut.await_panic(rec.end, dut.timeouts.boot)
+        rec = dut.await_boot(at)
         inst.boots.append(rec)
         _assert_boot(rec, inst.old.number, BootState(inst.new.number, 1, BOOTLIMIT + 1),
                      f"boot {BOOTLIMIT + 1}: a bootcount over the limit must boot the old root")
@@ -139,11 +146,11 @@ def boot_broken_init(dut: Dut, host_os: BalenaOS, inst: Installed) -> None:
         with dut.rig.log.tally.timing("boot"):
             hit = dut.rig.log.wait_for(re.compile(rb"HIL-BOOT: |HIL-READY "), rec.end,
                                        dut.timeouts.boot, "rollback-altboot to reboot the old OS")
-        assert hit.data.startswith(b"HIL-BOOT"), (
-            "the old OS came up after the fallback boot without running rollback-altboot "
-            "(no reboot into a consistent old state); the bootloader is left on the failed "
-            "update")
-        rec = host_os.await_boot(rec.end)
+        check(hit.data.startswith(b"HIL-BOOT"),
+              "the old OS came up after the fallback boot without running rollback-altboot "
+              "(no reboot into a consistent old state); the bootloader is left on the failed "
+              "update")
+        rec = dut.await_boot(rec.end)
         inst.boots.append(rec)
         _assert_boot(rec, inst.old.number, BootState(inst.old.number, 0, 0),
                      "the boot after rollback-altboot")
@@ -151,32 +158,32 @@ def boot_broken_init(dut: Dut, host_os: BalenaOS, inst: Installed) -> None:
     assert_back_on_old(host_os, inst, "rollback-altboot-triggered")
 
 
-def boot_broken_health(dut: Dut, host_os: BalenaOS, inst: Installed, *, count: int = 2,
+def boot_broken_health(dut: Dut, host_os: HostOS, inst: Installed, *, count: int = 2,
                        timeout: int = 1) -> None:
     """Reboot into a root that boots but is never healthy: the trial boot counts once, the
     health check (shortened to ``count`` checks ``timeout`` s apart) gives up, sets
     rollback-health-triggered, points the bootloader back and reboots into the old root."""
     host_os.set_health_check(count, timeout)
     try:
-        at = host_os.start_reboot()
-        rec = host_os.await_boot(at)
+        at = dut.start_reboot()
+        rec = dut.await_boot(at)
         inst.boots.append(rec)
         _assert_boot(rec, inst.new.number, BootState(inst.new.number, 1, 1),
                      "the trial boot of the unhealthy update")
         wait = dut.timeouts.boot + count * (timeout + 10)
         try:
-            nxt = host_os.await_boot(rec.end, wait)
+            nxt = dut.await_boot(rec.end, wait)
         except DeadlineError as exc:
-            raise AssertionError(
+            raise OSContractError(
                 f"the unhealthy update {inst.image.describe()} was not rolled back: no reboot "
                 f"within {wait:.0f}s of its boot (health check shortened to {count} checks "
                 f"{timeout}s apart)\n{exc}") from None
         inst.boots.append(nxt)
         if host_os.is_reference_os:
             ready = host_os.ready_line(rec.end, nxt.start)
-            assert ready is not None and ready[0] == inst.image.version, (
-                "the unhealthy update must boot (the health check, not the bootloader, rolls "
-                f"it back); its console showed {ready}")
+            check(ready is not None and ready[0] == inst.image.version,
+                  "the unhealthy update must boot (the health check, not the bootloader, rolls "
+                  f"it back); its console showed {ready}")
         _assert_boot(nxt, inst.old.number, BootState(inst.old.number, 0, 0),
                      "the boot after rollback-health")
         dut.wait_ready()

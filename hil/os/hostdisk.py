@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from hil.os import parse
 
 if TYPE_CHECKING:
-    from hil.dut import Dut
+    from hil.rig import Rig
 
 EXT4_MAGIC = 0xEF53
 # U-Boot: both files are read, the later one wins; GRUB: the first block found.
@@ -47,14 +47,36 @@ class FsCheck:
         return "\n".join(lines[-20:])
 
 
-def disk_of(dut: Dut) -> Path | None:
-    """The file the board boots from, if the rig's storage is one (else None)."""
-    from hil.storage import FileStorage
+@dataclass(frozen=True)
+class HostDisk:
+    """The disk a board boots from, where it is a file on the rig host (``Dut.disk``)."""
 
-    storage = dut.rig.storage
-    if isinstance(storage, FileStorage) and storage.path.is_file():
-        return storage.path
-    return None
+    path: Path
+    bootloader: str  # the device type's: which environment files hold its state
+    workdir: Path  # scratch space for copies (the rig's runtime directory)
+
+    @classmethod
+    def of(cls, rig: Rig) -> HostDisk | None:
+        """The rig's disk, if its storage is a file (else None)."""
+        from hil.storage import FileStorage
+
+        storage = rig.storage
+        if isinstance(storage, FileStorage) and storage.path.is_file():
+            return cls(storage.path, rig.config.device_type.bootloader, rig.runtime)
+        return None
+
+    def boot_state(self) -> parse.BootState:
+        return boot_state(self.path, self.bootloader)
+
+    def read_boot_file(self, name: str) -> bytes | None:
+        return read_boot_file(self.path, name)
+
+    def write_boot_file(self, name: str, data: bytes) -> None:
+        """Only while the board is off: the board's own FAT driver caches the partition."""
+        write_boot_file(self.path, name, data)
+
+    def fsck(self, label: str = "resin-data") -> FsCheck:
+        return fsck(self.path, label, workdir=self.workdir)
 
 
 def _ext4_label(f: int, offset: int) -> str | None:

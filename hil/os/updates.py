@@ -7,12 +7,9 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from hil.errors import ConfigError
-
-if TYPE_CHECKING:
-    from hil.session import HilSession
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +82,13 @@ class UpdateSet:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_session(cls, session: HilSession,
-                    broken: dict[str, str | None] | None = None) -> UpdateSet:
-        from hil.session import refos_arch
-
-        image = session.options.image or session.config.image
-        arch = refos_arch(session.config) if image == "refos" else None
-        given_opt = session.options.update_image
-        given = UpdateImage.from_option(given_opt) if given_opt else None
-        given_broken = {k: UpdateImage.from_option(v, broken=k)
-                        for k, v in (broken or {}).items() if v}
-        return cls(refos_arch=arch, given=given, given_broken=given_broken)
+    def from_options(cls, *, refos_arch: str | None, update_image: str | None,
+                     broken: dict[str, str | None]) -> UpdateSet:
+        """``refos_arch``: the reference OS build the device runs (None: not the reference
+        OS); the others as the suites' ``--update-image*`` options give them."""
+        given = UpdateImage.from_option(update_image) if update_image else None
+        given_broken = {k: UpdateImage.from_option(v, broken=k) for k, v in broken.items() if v}
+        return cls(refos_arch=refos_arch, given=given, given_broken=given_broken)
 
     def _refos(self, version: str, broken: str | None = None) -> UpdateImage:
         from hil.refos import build

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 import pytest
 from ntp_device import (
     APPLY_TIMEOUT,
+    POLL_EVERY,
     NtpRig,
     device_config,
     expected_ip,
     parse_sources,
-    poll,
     set_ntp_servers,
 )
 
@@ -57,8 +57,8 @@ def ntp(hil_session: HilSession, ntp_server: NtpServer, rig: Rig) -> Iterator[Nt
             last[0] = dut.run("chronyc -c -n sources").stdout
             return any(s.address == address for s in parse_sources(last[0]))
 
-        poll(dut, listed, APPLY_TIMEOUT, f"ntpServers written to config.json at runtime is applied "
-             f"(chrony lists {address})", lambda: last[0])
+        dut.poll(listed, APPLY_TIMEOUT, "ntpServers written to config.json at runtime is "
+                 f"applied (chrony lists {address})", lambda: last[0], interval=POLL_EVERY)
     try:
         yield NtpRig(dut, ntp_server, address)
     finally:

@@ -5,7 +5,6 @@ balenaOS and the reference OS both have, so the suite runs unchanged on both."""
 from __future__ import annotations
 
 import ipaddress
-import json
 import socket
 import time
 import uuid
@@ -13,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from hil.deadline import Deadline
 from hil.dut import Dut
 from hil.errors import InfraError
 from hil.ntp import NtpServer
@@ -22,31 +20,6 @@ T = TypeVar("T")
 CONFIG_JSON = "/mnt/boot/config.json"
 POLL_EVERY = 2.0  # seconds between two looks at the device
 APPLY_TIMEOUT = 60.0  # a config.json change reaches chrony
-
-
-def poll(dut: Dut, probe: Callable[[], T | None], timeout: float, promise: str,
-         seen: Callable[[], str]) -> T:
-    """Look at the device until ``probe`` returns a value; else fail naming the promise.
-
-    Running out of time here is the OS breaking ``promise``: an AssertionError (a test
-    failure), not a rig fault. The whole wait is time spent waiting on the device.
-    """
-    with dut.rig.log.tally.timing("poll"):
-        return _poll(probe, timeout, promise, seen)
-
-
-def _poll(probe: Callable[[], T | None], timeout: float, promise: str,
-          seen: Callable[[], str]) -> T:
-    deadline = Deadline(timeout)
-    while True:
-        t0 = time.monotonic()
-        value = probe()
-        if value is not None and value is not False:
-            return value
-        if deadline.expired():
-            raise AssertionError(f"{promise}: not so after {timeout:.0f}s; last seen:\n{seen()}")
-        # the probe itself takes device time: look again POLL_EVERY after the last look began
-        time.sleep(min(max(0.0, POLL_EVERY - (time.monotonic() - t0)), deadline.remaining()))
 
 
 # --- chrony as the device reports it -------------------------------------------------------------
@@ -152,22 +125,12 @@ def log_since(dut: Dut, mark: str) -> str:
 # --- config.json on the device -------------------------------------------------------------------
 
 def device_config(dut: Dut) -> dict[str, object]:
-    """config.json through the host-OS adapter (``dut.os``), else read plainly."""
-    if dut.os is not None and hasattr(dut.os, "config_json"):
-        return dict(dut.os.config_json())
-    data = json.loads(dut.run_check(f"cat {CONFIG_JSON}").stdout)
-    assert isinstance(data, dict), f"{CONFIG_JSON} is not a JSON object"
-    return data
+    return dict(dut.os.config_json())
 
 
 def set_ntp_servers(dut: Dut, value: str | None) -> None:
     """Write ``ntpServers`` (None: remove it) the way users do; the OS re-applies config.json."""
-    if dut.os is not None and hasattr(dut.os, "set_config"):
-        dut.os.set_config(ntpServers=value)
-        return
-    expr = "del(.ntpServers)" if value is None else f'.ntpServers = "{value}"'
-    dut.run_check(f"jq '{expr}' {CONFIG_JSON} > {CONFIG_JSON}.hil && sync && "
-                  f"mv {CONFIG_JSON}.hil {CONFIG_JSON} && sync")
+    dut.os.set_config(ntpServers=value)
 
 
 # --- the device and the rig's server together -----------------------------------------------------
@@ -220,8 +183,8 @@ class NtpRig:
             last[0] = self.view()
             return last[0] if ok(last[0]) else None
 
-        return poll(self.dut, probe, timeout or self.poll_deadline(last[0], polls), promise,
-                    lambda: self.describe(last[0]))
+        return self.dut.poll(probe, timeout or self.poll_deadline(last[0], polls), promise,
+                             lambda: self.describe(last[0]), interval=POLL_EVERY)
 
     def wait_listed(self) -> ChronyView:
         """Until chrony carries our server at all: no poll interval to size a wait by before."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from ntp_device import NtpRig, log_mark, log_since, poll
+from ntp_device import POLL_EVERY, NtpRig, log_mark, log_since
 
 from hil.dut import Dut
 
@@ -32,7 +32,8 @@ def wait_log(dut: Dut, mark: str, pattern: str, promise: str) -> re.Match[str]:
         last[0] = log_since(dut, mark)
         return re.search(pattern, last[0])
 
-    return poll(dut, probe, 30, promise, lambda: last[0][-3000:] or "(nothing logged since)")
+    return dut.poll(probe, 30, promise, lambda: last[0][-3000:] or "(nothing logged since)",
+                    interval=POLL_EVERY)
 
 
 def test_synchronises_to_the_rig_ntp_server(ntp: NtpRig, dut: Dut) -> None:

@@ -13,19 +13,19 @@ import time
 import pytest
 
 from hil.dut import Dut
-from hil.os import BalenaOS, UpdateSet, hostdisk, parse
+from hil.os import HostOS, UpdateSet, parse
 from hil.os.flows import boot_broken_health, boot_good, install
 
 ACK_TIMEOUT = 60.0  # the writer's first acknowledgements (a command over the console)
 
 
-def _promise_kept(host_os: BalenaOS, name: str, after: str) -> None:
+def _promise_kept(host_os: HostOS, name: str, after: str) -> None:
     problem = host_os.checked_file(name)
     assert problem is None, (f"a file and its checksum in {host_os.data_dir} did not survive "
                              f"{after}: {problem}")
 
 
-def test_data_lives_on_the_data_partition(host_os: BalenaOS) -> None:
+def test_data_lives_on_the_data_partition(host_os: HostOS) -> None:
     data = host_os.data_dir
     mounts = host_os.mounts()
     # the mount that holds the data directory: the deepest mount point above it, and of
@@ -45,19 +45,19 @@ def test_data_lives_on_the_data_partition(host_os: BalenaOS) -> None:
     assert holder.fstype == "ext4", f"{data} is {holder.fstype}, the contract says ext4"
 
 
-def test_file_survives_a_soft_reboot(dut: Dut, host_os: BalenaOS) -> None:
+def test_file_survives_a_soft_reboot(dut: Dut, host_os: HostOS) -> None:
     host_os.put_checked_file("soft-reboot")
     dut.reboot()
     _promise_kept(host_os, "soft-reboot", "a soft reboot")
 
 
-def test_file_survives_a_power_cut(dut: Dut, host_os: BalenaOS) -> None:
+def test_file_survives_a_power_cut(dut: Dut, host_os: HostOS) -> None:
     host_os.put_checked_file("power-cut")
-    host_os.power_cycle()
+    dut.power_cycle()
     _promise_kept(host_os, "power-cut", "a hard power cut")
 
 
-def test_file_survives_a_host_os_update(dut: Dut, host_os: BalenaOS,
+def test_file_survives_a_host_os_update(dut: Dut, host_os: HostOS,
                                         updates: UpdateSet) -> None:
     image = updates.good(host_os.version())
     if image is None:
@@ -69,7 +69,7 @@ def test_file_survives_a_host_os_update(dut: Dut, host_os: BalenaOS,
                   f"{image.version or image.describe()}")
 
 
-def test_file_survives_a_rollback(dut: Dut, host_os: BalenaOS, updates: UpdateSet) -> None:
+def test_file_survives_a_rollback(dut: Dut, host_os: HostOS, updates: UpdateSet) -> None:
     """The unhealthy update boots with /data mounted, then the health check rolls it back."""
     image = updates.broken("health")
     if image is None:
@@ -91,24 +91,22 @@ def _writer(directory: str, name: str, token: str) -> str:
             f"sync {name} || exit 1; echo \"HIL-ACK {token} $i\" > /dev/console; done")
 
 
-def _read(host_os: BalenaOS, path: str) -> bytes:
-    """The file's bytes; empty if it is gone (then every acknowledged record is lost)."""
-    command = f"if [ -e {path} ]; then cat {path}; fi"
-    if host_os.ssh.available:
-        r = host_os.ssh.run(command, 120)
-        assert r.ok, f"cannot read {path}: {r.stdout[-300:]}"
-        return r.stdout.encode()  # records are ASCII; anything else shows as U+FFFD
-    return host_os.check(command, 120, read_only=True).encode()
+def _read(dut: Dut, host_os: HostOS, path: str) -> bytes:
+    """The file's bytes; empty if it is gone (then every acknowledged record is lost). Over
+    SSH where the rig has a network: no console message can cut into it."""
+    reader = host_os.via_ssh() if dut.ssh.available else host_os
+    # records are ASCII; anything else shows as U+FFFD
+    return reader.check(f"if [ -e {path} ]; then cat {path}; fi", 120, read_only=True).encode()
 
 
-def test_acknowledged_writes_survive_random_power_cuts(dut: Dut, host_os: BalenaOS,
+def test_acknowledged_writes_survive_random_power_cuts(dut: Dut, host_os: HostOS,
                                                         pytestconfig: pytest.Config) -> None:
     cuts = int(pytestconfig.getoption("--power-cuts"))
     seed = int(pytestconfig.getoption("--power-cut-seed"))
     if cuts <= 0:
         pytest.skip("--power-cuts 0")
     rng = random.Random(seed)
-    disk = hostdisk.disk_of(dut)
+    disk = dut.disk
     directory = f"{host_os.data_dir}/hil-power-cuts-{secrets.token_hex(3)}"
     data_dev = host_os.labels().get("resin-data", "resin-data")
     online_fsck = host_os.has_tools("e2fsck", "fsfreeze")
@@ -124,17 +122,16 @@ def test_acknowledged_writes_survive_random_power_cuts(dut: Dut, host_os: Balena
                              ACK_TIMEOUT, f"the writer to acknowledge record {wanted}")
         # Deliberate: a random moment inside the append/fsync/print cycle (~15 ms on QEMU).
         time.sleep(rng.uniform(0.0, 0.02))
-        host_os.power_off()
+        dut.power_off()
         acked[name] = parse.acknowledged(dut.rig.log.read(at), token)
         if disk is not None:
-            check = hostdisk.fsck(disk, "resin-data", workdir=dut.rig.runtime)
+            check = disk.fsck("resin-data")
             assert check.clean, (f"after {where} the data partition is not clean "
                                  f"(e2fsck, journal replayed):\n{check.summary()}")
             fs_checked.append("rig-side e2fsck after each cut")
-        time.sleep(dut.rig.config.power_off_time)  # the rig's capacitor drain time
-        host_os.power_on()
+        dut.power_on()  # after the rig's off-time
         for fname, n in acked.items():
-            got = parse.check_records(_read(host_os, f"{directory}/{fname}"))
+            got = parse.check_records(_read(dut, host_os, f"{directory}/{fname}"))
             assert got.problem is None, f"after {where}, {fname}: {got.problem}"
             assert got.complete >= n, (
                 f"after {where}: record {n} of {fname} was acknowledged (fsync returned) "

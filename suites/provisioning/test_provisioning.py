@@ -17,7 +17,7 @@ import pytest
 
 from hil import redact
 from hil.dut import Dut
-from hil.os import BalenaOS, Secret, UpdateSet
+from hil.os import HostOS, Secret, UpdateSet
 from hil.os.balena import secrets_in
 from hil.os.secret import private_key_stretch
 from hil.session import HilSession
@@ -44,7 +44,7 @@ class Identity:
                 if getattr(self, name) != getattr(other, name)]
 
 
-def identity(dut: Dut, host_os: BalenaOS) -> Identity:
+def identity(dut: Dut, host_os: HostOS) -> Identity:
     cfg = host_os.config_json()
     key = cfg.get("deviceApiKey")
     return Identity(str(cfg.get("uuid")), host_os.hostname()[1],
@@ -52,7 +52,7 @@ def identity(dut: Dut, host_os: BalenaOS) -> Identity:
                     host_os.ssh_host_key() if dut.rig.network is not None else None)
 
 
-def wait_device_api_key(host_os: BalenaOS) -> Secret:
+def wait_device_api_key(dut: Dut, host_os: HostOS) -> Secret:
     last: list[Any] = [None]
 
     def probe() -> Secret | None:
@@ -60,11 +60,12 @@ def wait_device_api_key(host_os: BalenaOS) -> Secret:
         last[0] = key
         return key if isinstance(key, Secret) else None
 
-    return host_os.poll(probe, REGISTER_TIMEOUT, "config.json to hold a deviceApiKey "
-                        "(the device registered)", lambda: f"deviceApiKey={last[0]!r}")
+    return dut.poll(probe, REGISTER_TIMEOUT, "config.json to hold a deviceApiKey "
+                    "(the device registered)", lambda: f"deviceApiKey={last[0]!r}")
 
 
 def accepted_registrations(session: HilSession, uuid: str) -> int:
+    assert session.api is not None
     return len([r for r in session.api.registrations if r.uuid == uuid and r.auth_ok])
 
 
@@ -77,7 +78,7 @@ def device_config(hil_session: HilSession) -> dict[str, Any]:
 
 # --- first boot ------------------------------------------------------------------------------
 
-def test_config_json_put_in_the_image_is_on_the_device(host_os: BalenaOS,
+def test_config_json_put_in_the_image_is_on_the_device(host_os: HostOS,
                                                        device_config: dict[str, Any],
                                                        hil_session: HilSession) -> None:
     have = host_os.config_json()
@@ -95,7 +96,7 @@ def test_config_json_put_in_the_image_is_on_the_device(host_os: BalenaOS,
             device_config["apiKey"]), "config.json holds a provisioning key that is not ours"
 
 
-def test_hostname_is_config_hostname_or_uuid_prefix(host_os: BalenaOS) -> None:
+def test_hostname_is_config_hostname_or_uuid_prefix(host_os: HostOS) -> None:
     cfg = host_os.config_json()
     want = expected_hostname(cfg)
     etc_hostname, running = host_os.hostname()
@@ -105,9 +106,9 @@ def test_hostname_is_config_hostname_or_uuid_prefix(host_os: BalenaOS) -> None:
 
 
 def test_registered_under_its_uuid_and_holds_a_device_api_key(
-        host_os: BalenaOS, device_config: dict[str, Any], hil_session: HilSession) -> None:
+        dut: Dut, host_os: HostOS, device_config: dict[str, Any], hil_session: HilSession) -> None:
     uuid = str(device_config["uuid"])
-    key = wait_device_api_key(host_os)
+    key = wait_device_api_key(dut, host_os)
     if hil_session.api is None:
         return  # an external endpoint: the device side is all the rig can see
     reg = hil_session.api.wait_for(uuid, timeout=REGISTER_TIMEOUT)
@@ -186,7 +187,7 @@ def network(dut: Dut) -> None:
         pytest.skip(f"rig {dut.rig.name} has no network part: SSH cannot be reached")
 
 
-def test_root_ssh_on_22222_with_the_config_key(dut: Dut, host_os: BalenaOS,
+def test_root_ssh_on_22222_with_the_config_key(dut: Dut, host_os: HostOS,
                                                network: None) -> None:
     assert SSH_PORT in host_os.listening_tcp_ports(), f"nothing listens on TCP {SSH_PORT}"
     r = dut.ssh_run("cat /etc/hostname")
@@ -197,49 +198,47 @@ def test_root_ssh_on_22222_with_the_config_key(dut: Dut, host_os: BalenaOS,
 
 
 @pytest.fixture
-def production(dut: Dut, host_os: BalenaOS, network: None) -> Iterator[BalenaOS]:
+def production(dut: Dut, host_os: HostOS, network: None) -> Iterator[HostOS]:
     """The device rebooted as a production device (developmentMode false), and brought back to
     development mode afterwards, whatever happens. Yields the adapter over SSH (the console has
     no shell now)."""
     host_os.set_config(developmentMode=False)
-    at = host_os.start_reboot()
-    host_os.await_boot(at)
+    at = dut.start_reboot()
+    dut.await_boot(at)
     over_ssh = host_os.via_ssh()
     try:
         # sshd comes up with the key from os.sshKeys: the only way in now
-        over_ssh.ssh.run("true", connect_timeout=dut.timeouts.boot)
+        dut.ssh.run("true", connect_timeout=dut.timeouts.boot)
         yield over_ssh
     finally:
         _back_to_development(dut, host_os, over_ssh)
 
 
-def _back_to_development(dut: Dut, host_os: BalenaOS, over_ssh: BalenaOS) -> None:
+def _back_to_development(dut: Dut, host_os: HostOS, over_ssh: HostOS) -> None:
     try:
         over_ssh.set_config(developmentMode=True)
-        at = over_ssh.reboot_via_ssh()
-        host_os.await_boot(at)
+        at = dut.reboot_via_ssh()
+        dut.await_boot(at)
         dut.wait_ready()
         return
     except Exception as exc:  # the device may be unreachable: repair it from the rig side
-        from hil.os import hostdisk
-
-        disk = hostdisk.disk_of(dut)
+        disk = dut.disk
         if disk is None:
             raise RuntimeError("could not put the device back into development mode over SSH "
                                f"({exc}); the rig cannot edit its disk either: reflash it"
                                ) from exc
         import json
 
-        host_os.power_off()
-        raw = hostdisk.read_boot_file(disk, "config.json") or b"{}"
+        dut.power_off()
+        raw = disk.read_boot_file("config.json") or b"{}"
         cfg = json.loads(raw)
         cfg["developmentMode"] = True
-        hostdisk.write_boot_file(disk, "config.json", (json.dumps(cfg) + "\n").encode())
-        host_os.power_on()
+        disk.write_boot_file("config.json", (json.dumps(cfg) + "\n").encode())
+        dut.power_on()
 
 
 def test_production_device_refuses_root_ssh_without_the_key(
-        dut: Dut, production: BalenaOS) -> None:
+        dut: Dut, production: HostOS) -> None:
     cfg = production.config_json()
     assert cfg.get("developmentMode") is False
     assert _login(dut, key_file=str(dut.ssh_key)), (
@@ -265,19 +264,19 @@ def test_production_device_refuses_root_ssh_without_the_key(
         dut.rig.console.write(b"\n")  # end the login attempt
 
 
-def test_hostname_change_at_runtime_is_applied(host_os: BalenaOS) -> None:
+def test_hostname_change_at_runtime_is_applied(dut: Dut, host_os: HostOS) -> None:
     before = host_os.config_json().get("hostname")
     new = f"hil-{secrets.token_hex(3)}"
     host_os.set_config(hostname=new)
     try:
-        host_os.poll(lambda: True if host_os.hostname() == (new, new) else None, APPLY_TIMEOUT,
+        dut.poll(lambda: True if host_os.hostname() == (new, new) else None, APPLY_TIMEOUT,
                      f"hostname {new!r} written to config.json at runtime to be applied "
                      "(/etc/hostname and the kernel's hostname)",
                      lambda: f"(/etc/hostname, hostname) = {host_os.hostname()}")
     finally:
         host_os.set_config(hostname=before)
     want = expected_hostname(host_os.config_json())
-    host_os.poll(lambda: True if host_os.hostname() == (want, want) else None, APPLY_TIMEOUT,
+    dut.poll(lambda: True if host_os.hostname() == (want, want) else None, APPLY_TIMEOUT,
                  f"the hostname to go back to {want!r} when the key is removed",
                  lambda: f"(/etc/hostname, hostname) = {host_os.hostname()}")
 
@@ -285,8 +284,8 @@ def test_hostname_change_at_runtime_is_applied(host_os: BalenaOS) -> None:
 # --- identity over time ------------------------------------------------------------------------
 
 @pytest.fixture
-def before(dut: Dut, host_os: BalenaOS, hil_session: HilSession) -> Identity:
-    wait_device_api_key(host_os)
+def before(dut: Dut, host_os: HostOS, hil_session: HilSession) -> Identity:
+    wait_device_api_key(dut, host_os)
     return identity(dut, host_os)
 
 
@@ -299,19 +298,19 @@ def _assert_same_identity(after: str, was: Identity, now: Identity,
         assert n == 1, f"the device registered again after {after} ({n} registrations)"
 
 
-def test_identity_survives_a_reboot(dut: Dut, host_os: BalenaOS, before: Identity,
+def test_identity_survives_a_reboot(dut: Dut, host_os: HostOS, before: Identity,
                                     hil_session: HilSession) -> None:
     dut.reboot()
     _assert_same_identity("a soft reboot", before, identity(dut, host_os), hil_session)
 
 
-def test_identity_survives_a_power_cut(dut: Dut, host_os: BalenaOS, before: Identity,
+def test_identity_survives_a_power_cut(dut: Dut, host_os: HostOS, before: Identity,
                                        hil_session: HilSession) -> None:
-    host_os.power_cycle()
+    dut.power_cycle()
     _assert_same_identity("a power cut", before, identity(dut, host_os), hil_session)
 
 
-def test_identity_survives_a_host_os_update(dut: Dut, host_os: BalenaOS, before: Identity,
+def test_identity_survives_a_host_os_update(dut: Dut, host_os: HostOS, before: Identity,
                                             updates: UpdateSet,
                                             hil_session: HilSession) -> None:
     running = host_os.version()
@@ -329,7 +328,7 @@ def test_identity_survives_a_host_os_update(dut: Dut, host_os: BalenaOS, before:
 
 # --- last: nothing leaked -------------------------------------------------------------------
 
-def test_no_key_in_the_console_log_or_the_report(dut: Dut, host_os: BalenaOS,
+def test_no_key_in_the_console_log_or_the_report(dut: Dut, host_os: HostOS,
                                                  hil_session: HilSession) -> None:
     found: dict[str, str] = {}
     cfg = hil_session.device_config

@@ -15,8 +15,7 @@ import pytest
 
 from hil.dut import Dut
 from hil.errors import DeadlineError, DeviceError
-from hil.os import BalenaOS, UpdateImage, UpdateSet, hostdisk
-from hil.os.balena import BootRecord
+from hil.os import BootRecord, HostOS, UpdateImage, UpdateSet
 from hil.os.flows import boot_broken_health, boot_broken_init, boot_good, install
 from hil.os.parse import BootState
 
@@ -24,13 +23,13 @@ DATA_FILE = "rollback-suite"
 
 
 @pytest.fixture
-def data_file(host_os: BalenaOS) -> str:
+def data_file(host_os: HostOS) -> str:
     """A checksummed file in /data before the update; each test checks it after."""
     host_os.put_checked_file(DATA_FILE)
     return DATA_FILE
 
 
-def _data_survived(host_os: BalenaOS, name: str, after: str) -> None:
+def _data_survived(host_os: HostOS, name: str, after: str) -> None:
     problem = host_os.checked_file(name)
     assert problem is None, f"/data did not survive {after}: {problem}"
 
@@ -43,21 +42,21 @@ def _image(updates: UpdateSet, kind: str, running: str) -> UpdateImage:
 
 
 def test_good_update_switches_root_commits_and_leaves_no_markers(
-        dut: Dut, host_os: BalenaOS, updates: UpdateSet, data_file: str) -> None:
+        dut: Dut, host_os: HostOS, updates: UpdateSet, data_file: str) -> None:
     inst = install(host_os, _image(updates, "good", host_os.version()))
     boot_good(dut, host_os, inst)
     _data_survived(host_os, data_file, "a good update")
 
 
 def test_unbootable_update_falls_back_through_the_bootloader_counter(
-        dut: Dut, host_os: BalenaOS, updates: UpdateSet, data_file: str) -> None:
+        dut: Dut, host_os: HostOS, updates: UpdateSet, data_file: str) -> None:
     inst = install(host_os, _image(updates, "init", host_os.version()))
     boot_broken_init(dut, host_os, inst)
     _data_survived(host_os, data_file, "an update that could not boot and its rollback")
 
 
 def test_unhealthy_update_falls_back_through_the_health_check(
-        dut: Dut, host_os: BalenaOS, updates: UpdateSet, data_file: str) -> None:
+        dut: Dut, host_os: HostOS, updates: UpdateSet, data_file: str) -> None:
     inst = install(host_os, _image(updates, "health", host_os.version()))
     boot_broken_health(dut, host_os, inst, count=2, timeout=1)
     _data_survived(host_os, data_file, "an unhealthy update and its rollback")
@@ -65,18 +64,18 @@ def test_unhealthy_update_falls_back_through_the_health_check(
 
 # --- power cuts during an update ---------------------------------------------------------------
 
-def _boot_after_cut(dut: Dut, host_os: BalenaOS, when: str) -> list[BootRecord]:
+def _boot_after_cut(dut: Dut, host_os: HostOS, when: str) -> list[BootRecord]:
     """Power on and wait for a shell, letting the bootloader retry roots that panic (a fallback
     through the counter is a bootable device too). Fails the test if no OS comes up."""
     from hil.os.balena import BOOTLIMIT
 
     boots: list[BootRecord] = []
     at = dut.rig.log.end
-    dut.rig.power_on()
+    dut.rig.power_on()  # after the rig's off-time; the boots are followed below
     deadline = time.monotonic() + dut.timeouts.boot * (BOOTLIMIT + 2)
     while True:
         try:
-            rec = host_os.await_boot(at, max(1.0, deadline - time.monotonic()))
+            rec = dut.await_boot(at, max(1.0, deadline - time.monotonic()))
             boots.append(rec)
             at = rec.end
             dut.wait_ready(max(1.0, deadline - time.monotonic()))
@@ -91,12 +90,12 @@ def _boot_after_cut(dut: Dut, host_os: BalenaOS, when: str) -> list[BootRecord]:
 
 @pytest.mark.parametrize("moment", ["while writing", "after hostapp-update returned"])
 def test_power_cut_during_an_update_leaves_a_bootable_device(
-        dut: Dut, host_os: BalenaOS, updates: UpdateSet, data_file: str, moment: str,
+        dut: Dut, host_os: HostOS, updates: UpdateSet, data_file: str, moment: str,
         pytestconfig: pytest.Config) -> None:
     old_version = host_os.version()
     image = _image(updates, "good", old_version)
     roots = host_os.roots()
-    disk = hostdisk.disk_of(dut)
+    disk = dut.disk
     when = f"{moment} ({image.describe()})"
     completed = False
     if moment == "while writing":
@@ -108,7 +107,7 @@ def test_power_cut_during_an_update_leaves_a_bootable_device(
         try:
             time.sleep(delay)  # deliberate: the moment of the cut is the point of the test
             code = running.finished()
-            host_os.power_off()
+            dut.power_off()
         finally:
             running.abandon()
             stop_serving()
@@ -116,10 +115,9 @@ def test_power_cut_during_an_update_leaves_a_bootable_device(
         when += f", {delay:.1f}s in (seed {seed}){'; it had completed' if completed else ''}"
     else:
         host_os.hostapp_update(image)
-        host_os.power_off()
+        dut.power_off()
         completed = True
-    stored = hostdisk.boot_state(disk, host_os.bootloader) if disk is not None else None
-    time.sleep(dut.rig.config.power_off_time)
+    stored = disk.boot_state() if disk is not None else None
     boots = _boot_after_cut(dut, host_os, when)
     now = host_os.roots()
     assert now.active in (roots.active, roots.inactive), f"unexpected active root {now.active}"

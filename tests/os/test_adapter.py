@@ -26,6 +26,7 @@ class FakeDut:
         self.rig = SimpleNamespace(config=SimpleNamespace(device_type=dtype), network=None,
                                    name="fake", log=SimpleNamespace(end=0))
         self.timeouts = SimpleNamespace(command=5.0, boot=60.0)
+        self.ssh = SimpleNamespace(available=False)  # the rig has no network: all on the console
 
     def run(self, command: str, timeout: float | None = None) -> Result:
         self.commands.append(command)

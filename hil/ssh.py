@@ -1,4 +1,4 @@
-"""Running host-OS commands over SSH (port 22222) on one kept-open connection.
+"""Commands over SSH (port 22222 on balenaOS) on one connection per boot.
 
 Why a second transport next to the console: SSH output never reaches the console log (so a
 command may read ``config.json`` with its keys), it cannot be interleaved with messages the OS
@@ -11,34 +11,69 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hil.console.log import EventKind
 from hil.console.shell import Result
 from hil.errors import DeadlineError, DeviceError, InfraError
 
 if TYPE_CHECKING:
     import paramiko
 
-    from hil.dut import Dut
+    from hil.rig import Rig
 
 log = logging.getLogger(__name__)
 
 # Host OS tools live in sbin too; a non-login SSH command may get a short PATH.
 PATH_PREFIX = "PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH; export PATH; "
-RESTART_EVENTS = ("boot", "reset", "panic", "power-off", "power-on")
+# A connection opened before any of these is stale: the board restarted under it.
+RESTART_EVENTS = (EventKind.BOOT, EventKind.RESET, EventKind.PANIC, EventKind.POWER_OFF,
+                  EventKind.POWER_ON)
 
 
 class SshShell:
     """One paramiko connection, reopened after the board restarted (a console boot event)."""
 
-    def __init__(self, dut: Dut) -> None:
-        self.dut = dut
+    def __init__(self, rig: Rig, key: Path | None = None) -> None:
+        self.rig = rig
+        self.key = key
         self._client: paramiko.SSHClient | None = None
         self._since = 0  # console offset at connect: a restart after it drops the connection
 
     @property
     def available(self) -> bool:
-        return self.dut.rig.network is not None
+        return self.rig.network is not None
+
+    def connect(self, *, key: Path | None = None, timeout: float = 30.0) -> paramiko.SSHClient:
+        """A new client logged in as the rig's SSH user (root), retried while sshd starts."""
+        import paramiko
+
+        if self.rig.network is None:
+            raise InfraError("the rig has no network part to reach the DUT over SSH",
+                             part="network", rig=self.rig.name)
+        host, port = self.rig.network.ssh_endpoint()
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        key_file = key or self.key
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.connect(host, port=port, username=self.rig.config.ssh.user,
+                               key_filename=str(key_file) if key_file else None,
+                               look_for_keys=False, allow_agent=False, timeout=5,
+                               banner_timeout=5, auth_timeout=5)
+                return client
+            except paramiko.AuthenticationException:
+                client.close()
+                raise
+            except (OSError, paramiko.SSHException) as exc:
+                # sshd may still be starting after boot: the port refuses or drops us
+                if time.monotonic() >= deadline:
+                    client.close()
+                    raise DeadlineError(f"SSH on {host}:{port}", str(exc), timeout,
+                                        tail=self.rig.log.tail()) from None
+                time.sleep(0.5)
 
     def close(self) -> None:
         client, self._client = self._client, None
@@ -47,24 +82,25 @@ class SshShell:
                 client.close()
 
     def _connected(self, timeout: float) -> paramiko.SSHClient:
-        restarted = self.dut.rig.log.events_since(self._since, RESTART_EVENTS)
+        restarted = self.rig.log.events_since(self._since, RESTART_EVENTS)
         transport = self._client.get_transport() if self._client else None
         if self._client is None or restarted or transport is None or not transport.is_active():
             self.close()
-            self._since = self.dut.rig.log.end
-            self._client = self.dut.ssh(timeout=timeout)
+            self._since = self.rig.log.end
+            with self.rig.log.tally.timing("ssh"):
+                self._client = self.connect(timeout=timeout)
         return self._client
 
     def run(self, command: str, timeout: float = 60.0, *, stdin: bytes | None = None,
-            connect_timeout: float = 60.0) -> Result:
-        """Run ``command`` (stdout and stderr merged, like the console). A command whose
-        channel could not be opened is retried once on a fresh connection; one that started is
-        never re-run."""
-        with self.dut.rig.log.tally.timing("ssh"):
-            return self._run(command, timeout, stdin, connect_timeout)
+            connect_timeout: float = 60.0, merge: bool = True) -> Result:
+        """Run ``command``: stdout and stderr merged like the console's, or apart
+        (``merge=False``). A command whose channel could not be opened is retried once on a
+        fresh connection; one that started is never re-run."""
+        with self.rig.log.tally.timing("ssh"):
+            return self._run(command, timeout, stdin, connect_timeout, merge)
 
     def _run(self, command: str, timeout: float, stdin: bytes | None,
-             connect_timeout: float) -> Result:
+             connect_timeout: float, merge: bool) -> Result:
         import paramiko
 
         channel = None
@@ -80,15 +116,15 @@ class SshShell:
                 self.close()
                 if attempt == 2:
                     raise InfraError(f"cannot open an SSH channel to the board: {exc}",
-                                     part="network", rig=self.dut.rig.name) from None
+                                     part="network", rig=self.rig.name) from None
         assert channel is not None
-        return self._exec(channel, command, timeout, stdin)
+        return self._exec(channel, command, timeout, stdin, merge)
 
     def host_key(self) -> Any:
         """The SSH host key the device presented (paramiko PKey)."""
         transport = self._connected(60.0).get_transport()
         if transport is None:
-            raise InfraError("SSH transport closed", part="network", rig=self.dut.rig.name)
+            raise InfraError("SSH transport closed", part="network", rig=self.rig.name)
         return transport.get_remote_server_key()
 
     def start(self, command: str, connect_timeout: float = 60.0) -> Any:
@@ -97,18 +133,20 @@ class SshShell:
         client = self._connected(connect_timeout)
         transport = client.get_transport()
         if transport is None:
-            raise InfraError("SSH transport closed", part="network", rig=self.dut.rig.name)
+            raise InfraError("SSH transport closed", part="network", rig=self.rig.name)
         channel = transport.open_session(timeout=10)
         channel.set_combine_stderr(True)
         channel.exec_command(PATH_PREFIX + command)
         return channel
 
-    def _exec(self, channel: Any, command: str, timeout: float, stdin: bytes | None) -> Result:
+    def _exec(self, channel: Any, command: str, timeout: float, stdin: bytes | None,
+              merge: bool) -> Result:
         t0 = time.monotonic()
         deadline = t0 + timeout
-        channel.set_combine_stderr(True)
+        channel.set_combine_stderr(merge)
         channel.settimeout(1.0)
         chunks: list[bytes] = []
+        errors: list[bytes] = []
         try:
             channel.exec_command(PATH_PREFIX + command)
             if stdin is not None:
@@ -123,22 +161,25 @@ class SshShell:
                     data = channel.recv(1 << 16)
                 except TimeoutError:
                     data = None
+                while channel.recv_stderr_ready():
+                    errors.append(channel.recv_stderr(1 << 16))
                 if data:
                     chunks.append(data)
-                elif channel.exit_status_ready() and not channel.recv_ready():
+                elif channel.exit_status_ready() and not channel.recv_ready() and \
+                        not channel.recv_stderr_ready():
                     break
                 elif data == b"":  # EOF before the exit status: it is on its way
                     channel.status_event.wait(0.2)
                 if time.monotonic() > deadline:
                     seen = b"".join(chunks)[-300:].decode(errors="replace")
                     raise DeadlineError(f"the end of {command!r} over SSH", repr(seen) or
-                                        "no output", timeout, tail=self.dut.rig.log.tail())
-                if self.dut.rig.log.events_since(self._since, ("boot", "reset", "panic")):
+                                        "no output", timeout, tail=self.rig.log.tail())
+                if self.rig.log.events_since(self._since):
                     if channel.exit_status_ready():
                         break
                     self.close()
-                    raise DeviceError(f"the board restarted while {command!r} ran over SSH\n"
-                                      f"--- console tail ---\n{self.dut.rig.log.tail()}")
+                    raise DeviceError(f"the board restarted while {command!r} ran over SSH",
+                                      tail=self.rig.log.tail())
             code = channel.recv_exit_status()
         except (OSError, EOFError) as exc:
             self.close()
@@ -147,4 +188,5 @@ class SshShell:
             with contextlib.suppress(Exception):
                 channel.close()
         out = b"".join(chunks).decode("utf-8", errors="replace")
-        return Result(command, out, None, code, time.monotonic() - t0)
+        err = None if merge else b"".join(errors).decode("utf-8", errors="replace")
+        return Result(command, out, err, code, time.monotonic() - t0)
