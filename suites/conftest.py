@@ -4,7 +4,8 @@ driver, so each runs unchanged on a bench board and on a QEMU board.
 - ``host_os``: the device's host-OS adapter (``dut.os``: the ``HostOS`` interface of
   hil/os/contract.py), in balenaOS's words.
 - ``updates``: host OS update images for the session (``--update-image``; built on the
-  reference OS), shared by every test that updates.
+  reference OS), shared by every test that updates; ``update_image``: one for the OS the
+  device runs now, or a skip.
 - ``--power-cuts N`` / ``--power-cut-seed S``: how many random power cuts the persistence
   suite's fault injection makes, and the seed that picks their moments.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import pytest
 
 from hil.dut import Dut
-from hil.os import HostOS, UpdateSet
+from hil.os import HostOS, UpdateImage, UpdateSet
 from hil.session import HilSession
 
 
@@ -27,14 +28,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="seed for the moments of the power cuts (default 1; printed in failures "
                      "to reproduce a run)")
     g.addoption("--update-image", default=None,
-                help="an OS image for host OS update tests: a hostapp bundle, an image "
-                     "reference or an ext4 rootfs (built on the reference OS)")
-    g.addoption("--update-image-broken-init", default=None,
-                help="an update whose new OS cannot boot (rollback suite on real devices; "
-                     "built on the reference OS)")
-    g.addoption("--update-image-broken-health", default=None,
-                help="an update whose new OS boots but never passes the health check "
-                     "(rollback suite on real devices; built on the reference OS)")
+                help="an OS image for host OS update and rollback tests: a hostapp bundle, an "
+                     "image reference or an ext4 rootfs (built on the reference OS). The "
+                     "rollback tests break it in place once installed, as balenaOS's do")
 
 
 @pytest.fixture
@@ -45,9 +41,17 @@ def host_os(dut: Dut) -> HostOS:
 @pytest.fixture(scope="session")
 def updates(pytestconfig: pytest.Config, hil_session: HilSession) -> UpdateSet:
     assert hil_session.dut is not None
-    opt = pytestconfig.getoption
-    return UpdateSet.from_options(
+    given = pytestconfig.getoption("--update-image")
+    return UpdateSet(
         refos_arch=hil_session.refos_arch if hil_session.dut.os.is_reference_os else None,
-        update_image=opt("--update-image"),
-        broken={"init": opt("--update-image-broken-init"),
-                "health": opt("--update-image-broken-health")})
+        given=UpdateImage.from_option(given) if given else None)
+
+
+@pytest.fixture
+def update_image(updates: UpdateSet, host_os: HostOS) -> UpdateImage:
+    """A good update for the OS the device runs now (another VERSION where there is one);
+    the test skips where the session has none."""
+    image = updates.good(host_os.version())
+    if image is None:
+        pytest.skip(updates.missing_reason())
+    return image

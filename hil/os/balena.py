@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from hil import redact
 from hil.console.log import Hit
@@ -49,6 +49,16 @@ MARKERS = ("rollback-health-breadcrumb", "rollback-altboot-breadcrumb",
            "rollback-health-triggered", "rollback-altboot-triggered", "rollback-health-failed")
 BREADCRUMBS = frozenset(MARKERS[:2])
 HEALTH_VARIABLES = f"{STATE_MNT}/rollback-health-variables"
+INACTIVE = "/mnt/sysroot/inactive"  # the other root, where an update is installed
+UpdateBreak = Literal["init", "health"]
+# (how, is the reference OS) -> the shell word naming what to break in the new root, as
+# balenaOS's tests name it: balenaOS boots its hostapp's /current/boot/init, and its health check
+# needs the engine. The reference OS boots /sbin/init and checks chronyd (no engine yet).
+UPDATE_BREAKS: dict[str, dict[bool, str]] = {
+    "init": {False: f"{INACTIVE}/current/boot/init", True: f"{INACTIVE}/sbin/init"},
+    "health": {False: f'$(find {INACTIVE}/ | grep "usr/bin/balena-engine$")',
+               True: f'$(find {INACTIVE}/ | grep "usr/sbin/chronyd$")'},
+}
 ROOT_LABELS = ("resin-rootA", "resin-rootB")
 BOOTLIMIT = 3  # both bootloaders boot the other root once bootcount exceeds this
 # Printed once per boot by the bootloader (the kernel's banners would count a boot twice).
@@ -322,14 +332,26 @@ class BalenaOS:
                          '[ -e "$m" ] && echo "$m"; done; true', read_only=True)
         return {m for m in out.split() if m in MARKERS}
 
-    def set_health_check(self, count: int, timeout: int) -> None:
-        """Shorten the post-update health check (``rollback-health``: COUNT checks, TIMEOUT
-        seconds apart; balenaOS defaults 15 x 60 s)."""
-        self.check(f"printf 'COUNT={int(count)}\\nTIMEOUT={int(timeout)}\\n' > "
-                   f"{HEALTH_VARIABLES} && sync {HEALTH_VARIABLES}")
+    def health_variables(self) -> dict[str, str]:
+        """``rollback-health-variables``: what hostapp-update recorded for the health check
+        (``BALENAOS_ROLLBACK_VPNONLINE``); empty if there is no such file."""
+        out = self.check(f"cat {HEALTH_VARIABLES} 2>/dev/null; true", read_only=True)
+        return parse.env_file(out)
 
-    def clear_health_check(self) -> None:
-        self.check(f"rm -f {HEALTH_VARIABLES} && sync {STATE_MNT}")
+    # --- rollbacks, provoked the way balenaOS's own tests do -----------------------------------
+    def shorten_health_check(self, count: int, timeout: int) -> None:
+        """After an update and before its reboot: make the new root's health check give up
+        after ``count`` checks ``timeout`` s apart (15 x 60 s on balenaOS). The values live only
+        in the new root's ``rollback-health``, so its copy is edited, as balenaOS's tests do."""
+        self.check(shorten_health_check_command(count, timeout))
+
+    def break_update(self, how: UpdateBreak) -> None:
+        """Break the installed update in place, as balenaOS's tests do, so one good update
+        image serves every rollback test. ``init``: delete the new root's init (it cannot boot;
+        the bootloader falls back). ``health``: put /dev/null where the new root has what its
+        health check needs (the engine on balenaOS; chronyd on the reference OS, which has no
+        engine yet)."""
+        self.check(break_update_command(how, self.is_reference_os))
 
     def wait_committed(self, timeout: float = 180.0) -> BootState:
         """Wait for the health check to commit a booted update (``upgrade_available=0``, no
@@ -514,6 +536,22 @@ class BalenaOS:
         return [ln for ln in out.splitlines()
                 if name in ln and re.search(r"(?i)EXT4-fs (error|warning)|I/O error|"
                                             r"corrupt", ln)]
+
+
+def shorten_health_check_command(count: int, timeout: int) -> str:
+    """balenaOS's tests' own command (the find: the new root's layout differs between OSes)."""
+    return (f'f=$(find {INACTIVE}/ | grep "bin/rollback-health"); if [ -n "$f" ]; then '
+            f'sed -i -e "s/COUNT=.*/COUNT={int(count)}/g" '
+            f'-e "s/TIMEOUT=.*/TIMEOUT={int(timeout)}/g" $f && sync; '
+            'else echo "no bin/rollback-health in the new root" >&2; false; fi')
+
+
+def break_update_command(how: UpdateBreak, reference_os: bool) -> str:
+    target = UPDATE_BREAKS[how][reference_os]
+    action = "rm" if how == "init" else "ln -sf /dev/null"
+    return (f'f={target}; if [ -e "$f" ] || [ -L "$f" ]; then {action} $f && sync; '
+            'else echo "the new root has no $f" >&2; false; fi')
+
 
 def secrets_in(text: bytes, secrets: Iterable[tuple[str, str]]) -> list[str]:
     """Names of the secrets (name, value) found in ``text``, plain or base64-encoded."""

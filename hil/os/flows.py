@@ -28,6 +28,7 @@ class Installed:
     new: RootPart
     old_version: str
     result: UpdateResult
+    health_variables: dict[str, str]  # as hostapp-update left them: no test may change them
     boots: list[BootRecord] = field(default_factory=list)
 
 
@@ -58,7 +59,12 @@ def install(host_os: HostOS, image: UpdateImage) -> Installed:
         new_version = host_os.version("/mnt/sysroot/inactive")
         check(new_version == image.version,
               f"the inactive root holds VERSION {new_version}, the update is {image.version}")
-    return Installed(image, roots.active, roots.inactive, old_version, result)
+    variables = host_os.health_variables()
+    check("BALENAOS_ROLLBACK_VPNONLINE" in variables,
+          "hostapp-update must record the VPN's state for the health check "
+          f"(BALENAOS_ROLLBACK_VPNONLINE in /mnt/state/rollback-health-variables); it holds "
+          f"{variables or 'nothing'}")
+    return Installed(image, roots.active, roots.inactive, old_version, result, variables)
 
 
 def _assert_boot(rec: BootRecord, root: int, want: BootState, what: str) -> None:
@@ -122,13 +128,18 @@ def assert_back_on_old(host_os: HostOS, inst: Installed, marker: str) -> None:
     check(markers == {marker},
           f"after the rollback /mnt/state must hold {marker} (and no "
           f"breadcrumb); it holds {sorted(markers) or 'nothing'}")
+    variables = host_os.health_variables()
+    check(variables == inst.health_variables,
+          f"rollback-health-variables changed: {inst.health_variables} after the update, "
+          f"{variables} after the rollback")
 
 
 def boot_broken_init(dut: Dut, host_os: HostOS, inst: Installed) -> None:
-    """Reboot into a root that cannot boot: each failed boot counts (bootcount 1..limit with
-    upgrade_available=1, asserted per boot where the rig can see it), the next one boots the
-    old root, whose rollback-altboot sets rollback-altboot-triggered, points the bootloader
-    back and reboots."""
+    """Break the installed update's init in place and reboot into it: each failed boot counts
+    (bootcount 1..limit with upgrade_available=1, asserted per boot where the rig can see it),
+    the next one boots the old root, whose rollback-altboot sets rollback-altboot-triggered,
+    points the bootloader back and reboots."""
+    host_os.break_update("init")
     at = dut.start_reboot()
     if host_os.is_reference_os:  # its bootloader prints each decision: follow every boot
         for count in range(1, BOOTLIMIT + 1):
@@ -160,34 +171,32 @@ def boot_broken_init(dut: Dut, host_os: HostOS, inst: Installed) -> None:
 
 def boot_broken_health(dut: Dut, host_os: HostOS, inst: Installed, *, count: int = 2,
                        timeout: int = 1) -> None:
-    """Reboot into a root that boots but is never healthy: the trial boot counts once, the
-    health check (shortened to ``count`` checks ``timeout`` s apart) gives up, sets
-    rollback-health-triggered, points the bootloader back and reboots into the old root."""
-    host_os.set_health_check(count, timeout)
+    """Break what the installed update's health check needs, in place, and reboot into it: the
+    trial boot counts once, the health check (shortened to ``count`` checks ``timeout`` s
+    apart in the new root) gives up, sets rollback-health-triggered, points the bootloader back
+    and reboots into the old root."""
+    host_os.break_update("health")
+    host_os.shorten_health_check(count, timeout)
+    at = dut.start_reboot()
+    rec = dut.await_boot(at)
+    inst.boots.append(rec)
+    _assert_boot(rec, inst.new.number, BootState(inst.new.number, 1, 1),
+                 "the trial boot of the unhealthy update")
+    wait = dut.timeouts.boot + count * (timeout + 10)
     try:
-        at = dut.start_reboot()
-        rec = dut.await_boot(at)
-        inst.boots.append(rec)
-        _assert_boot(rec, inst.new.number, BootState(inst.new.number, 1, 1),
-                     "the trial boot of the unhealthy update")
-        wait = dut.timeouts.boot + count * (timeout + 10)
-        try:
-            nxt = dut.await_boot(rec.end, wait)
-        except DeadlineError as exc:
-            raise OSContractError(
-                f"the unhealthy update {inst.image.describe()} was not rolled back: no reboot "
-                f"within {wait:.0f}s of its boot (health check shortened to {count} checks "
-                f"{timeout}s apart)\n{exc}") from None
-        inst.boots.append(nxt)
-        if host_os.is_reference_os:
-            ready = host_os.ready_line(rec.end, nxt.start)
-            check(ready is not None and ready[0] == inst.image.version,
-                  "the unhealthy update must boot (the health check, not the bootloader, rolls "
-                  f"it back); its console showed {ready}")
-        _assert_boot(nxt, inst.old.number, BootState(inst.old.number, 0, 0),
-                     "the boot after rollback-health")
-        dut.wait_ready()
-        assert_back_on_old(host_os, inst, "rollback-health-triggered")
-    finally:
-        if dut.shell.ready:
-            host_os.clear_health_check()
+        nxt = dut.await_boot(rec.end, wait)
+    except DeadlineError as exc:
+        raise OSContractError(
+            f"the unhealthy update {inst.image.describe()} was not rolled back: no reboot "
+            f"within {wait:.0f}s of its boot (health check shortened to {count} checks "
+            f"{timeout}s apart)\n{exc}") from None
+    inst.boots.append(nxt)
+    if host_os.is_reference_os:
+        ready = host_os.ready_line(rec.end, nxt.start)
+        check(ready is not None and ready[0] == inst.image.version,
+              "the unhealthy update must boot (the health check, not the bootloader, rolls "
+              f"it back); its console showed {ready}")
+    _assert_boot(nxt, inst.old.number, BootState(inst.old.number, 0, 0),
+                 "the boot after rollback-health")
+    dut.wait_ready()
+    assert_back_on_old(host_os, inst, "rollback-health-triggered")

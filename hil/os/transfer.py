@@ -15,6 +15,7 @@ import hashlib
 import logging
 import secrets
 import shutil
+import struct
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -35,10 +36,15 @@ def _tool(name: str) -> str:
     return path
 
 
+HEADROOM = 4 << 20  # bytes of free space left in a shrunk root filesystem
+
+
 def shrink_rootfs(src: Path, workdir: Path) -> Path:
-    """A copy of the ext4 image ``src`` shrunk to its content, cached in ``workdir`` by the
-    source's identity. ``hostapp-update`` writes it into the inactive root partition; the
-    filesystem then simply does not use the partition's tail (it is read-only)."""
+    """A copy of the ext4 image ``src`` shrunk to its content plus ``HEADROOM``, cached in
+    ``workdir`` by the source's identity. ``hostapp-update`` writes it into the inactive root
+    partition; the filesystem then simply does not use the partition's tail. The headroom is
+    for the edits balenaOS's tests make in a new root before booting it (``sed -i`` writes a
+    new file)."""
     st = src.stat()
     ident = hashlib.sha256(f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()
                            ).hexdigest()[:16]
@@ -53,15 +59,37 @@ def shrink_rootfs(src: Path, workdir: Path) -> Path:
     if fsck.returncode > 1:  # 1: fixed something (a fresh image has nothing to fix)
         raise InfraError(f"update image {src} fails e2fsck: {fsck.stdout[-500:]}",
                          part="update")
-    resize = subprocess.run([_tool("resize2fs"), "-M", str(tmp)], capture_output=True,
-                            text=True, timeout=300, check=False)
-    if resize.returncode != 0:
-        raise InfraError(f"resize2fs -M {src}: {resize.stderr[-500:]}", part="update")
+    _resize2fs(tmp, ["-M"], src)
+    blocks, block_size = _block_count(tmp)
+    _resize2fs(tmp, [str(blocks + HEADROOM // block_size)], src)
     tmp.rename(out)
     for old in workdir.glob(f"{src.stem}-*-min.img"):
         if old != out:
             old.unlink(missing_ok=True)
     return out
+
+
+def _resize2fs(image: Path, args: list[str], src: Path) -> None:
+    # resize2fs takes the options before the image and a new size after it
+    argv = [_tool("resize2fs"), *args, str(image)] if args[0].startswith("-") else \
+        [_tool("resize2fs"), str(image), *args]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    if proc.returncode != 0:
+        raise InfraError(f"resize2fs {' '.join(args)} {src}: {proc.stderr[-500:]}",
+                         part="update")
+
+
+def _block_count(image: Path) -> tuple[int, int]:
+    """(block count, block size) of an ext4 image, from its superblock."""
+    with image.open("rb") as f:
+        f.seek(1024)
+        sb = f.read(1024)
+    blocks_lo, = struct.unpack_from("<I", sb, 4)
+    blocks_hi, = struct.unpack_from("<I", sb, 0x150)
+    log_size, = struct.unpack_from("<I", sb, 24)
+    feature_incompat, = struct.unpack_from("<I", sb, 0x60)
+    high = blocks_hi if feature_incompat & 0x80 else 0  # INCOMPAT_64BIT
+    return blocks_lo | (high << 32), 1024 << log_size
 
 
 def rootfs_version(image: Path) -> str | None:

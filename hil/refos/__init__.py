@@ -6,11 +6,10 @@ first-boot provisioning.
 """
 
 from hil.refos.api import Registration, RegistrationServer
-from hil.refos.builder import BROKEN_MODES, RefosBuildError, RefosImage, build
+from hil.refos.builder import RefosBuildError, RefosImage, build
 from hil.refos.image import boot_env, configure, read_boot_file, write_boot_file
 
 __all__ = [
-    "BROKEN_MODES",
     "RefosBuildError",
     "RefosImage",
     "Registration",

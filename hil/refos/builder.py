@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 FILES = Path(__file__).parent / "files"
 EPOCH = 1704067200  # 2024-01-01: every timestamp in the image
-BROKEN_MODES = ("init", "health")
 FLASHER_MARKER = "hil-flasher"  # on resin-boot: this image is an installer (rcS runs the flasher)
 MiB = 1 << 20
 
@@ -96,7 +95,6 @@ class RefosImage:
 
     arch: str
     version: str
-    broken: str | None
     disk: Path
     bmap: Path
     rootfs: Path
@@ -117,27 +115,24 @@ class RefosImage:
         return self.disk.parent
 
 
-def build(arch: str = "aarch64", version: str = "1.0.0", broken: str | None = None,
-          flasher: bool = False) -> RefosImage:
+def build(arch: str = "aarch64", version: str = "1.0.0", flasher: bool = False) -> RefosImage:
     """Build (or take from the cache) the reference OS image for ``arch``.
 
-    ``broken="init"`` gives a root whose init fails (kernel panic, the bootloader counts the
-    failed boots), ``broken="health"`` one whose health check never passes. ``flasher=True``
-    gives the installer image of flasher boards: the same bytes plus a ``hil-flasher`` marker
-    on resin-boot, which makes the OS install itself to the internal disk and power off.
+    ``flasher=True`` gives the installer image of flasher boards: the same bytes plus a
+    ``hil-flasher`` marker on resin-boot, which makes the OS install itself to the internal
+    disk and power off. (Updates that fail on purpose are made from a good one in place, as
+    balenaOS's tests make them: ``hil.os.BalenaOS.break_update``.)
     """
     if arch not in ARCHES:
         raise RefosBuildError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHES)}")
-    if broken is not None and broken not in BROKEN_MODES:
-        raise RefosBuildError(f"unknown broken mode {broken!r}: choose init or health")
     if not re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z.+_~-]{0,63}", version):
         raise RefosBuildError(f"version {version!r}: use letters, digits and . + _ ~ -")
-    return _Builder(ARCHES[arch], version, broken, flasher).run()
+    return _Builder(ARCHES[arch], version, flasher).run()
 
 
 class _Builder:
-    def __init__(self, spec: ArchSpec, version: str, broken: str | None, flasher: bool) -> None:
-        self.spec, self.version, self.broken, self.flasher = spec, version, broken, flasher
+    def __init__(self, spec: ArchSpec, version: str, flasher: bool) -> None:
+        self.spec, self.version, self.flasher = spec, version, flasher
 
     # --- inputs and key --------------------------------------------------------------------
 
@@ -149,7 +144,7 @@ class _Builder:
         libs = self._library_packages(resolved)
         resolved.update(debs.resolve(libs, self.spec.deb_arch))
         key = self._key(resolved)
-        kind = (self.broken or "ok") + ("-flasher" if self.flasher else "")
+        kind = "flasher" if self.flasher else "ok"
         name = f"{self.spec.name}-{self.version}-{kind}-{key[:12]}"
         out = cache_dir("refos") / name
         manifest = out / "manifest.json"
@@ -215,8 +210,7 @@ class _Builder:
     def _key(self, resolved: dict[str, debs.Deb]) -> str:
         h = hashlib.sha256()
         h.update(json.dumps({
-            "arch": self.spec.name, "version": self.version, "broken": self.broken,
-            "flasher": self.flasher,
+            "arch": self.spec.name, "version": self.version, "flasher": self.flasher,
             "packages": sorted((d.name, d.version, d.arch) for d in resolved.values()),
             "host": _host_tool_versions(),
         }, sort_keys=True).encode())
@@ -259,8 +253,8 @@ class _Builder:
             uboot_env = stage / "uboot-env.bin"
             _uboot_env(uboot_env, work)
         return RefosImage(
-            arch=self.spec.name, version=self.version, broken=self.broken,
-            disk=out / disk.name, bmap=out / bmap.name, rootfs=out / rootfs.name, key=key,
+            arch=self.spec.name, version=self.version, disk=out / disk.name,
+            bmap=out / bmap.name, rootfs=out / rootfs.name, key=key,
             device_type=self.spec.device_type, kernel_version=kver, flasher=self.flasher,
             packages={d.name: d.version for d in sorted(resolved.values(),
                                                         key=lambda d: d.name)},
@@ -309,7 +303,7 @@ class _Builder:
         etc = root / "etc"
         (etc / "hil" / "build.env").write_text(
             f"ARCH={self.spec.name}\nBOOTLOADER={self.spec.bootloader}\n"
-            f"DEVICE_TYPE={self.spec.device_type}\nHIL_BROKEN={self.broken or ''}\n")
+            f"DEVICE_TYPE={self.spec.device_type}\n")
         (etc / "hil" / "modules.load").write_text("\n".join(MODULES_LOAD) + "\n")
         (etc / "os-release").write_text(
             'ID="balena-os"\nNAME="balenaOS"\n'
@@ -320,18 +314,6 @@ class _Builder:
         (etc / "hostname").write_text("balena\n")
         (etc / "hosts").write_text("127.0.0.1\tlocalhost\n")
         (etc / "resolv.conf").write_text("")
-        if self.broken == "init":
-            init = root / "sbin" / "init"
-            init.unlink()
-            init.write_text("#!/bin/sh\n# --broken init: this root cannot start\n"
-                            'echo "HIL-BROKEN: init of this root exits on purpose"\nexit 1\n')
-            init.chmod(0o755)
-        elif self.broken == "health":
-            check = root / "usr" / "lib" / "hil" / "health.d" / "broken"
-            check.parent.mkdir(parents=True, exist_ok=True)
-            check.write_text("#!/bin/sh\n# --broken health: this root is never healthy\n"
-                             'echo "built with --broken health" >&2\nexit 1\n')
-            check.chmod(0o755)
         fs.normalize_modes(root)
         (root / "tmp").chmod(0o1777)
 
@@ -458,10 +440,8 @@ class _Builder:
 def _image_from(manifest: dict[str, object], out: Path) -> RefosImage:
     packages = manifest["packages"]
     assert isinstance(packages, dict)
-    broken = manifest["broken"]
     return RefosImage(
         arch=str(manifest["arch"]), version=str(manifest["version"]),
-        broken=str(broken) if broken is not None else None,
         disk=out / str(manifest["disk"]), bmap=out / str(manifest["bmap"]),
         rootfs=out / str(manifest["rootfs"]), key=str(manifest["key"]),
         device_type=str(manifest["device_type"]),
@@ -493,7 +473,7 @@ def _uboot_env(path: Path, work: Path) -> None:
 
 
 def _prune(out: Path, keep: int = 3) -> None:
-    """Bound the cache: keep the ``keep`` newest builds of the same arch/version/broken (older
+    """Bound the cache: keep the ``keep`` newest builds of the same arch/version/kind (older
     inputs), and drop staging directories of builds that died more than an hour ago."""
     prefix = out.name[:-12]
     same = sorted((p for p in out.parent.iterdir()

@@ -13,7 +13,7 @@ from typing import Any
 
 from hil.errors import ConfigError
 from hil.refos.api import RegistrationServer
-from hil.refos.builder import ARCHES, BROKEN_MODES, build
+from hil.refos.builder import ARCHES, build
 from hil.refos.image import configure
 from hil.refos.qemu import qemu_argv
 
@@ -25,8 +25,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p = cmds.add_parser("build", help="build the image (cached); print its paths")
     p.add_argument("--arch", choices=sorted(ARCHES), default="aarch64")
     p.add_argument("--version", default="1.0.0", help="VERSION in /etc/os-release")
-    p.add_argument("--broken", choices=BROKEN_MODES, default=None,
-                   help="a root that fails to boot (init) or never passes its health check")
     p.add_argument("--flasher", action="store_true",
                    help="an installer for flasher boards: installs itself to the internal disk")
     p.add_argument("--json", action="store_true", help="print a JSON object instead")
@@ -62,10 +60,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 
 def _build(args: argparse.Namespace) -> int:
-    img = build(args.arch, args.version, args.broken, flasher=args.flasher)
+    img = build(args.arch, args.version, flasher=args.flasher)
     if args.json:
-        print(json.dumps({"arch": img.arch, "version": img.version, "broken": img.broken,
-                          "flasher": img.flasher,
+        print(json.dumps({"arch": img.arch, "version": img.version, "flasher": img.flasher,
                           "disk": str(img.disk), "bmap": str(img.bmap),
                           "rootfs": str(img.rootfs), "key": img.key}, indent=1))
     else:

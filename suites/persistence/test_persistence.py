@@ -13,7 +13,7 @@ import time
 import pytest
 
 from hil.dut import Dut
-from hil.os import HostOS, UpdateSet, parse
+from hil.os import HostOS, UpdateImage, parse
 from hil.os.flows import boot_broken_health, boot_good, install
 
 ACK_TIMEOUT = 60.0  # the writer's first acknowledgements (a command over the console)
@@ -58,26 +58,21 @@ def test_file_survives_a_power_cut(dut: Dut, host_os: HostOS) -> None:
 
 
 def test_file_survives_a_host_os_update(dut: Dut, host_os: HostOS,
-                                        updates: UpdateSet) -> None:
-    image = updates.good(host_os.version())
-    if image is None:
-        pytest.skip(updates.missing_reason("good"))
+                                        update_image: UpdateImage) -> None:
     host_os.put_checked_file("update")
-    inst = install(host_os, image)
+    inst = install(host_os, update_image)
     boot_good(dut, host_os, inst)
     _promise_kept(host_os, "update", f"a host OS update {inst.old_version} -> "
-                  f"{image.version or image.describe()}")
+                  f"{update_image.version or update_image.describe()}")
 
 
-def test_file_survives_a_rollback(dut: Dut, host_os: HostOS, updates: UpdateSet) -> None:
+def test_file_survives_a_rollback(dut: Dut, host_os: HostOS, update_image: UpdateImage) -> None:
     """The unhealthy update boots with /data mounted, then the health check rolls it back."""
-    image = updates.broken("health")
-    if image is None:
-        pytest.skip(updates.missing_reason("health"))
     host_os.put_checked_file("rollback")
-    inst = install(host_os, image)
+    inst = install(host_os, update_image)
     boot_broken_health(dut, host_os, inst, count=1, timeout=1)
-    _promise_kept(host_os, "rollback", f"an update to {image.describe()} and its rollback")
+    _promise_kept(host_os, "rollback", f"an update to {update_image.describe()}, unhealthy, "
+                  "and its rollback")
 
 
 # --- power-cut fault injection ---------------------------------------------------------------

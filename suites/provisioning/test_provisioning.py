@@ -17,7 +17,7 @@ import pytest
 
 from hil import redact
 from hil.dut import Dut
-from hil.os import HostOS, Secret, UpdateSet
+from hil.os import HostOS, Secret, UpdateImage
 from hil.os.balena import secrets_in
 from hil.os.secret import private_key_stretch
 from hil.session import HilSession
@@ -311,12 +311,10 @@ def test_identity_survives_a_power_cut(dut: Dut, host_os: HostOS, before: Identi
 
 
 def test_identity_survives_a_host_os_update(dut: Dut, host_os: HostOS, before: Identity,
-                                            updates: UpdateSet,
+                                            update_image: UpdateImage,
                                             hil_session: HilSession) -> None:
     running = host_os.version()
-    image = updates.good(running)
-    if image is None:
-        pytest.skip(updates.missing_reason("good"))
+    image = update_image
     host_os.hostapp_update(image)
     dut.reboot()
     host_os.wait_committed()

@@ -15,7 +15,7 @@ import pytest
 
 from hil.dut import Dut
 from hil.errors import DeadlineError, DeviceError
-from hil.os import BootRecord, HostOS, UpdateImage, UpdateSet
+from hil.os import BootRecord, HostOS, UpdateImage
 from hil.os.flows import boot_broken_health, boot_broken_init, boot_good, install
 from hil.os.parse import BootState
 
@@ -34,31 +34,24 @@ def _data_survived(host_os: HostOS, name: str, after: str) -> None:
     assert problem is None, f"/data did not survive {after}: {problem}"
 
 
-def _image(updates: UpdateSet, kind: str, running: str) -> UpdateImage:
-    image = updates.good(running) if kind == "good" else updates.broken(kind)
-    if image is None:
-        pytest.skip(updates.missing_reason(kind))
-    return image
-
-
 def test_good_update_switches_root_commits_and_leaves_no_markers(
-        dut: Dut, host_os: HostOS, updates: UpdateSet, data_file: str) -> None:
-    inst = install(host_os, _image(updates, "good", host_os.version()))
+        dut: Dut, host_os: HostOS, update_image: UpdateImage, data_file: str) -> None:
+    inst = install(host_os, update_image)
     boot_good(dut, host_os, inst)
     _data_survived(host_os, data_file, "a good update")
 
 
 def test_unbootable_update_falls_back_through_the_bootloader_counter(
-        dut: Dut, host_os: HostOS, updates: UpdateSet, data_file: str) -> None:
-    inst = install(host_os, _image(updates, "init", host_os.version()))
-    boot_broken_init(dut, host_os, inst)
+        dut: Dut, host_os: HostOS, update_image: UpdateImage, data_file: str) -> None:
+    inst = install(host_os, update_image)
+    boot_broken_init(dut, host_os, inst)  # its init deleted in place
     _data_survived(host_os, data_file, "an update that could not boot and its rollback")
 
 
 def test_unhealthy_update_falls_back_through_the_health_check(
-        dut: Dut, host_os: HostOS, updates: UpdateSet, data_file: str) -> None:
-    inst = install(host_os, _image(updates, "health", host_os.version()))
-    boot_broken_health(dut, host_os, inst, count=2, timeout=1)
+        dut: Dut, host_os: HostOS, update_image: UpdateImage, data_file: str) -> None:
+    inst = install(host_os, update_image)
+    boot_broken_health(dut, host_os, inst, count=2, timeout=1)  # broken in place
     _data_survived(host_os, data_file, "an unhealthy update and its rollback")
 
 
@@ -90,10 +83,10 @@ def _boot_after_cut(dut: Dut, host_os: HostOS, when: str) -> list[BootRecord]:
 
 @pytest.mark.parametrize("moment", ["while writing", "after hostapp-update returned"])
 def test_power_cut_during_an_update_leaves_a_bootable_device(
-        dut: Dut, host_os: HostOS, updates: UpdateSet, data_file: str, moment: str,
+        dut: Dut, host_os: HostOS, update_image: UpdateImage, data_file: str, moment: str,
         pytestconfig: pytest.Config) -> None:
     old_version = host_os.version()
-    image = _image(updates, "good", old_version)
+    image = update_image
     roots = host_os.roots()
     disk = dut.disk
     when = f"{moment} ({image.describe()})"

@@ -62,10 +62,9 @@ BREAKS: dict[str, str] = {
     "no-gpiochip0": "rm -f /dev/gpiochip0",
 }
 
+# (hostapp-update leaves the new root mounted read-write, as balenaOS does)
 DISABLE_HEALTH_ROLLBACK = (
-    "mount -o remount,rw /mnt/sysroot/inactive && "
-    + _STUB.format(path="/mnt/sysroot/inactive/usr/bin/rollback-health") +
-    " && sync && mount -o remount,ro /mnt/sysroot/inactive")
+    _STUB.format(path="/mnt/sysroot/inactive/usr/bin/rollback-health") + " && sync")
 
 
 def _names() -> list[str]:

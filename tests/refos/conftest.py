@@ -26,9 +26,7 @@ def arch(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def images(arch: str) -> Images:
     """One build of each image per session (cached across sessions by input hash)."""
-    return Images(v1=build(arch, "1.0.0"), v2=build(arch, "2.0.0"),
-                  broken_init=build(arch, "2.0.0-broken-init", broken="init"),
-                  broken_health=build(arch, "2.0.0-broken-health", broken="health"))
+    return Images(v1=build(arch, "1.0.0"), v2=build(arch, "2.0.0"))
 
 
 @pytest.fixture

@@ -46,9 +46,7 @@ class Boot:
 @dataclass(frozen=True)
 class Images:
     v1: RefosImage
-    v2: RefosImage
-    broken_init: RefosImage
-    broken_health: RefosImage
+    v2: RefosImage  # also every failing update, broken in place once installed
 
 
 def free_port() -> int:

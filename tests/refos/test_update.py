@@ -13,6 +13,7 @@ import pytest
 from refos_guest import Boot, Guest, Images
 
 from hil.deadline import wait_until
+from hil.os.balena import break_update_command, shorten_health_check_command
 from hil.refos import boot_env, configure
 
 pytestmark = pytest.mark.qemu
@@ -52,6 +53,8 @@ def install(g: Guest, new_version: str) -> None:
                                             "bootcount=0"]
     assert markers(g) == {"rollback-health-breadcrumb", "rollback-altboot-breadcrumb"}
     assert g.run("blkid -s LABEL -o value /dev/vda3") == "resin-rootB"
+    # as balenaOS's hostapp-update: the VPN's state for the health check (the OS has no VPN)
+    assert g.run("cat /mnt/state/rollback-health-variables") == "BALENAOS_ROLLBACK_VPNONLINE=0"
 
 
 def assert_data_intact(g: Guest) -> None:
@@ -89,8 +92,9 @@ def test_good_update_commits(images: Images, disk: Path, guest_factory: GuestFac
 
 def test_broken_init_rolls_back_through_bootcount(images: Images, disk: Path,
                                                    guest_factory: GuestFactory) -> None:
-    g = start_v1(guest_factory, disk, images.broken_init.rootfs)
-    install(g, "2.0.0-broken-init")
+    g = start_v1(guest_factory, disk, images.v2.rootfs)
+    install(g, "2.0.0")
+    g.run(break_update_command("init", reference_os=True))  # as balenaOS's tests break it
     g.run("reboot", check=False)
 
     # the new root panics at init; each reset counts, the 4th boot (bootcount 4 > 3) falls back
@@ -117,14 +121,15 @@ def test_broken_init_rolls_back_through_bootcount(images: Images, disk: Path,
 
 def test_broken_health_rolls_back_through_health_check(images: Images, disk: Path,
                                                        guest_factory: GuestFactory) -> None:
-    g = start_v1(guest_factory, disk, images.broken_health.rootfs)
-    install(g, "2.0.0-broken-health")
-    g.run("printf 'TIMEOUT=1\\nCOUNT=2\\n' > /mnt/state/rollback-health-variables && sync")
+    g = start_v1(guest_factory, disk, images.v2.rootfs)
+    install(g, "2.0.0")
+    g.run(break_update_command("health", reference_os=True))
+    g.run(shorten_health_check_command(count=2, timeout=1))  # the new root's copy, as balenaOS's
     g.run("reboot", check=False)
 
     boot = g.wait_boot()
     assert boot == Boot(3, 3, 1, 1)
-    assert g.wait_ready()[0] == "2.0.0-broken-health"
+    assert g.wait_ready()[0] == "2.0.0"
     g.expect(r"rollback-health: unhealthy after 2 checks", 60)
     boot = g.wait_boot()
     assert boot == Boot(2, 2, 0, 0)
@@ -134,6 +139,7 @@ def test_broken_health_rolls_back_through_health_check(images: Images, disk: Pat
     assert markers(g) == {"rollback-health-triggered"}
     assert g.run("findmnt -no SOURCE /mnt/sysroot/active") == "/dev/vda2"
     assert 'VERSION="1.0.0"' in g.run("cat /etc/os-release")
+    assert g.run("cat /mnt/state/rollback-health-variables") == "BALENAOS_ROLLBACK_VPNONLINE=0"
     assert_data_intact(g)
 
 
