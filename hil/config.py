@@ -10,27 +10,25 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from hil import registry
 from hil.errors import ConfigError
+from hil.registry import Settings
+
+if TYPE_CHECKING:
+    from hil.emu.settings import EmulatorSettings
 
 
-class Model(BaseModel):
-    """Base for every config model: unknown keys are errors (a typo must not pass silently)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ConsoleSpec(Model):
+class ConsoleSpec(Settings):
     device: str = Field(description="console device name on the DUT, e.g. ttyAMA0")
     baud: int = Field(115200, gt=0)
 
 
-class DeviceType(Model):
+class DeviceType(Settings):
     """What a board type brings: data only, shipped in ``hil/devicetypes/<slug>.yaml``."""
 
     slug: str
@@ -54,7 +52,7 @@ class DeviceType(Model):
                 "amd64": {"x86_64"}, "x86_64": {"x86_64"}}[self.arch]
 
 
-class Timeouts(Model):
+class Timeouts(Settings):
     boot: float = Field(180.0, gt=0, description="power on → shell, seconds")
     command: float = Field(60.0, gt=0, description="default deadline for one DUT command")
     flash: float = Field(900.0, gt=0, description="writing and verifying the image")
@@ -64,13 +62,13 @@ class Timeouts(Model):
                            "powers the board off")
 
 
-class SshSettings(Model):
+class SshSettings(Settings):
     user: str = Field("root", description="login on the console and over SSH")
     port: int = Field(22222, gt=0, lt=65536, description="the OS's SSH port")
     key: Path | None = Field(None, description="private key file; default: a generated one")
 
 
-class GpioLoopback(Model):
+class GpioLoopback(Settings):
     """An output line of the DUT wired to an input line of the DUT (a jumper)."""
 
     output: str = Field(description="chip:line, e.g. gpiochip0:17")
@@ -97,13 +95,13 @@ class RigConfig:
     timeouts: Timeouts
     ssh: SshSettings
     gpio_loopback: GpioLoopback | None
-    emulator: dict[str, Any] | None
+    emulator: EmulatorSettings | None
 
     def has(self, feature: str) -> bool:
         return feature in self.features
 
 
-class _RigTop(Model):
+class _RigTop(Settings):
     description: str = Field("", description="one line for `hil rigs`")
     device_type: str = Field(description="a slug from hil/devicetypes/ (`hil device-types`)")
     image: str | None = Field(None, description="default image: a path, or 'refos'")
@@ -265,6 +263,17 @@ def _part(name: str, raw: Any, path: Path, lines: dict[tuple[Any, ...], int]) ->
     return PartConfig(part=name, driver=driver, settings=model)
 
 
+def _emulator(raw: dict[str, Any], path: Path,
+              lines: dict[tuple[Any, ...], int]) -> EmulatorSettings:
+    # imported here, like a driver's Settings: only rigs with an emulator: pay for it
+    from hil.emu.settings import EmulatorSettings
+
+    try:
+        return EmulatorSettings.model_validate(raw)
+    except ValidationError as exc:
+        raise _validation_error(exc, path, lines, ("emulator",)) from None
+
+
 def load_rig(name_or_path: str, rigs_dir: str | os.PathLike[str] | None = None) -> RigConfig:
     path = find_rig(name_or_path, rigs_dir)
     data, lines = _read_yaml(path)
@@ -295,6 +304,8 @@ def load_rig(name_or_path: str, rigs_dir: str | os.PathLike[str] | None = None) 
         raise ConfigError(f"{dtype.slug} is a flasher board: the rig needs an 'sd_mux:' to take "
                           "the installer medium away after it has run", file=str(path),
                           line=_line_for(lines, ("device_type",)), key="sd_mux")
+    # an empty emulator: section starts nothing, as if it were absent
+    emulator = _emulator(top.emulator, path, lines) if top.emulator else None
     features = set(top.features) | set(dtype.features)
     if top.gpio_loopback:
         features.add("gpio_loopback")
@@ -304,7 +315,7 @@ def load_rig(name_or_path: str, rigs_dir: str | os.PathLike[str] | None = None) 
         name=path.stem, source=path, description=top.description, device_type=dtype,
         parts=parts, features=frozenset(features), image=top.image,
         power_off_time=top.power_off_time, timeouts=top.timeouts, ssh=top.ssh,
-        gpio_loopback=top.gpio_loopback, emulator=top.emulator,
+        gpio_loopback=top.gpio_loopback, emulator=emulator,
     )
 
 

@@ -72,7 +72,8 @@ def _summary(obj: Any) -> str:
 
 def reference() -> str:
     from hil.config import Timeouts, _RigTop
-    from hil.emu.bench import ConsoleEmu, EmulatorSettings, PduEmu, RelayEmu
+    from hil.emu.bench import Bench
+    from hil.emu.settings import ConsoleEmu, EmulatorSettings, PduEmu, RelayEmu
 
     parts = ", ".join(f"`{p}`" for p in registry.PARTS)
     out = [BEGIN, "", "## Reference: every key of a rig file", "",
@@ -91,7 +92,7 @@ def reference() -> str:
             cls = getattr(importlib.import_module(module), attr)
             out += [f"#### `{part}: {{driver: {name}}}` — `{module}.{attr}`", "",
                     _summary(cls), "", *table(cls.Settings), ""]
-    out += ["### `emulator:`", "", _summary(EmulatorSettings), "", *table(EmulatorSettings),
+    out += ["### `emulator:`", "", _summary(Bench), "", *table(EmulatorSettings),
             "", "`emulator.relay:`", "", *table(RelayEmu), "", "`emulator.console:`", "",
             *table(ConsoleEmu), "", "`emulator.pdu:` takes no keys; its address, PDU name and "
             "outlet are the `power: {driver: pdudaemon}` part's." if not PduEmu.model_fields

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from hil.registry import PartContext
+from hil.registry import PartContext, Settings
 
 
-class SshNetworkSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class SshNetworkSettings(Settings):
     host: str = Field(description="DUT address as the rig host sees it")
     port: int = Field(22222, gt=0, lt=65536)
     host_address: str = Field(description="rig host address as the DUT sees it (NTP, API)")

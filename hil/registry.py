@@ -14,8 +14,12 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
+from hil.errors import InfraError
+
+# The part kinds a rig file may have, in the order a rig builds them (the target first: it
+# brings power, console, storage and network of its own).
 PARTS = ("target", "power", "console", "sd_mux", "storage", "network")
 
 BUILTIN: dict[tuple[str, str], str] = {
@@ -37,6 +41,13 @@ BUILTIN: dict[tuple[str, str], str] = {
 }
 
 
+class Settings(BaseModel):
+    """Base of every settings model (drivers', the emulator's, the rig file's own): an unknown
+    key is an error, so a typo cannot pass silently, and settings never change once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 @dataclass(frozen=True)
 class PartContext:
     """What a driver may know about the rig it belongs to."""
@@ -45,6 +56,10 @@ class PartContext:
     part: str
     runtime: Path  # private scratch directory of this rig (sockets, pid files)
     device_type: Any  # hil.config.DeviceType (Any to keep this module import-light)
+
+    def error(self, message: str) -> InfraError:
+        """A failure of this part, named by rig and part."""
+        return InfraError(message, part=self.part, rig=self.rig)
 
 
 class Driver(Protocol):

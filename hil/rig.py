@@ -62,7 +62,9 @@ class Rig:
         if "target" in config.parts:
             self.target = self._make("target")
             parts.update(self.target.parts())
-        for name in ("power", "console", "sd_mux", "storage", "network"):
+        for name in registry.PARTS:
+            if name == "target":
+                continue
             if name in config.parts:
                 parts[name] = self._make(name)
         self.power: Power = parts["power"]

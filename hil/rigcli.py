@@ -6,6 +6,7 @@ import argparse
 import contextlib
 from typing import Any
 
+from hil import registry
 from hil.config import device_type_names, list_rigs, load_rig
 from hil.errors import ConfigError, HilError
 from hil.rig import Rig
@@ -52,7 +53,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     rig = Rig(cfg)
     failed = 0
     try:
-        for name in ("target", "power", "console", "sd_mux", "storage", "network"):
+        for name in registry.PARTS:
             part = rig.target if name == "target" else getattr(rig, name, None)
             probe = getattr(part, "probe", None)
             if part is None or probe is None:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from hil.registry import PartContext
+from hil.registry import PartContext, Settings
 
 
-class FileStorageSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class FileStorageSettings(Settings):
     path: Path = Field(description="disk image file the board boots from")
     size: int = Field(2 * 1024**3, gt=0, description="bytes; the file is sparse")
 
@@ -38,9 +36,7 @@ class FileStorage:
         pass
 
 
-class BlockStorageSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class BlockStorageSettings(Settings):
     device: Path | None = Field(None, description="/dev/disk/by-id/... (stable name)")
     match: dict[str, str] | None = Field(None, description="udev properties of the disk "
                                          "(ID_SERIAL_SHORT, ID_PATH); see `hil discover`")

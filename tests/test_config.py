@@ -48,6 +48,10 @@ def write(tmp_path: Path, text: str) -> Path:
      "console", "exactly one of 'url' or 'match'"),
     ("power: {driver: manual}\nconsole: {driver: serial, url: x}\ndevice_type: intel-nuc\n", 3,
      "sd_mux", "a flasher board: the rig needs an 'sd_mux:'"),
+    ("device_type: generic-aarch64\ntarget: {driver: qemu}\nemulator:\n  libvirtd: true\n"
+     "  bord: {}\n", 5, "emulator.bord", "unknown key"),
+    ("device_type: generic-aarch64\ntarget: {driver: qemu}\nemulator:\n  relay:\n"
+     "    channels: 9\n", 5, "emulator.relay.channels", "less than or equal to 8"),
     ("device_type: [\n", 2, None, "invalid YAML"),
     ("- a\n- b\n", 1, None, "expected a mapping"),
 ])
@@ -61,6 +65,13 @@ def test_bad_rig_file_names_file_line_and_key(tmp_path: Path, text: str, line: i
     assert words in message
     if key:
         assert f": {key}: " in message
+
+
+def test_emulator_section_loads_typed(tmp_path: Path) -> None:
+    rig = "device_type: generic-aarch64\ntarget: {driver: qemu}\n"
+    cfg = load_rig(str(write(tmp_path, rig + "emulator: {libvirtd: true}\n")))
+    assert cfg.emulator is not None and cfg.emulator.libvirtd
+    assert load_rig(str(write(tmp_path, rig + "emulator: {}\n"))).emulator is None  # starts nothing
 
 
 def test_unknown_rig_name_lists_the_known_ones(tmp_path: Path,

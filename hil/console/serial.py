@@ -15,20 +15,18 @@ import threading
 from typing import Any
 
 import serial
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 import hil.console  # noqa: F401  (registers unix://)
 from hil.console.log import ConsoleLog
 from hil.deadline import Deadline
 from hil.errors import InfraError
-from hil.registry import PartContext
+from hil.registry import PartContext, Settings
 
 log = logging.getLogger(__name__)
 
 
-class SerialSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class SerialSettings(Settings):
     url: str | None = Field(None, description="device path or pyserial URL "
                             "(rfc2217://host:port?ign_set_control, socket://, unix:///path)")
     match: dict[str, str] | None = Field(

@@ -23,68 +23,26 @@ import logging
 import os
 import urllib.parse
 from pathlib import Path
-from typing import Any, Literal
+from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel
 
 from hil.config import RigConfig
+from hil.console.serial import SerialSettings
 from hil.emu.board import EmulatedBoard
 from hil.emu.ctl import ControlServer
 from hil.emu.pdu import PduDaemonRunner, ctl_command
 from hil.emu.relay import RelayBoard
 from hil.emu.ser2net import Ser2Net
+from hil.emu.settings import EmulatorSettings
 from hil.errors import ConfigError, InfraError
+from hil.mux.virtual import VirtualMuxSettings, card_paths, loops_backing
+from hil.network import SshNetworkSettings
 from hil.power import Normally
-from hil.qemu.target import QemuSettings
+from hil.power.pdudaemon import PduDaemonSettings
+from hil.power.serial_relay import SerialRelaySettings
 
 log = logging.getLogger(__name__)
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RelayEmu(_Model):
-    channels: int = Field(4, ge=1, le=8, description="relays on the emulated board")
-    status: Literal["none", "text", "bytes"] = Field(
-        "text", description="how the board answers the FF status query: text ('CH1:ON' "
-        "lines), bytes (one per channel), none (an LCUS-1: no answer)")
-    normally: Normally | None = Field(None, description="which contact the board's supply "
-                                      "is wired through; default: what the power: part says")
-
-
-class PduEmu(_Model):
-    pass
-
-
-class ConsoleEmu(_Model):
-    tty: str = Field("console-tty", description="the adapter's tty link (relative: in the "
-                     "runtime directory), what ser2net opens")
-
-
-class InternalDiskEmu(_Model):
-    image: Path = Field(Path("internal-disk.img"), description="the board's own storage (eMMC, "
-                        "SSD) that a flasher image installs to: an image file (relative: in "
-                        "the runtime directory)")
-    size: int = Field(4 * 1024**3, gt=0, description="bytes; created blank (sparse)")
-
-
-class EmulatorSettings(_Model):
-    board: QemuSettings = Field(QemuSettings(), description="the QEMU machine standing in for "
-                                "the board (same keys as target: {driver: qemu})")
-    relay: RelayEmu | None = Field(None, description="emulate the serial relay board of power:")
-    pdu: PduEmu | None = Field(None, description="run pdudaemon for the power: part")
-    console: ConsoleEmu | None = Field(None, description="the board's UART behind ser2net at "
-                                       "the console: part's rfc2217:// port")
-    internal_disk: InternalDiskEmu | None = Field(
-        None, description="give the board a disk of its own besides the SD mux's card (a "
-        "flasher board's eMMC or SSD); the card, when in the board, comes first in boot order")
-    libvirtd: bool = Field(False, description="start libvirtd (and virtlogd) unless one runs "
-                           "already: for target: {driver: libvirt} rigs")
-
-    @property
-    def has_board(self) -> bool:
-        return any(x is not None for x in (self.relay, self.pdu, self.console))
 
 
 def running_elsewhere(runtime: Path) -> int | None:
@@ -104,12 +62,23 @@ def running_elsewhere(runtime: Path) -> int | None:
     return pid
 
 
-def _settings(rig: RigConfig, part: str, driver: str) -> Any:
+S = TypeVar("S", bound=BaseModel)
+
+
+def _part(rig: RigConfig, part: str, driver: str, settings: type[S]) -> S | None:
+    """The settings of the rig's ``part`` if it has that driver, else None."""
     cfg = rig.parts.get(part)
-    if cfg is None or cfg.driver != driver:
+    if cfg is None or cfg.driver != driver or not isinstance(cfg.settings, settings):
+        return None
+    return cfg.settings
+
+
+def _settings(rig: RigConfig, part: str, driver: str, settings: type[S]) -> S:
+    found = _part(rig, part, driver, settings)
+    if found is None:
         raise ConfigError(f"emulating this needs {part}: {{driver: {driver}}} in the rig",
                           file=str(rig.source), key=f"emulator.{part}")
-    return cfg.settings
+    return found
 
 
 def _path(runtime: Path, value: str | Path) -> Path:
@@ -119,27 +88,18 @@ def _path(runtime: Path, value: str | Path) -> Path:
 
 class Bench:
     def __init__(self, rig: RigConfig, runtime: Path) -> None:
-        try:
-            self.settings = EmulatorSettings.model_validate(rig.emulator or {})
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise ConfigError(err["msg"], file=str(rig.source),
-                              key="emulator." + ".".join(map(str, err["loc"]))) from None
+        self.settings = rig.emulator or EmulatorSettings()  # validated when the rig file loaded
         self.rig, self.runtime = rig, runtime
         runtime.mkdir(parents=True, exist_ok=True)
         s = self.settings
         card = None
         card_size = 2 * 1024**3
-        mux = rig.parts.get("sd_mux")
-        if mux is not None and mux.driver == "virtual":
-            from hil.mux.virtual import card_paths
-
-            card = card_paths(mux.settings, runtime)  # type: ignore[arg-type]
-            card_size = mux.settings.size  # type: ignore[attr-defined]
-        ssh_port = None
-        net = rig.parts.get("network")
-        if net is not None and net.driver == "ssh":
-            ssh_port = net.settings.port  # type: ignore[attr-defined]
+        mux = _part(rig, "sd_mux", "virtual", VirtualMuxSettings)
+        if mux is not None:
+            card = card_paths(mux, runtime)
+            card_size = mux.size
+        net = _part(rig, "network", "ssh", SshNetworkSettings)
+        ssh_port = net.port if net is not None else None
         uart_link = _path(runtime, s.console.tty if s.console else "console-tty")
         internal = None
         if s.internal_disk is not None:
@@ -152,7 +112,7 @@ class Bench:
         self.relay_channel = 1
         self.relay_normally: Normally = "open"
         if s.relay is not None:
-            power = _settings(rig, "power", "serial-relay")
+            power = _settings(rig, "power", "serial-relay", SerialRelaySettings)
             if power.port is None or "://" in power.port:
                 raise ConfigError("the emulated relay needs power.port to be a tty path",
                                   file=str(rig.source), key="power.port")
@@ -168,21 +128,22 @@ class Bench:
         self.pdu: PduDaemonRunner | None = None
         self.pdu_outlet = ""
         if s.pdu is not None:
-            power = _settings(rig, "power", "pdudaemon")
-            if power.alias is not None:
+            pdu_power = _settings(rig, "power", "pdudaemon", PduDaemonSettings)
+            # the settings have a hostname unless they have an alias
+            if pdu_power.alias is not None or pdu_power.hostname is None:
                 raise ConfigError("the emulated pdudaemon needs hostname and port, not alias",
                                   file=str(rig.source), key="power.alias")
-            url = urllib.parse.urlsplit(power.url)
-            self.pdu_outlet = str(power.port)
+            url = urllib.parse.urlsplit(pdu_power.url)
+            self.pdu_outlet = str(pdu_power.port)
             sock = runtime / "emu.sock"
             self.ctl = ControlServer(sock, self._control)
-            self.pdu = PduDaemonRunner(runtime, {power.hostname: {
+            self.pdu = PduDaemonRunner(runtime, {pdu_power.hostname: {
                 "cmd_on": ctl_command(sock, "outlet", "OUTLET", "on"),
                 "cmd_off": ctl_command(sock, "outlet", "OUTLET", "off")}},
                 host=url.hostname or "127.0.0.1", port=url.port or 16421, rig=rig.name)
         self.ser2net: Ser2Net | None = None
         if s.console is not None:
-            console = _settings(rig, "console", "serial")
+            console = _settings(rig, "console", "serial", SerialSettings)
             url = urllib.parse.urlsplit(console.url or "")
             if url.scheme != "rfc2217" or url.port is None:
                 raise ConfigError("the emulated console is exported by ser2net: console.url "
@@ -212,8 +173,6 @@ class Bench:
         if not self.has_board or self.board.card is None:
             return
         import subprocess
-
-        from hil.mux.virtual import loops_backing
 
         for loop in loops_backing(self.board.card[0]):
             subprocess.run(["losetup", "-d", str(loop)], capture_output=True, check=False)

@@ -13,16 +13,13 @@ import re
 import shutil
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from hil.errors import InfraError
 from hil.mux._command import run_tool
-from hil.registry import PartContext
+from hil.registry import PartContext, Settings
 
 
-class SdWireSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class SdWireSettings(Settings):
     serial: str | None = Field(None, description="the SDWire's USB serial (sd-mux-ctrl --list, "
                                "`sdwire list`, `hil discover`); none: the only one attached")
     tool: Literal["auto", "sd-mux-ctrl", "sdwire"] = Field(
@@ -42,8 +39,8 @@ class SdWire:
             if shutil.which(name):
                 return name
         names = "sd-mux-ctrl or sdwire" if wanted == "auto" else wanted
-        raise InfraError(f"no SDWire tool found ({names} on PATH; pip install sdwire, or "
-                         f"build sd-mux-ctrl)", part=self.ctx.part, rig=self.ctx.rig)
+        raise self.ctx.error(f"no SDWire tool found ({names} on PATH; pip install sdwire, or "
+                             f"build sd-mux-ctrl)")
 
     def _run(self, *args: str) -> str:
         return run_tool(list(args), self.settings.timeout, part=self.ctx.part, rig=self.ctx.rig)
@@ -60,8 +57,7 @@ class SdWire:
                   "--ts" if mode == "host" else "--dut")
         seen = self.state()
         if seen != mode:
-            raise InfraError(f"SDWire reads {seen!r} after switching to {mode!r}",
-                             part=self.ctx.part, rig=self.ctx.rig)
+            raise self.ctx.error(f"SDWire reads {seen!r} after switching to {mode!r}")
 
     def to_host(self) -> None:
         self._switch("host")
@@ -79,8 +75,7 @@ class SdWire:
         out = self._run("sd-mux-ctrl", *(["-e", serial] if serial else []), "-u")
         m = re.search(r":\s*(TS|DUT)\b", out, re.IGNORECASE)
         if m is None:
-            raise InfraError(f"sd-mux-ctrl -u printed {out.strip()!r}", part=self.ctx.part,
-                             rig=self.ctx.rig)
+            raise self.ctx.error(f"sd-mux-ctrl -u printed {out.strip()!r}")
         return "host" if m.group(1).upper() == "TS" else "dut"
 
     def close(self) -> None:

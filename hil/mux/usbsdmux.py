@@ -12,17 +12,15 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from hil.errors import InfraError
 from hil.mux._command import find_tool, run_tool
 from hil.power import call_with_deadline
-from hil.registry import PartContext
+from hil.registry import PartContext, Settings
 
 
-class UsbSdMuxSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class UsbSdMuxSettings(Settings):
     sg: str | None = Field(None, description="the mux's SCSI generic node, best the stable "
                            "/dev/usb-sd-mux/id-<serial> link from the usbsdmux udev rules")
     match: dict[str, str] | None = Field(None, description="udev properties or ATTRS{} of the "
@@ -45,15 +43,12 @@ class UsbSdMux:
     def __init__(self, settings: UsbSdMuxSettings, ctx: PartContext) -> None:
         self.settings, self.ctx = settings, ctx
 
-    def _error(self, message: str) -> InfraError:
-        return InfraError(message, part=self.ctx.part, rig=self.ctx.rig)
-
     def sg(self) -> str:
         if self.settings.sg is not None:
             if not Path(self.settings.sg).exists():
-                raise self._error(f"USB-SD-Mux {self.settings.sg} not found (unplugged? for "
-                                  f"/dev/usb-sd-mux/ links the usbsdmux udev rules must be "
-                                  f"installed; `hil discover` lists the muxes)")
+                raise self.ctx.error(f"USB-SD-Mux {self.settings.sg} not found (unplugged? for "
+                                     f"/dev/usb-sd-mux/ links the usbsdmux udev rules must be "
+                                     f"installed; `hil discover` lists the muxes)")
             return self.settings.sg
         from hil.udev import find_node
 
@@ -83,10 +78,10 @@ class UsbSdMux:
         except InfraError:
             raise
         except ImportError as exc:
-            raise self._error(f"the usbsdmux package is not installed ({exc})") from None
+            raise self.ctx.error(f"the usbsdmux package is not installed ({exc})") from None
         except Exception as exc:  # OSError (ENOTTY, EACCES), UnknownUsbSdMuxRevisionException
-            raise self._error(f"USB-SD-Mux {sg}: {type(exc).__name__}: {exc} (is it a "
-                              f"USB-SD-Mux, and may this user open it?)") from None
+            raise self.ctx.error(f"USB-SD-Mux {sg}: {type(exc).__name__}: {exc} (is it a "
+                                 f"USB-SD-Mux, and may this user open it?)") from None
 
     def _cli(self, mode: str | None) -> str:
         sg = self.sg()
@@ -98,12 +93,12 @@ class UsbSdMux:
         try:
             return str(json.loads(out)["switch-state"])
         except (ValueError, KeyError, TypeError):
-            raise self._error(f"usbsdmux {sg} get printed {out.strip()!r}") from None
+            raise self.ctx.error(f"usbsdmux {sg} get printed {out.strip()!r}") from None
 
     def _set(self, mode: str | None) -> str:
         state = (self._api if self.settings.interface == "api" else self._cli)(mode)
         if mode is not None and state != mode:
-            raise self._error(f"USB-SD-Mux reads {state!r} after switching to {mode!r}")
+            raise self.ctx.error(f"USB-SD-Mux reads {state!r} after switching to {mode!r}")
         return state
 
     # --- SdMux ---------------------------------------------------------------------------------

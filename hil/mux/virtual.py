@@ -24,20 +24,18 @@ import subprocess
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from hil.deadline import Deadline, wait_until
-from hil.errors import DeadlineError, InfraError
-from hil.registry import PartContext
+from hil.errors import DeadlineError
+from hil.registry import PartContext, Settings
 
 log = logging.getLogger(__name__)
 
 Position = Literal["host", "dut", "off"]
 
 
-class VirtualMuxSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class VirtualMuxSettings(Settings):
     image: Path = Field(Path("sdcard.img"), description="the card: a disk image (relative: in "
                         "the rig's runtime directory); name it after the rig so `storage:` "
                         "can match its loop device")
@@ -84,9 +82,6 @@ class VirtualMux:
         self.settings, self.ctx = settings, ctx
         self.image, self.position_file = card_paths(settings, ctx.runtime)
 
-    def _error(self, message: str) -> InfraError:
-        return InfraError(message, part=self.ctx.part, rig=self.ctx.rig)
-
     def _ensure_card(self) -> None:
         if not self.image.exists():
             self.image.parent.mkdir(parents=True, exist_ok=True)
@@ -103,14 +98,14 @@ class VirtualMux:
             proc = subprocess.run(["losetup", *args], capture_output=True, text=True,
                                   timeout=max(0.1, deadline.remaining()), check=False)
         except FileNotFoundError:
-            raise self._error("losetup is not installed (util-linux)") from None
+            raise self.ctx.error("losetup is not installed (util-linux)") from None
         except subprocess.TimeoutExpired:
-            raise self._error(f"losetup {' '.join(args)} did not finish within "
-                              f"{deadline.timeout:.1f}s") from None
+            raise self.ctx.error(f"losetup {' '.join(args)} did not finish within "
+                                 f"{deadline.timeout:.1f}s") from None
         if proc.returncode != 0:
-            raise self._error(f"losetup {' '.join(args)} failed: {proc.stderr.strip()}"
-                              + ("" if os.geteuid() == 0 else
-                                 " (loop devices need root: use host_side: file)"))
+            raise self.ctx.error(f"losetup {' '.join(args)} failed: {proc.stderr.strip()}"
+                                 + ("" if os.geteuid() == 0 else
+                                    " (loop devices need root: use host_side: file)"))
         return proc.stdout.strip()
 
     def _detach(self, deadline: Deadline) -> None:
@@ -131,9 +126,9 @@ class VirtualMux:
                        seen=lambda: ", ".join(map(str, loops_backing(self.image))),
                        interval=0.02)
         except DeadlineError:
-            raise self._error(f"the card is still attached to the host as "
-                              f"{', '.join(map(str, loops_backing(self.image)))}: something "
-                              f"holds it open") from None
+            raise self.ctx.error(f"the card is still attached to the host as "
+                                 f"{', '.join(map(str, loops_backing(self.image)))}: something "
+                                 f"holds it open") from None
 
     def to_host(self) -> None:
         deadline = Deadline(self.settings.timeout)

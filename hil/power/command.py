@@ -15,15 +15,13 @@ import re
 import signal
 import subprocess
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from hil.errors import InfraError
-from hil.registry import PartContext
+from hil.registry import PartContext, Settings
 
 
-class CommandPowerSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class CommandPowerSettings(Settings):
     on: str | list[str] = Field(description="command that switches the board on")
     off: str | list[str] = Field(description="command that switches the board off")
     status: str | list[str] | None = Field(
@@ -48,26 +46,24 @@ class CommandPower:
                                     stderr=subprocess.PIPE, text=True, env=env,
                                     start_new_session=True)
         except OSError as exc:
-            raise InfraError(f"power {what} command {argv[0]!r} cannot run: {exc.strerror}",
-                             part=self.ctx.part, rig=self.ctx.rig) from None
+            raise self.ctx.error(f"power {what} command {argv[0]!r} cannot run: "
+                                 f"{exc.strerror}") from None
         try:
             out, err = proc.communicate(timeout=self.settings.timeout)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # the command and anything it started
             proc.communicate()
-            raise InfraError(f"power {what} command did not finish within "
-                             f"{self.settings.timeout:.1f}s: {cmd}", part=self.ctx.part,
-                             rig=self.ctx.rig) from None
+            raise self.ctx.error(f"power {what} command did not finish within "
+                                 f"{self.settings.timeout:.1f}s: {cmd}") from None
         return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
     def _switch(self, what: str, cmd: str | list[str]) -> None:
         result = self._run(what, cmd)
         if result.returncode != 0:
             detail = (result.stderr or result.stdout).strip()[-500:]
-            raise InfraError(f"power {what} command failed with exit status "
-                             f"{result.returncode}: {detail or '(no output)'}",
-                             part=self.ctx.part, rig=self.ctx.rig)
+            raise self.ctx.error(f"power {what} command failed with exit status "
+                                 f"{result.returncode}: {detail or '(no output)'}")
 
     def on(self) -> None:
         try:
@@ -89,9 +85,8 @@ class CommandPower:
             return re.search(s.status_on, result.stdout) is not None
         if result.returncode in (0, 1):
             return result.returncode == 0
-        raise InfraError(f"power status command failed with exit status {result.returncode}: "
-                         f"{(result.stderr or result.stdout).strip()[-500:]}",
-                         part=self.ctx.part, rig=self.ctx.rig)
+        raise self.ctx.error(f"power status command failed with exit status {result.returncode}: "
+                             f"{(result.stderr or result.stdout).strip()[-500:]}")
 
     def close(self) -> None:
         pass

@@ -15,16 +15,14 @@ import threading
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from hil.errors import InfraError
 from hil.power import NORMALLY_DOC, Normally, call_with_deadline, coil_for, power_from_coil
-from hil.registry import PartContext
+from hil.registry import PartContext, Settings
 
 
-class GpioRelaySettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class GpioRelaySettings(Settings):
     chip: str = Field("gpiochip0", description="GPIO chip: a name (gpiochip0) or a path")
     line: int | str = Field(description="line offset on the chip, or the line's name "
                             "(e.g. GPIO17 on a Raspberry Pi)")
@@ -45,15 +43,12 @@ class GpioRelay:
         self._request: Any = None
         self._lock = threading.Lock()
 
-    def _error(self, message: str) -> InfraError:
-        return InfraError(message, part=self.ctx.part, rig=self.ctx.rig)
-
     def _gpiod(self) -> Any:
         try:
             import gpiod
         except ImportError as exc:
-            raise self._error(f"the gpiod library is not installed ({exc}): pip install "
-                              f"gpiod") from None
+            raise self.ctx.error(f"the gpiod library is not installed ({exc}): pip install "
+                                 f"gpiod") from None
         return gpiod
 
     def _drive(self, coil: bool) -> None:
@@ -92,10 +87,10 @@ class GpioRelay:
             except InfraError:
                 raise
             except (OSError, ValueError) as exc:  # no such chip/line, line busy (EBUSY)
-                raise self._error(f"GPIO {self.chip_path} line {s.line}: {exc}") from None
+                raise self.ctx.error(f"GPIO {self.chip_path} line {s.line}: {exc}") from None
         if seen != coil:
-            raise self._error(f"GPIO line {s.line} reads {'active' if seen else 'inactive'} "
-                              f"after driving it {'active' if coil else 'inactive'}")
+            raise self.ctx.error(f"GPIO line {s.line} reads {'active' if seen else 'inactive'} "
+                                 f"after driving it {'active' if coil else 'inactive'}")
 
     def on(self) -> None:
         try:

@@ -19,11 +19,11 @@ import contextlib
 import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from hil.errors import InfraError
 from hil.power import NORMALLY_DOC, Normally, call_with_deadline, coil_for, power_from_coil
-from hil.registry import PartContext
+from hil.registry import PartContext, Settings
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,7 @@ def dcttech_state(report: bytes) -> tuple[str, int]:
     return data[:5].decode("ascii", errors="replace").rstrip("\0"), data[7]
 
 
-class HidRelaySettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class HidRelaySettings(Settings):
     protocol: Literal["dcttech", "lcus"] = Field(
         "dcttech", description="dcttech: V-USB 'USBRelayN' boards (state read back); lcus: "
         "LCTech LCUS-HID boards (write-only)")
@@ -65,15 +63,12 @@ class HidRelay:
         self.vid = settings.vid if settings.vid is not None else default_vid
         self.pid = settings.pid if settings.pid is not None else default_pid
 
-    def _error(self, message: str) -> InfraError:
-        return InfraError(message, part=self.ctx.part, rig=self.ctx.rig)
-
     def _hid(self) -> Any:
         try:
             import hid
         except ImportError as exc:  # the library loads libhidapi at import
-            raise self._error(f"the hid library is not usable: {exc} (pip install hid; apt "
-                              f"package libhidapi-hidraw0)") from None
+            raise self.ctx.error(f"the hid library is not usable: {exc} (pip install hid; apt "
+                                 f"package libhidapi-hidraw0)") from None
         return hid
 
     def _open(self) -> Any:
@@ -87,9 +82,9 @@ class HidRelay:
             if s.serial is not None:
                 found = [d for d in found if d.get("serial_number") == s.serial]
             if len(found) != 1:
-                raise self._error(f"expected one {s.protocol} HID relay {self.vid:04x}:"
-                                  f"{self.pid:04x}{' with serial ' + s.serial if s.serial else ''}"
-                                  f", found {len(found)}")
+                with_serial = f" with serial {s.serial}" if s.serial else ""
+                raise self.ctx.error(f"expected one {s.protocol} HID relay {self.vid:04x}:"
+                                     f"{self.pid:04x}{with_serial}, found {len(found)}")
             return hid.Device(path=found[0]["path"])
         seen = []
         for info in found:
@@ -103,8 +98,8 @@ class HidRelay:
                 return dev
             seen.append(serial)
             dev.close()
-        raise self._error(f"no dcttech HID relay with serial {s.serial!r}; boards present: "
-                          f"{', '.join(seen) or 'none'}")
+        raise self.ctx.error(f"no dcttech HID relay with serial {s.serial!r}; boards present: "
+                             f"{', '.join(seen) or 'none'}")
 
     def _call(self, what: str, op: Any, timeout: float | None = None) -> Any:
         def run() -> Any:
@@ -121,7 +116,7 @@ class HidRelay:
         except InfraError:
             raise
         except Exception as exc:  # hid.HIDException and OSError from the library
-            raise self._error(f"HID relay {what} failed: {exc}") from None
+            raise self.ctx.error(f"HID relay {what} failed: {exc}") from None
 
     def _coil(self, dev: Any) -> bool:
         _, mask = dcttech_state(dev.get_feature_report(0, 9))
@@ -142,9 +137,9 @@ class HidRelay:
 
         seen = self._call("switch", op, timeout)
         if seen is not None and seen != coil:
-            raise self._error(f"HID relay channel {s.channel} reads "
-                              f"{'energised' if seen else 'released'} after it was told to "
-                              f"{'energise' if coil else 'release'}")
+            raise self.ctx.error(f"HID relay channel {s.channel} reads "
+                                 f"{'energised' if seen else 'released'} after it was told to "
+                                 f"{'energise' if coil else 'release'}")
 
     def on(self) -> None:
         try:

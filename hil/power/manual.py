@@ -13,15 +13,12 @@ import os
 import select
 import termios
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from hil.errors import InfraError
-from hil.registry import PartContext
+from hil.registry import PartContext, Settings
 
 
-class ManualPowerSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class ManualPowerSettings(Settings):
     hint: str = Field("", description="where the switch is, shown with each question "
                       "(e.g. 'the USB-C cable on hub port 3')")
     tty: str = Field("/dev/tty", description="terminal to ask on")
@@ -34,24 +31,21 @@ class ManualPower:
     def __init__(self, settings: ManualPowerSettings, ctx: PartContext) -> None:
         self.settings, self.ctx = settings, ctx
 
-    def _error(self, message: str) -> InfraError:
-        return InfraError(message, part=self.ctx.part, rig=self.ctx.rig)
-
     def _ask(self, action: str) -> None:
         s = self.settings
         if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-            raise self._error(f"manual power needs a person at the bench to switch the board "
-                              f"{action}, and this is CI (CI={os.environ['CI']}): give the rig "
-                              f"a relay or PDU")
+            raise self.ctx.error(f"manual power needs a person at the bench to switch the board "
+                                 f"{action}, and this is CI (CI={os.environ['CI']}): give the rig "
+                                 f"a relay or PDU")
         try:
             fd = os.open(s.tty, os.O_RDWR | os.O_NOCTTY)
         except OSError as exc:
-            raise self._error(f"manual power needs a terminal to ask the person at the bench to "
-                              f"switch the board {action}, and {s.tty} cannot be opened "
-                              f"({exc.strerror})") from None
+            raise self.ctx.error(f"manual power needs a terminal to ask the person at the bench to "
+                                 f"switch the board {action}, and {s.tty} cannot be opened "
+                                 f"({exc.strerror})") from None
         try:
             if not os.isatty(fd):
-                raise self._error(f"manual power: {s.tty} is not a terminal")
+                raise self.ctx.error(f"manual power: {s.tty} is not a terminal")
             with contextlib.suppress(termios.error):
                 termios.tcflush(fd, termios.TCIFLUSH)  # a stray key press must not answer
             where = f" ({s.hint})" if s.hint else ""
@@ -60,12 +54,12 @@ class ManualPower:
             ready, _, _ = select.select([fd], [], [], s.timeout)
             if not ready:
                 os.write(fd, b"\n")
-                raise self._error(f"nobody confirmed switching the power {action} within "
-                                  f"{s.timeout:.0f}s")
+                raise self.ctx.error(f"nobody confirmed switching the power {action} within "
+                                     f"{s.timeout:.0f}s")
             answer = os.read(fd, 1024).decode(errors="replace").strip().lower()
             if answer in ("fail", "f", "no", "n"):
-                raise self._error(f"the person at the bench could not switch the power "
-                                  f"{action}")
+                raise self.ctx.error(f"the person at the bench could not switch the power "
+                                     f"{action}")
         finally:
             os.close(fd)
 

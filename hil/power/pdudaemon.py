@@ -15,18 +15,16 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from hil.deadline import Deadline
 from hil.errors import InfraError
-from hil.registry import PartContext
+from hil.registry import PartContext, Settings
 
 log = logging.getLogger(__name__)
 
 
-class PduDaemonSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class PduDaemonSettings(Settings):
     url: str = Field("http://127.0.0.1:16421", description="pdudaemon's HTTP listener")
     hostname: str | None = Field(None, description="the PDU's name in pdudaemon's config")
     port: int | str | None = Field(None, description="outlet on that PDU")
@@ -63,21 +61,18 @@ class PduDaemon:
                 body = reply.read(4096).decode(errors="replace").strip()
         except urllib.error.HTTPError as exc:
             body = exc.read(4096).decode(errors="replace").strip()
-            raise InfraError(f"pdudaemon refused {action} for {self._target()}: HTTP "
-                             f"{exc.code} {body!r} (see pdudaemon's log)", part=self.ctx.part,
-                             rig=self.ctx.rig) from None
+            raise self.ctx.error(f"pdudaemon refused {action} for {self._target()}: HTTP "
+                                 f"{exc.code} {body!r} (see pdudaemon's log)") from None
         except TimeoutError as exc:
-            raise InfraError(f"pdudaemon at {s.url} did not answer {action} for "
-                             f"{self._target()} within {timeout:.1f}s ({exc})",
-                             part=self.ctx.part, rig=self.ctx.rig) from None
+            raise self.ctx.error(f"pdudaemon at {s.url} did not answer {action} for "
+                                 f"{self._target()} within {timeout:.1f}s ({exc})") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             if isinstance(reason, TimeoutError | socket.timeout) or deadline.expired():
                 what = f"did not answer {action} within {timeout:.1f}s"
             else:
                 what = f"is unreachable ({reason})"
-            raise InfraError(f"pdudaemon at {s.url} {what} for {self._target()}",
-                             part=self.ctx.part, rig=self.ctx.rig) from None
+            raise self.ctx.error(f"pdudaemon at {s.url} {what} for {self._target()}") from None
         log.debug("%s: pdudaemon %s %s: %s", self.ctx.rig, action, self._target(), body)
 
     def on(self) -> None:

@@ -22,12 +22,12 @@ import threading
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from hil.deadline import Deadline
 from hil.errors import InfraError
 from hil.power import NORMALLY_DOC, Normally, coil_for, power_from_coil
-from hil.registry import PartContext
+from hil.registry import PartContext, Settings
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,7 @@ def parse_status(reply: bytes) -> dict[int, bool]:
     return {}
 
 
-class SerialRelaySettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class SerialRelaySettings(Settings):
     port: str | None = Field(None, description="the board's tty: a stable path "
                              "(/dev/serial/by-id/usb-1a86_...) or a pyserial URL; a relative "
                              "path is in the rig's runtime directory (emulated relay boards)")
@@ -96,9 +94,6 @@ class SerialRelay:
             return s.port
         return str(self.ctx.runtime / s.port)
 
-    def _error(self, message: str) -> InfraError:
-        return InfraError(message, part=self.ctx.part, rig=self.ctx.rig)
-
     def _open(self, deadline: Deadline) -> Any:
         if self._port is not None:
             return self._port
@@ -113,9 +108,9 @@ class SerialRelay:
         except serial.SerialException as exc:
             text = str(exc)
             if "lock" in text.lower():
-                raise self._error(f"relay port {url} is busy (another process holds it): "
-                                  f"{text}") from None
-            raise self._error(f"cannot open relay port {url}: {text}") from None
+                raise self.ctx.error(f"relay port {url} is busy (another process holds it): "
+                                     f"{text}") from None
+            raise self.ctx.error(f"cannot open relay port {url}: {text}") from None
         self._port = port
         return port
 
@@ -146,7 +141,7 @@ class SerialRelay:
             return got
         except (serial.SerialException, OSError, termios.error) as exc:
             self._drop_port()  # unplugged? the next call opens it afresh
-            raise self._error(f"relay port {self._url} failed: {exc}") from None
+            raise self.ctx.error(f"relay port {self._url} failed: {exc}") from None
 
     # --- switching ---------------------------------------------------------------------------
     def _query(self, deadline: Deadline) -> bool:
@@ -157,11 +152,11 @@ class SerialRelay:
         if ch in states:
             return states[ch]
         if not reply:
-            raise self._error(f"relay board on {self._url} did not answer the status query "
-                              f"within {deadline.timeout:.1f}s (is it powered, is it the right "
-                              f"port, does it support status: query?)")
-        raise self._error(f"relay board on {self._url} answered the status query with "
-                          f"{reply[:64]!r}, which has no state for channel {ch}")
+            raise self.ctx.error(f"relay board on {self._url} did not answer the status query "
+                                 f"within {deadline.timeout:.1f}s (is it powered, is it the right "
+                                 f"port, does it support status: query?)")
+        raise self.ctx.error(f"relay board on {self._url} answered the status query with "
+                             f"{reply[:64]!r}, which has no state for channel {ch}")
 
     def _switch(self, power_on: bool) -> None:
         s = self.settings
@@ -173,9 +168,9 @@ class SerialRelay:
                 return
             seen = self._query(deadline)
             if seen != coil:
-                raise self._error(f"relay channel {s.channel} reads "
-                                  f"{'energised' if seen else 'released'} after it was told to "
-                                  f"{'energise' if coil else 'release'}")
+                raise self.ctx.error(f"relay channel {s.channel} reads "
+                                     f"{'energised' if seen else 'released'} after it was told to "
+                                     f"{'energise' if coil else 'release'}")
         log.debug("%s: relay %d %s (coil %s)", self.ctx.rig, s.channel,
                   "on" if power_on else "off", coil)
 

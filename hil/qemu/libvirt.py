@@ -79,15 +79,12 @@ class LibvirtTarget:
         return {"power": self.power, "console": self.console, "storage": self.storage,
                 "network": self.network}
 
-    def _error(self, message: str) -> InfraError:
-        return InfraError(message, part="target", rig=self.ctx.rig)
-
     # --- libvirt ---------------------------------------------------------------------------------
     def _libvirt(self) -> Any:
         try:
             import libvirt
         except ImportError as exc:
-            raise self._error(f"libvirt-python is not installed ({exc})") from None
+            raise self.ctx.error(f"libvirt-python is not installed ({exc})") from None
         return libvirt
 
     def connection(self) -> Any:
@@ -98,8 +95,8 @@ class LibvirtTarget:
             try:
                 self._conn = libvirt.open(self.settings.uri)
             except libvirt.libvirtError as exc:
-                raise self._error(f"cannot connect to libvirt at {self.settings.uri}: "
-                                  f"{exc.get_error_message()} (is libvirtd running?)") from None
+                raise self.ctx.error(f"cannot connect to libvirt at {self.settings.uri}: "
+                                     f"{exc.get_error_message()} (is libvirtd running?)") from None
         return self._conn
 
     def _domain(self) -> Any:
@@ -114,7 +111,7 @@ class LibvirtTarget:
         aarch64 = self.arch == "aarch64"
         binary = shutil.which(f"qemu-system-{self.arch}")
         if binary is None:
-            raise self._error(f"qemu-system-{self.arch} is not installed")
+            raise self.ctx.error(f"qemu-system-{self.arch} is not installed")
         machine = s.machine or ("virt" if aarch64 else "pc")
         cpu = s.cpu or ("cortex-a53" if aarch64 else "qemu64")
         firmware = s.firmware or (None if s.kernel else
@@ -122,7 +119,7 @@ class LibvirtTarget:
         os_xml = [f"<type arch={quoteattr(self.arch)} machine={quoteattr(machine)}>hvm</type>"]
         if firmware is not None:
             if not firmware.is_file():
-                raise self._error(f"firmware {firmware} not found (apt package u-boot-qemu)")
+                raise self.ctx.error(f"firmware {firmware} not found (apt package u-boot-qemu)")
             os_xml.append(f"<loader type='rom'>{escape(str(firmware))}</loader>")
         if s.kernel:
             os_xml.append(f"<kernel>{escape(str(s.kernel))}</kernel>")
@@ -186,8 +183,8 @@ class LibvirtTarget:
             dom = self.connection().createXML(self.domain_xml(),
                                               libvirt.VIR_DOMAIN_START_PAUSED)
         except libvirt.libvirtError as exc:
-            raise self._error(f"libvirt could not start domain {self.name}: "
-                              f"{exc.get_error_message()}") from None
+            raise self.ctx.error(f"libvirt could not start domain {self.name}: "
+                                 f"{exc.get_error_message()}") from None
         try:
             self.console.attach(timeout=10)  # the CPU is paused: nothing is printed yet
             dom.resume()
@@ -219,14 +216,14 @@ class LibvirtTarget:
                 dom.destroy()
         except libvirt.libvirtError as exc:
             if self.running:
-                raise self._error(f"libvirt could not destroy {self.name}: "
-                                  f"{exc.get_error_message()}") from None
+                raise self.ctx.error(f"libvirt could not destroy {self.name}: "
+                                     f"{exc.get_error_message()}") from None
 
     def reset(self) -> None:
         """The reset button: restart without losing power."""
         dom = self._domain()
         if dom is None or not dom.isActive():
-            raise self._error(f"reset: domain {self.name} is not running")
+            raise self.ctx.error(f"reset: domain {self.name} is not running")
         dom.reset(0)
 
     def status(self) -> str:

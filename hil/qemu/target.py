@@ -18,22 +18,20 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from hil.console.serial import SerialConsole, SerialSettings
 from hil.deadline import Deadline, wait_until
 from hil.errors import InfraError
 from hil.qemu import TB_SIZE_MIB
 from hil.qemu.firmware import default_firmware
-from hil.registry import PartContext
+from hil.registry import PartContext, Settings
 from hil.storage import FileStorage, FileStorageSettings
 
 log = logging.getLogger(__name__)
 
 
-class QemuSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class QemuSettings(Settings):
     arch: Literal["aarch64", "x86_64"] | None = Field(None, description="default: device type")
     memory: int = Field(512, gt=0, description="MiB")
     tb_size: int | None = Field(TB_SIZE_MIB, gt=0, description="TCG translation cache in MiB "

@@ -7,7 +7,7 @@ import importlib
 import pytest
 
 from hil import docgen, registry
-from hil.emu.bench import ConsoleEmu, EmulatorSettings, RelayEmu
+from hil.emu.settings import ConsoleEmu, EmulatorSettings, RelayEmu
 
 OURS = ("hil.power.", "hil.mux.", "hil.qemu.libvirt")
 
