@@ -1,5 +1,5 @@
-"""Host-wide exclusive locks: a rig, an NTP port. ``flock`` dies with its process, so a SIGKILLed
-or cancelled holder frees it at once (no stale locks to clean by hand)."""
+"""Host-wide exclusive locks: a rig, an NTP port, a cache being built. ``flock`` dies with its
+process, so a SIGKILLed or cancelled holder frees it at once (no stale locks to clean by hand)."""
 
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ class HostLock:
     hint = ""  # appended to the "in use" error: how to wait longer
 
     def __init__(self, name: str, subject: str, *, part: str = "lock",
-                 rig: str = "") -> None:
+                 rig: str = "", directory: Path | None = None) -> None:
         self.subject, self.part, self.rig = subject, part, rig
-        self.path = lock_dir() / f"{name}.lock"
+        self.path = (directory or lock_dir()) / f"{name}.lock"
         self._fd: int | None = None
 
     def holder(self) -> str:

@@ -22,10 +22,12 @@ from pathlib import Path
 from hil.deadline import wait_until
 from hil.emu.procs import Daemon
 from hil.errors import InfraError
+from hil.lock import HostLock
 
 log = logging.getLogger(__name__)
 
 SYSTEM_SOCKET = Path("/var/run/libvirt/libvirt-sock")
+LOCK_WAIT = 900.0  # another session's libvirtd: a smoke run or a test module
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 QEMU_CONF_TEXT = ('user = "root"\ngroup = "root"\ndynamic_ownership = 0\nremember_owner = 0\n'
                   'security_driver = "none"\n')
@@ -64,9 +66,23 @@ def prepare_host() -> None:
 def running(runtime: Path) -> Iterator[str]:
     """A libvirtd answering on ``qemu:///system`` for the duration; yields that URI."""
     uri = "qemu:///system"
+    # One we start is ours to stop: other sessions on this host wait rather than use it and see
+    # it vanish. A libvirtd already answering with no one holding the lock is the host's own.
+    lock = HostLock("libvirtd", "the libvirtd this host's test sessions start", part="emulator")
+    lock.acquire(LOCK_WAIT, f"pid {os.getpid()} runs libvirtd", on_wait=log.warning)
     if answering():
+        lock.release()
         yield uri
         return
+    try:
+        with _started(runtime):
+            yield uri
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def _started(runtime: Path) -> Iterator[None]:
     for tool in ("libvirtd", "virtlogd"):
         if shutil.which(tool) is None:
             raise InfraError(f"{tool} is not installed (apt packages libvirt-daemon "
@@ -84,4 +100,4 @@ def running(runtime: Path) -> Iterator[str]:
             return answering()
 
         wait_until(up, 30, "libvirtd to answer on its socket", seen=lambda: "no answer")
-        yield uri
+        yield

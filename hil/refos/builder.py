@@ -25,11 +25,13 @@ from pathlib import Path
 
 from hil.cache import cache_dir
 from hil.errors import HilError
+from hil.lock import HostLock
 from hil.refos import debs, fs
 
 log = logging.getLogger(__name__)
 
 FILES = Path(__file__).parent / "files"
+BUILD_LOCK_WAIT = 600.0  # another session building the same board's image
 EPOCH = 1704067200  # 2024-01-01: every timestamp in the image
 FLASHER_MARKER = "hil-flasher"  # on resin-boot: this image is an installer (rcS runs the flasher)
 MiB = 1 << 20
@@ -127,7 +129,16 @@ def build(arch: str = "aarch64", version: str = "1.0.0", flasher: bool = False) 
         raise RefosBuildError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHES)}")
     if not re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z.+_~-]{0,63}", version):
         raise RefosBuildError(f"version {version!r}: use letters, digits and . + _ ~ -")
-    return _Builder(ARCHES[arch], version, flasher).run()
+    # Sessions run side by side (make test): one fetches and builds, the others wait for the
+    # lock and find its image in the cache.
+    lock = HostLock(f"build-{arch}", f"the {arch} reference OS build", part="refos",
+                    directory=cache_dir("refos"))
+    lock.acquire(BUILD_LOCK_WAIT, f"building the {arch} reference OS {version}",
+                 on_wait=log.warning)
+    try:
+        return _Builder(ARCHES[arch], version, flasher).run()
+    finally:
+        lock.release()
 
 
 class _Builder:
@@ -151,6 +162,12 @@ class _Builder:
         if manifest.exists():
             log.info("reference OS %s: cached in %s", name, out)
             return _image_from(json.loads(manifest.read_text()), out)
+        self._build_locked(name, out, key, resolved, kernel_pkg)
+        log.info("reference OS %s built in %.1fs", name, time.monotonic() - t0)
+        return _image_from(json.loads(manifest.read_text()), out)
+
+    def _build_locked(self, name: str, out: Path, key: str, resolved: dict[str, debs.Deb],
+                      kernel_pkg: str) -> None:
         stage = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache_dir("refos")))
         try:
             paths = debs.fetch(resolved.values(), self.spec.deb_arch)
@@ -168,8 +185,6 @@ class _Builder:
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         _prune(out)
-        log.info("reference OS %s built in %.1fs", name, time.monotonic() - t0)
-        return _image_from(json.loads(manifest.read_text()), out)
 
     def _library_packages(self, resolved: dict[str, debs.Deb]) -> list[str]:
         """Packages that ship the shared libraries the binaries need (worked out once per set

@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +17,7 @@ from refos_guest import Images
 
 import hil.refos.builder as build_mod
 from hil.cli import main as hil_main
+from hil.lock import HostLock
 from hil.refos import RefosImage, RegistrationServer, boot_env, build, configure
 from hil.refos.debs import elf_deps
 from hil.refos.fs import cpio_newc
@@ -39,6 +41,23 @@ def test_cache_hit_does_no_work(images: Images) -> None:
     assert again == images.v1
     assert again.disk.stat().st_mtime_ns == before
     assert time.monotonic() - t0 < 10  # version look-ups only
+
+
+def test_a_build_in_progress_elsewhere_is_waited_for(images: Images) -> None:
+    # Another session (make test runs two) holds the board's build lock: build() waits for it,
+    # then takes the image from the cache rather than building over it.
+    other = HostLock(f"build-{images.v1.arch}", "a build", directory=build_mod.cache_dir("refos"))
+    other.acquire(0, "another session's build")
+    done: list[RefosImage] = []
+    t = threading.Thread(target=lambda: done.append(build(images.v1.arch, "1.0.0")))
+    t.start()
+    try:
+        t.join(1.5)
+        assert t.is_alive() and not done, "build() went on while another build held the lock"
+    finally:
+        other.release()
+    t.join(30)
+    assert done == [images.v1]
 
 
 def test_same_inputs_same_bytes(images: Images, tmp_path: Path,
