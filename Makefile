@@ -73,6 +73,7 @@ test-boards:
 bench: deps
 	$(PY) bench/console_roundtrip.py
 	$(PY) bench/flash.py
+	$(PY) bench/suites.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
