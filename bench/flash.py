@@ -91,6 +91,13 @@ def sha256_prefix(path: Path | str, size: int) -> str:
     return h.hexdigest()
 
 
+def warm(path: Path) -> None:
+    """Read ``path`` into the page cache."""
+    with path.open("rb") as f:
+        while f.read(8 * MiB):
+            pass
+
+
 def drop_caches() -> bool:
     subprocess.run(["sync"], check=True, timeout=RUN_TIMEOUT)
     try:
@@ -151,8 +158,12 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--workdir", type=Path,
                         default=Path(os.environ.get("HIL_BENCH_DIR", "/var/tmp/hil-bench-flash")))
+    parser.add_argument("--cache", choices=("cold", "hot"), default="cold",
+                        help="cold: page cache dropped before every run; hot: the source read "
+                        "into it just before (an image just built or downloaded)")
     parser.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS}")
     args = parser.parse_args()
+    results = RESULTS if args.cache == "cold" else RESULTS.with_name("flash-hot.md")
     for tool in ("bmaptool", "zstd", "dd", "losetup"):
         if shutil.which(tool) is None:
             print(f"{tool} is not installed", file=sys.stderr)
@@ -184,6 +195,8 @@ def main() -> int:
                     else:
                         loop.reset()
                     dropped = drop_caches() and dropped
+                    if args.cache == "hot":
+                        warm(src)
                     cmd = commands(tool, src, bmap, target)
                     start = time.monotonic()
                     result = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], env=env,
@@ -208,12 +221,12 @@ def main() -> int:
         loop.close()
         file_target.unlink(missing_ok=True)
     load = (load_before, Path("/proc/loadavg").read_text().split()[:3])
-    report = render(cases, tools, args.reps, dropped, raw, zst, bmap, load)
+    report = render(cases, tools, args.reps, dropped, raw, zst, bmap, load, args.cache)
     print(report)
     if not args.no_write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(report)
-        print(f"written to {RESULTS.relative_to(REPO)}")
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(report)
+        print(f"written to {results.relative_to(REPO)}")
     return 0
 
 
@@ -224,7 +237,7 @@ def paired(c: Case) -> float:
 
 
 def render(cases: list[Case], tools: list[str], reps: int, dropped: bool, raw: Path,
-           zst: Path, bmap: Path, load: tuple[list[str], list[str]]) -> str:
+           zst: Path, bmap: Path, load: tuple[list[str], list[str]], cache: str = "cold") -> str:
     sys.path.insert(0, str(REPO))
     from hil.flash.bmap import parse_bmap
 
@@ -238,7 +251,9 @@ def render(cases: list[Case], tools: list[str], reps: int, dropped: bool, raw: P
         "file, and a loop block device on an emptied sparse backing file. Median of "
         f"{reps} runs, tool order rotating; wall time of the whole command including process "
         "start (our bytecode compiled beforehand, as installed). Page cache dropped before "
-        f"every run: {'yes' if dropped else 'NO (not root?)'}.",
+        f"every run: {'yes' if dropped else 'NO (not root?)'}"
+        + ("; then the source read into it (hot cache: an image just built or downloaded)."
+           if cache == "hot" else "."),
         f"Machine: {os.cpu_count()} CPUs, kernel {platform.release()}, Python "
         f"{platform.python_version()}; load average {' '.join(load[0])} before, "
         f"{' '.join(load[1])} after (other work shares this machine: expect noise).",
@@ -265,8 +280,9 @@ def render(cases: list[Case], tools: list[str], reps: int, dropped: bool, raw: P
               " \"ours / bmaptool\" divides the medians; \"per round\" is the median of the "
               "ratios within each round (the two ran seconds apart, under the same load). dd has "
               "no .zst input: its .zst rows pipe `zstd -dc` into it."]
-    lines += ["", f"Produced by `sudo .venv/bin/python bench/flash.py --reps {reps}`. Commands "
-              "(`IMG` = balena.img or balena.img.zst, `T` = target):", ""]
+    hot = " --cache hot" if cache == "hot" else ""
+    lines += ["", f"Produced by `sudo .venv/bin/python bench/flash.py --reps {reps}{hot}`. "
+              "Commands (`IMG` = balena.img or balena.img.zst, `T` = target):", ""]
     for tool in tools:
         cmd = commands(tool, Path("IMG"), Path("balena.img.bmap"), "T").replace(
             shlex.quote(sys.executable), "python")
