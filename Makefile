@@ -15,7 +15,7 @@ RIG ?= qemu-aarch64
 SUITES ?= suites
 HILTEST := $(PYTEST) -p no:cacheprovider -q -ra
 
-.PHONY: deps apt venv demo test lint bench clean
+.PHONY: deps apt venv demo test test-framework test-boards lint bench clean
 
 deps: apt venv
 
@@ -55,7 +55,6 @@ lint: venv
 # Two streams at once (make's own jobs): each is mostly one QEMU guest, and each guest spends much
 # of its time waiting (NTP bursts, health-check timers, reboots), so two cores overlap them.
 # Each stream's output is printed whole when it ends. Times: docs/benchmarks.md.
-.PHONY: test-framework test-boards
 test: deps lint
 	$(MAKE) --no-print-directory -j2 --output-sync=target test-framework test-boards
 

@@ -162,12 +162,6 @@ class _Builder:
         if manifest.exists():
             log.info("reference OS %s: cached in %s", name, out)
             return _image_from(json.loads(manifest.read_text()), out)
-        self._build_locked(name, out, key, resolved, kernel_pkg)
-        log.info("reference OS %s built in %.1fs", name, time.monotonic() - t0)
-        return _image_from(json.loads(manifest.read_text()), out)
-
-    def _build_locked(self, name: str, out: Path, key: str, resolved: dict[str, debs.Deb],
-                      kernel_pkg: str) -> None:
         stage = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache_dir("refos")))
         try:
             paths = debs.fetch(resolved.values(), self.spec.deb_arch)
@@ -185,6 +179,8 @@ class _Builder:
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         _prune(out)
+        log.info("reference OS %s built in %.1fs", name, time.monotonic() - t0)
+        return _image_from(json.loads(manifest.read_text()), out)
 
     def _library_packages(self, resolved: dict[str, debs.Deb]) -> list[str]:
         """Packages that ship the shared libraries the binaries need (worked out once per set

@@ -45,19 +45,31 @@ def test_cache_hit_does_no_work(images: Images) -> None:
 
 def test_a_build_in_progress_elsewhere_is_waited_for(images: Images) -> None:
     # Another session (make test runs two) holds the board's build lock: build() waits for it,
-    # then takes the image from the cache rather than building over it.
+    # then takes the image from the cache rather than building over it. The lock is held for
+    # longer than a cache hit takes, so a build() that did not wait would end before release.
+    t0 = time.monotonic()
+    build(images.v1.arch, "1.0.0")
+    hold = max(2.0, 3 * (time.monotonic() - t0))
     other = HostLock(f"build-{images.v1.arch}", "a build", directory=build_mod.cache_dir("refos"))
     other.acquire(0, "another session's build")
-    done: list[RefosImage] = []
-    t = threading.Thread(target=lambda: done.append(build(images.v1.arch, "1.0.0")))
+    done: list[tuple[float, RefosImage]] = []
+
+    def session() -> None:
+        image = build(images.v1.arch, "1.0.0")
+        done.append((time.monotonic(), image))
+
+    t = threading.Thread(target=session)
     t.start()
     try:
-        t.join(1.5)
-        assert t.is_alive() and not done, "build() went on while another build held the lock"
+        time.sleep(hold)  # the other session's build, as long as it takes
+        released = time.monotonic()
     finally:
         other.release()
-    t.join(30)
-    assert done == [images.v1]
+    t.join(60)
+    assert done, "build() did not return within 60 s of the lock's release"
+    finished, image = done[-1]
+    assert image == images.v1
+    assert finished >= released, "build() went on while another build held the lock"
 
 
 def test_same_inputs_same_bytes(images: Images, tmp_path: Path,
