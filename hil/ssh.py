@@ -139,6 +139,21 @@ class SshShell:
         channel.exec_command(PATH_PREFIX + command)
         return channel
 
+    def _send(self, channel: Any, data: bytes, command: str, deadline: float,
+              timeout: float) -> None:
+        """All of ``data`` to the command's stdin, then EOF. A slow reader (a board loading an
+        image under emulation) keeps the window shut for seconds: that is waiting, not a lost
+        connection, until the command's deadline."""
+        view, pos = memoryview(data), 0
+        while pos < len(view):
+            with contextlib.suppress(TimeoutError):
+                pos += channel.send(view[pos:pos + (1 << 16)])
+            if time.monotonic() > deadline:
+                raise DeadlineError(f"{command!r} over SSH to take its input",
+                                    f"{pos} of {len(view)} bytes taken", timeout,
+                                    tail=self.rig.log.tail())
+        channel.shutdown_write()
+
     def _exec(self, channel: Any, command: str, timeout: float, stdin: bytes | None,
               merge: bool) -> Result:
         t0 = time.monotonic()
@@ -150,12 +165,7 @@ class SshShell:
         try:
             channel.exec_command(PATH_PREFIX + command)
             if stdin is not None:
-                view = memoryview(stdin)
-                for i in range(0, len(view), 1 << 16):
-                    channel.sendall(view[i:i + (1 << 16)])
-                    if time.monotonic() > deadline:
-                        break
-                channel.shutdown_write()
+                self._send(channel, stdin, command, deadline, timeout)
             while True:
                 try:
                     data = channel.recv(1 << 16)

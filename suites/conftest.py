@@ -6,6 +6,8 @@ driver, so each runs unchanged on a bench board and on a QEMU board.
 - ``updates``: host OS update images for the session (``--update-image``; built on the
   reference OS), shared by every test that updates; ``update_image``: one for the OS the
   device runs now, or a skip.
+- ``app_image``: busybox as an app container image on the device (``balena-engine load``
+  over SSH when the device lacks it), its tag; a skip where the OS runs no containers.
 - ``--power-cuts N`` / ``--power-cut-seed S``: how many random power cuts the persistence
   suite's fault injection makes, and the seed that picks their moments.
 """
@@ -16,6 +18,7 @@ import pytest
 
 from hil.dut import Dut
 from hil.os import HostOS, UpdateImage, UpdateSet
+from hil.refos import appimage
 from hil.session import HilSession
 
 
@@ -55,3 +58,13 @@ def update_image(updates: UpdateSet, host_os: HostOS) -> UpdateImage:
     if image is None:
         pytest.skip(updates.missing_reason())
     return image
+
+
+@pytest.fixture
+def app_image(host_os: HostOS) -> str:
+    """busybox-static from Debian, for the device's architecture, as an image the engine holds
+    (built reproducibly, so a device that has it is sent nothing): its tag."""
+    if not host_os.has_engine():
+        pytest.skip("the OS runs no containers: it has no balena-engine")
+    host_os.wait_engine()
+    return host_os.load_image(appimage.busybox(host_os.check("uname -m").strip()))

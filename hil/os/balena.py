@@ -28,7 +28,7 @@ from hil.console.log import Hit
 from hil.console.shell import CommandFailed, Result
 from hil.errors import InfraError, OSContractError
 from hil.os import hostdisk, parse
-from hil.os.contract import BootRecord, RootPart, Roots, RunningUpdate, UpdateResult
+from hil.os.contract import BootRecord, RootPart, Roots, RunningUpdate, UpdateResult, check
 from hil.os.parse import BootLine, BootState, Mount
 from hil.os.secret import Secret
 from hil.os.updates import UpdateImage
@@ -36,6 +36,7 @@ from hil.os.updates import UpdateImage
 if TYPE_CHECKING:
     from hil.dut import Dut
     from hil.os.transfer import FileServer
+    from hil.refos.appimage import AppImage
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +53,15 @@ HEALTH_VARIABLES = f"{STATE_MNT}/rollback-health-variables"
 INACTIVE = "/mnt/sysroot/inactive"  # the other root, where an update is installed
 UpdateBreak = Literal["init", "health"]
 # (how, is the reference OS) -> the shell word naming what to break in the new root, as
-# balenaOS's tests name it: balenaOS boots its hostapp's /current/boot/init, and its health check
-# needs the engine. The reference OS boots /sbin/init and checks chronyd (no engine yet).
+# balenaOS's tests name it: balenaOS boots its hostapp's /current/boot/init, the reference OS
+# /sbin/init; on both the health check needs the engine's CLI (find: both layouts).
 UPDATE_BREAKS: dict[str, dict[bool, str]] = {
     "init": {False: f"{INACTIVE}/current/boot/init", True: f"{INACTIVE}/sbin/init"},
     "health": {False: f'$(find {INACTIVE}/ | grep "usr/bin/balena-engine$")',
-               True: f'$(find {INACTIVE}/ | grep "usr/sbin/chronyd$")'},
+               True: f'$(find {INACTIVE}/ | grep "usr/bin/balena-engine$")'},
 }
 ROOT_LABELS = ("resin-rootA", "resin-rootB")
+ENGINE = "balena-engine"  # balenaEngine's CLI on balenaOS (`balena` links to it)
 BOOTLIMIT = 3  # both bootloaders boot the other root once bootcount exceeds this
 # Printed once per boot by the bootloader (the kernel's banners would count a boot twice).
 BOOTLOADER_BANNER = {"uboot": re.compile(rb"U-Boot 20\d\d"),
@@ -349,14 +351,14 @@ class BalenaOS:
         """Break the installed update in place, as balenaOS's tests do, so one good update
         image serves every rollback test. ``init``: delete the new root's init (it cannot boot;
         the bootloader falls back). ``health``: put /dev/null where the new root has what its
-        health check needs (the engine on balenaOS; chronyd on the reference OS, which has no
-        engine yet)."""
+        health check needs (balenaEngine's CLI, ``usr/bin/balena-engine``)."""
         self.check(break_update_command(how, self.is_reference_os))
 
-    def wait_committed(self, timeout: float = 180.0) -> BootState:
+    def wait_committed(self, timeout: float = 420.0) -> BootState:
         """Wait for the health check to commit a booted update (``upgrade_available=0``, no
-        breadcrumbs). Reads over SSH when possible: the OS announces the commit on the
-        console, which must not cut into a console command."""
+        breadcrumbs). The default covers balenaOS's unshortened health check (the engine's
+        start, 60 s, one check) under QEMU's emulation. Reads over SSH when possible: the OS
+        announces the commit on the console, which must not cut into a console command."""
         reader = self.via_ssh() if self.dut.ssh.available else self
         last: list[str] = ["nothing read yet"]
 
@@ -505,6 +507,42 @@ class BalenaOS:
         url = stack.enter_context(self._file_server().serving(path)) if path else None
         channel = self.dut.ssh.start(self._update_command(image, url))
         return RunningUpdate(channel, target, time.monotonic()), stack.close
+
+    # --- balenaEngine ---------------------------------------------------------------------------
+    def has_engine(self) -> bool:
+        """Whether the OS runs containers (has balenaEngine's CLI)."""
+        return self.has_tools(ENGINE)
+
+    def wait_engine(self, timeout: float = 300.0) -> None:
+        """Wait for balenaEngine to answer. It starts at every boot, after the shell is up, and
+        under QEMU's emulation takes most of a minute."""
+        last = ["nothing yet"]
+
+        def probe() -> bool:
+            r = self.run(f"{ENGINE} info --format '{{{{.ServerVersion}}}}' 2>&1", timeout=120,
+                         read_only=True)
+            last[0] = f"exit {r.exit_code}: {r.stdout.strip()[-300:]}"
+            return r.ok
+
+        self.dut.poll(probe, timeout, f"balenaEngine to answer (`{ENGINE} info`)",
+                      lambda: last[0], interval=2.0)
+
+    def load_image(self, image: AppImage, timeout: float = 600.0) -> str:
+        """Make sure the engine holds ``image`` (same image ID) and return its tag. The archive
+        goes over SSH into ``balena-engine load``, as a bench with no registry delivers one;
+        nothing is sent when the device already has it."""
+        have = self.run(f"{ENGINE} image inspect --format '{{{{.Id}}}}' {shlex.quote(image.tag)}"
+                        " 2>/dev/null", timeout=120, read_only=True)
+        if have.ok and have.stdout.strip() == image.id:
+            return image.tag
+        if not self.dut.ssh.available:
+            raise InfraError(f"cannot send app image {image.tag} to the device: the rig has no "
+                             "network path to its SSH", part="container", rig=self.dut.rig.name)
+        result = self.dut.ssh.run(f"{ENGINE} load", timeout, stdin=image.path.read_bytes())
+        check(result.ok, f"balenaEngine did not load app image {image.tag} "
+                         f"({image.path.stat().st_size} bytes, `{ENGINE} load` exit "
+                         f"{result.exit_code}):\n{result.stdout[-2000:]}")
+        return image.tag
 
     # --- data ---------------------------------------------------------------------------------
     def has_tools(self, *names: str) -> bool:

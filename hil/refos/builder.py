@@ -26,7 +26,7 @@ from pathlib import Path
 from hil.cache import cache_dir
 from hil.errors import HilError
 from hil.lock import HostLock
-from hil.refos import debs, fs
+from hil.refos import appimage, debs, fs
 
 log = logging.getLogger(__name__)
 
@@ -38,31 +38,45 @@ MiB = 1 << 20
 
 # Partition layout, identical on both architectures (index: name, size). GRUB's core.img
 # lives in an extra bios_grub partition (index 6) in the gap before resin-boot on x86_64.
-DISK_SIZE = 512 * MiB
+# The roots hold balenaEngine (moby: about 150 MB of Go binaries), resin-data its images.
+DISK_SIZE = 1024 * MiB
 BOOT_START = 4 * MiB
-LAYOUT = (("resin-boot", 40 * MiB), ("resin-rootA", 128 * MiB), ("resin-rootB", 128 * MiB),
+ROOT_SIZE = 320 * MiB
+LAYOUT = (("resin-boot", 40 * MiB), ("resin-rootA", ROOT_SIZE), ("resin-rootB", ROOT_SIZE),
           ("resin-state", 16 * MiB), ("resin-data", None))
-ROOT_SIZE = 128 * MiB
 BIOS_GRUB = (1 * MiB, 3 * MiB)  # start, size
 GPT_FAT = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"
 GPT_LINUX = "0FC63DAF-8483-4772-8E79-3D69E4C7984D"
 GPT_BIOS_GRUB = "21686148-6449-6E6F-744E-656564454649"
 
-# Binaries (path inside their package) the OS runs, besides busybox.
-BINARIES = {
-    "chrony": ["usr/sbin/chronyd", "usr/bin/chronyc"],
-    "dropbear-bin": ["usr/sbin/dropbear", "usr/bin/dropbearkey"],
-    "jq": ["usr/bin/jq"],
-    "e2fsprogs": ["sbin/tune2fs", "sbin/mke2fs"],
-    "util-linux": ["bin/findmnt", "sbin/blkid", "bin/lsblk"],
+# Binaries the OS runs, besides busybox: package -> {path in the package: path in the root}.
+# balenaEngine is Debian's moby, the code it is forked from; its programs live apart in
+# ENGINE_DIR, reached through balenaOS's command names (balenad, balena-engine, balena).
+ENGINE_DIR = "usr/lib/balena-engine"
+HEALTHCHECK_IMAGE = "balena-healthcheck-image:latest"
+BINARIES: dict[str, dict[str, str]] = {
+    "chrony": {"usr/sbin/chronyd": "usr/sbin/chronyd", "usr/bin/chronyc": "usr/bin/chronyc"},
+    "dropbear-bin": {"usr/sbin/dropbear": "usr/sbin/dropbear",
+                     "usr/bin/dropbearkey": "usr/bin/dropbearkey"},
+    "jq": {"usr/bin/jq": "usr/bin/jq"},
+    "e2fsprogs": {"sbin/tune2fs": "sbin/tune2fs", "sbin/mke2fs": "sbin/mke2fs"},
+    "util-linux": {"bin/findmnt": "bin/findmnt", "sbin/blkid": "sbin/blkid",
+                   "bin/lsblk": "bin/lsblk"},
+    "docker.io": {"usr/sbin/dockerd": f"{ENGINE_DIR}/dockerd",
+                  "usr/bin/docker": f"{ENGINE_DIR}/docker"},
+    "containerd": {"usr/bin/containerd": f"{ENGINE_DIR}/containerd",
+                   "usr/bin/containerd-shim-runc-v2": f"{ENGINE_DIR}/containerd-shim-runc-v2"},
+    "runc": {"usr/sbin/runc": f"{ENGINE_DIR}/runc"},
+    "crun": {"usr/bin/crun": f"{ENGINE_DIR}/crun"},
+    "tini": {"usr/bin/tini-static": f"{ENGINE_DIR}/docker-init"},
 }
 LINKS = {"sbin/e2label": "tune2fs", "sbin/mkfs.ext4": "mke2fs"}
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
 ROOTFS_MODULES = (*INITRD_MODULES, "overlay", "virtio_net", "vfat", "nls_cp437", "nls_ascii",
-                  "nls_utf8", "i6300esb", "virtio_rng")
-# loaded by rcS (overlay is loaded first, on its own)
+                  "nls_utf8", "i6300esb", "virtio_rng", "bridge", "veth")
+# loaded by rcS (overlay is loaded first, on its own); bridge and veth: the engine's network
 MODULES_LOAD = ("virtio_net", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "i6300esb",
-                "virtio_rng")
+                "virtio_rng", "bridge", "veth")
 HOST_TOOLS = ("e2fsprogs", "dosfstools", "mtools", "fdisk", "u-boot-tools", "grub-common",
               "grub-pc-bin", "busybox-static", "kmod")
 
@@ -227,7 +241,8 @@ class _Builder:
         }, sort_keys=True).encode())
         here = Path(__file__).parent
         sources = [*sorted(p for p in FILES.rglob("*") if p.is_file()),
-                   *(here / n for n in ("builder.py", "fs.py", "debs.py", "grub.py"))]
+                   *(here / n for n in ("builder.py", "fs.py", "debs.py", "grub.py",
+                                        "appimage.py"))]
         for path in sources:
             h.update(str(path.relative_to(Path(__file__).parent)).encode() + b"\0")
             h.update(path.read_bytes() + b"\0")
@@ -279,6 +294,7 @@ class _Builder:
                   "var/lib", "etc/hil", "root"):
             (root / d).mkdir(parents=True, exist_ok=True)
         for link, target in (("var/log", "../run/log"), ("var/run", "../run"),
+                             ("var/lib/docker", "../../mnt/data/docker"),
                              ("var/tmp", "../tmp"), ("var/lock", "../run/lock"),
                              ("etc/mtab", "../proc/self/mounts")):
             (root / link).symlink_to(target)
@@ -286,15 +302,15 @@ class _Builder:
         interp_done: set[str] = set()
         elfs: list[Path] = []
         for pkg, rels in BINARIES.items():
-            for rel in rels:
-                dst = root / rel
+            for rel, dest in rels.items():
+                dst = root / dest
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(trees[pkg] / rel, dst)
                 elfs.append(dst)
         for link, target in LINKS.items():
             (root / link).symlink_to(target)
         # after the real binaries: an applet never shadows one (busybox has a mke2fs too)
-        _install_busybox(root, trees["busybox-static"])
+        fs.install_busybox(root, trees["busybox-static"])
         self._install_libraries(root, elfs, trees, interp_done)
 
         # kernel, modules (only those the OS loads, plus their dependencies)
@@ -325,6 +341,10 @@ class _Builder:
         (etc / "hostname").write_text("balena\n")
         (etc / "hosts").write_text("127.0.0.1\tlocalhost\n")
         (etc / "resolv.conf").write_text("")
+        # what balena-healthcheck runs (balenaOS ships it in the root too)
+        check_image = appimage.busybox(self.spec.deb_arch, tag=HEALTHCHECK_IMAGE,
+                                       cmd=("true",))
+        shutil.copy2(check_image.path, root / "usr/lib/balena/balena-healthcheck-image.tar")
         fs.normalize_modes(root)
         (root / "tmp").chmod(0o1777)
 
@@ -531,27 +551,3 @@ def _module_closure(kernel_tree: Path, kver: str, names: Iterable[str]) -> list[
                 if rel not in ordered:
                     ordered.append(rel)
     return ordered
-
-
-def _install_busybox(root: Path, tree: Path) -> None:
-    """busybox plus a relative symlink per applet. The applet list comes from the host's
-    busybox-static (same Debian version); each name is checked against the guest binary."""
-    (root / "bin").mkdir(parents=True, exist_ok=True)
-    binary = root / "bin" / "busybox"
-    shutil.copy2(tree / "bin" / "busybox", binary)
-    blob = binary.read_bytes()
-    try:
-        listing = subprocess.run(["busybox", "--list-full"], capture_output=True, text=True,
-                                 check=True).stdout.split()
-    except (OSError, subprocess.CalledProcessError) as exc:
-        raise RefosBuildError("the host's busybox (busybox-static) is needed for the applet "
-                              "list") from exc
-    for rel in listing:
-        name = Path(rel).name
-        if rel == "linuxrc" or f"\0{name}\0".encode() not in blob:
-            continue
-        dst = root / rel
-        if dst.exists() or dst.is_symlink():
-            continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.symlink_to(os.path.relpath(binary, dst.parent))

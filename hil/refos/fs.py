@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import tempfile
@@ -320,3 +321,27 @@ def write_bmap(img: Path, bmap: Path) -> None:
     draft = head.replace("{chk}", "0" * 64) + "".join(body) + tail
     chk = hashlib.sha256(draft.encode()).hexdigest()
     bmap.write_text(head.replace("{chk}", chk) + "".join(body) + tail)
+
+
+def install_busybox(root: Path, tree: Path) -> None:
+    """busybox plus a relative symlink per applet. The applet list comes from the host's
+    busybox-static (same Debian version); each name is checked against the guest binary."""
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    binary = root / "bin" / "busybox"
+    shutil.copy2(tree / "bin" / "busybox", binary)
+    blob = binary.read_bytes()
+    try:
+        listing = subprocess.run(["busybox", "--list-full"], capture_output=True, text=True,
+                                 check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise ImageBuildError("the host's busybox (busybox-static) is needed for the applet "
+                              "list") from exc
+    for rel in listing:
+        name = Path(rel).name
+        if rel == "linuxrc" or f"\0{name}\0".encode() not in blob:
+            continue
+        dst = root / rel
+        if dst.exists() or dst.is_symlink():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to(os.path.relpath(binary, dst.parent))

@@ -263,10 +263,3 @@ def parse_tagged(text: str, tag: str) -> dict[str, str]:
             _, key, *rest = line.split(" ", 2)
             out[key] = rest[0] if rest else ""
     return out
-
-
-# --- container engines ----------------------------------------------------------------------------
-
-ENGINES = ("balena-engine", "balena", "docker", "podman")
-ENGINE_SCRIPT = ("for e in " + " ".join(ENGINES) + "; do "
-                 "command -v $e >/dev/null 2>&1 && { echo $e; break; }; done; true")

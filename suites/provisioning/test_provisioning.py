@@ -19,6 +19,7 @@ from hil import redact
 from hil.dut import Dut
 from hil.os import HostOS, Secret, UpdateImage
 from hil.os.balena import secrets_in
+from hil.os.flows import GOOD_HEALTH_CHECK
 from hil.os.secret import private_key_stretch
 from hil.session import HilSession
 
@@ -316,6 +317,7 @@ def test_identity_survives_a_host_os_update(dut: Dut, host_os: HostOS, before: I
     running = host_os.version()
     image = update_image
     host_os.hostapp_update(image)
+    host_os.shorten_health_check(*GOOD_HEALTH_CHECK)
     dut.reboot()
     host_os.wait_committed()
     if image.version:

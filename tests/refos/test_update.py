@@ -19,6 +19,8 @@ from hil.refos import boot_env, configure
 pytestmark = pytest.mark.qemu
 
 GuestFactory = Callable[..., Guest]
+# boot to the health check's verdict: the engine's start and its container run under TCG
+ENGINE_CHECK = 300.0
 MARKERS = ("rollback-health-breadcrumb", "rollback-altboot-breadcrumb",
            "rollback-health-triggered", "rollback-altboot-triggered", "rollback-health-failed")
 
@@ -64,6 +66,7 @@ def assert_data_intact(g: Guest) -> None:
 def test_good_update_commits(images: Images, disk: Path, guest_factory: GuestFactory) -> None:
     g = start_v1(guest_factory, disk, images.v2.rootfs)
     install(g, "2.0.0")
+    g.run(shorten_health_check_command(count=15, timeout=5))  # its first wait only
     g.run("reboot", check=False)
 
     boot = g.wait_boot()
@@ -71,9 +74,9 @@ def test_good_update_commits(images: Images, disk: Path, guest_factory: GuestFac
     assert boot_env(disk) == env_of(boot)
     assert g.wait_ready()[0] == "2.0.0"
     g.wait_prompt()
-    # rollback-health sees a healthy OS and commits
-    wait_until(lambda: g.run("hil-bootenv get upgrade_available") == "0", 90,
-               "the health check to commit the update", interval=1)
+    # rollback-health waits for the engine, sees a healthy OS (engine included) and commits
+    wait_until(lambda: g.run("hil-bootenv get upgrade_available") == "0", ENGINE_CHECK,
+               "the health check to commit the update", interval=2)
     assert g.run("hil-bootenv").split() == ["resin_root_part=3", "upgrade_available=0",
                                             "bootcount=0"]
     assert markers(g) == set()
@@ -130,7 +133,7 @@ def test_broken_health_rolls_back_through_health_check(images: Images, disk: Pat
     boot = g.wait_boot()
     assert boot == Boot(3, 3, 1, 1)
     assert g.wait_ready()[0] == "2.0.0"
-    g.expect(r"rollback-health: unhealthy after 2 checks", 60)
+    g.expect(r"rollback-health: unhealthy after 2 checks", ENGINE_CHECK)
     boot = g.wait_boot()
     assert boot == Boot(2, 2, 0, 0)
     assert boot_env(disk) == env_of(boot)

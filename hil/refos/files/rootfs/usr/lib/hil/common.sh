@@ -97,3 +97,17 @@ cfg_update() {
 }
 
 os_version() { sed -n 's/^VERSION="\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "${1:-}/etc/os-release"; }
+
+# --- balenaEngine ---------------------------------------------------------------------------
+ENGINE_LOG=/var/log/balena-engine.log
+# engine_started SECONDS: wait until the engine's current run listens on its socket (what
+# systemd learns from balenad's READY=1), or give up after SECONDS.
+engine_started() {
+    i=0
+    while [ "$i" -lt "$1" ]; do
+        grep -q 'API listen on /var/run/balena-engine.sock' "$ENGINE_LOG" 2>/dev/null && return 0
+        sleep 1
+        i=$((i + 1))
+    done
+    return 1
+}

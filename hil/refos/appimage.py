@@ -1,0 +1,142 @@
+"""App container images built from Debian packages, without an engine or the internet.
+
+The suites' containers run these on any device (the reference OS or a real balenaOS board of
+the same architecture): ``busybox`` is busybox-static alone. An image is a ``docker save``
+archive (``manifest.json``, the config and one layer), which ``balena-engine load`` takes;
+the bytes depend only on the package version and this file, so the image ID is stable and a
+device that already holds it needs nothing sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from hil.cache import cache_dir
+from hil.errors import HilError
+from hil.refos import debs, fs
+
+EPOCH = 1704067200  # 2024-01-01, as the OS image
+# `uname -m` on the device -> Debian (and OCI) architecture
+MACHINES = {"aarch64": "arm64", "arm64": "arm64", "x86_64": "amd64", "amd64": "amd64",
+            "armv7l": "armhf", "armhf": "armhf"}
+PATH_ENV = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class AppImageError(HilError):
+    """An app image could not be built."""
+
+
+@dataclass(frozen=True)
+class AppImage:
+    """A built image: ``path`` is the archive for ``balena-engine load``, ``tag`` its name
+    there and ``id`` the engine's image ID (``sha256:`` of the config)."""
+
+    tag: str
+    path: Path
+    arch: str
+    id: str
+
+
+def deb_arch(machine: str) -> str:
+    try:
+        return MACHINES[machine]
+    except KeyError:
+        raise AppImageError(f"no app images for architecture {machine!r} (known: "
+                            f"{', '.join(sorted(MACHINES))})") from None
+
+
+def busybox(machine: str, tag: str | None = None, cmd: tuple[str, ...] = ("sh",)) -> AppImage:
+    """busybox-static for ``machine`` (``uname -m`` or a Debian architecture) as an image;
+    ``tag`` defaults to ``hil/busybox:<Debian version>``, ``cmd`` is what it runs."""
+    arch = deb_arch(machine)
+    deb = debs.resolve(["busybox-static"], arch)["busybox-static"]
+    tree = debs.extract(debs.fetch([deb], arch)["busybox-static"])
+    name = tag or f"hil/busybox:{_tag_safe(deb.version)}"
+    src = Path(__file__).read_bytes()
+    key = hashlib.sha256(json.dumps([name, arch, deb.version, cmd]).encode() + src).hexdigest()
+    out = cache_dir("apps") / f"busybox-{arch}-{key[:16]}.tar"
+    if not out.exists():
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".stage.") as tmp:
+            root = Path(tmp) / "root"
+            for d in ("bin", "etc", "tmp", "data", "proc", "sys", "dev"):
+                (root / d).mkdir(parents=True)
+            fs.install_busybox(root, tree)
+            fs.normalize_modes(root)
+            (root / "tmp").chmod(0o1777)
+            archive = Path(tmp) / "image.tar"
+            archive.write_bytes(docker_archive(
+                root, name, arch, created_by=f"busybox-static {deb.version}", cmd=list(cmd)))
+            archive.rename(out)
+    return AppImage(name, out, arch, image_id(out))
+
+
+def docker_archive(root: Path, tag: str, arch: str, *, created_by: str,
+                   cmd: list[str]) -> bytes:
+    """``root`` as a one-layer ``docker save`` archive, byte for byte reproducible."""
+    layer = _layer(root)
+    diff_id = hashlib.sha256(layer).hexdigest()
+    created = "2024-01-01T00:00:00Z"
+    config = json.dumps({
+        "architecture": arch, "os": "linux", "created": created,
+        "config": {"Env": [PATH_ENV], "Cmd": cmd},
+        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{diff_id}"]},
+        "history": [{"created": created, "created_by": f"pytest-hil: {created_by}"}],
+    }, sort_keys=True).encode()
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    manifest = json.dumps([{"Config": config_name, "RepoTags": [tag],
+                            "Layers": [f"{diff_id}/layer.tar"]}]).encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        _add_dir(tar, diff_id)
+        for name, data in ((f"{diff_id}/layer.tar", layer), (config_name, config),
+                           ("manifest.json", manifest)):
+            _add_file(tar, name, data)
+    return buf.getvalue()
+
+
+def image_id(archive: Path) -> str:
+    """The engine's ID for the image in ``archive``: sha256 of its config."""
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile("manifest.json")
+        if member is None:
+            raise AppImageError(f"{archive}: no manifest.json")
+        config = json.loads(member.read())[0]["Config"]
+    return "sha256:" + Path(config).stem
+
+
+def _layer(root: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for path in fs.walk_sorted(root):
+            rel = path.relative_to(root).as_posix()
+            info = tar.gettarinfo(str(path), arcname=rel)
+            info.mtime, info.uid, info.gid, info.uname, info.gname = EPOCH, 0, 0, "", ""
+            if info.isreg():
+                with path.open("rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+def _add_dir(tar: tarfile.TarFile, name: str) -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, EPOCH
+    tar.addfile(info)
+
+
+def _add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, EPOCH
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _tag_safe(version: str) -> str:
+    """A Debian version as an image tag ([A-Za-z0-9_.-], at most 128 characters)."""
+    return "".join(c if c.isalnum() or c in "_.-" else "_" for c in version)[:128]

@@ -1,0 +1,76 @@
+"""balenaEngine on the reference OS, as balenaOS installs it: Debian's moby behind balenaOS's
+names, socket, data root and health check."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from refos_guest import Guest
+
+from hil.refos import configure
+
+pytestmark = pytest.mark.qemu
+
+GuestFactory = Callable[..., Guest]
+HEALTHY_TIMEOUT = 120.0  # boot to a healthy engine under TCG, with the other core busy
+
+
+def wait_healthy(g: Guest, timeout: float = HEALTHY_TIMEOUT) -> float:
+    """Seconds until /usr/lib/balena/balena-healthcheck passes (the command itself blocks
+    while the engine starts: no sleep between tries is needed beyond its own run)."""
+    t0 = time.monotonic()
+    last = ""
+    while time.monotonic() - t0 < timeout:
+        last = g.run("/usr/lib/balena/balena-healthcheck 2>&1; echo rc=$?", timeout=90,
+                     check=False)
+        if last.endswith("rc=0"):
+            return time.monotonic() - t0
+        g.run("sleep 1", check=False)
+    raise AssertionError(f"balena-healthcheck did not pass within {timeout:.0f}s; last:\n"
+                         f"{last}\n--- engine log ---\n"
+                         + g.run("tail -n 20 /var/log/balena-engine.log", check=False))
+
+
+def booted_healthy(disk: Path, guest_factory: GuestFactory) -> Guest:
+    """A development-mode guest whose engine has passed its health check."""
+    configure(disk, {"uuid": secrets.token_hex(16), "developmentMode": True})
+    g = guest_factory(disk)
+    g.start()
+    g.wait_ready()
+    g.wait_prompt()
+    wait_healthy(g)
+    return g
+
+
+def test_engine_runs_as_on_balenaos(disk: Path, guest_factory: GuestFactory) -> None:
+    g = booted_healthy(disk, guest_factory)
+    assert g.run("balena-engine info --format '{{.DockerRootDir}} {{.Driver}}'") == (
+        "/mnt/data/docker overlay2")
+    assert g.run("test -S /var/run/balena-engine.sock && readlink /var/run/balena.sock") == (
+        "balena-engine.sock")
+    # development mode: the engine API answers on TCP 2375
+    assert '"ApiVersion"' in g.run("wget -q -O - http://127.0.0.1:2375/version")
+    # a container sees the device's /dev when privileged, and keeps /data-style volumes
+    g.run("balena run --rm -v hello:/vol balena-healthcheck-image sh -c "
+          "'echo Howdy > /vol/f && sync'")
+    assert g.run("cat /mnt/data/docker/volumes/hello/_data/f") == "Howdy"
+    assert g.run("balena run --rm --privileged balena-healthcheck-image "
+                 "sh -c 'test -c /dev/watchdog0 && echo seen'") == "seen"
+
+
+def test_health_check_fails_while_the_engine_is_down(disk: Path, guest_factory: GuestFactory
+                                                     ) -> None:
+    g = booted_healthy(disk, guest_factory)
+    # SIGSTOP: the engine is there but does not answer, as when it hangs
+    g.run("kill -STOP $(cat /var/run/balena-engine.pid)")
+    out = g.run("timeout 10 /usr/lib/balena/balena-healthcheck >/dev/null 2>&1; echo rc=$?",
+                timeout=30, check=False)
+    assert out != "rc=0", "balena-healthcheck passed while the engine was stopped"
+    # killed, busybox init starts it again (balena.service's Restart=always)
+    g.run("kill -CONT $(cat /var/run/balena-engine.pid); "
+          "kill -KILL $(cat /var/run/balena-engine.pid)")
+    wait_healthy(g)
