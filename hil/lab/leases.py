@@ -288,9 +288,9 @@ def acquire(dsn: str, sel: Selector, *, count: int = 1, holder: str | None = Non
     with db.connect(dsn, autocommit=True) as conn:
         try:
             row = conn.execute("""
-                INSERT INTO lease_requests (holder, count, device_type, labels, purpose,
+                INSERT INTO lease_requests (holder, count, device_type, labels, rig, purpose,
                     priority, deadline, alive_until)
-                VALUES (%(holder)s, %(n)s, %(dt)s, %(labels)s, %(purpose)s, %(prio)s,
+                VALUES (%(holder)s, %(n)s, %(dt)s, %(labels)s, %(rig)s, %(purpose)s, %(prio)s,
                         now() + make_interval(secs => %(wait)s),
                         now() + make_interval(secs => %(alive)s))
                 RETURNING id""", {**sel.params, "holder": holder, "n": count, "purpose": purpose,
@@ -313,9 +313,9 @@ def acquire(dsn: str, sel: Selector, *, count: int = 1, holder: str | None = Non
                     conn.execute("UPDATE lease_requests SET state = 'timed out' WHERE id = %s",
                                  (request,))
                     raise InfraError(f"no {count} rig(s) matching {sel} free within "
-                                     f"{queue_timeout:.0f}s: {where}", part=PART)
+                                     f"{queue_timeout:g}s: {where}", part=PART)
                 if not told and on_wait is not None:
-                    on_wait(f"waiting up to {queue_timeout:.0f}s for {count} rig(s) matching "
+                    on_wait(f"waiting up to {queue_timeout:g}s for {count} rig(s) matching "
                             f"{sel}: {queue_report(conn, request, sel, priority)}")
                     told = True
                 for _ in conn.notifies(timeout=min(poll, deadline.remaining()), stop_after=1):

@@ -37,6 +37,7 @@ MIGRATIONS: tuple[str, ...] = (
         count int NOT NULL CHECK (count > 0),
         device_type text NOT NULL,
         labels text[] NOT NULL DEFAULT '{{}}',
+        rig text,
         purpose text NOT NULL DEFAULT 'job' CHECK (purpose IN ('job', 'health')),
         priority int NOT NULL DEFAULT 0,
         created_at timestamptz NOT NULL DEFAULT now(),
