@@ -11,7 +11,7 @@ from hil.lab import db, schema
 def test_migrate_is_idempotent_and_concurrent_runs_agree(pg_server: str) -> None:
     name = f"lab_{uuid.uuid4().hex[:12]}"
     with db.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}".encode())
+        conn.execute(f"CREATE DATABASE {name}".encode())  # empty: no schema yet
     dsn = pg_server.replace("dbname=postgres", f"dbname={name}")
     results: list[tuple[int, int]] = []
 
