@@ -36,9 +36,13 @@ def check_done(conn: Connection, rig: str, passed: bool, detail: str = "") -> No
 
 
 def heartbeat(conn: Connection, host: str, timeout: float = 60.0) -> None:
-    """The bench host is alive; its rigs stay schedulable for ``timeout`` seconds more."""
+    """The bench host is alive; its rigs stay schedulable for ``timeout`` seconds more. Waiters
+    are woken only when the host comes back (not at every beat: that would wake them all)."""
     with conn.transaction():
+        row = conn.execute("SELECT last_seen > now() - timeout AS up FROM bench_hosts "
+                           "WHERE name = %s FOR UPDATE", (host,)).fetchone()
         conn.execute("INSERT INTO bench_hosts (name, last_seen, timeout) "
                      "VALUES (%s, now(), make_interval(secs => %s)) ON CONFLICT (name) DO UPDATE "
                      "SET last_seen = now(), timeout = excluded.timeout", (host, timeout))
-        conn.execute("NOTIFY hil_lab")
+        if row is None or not row["up"]:
+            conn.execute("NOTIFY hil_lab")

@@ -137,23 +137,25 @@ def reap(conn: Connection) -> list[str]:
 def _try_grant(conn: Connection, request: int, sel: Selector, count: int, purpose: str,
                priority: int, ttl: float, hard_cap: float, holder: str) -> list[Grant] | None:
     with conn.transaction():
+        # FIFO within priority: earlier requests that could use these rigs are served first,
+        # so this one may only take what is left once they have theirs
         ahead = conn.execute(f"""
-            SELECT q.id FROM lease_requests q
+            SELECT coalesce(sum(q.count), 0) AS n FROM lease_requests q
             WHERE q.state = 'waiting' AND q.alive_until > now() AND q.deadline > now()
               AND (q.priority > %(prio)s OR (q.priority = %(prio)s AND q.id < %(id)s))
               AND q.device_type = %(dt)s
               AND EXISTS (SELECT 1 {_ELIGIBLE} AND r.labels @> q.labels
-                          AND r.name = coalesce(q.rig, r.name))
-            LIMIT 1""", {**sel.params, "prio": priority, "id": request}).fetchone()
-        if ahead is not None:
-            return None  # FIFO within priority: an earlier request could use these rigs
+                          AND r.name = coalesce(q.rig, r.name))""",
+            {**sel.params, "prio": priority, "id": request}).fetchone()
+        reserved = int(ahead["n"]) if ahead else 0
         free = conn.execute(f"""
             SELECT r.name {_ELIGIBLE} AND r.state = 'idle' {_SCHEDULABLE}
             ORDER BY r.idle_since NULLS FIRST, r.name
             FOR UPDATE OF r SKIP LOCKED LIMIT %(n)s""",
-            {**sel.params, "health": SCHEDULABLE[purpose], "n": count}).fetchall()
-        if len(free) < count:
+            {**sel.params, "health": SCHEDULABLE[purpose], "n": reserved + count}).fetchall()
+        if len(free) < reserved + count:
             return None  # all or nothing: the locks go with the transaction
+        free = free[reserved:]
         names = [str(r["name"]) for r in free]
         rows = conn.execute(
             "UPDATE rigs SET state = 'leased', epoch = epoch + 1 WHERE name = ANY(%s) "
