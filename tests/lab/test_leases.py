@@ -109,6 +109,26 @@ def test_queue_is_fifo_within_priority(lab: Connection, lab_dsn: str) -> None:
     assert order == ["high", "low-1", "low-2"]
 
 
+def test_a_later_request_takes_only_what_earlier_ones_leave(lab: Connection,
+                                                           lab_dsn: str) -> None:
+    add_rigs(lab, ["a", "b", "c"])
+    first = leases.acquire(lab_dsn, RPI3, ttl=10)  # two rigs left
+    pair: list[leases.Lease] = []
+    waiter = threading.Thread(target=lambda: pair.append(leases.acquire(
+        lab_dsn, RPI3, count=3, ttl=10, queue_timeout=20)))
+    waiter.start()
+    wait_until(lambda: lab.execute("SELECT count(*) AS n FROM lease_requests WHERE state = "
+                                   "'waiting'").fetchone()["n"] == 1 or lab.rollback(),  # type: ignore[index]
+               10, "the request for three rigs to queue")
+    lab.commit()
+    with pytest.raises(InfraError, match="queue position 2"):  # no backfill ahead of it
+        leases.acquire(lab_dsn, RPI3, queue_timeout=0.3, ttl=10)
+    done(first, lab)
+    waiter.join(20)
+    assert sorted(g.rig for g in pair[0].grants) == ["a", "b", "c"]
+    done(pair[0], lab)
+
+
 def test_queue_deadline_names_position_and_holders(lab: Connection, lab_dsn: str) -> None:
     add_rigs(lab, ["r1"])
     held = leases.acquire(lab_dsn, RPI3, ttl=10, holder="ci job 42")
