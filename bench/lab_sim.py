@@ -88,7 +88,7 @@ def holder(n: int, args: argparse.Namespace, dsn: str, tally: Tally, flaky: set[
                 tally.jobs += 1
             time.sleep(rng.uniform(0.05, 0.4))  # the job's work on the rig
             if rng.random() < args.death_rate:  # SIGKILL: no release, no more renewals
-                lease._stop.set()
+                lease.stop_heartbeat()
                 at = conn.execute("SELECT extract(epoch FROM clock_timestamp()) AS t").fetchone()
                 conn.commit()
                 with tally.lock:

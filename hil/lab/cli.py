@@ -37,6 +37,12 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--epoch", type=int, required=True, help="the lease's epoch (hil lab status)")
     p = command("history", "a rig's health changes and jobs", cmd_history)
     p.add_argument("rig")
+    p = command("check", "run a rig's health check: good if COMMAND succeeds, else bad",
+                cmd_check)
+    p.add_argument("rig")
+    p.add_argument("--wait", type=float, default=600.0, help="seconds to wait for the rig")
+    p.add_argument("argv", nargs="+", metavar="COMMAND", help="run with HIL_RIG set to the "
+                   "rig's file, e.g. -- pytest suites/smoke")
     p = command("host", "run on a bench host: heartbeat, and clean its rigs after each lease "
                 "(power off, mux released through their drivers)", cmd_host)
     p.add_argument("name")
@@ -131,6 +137,14 @@ def cmd_history(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['at']:%Y-%m-%d %H:%M:%S}  {r['what']:6}  {r['detail']}")
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from hil.lab.pool import health_check
+
+    passed = health_check(db.dsn_from(args.db), args.rig, args.argv, wait=args.wait)
+    print(f"{args.rig}: health check {'passed: good' if passed else 'failed: bad'}")
+    return 0 if passed else 1
 
 
 def cmd_host(args: argparse.Namespace) -> int:

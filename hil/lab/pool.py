@@ -4,11 +4,14 @@ worker leases its own), given back at the end as the session leaves it."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import os
+import subprocess
+from collections.abc import Callable, Sequence
 
 from hil.config import RigConfig
 from hil.errors import InfraError
 from hil.lab import db, leases
+from hil.lab.health import check_done
 from hil.lab.rigs import power_down, rig_config
 
 log = logging.getLogger(__name__)
@@ -44,3 +47,33 @@ def give_back(lease: leases.Lease, outcome: str, *, powered_down: bool) -> None:
                 leases.clean(conn, grant, (lambda g: None) if powered_down else power_down)
     except InfraError as exc:
         log.error("giving the rig back to the lab: %s", exc)
+
+
+def health_check(dsn: str, rig: str, argv: Sequence[str], *, wait: float = 600.0,
+                 timeout: float = 3600.0) -> bool:
+    """Lease ``rig`` for its health check and run ``argv`` with ``HIL_RIG`` naming the rig's
+    file (so ``pytest suites/smoke`` runs on it); exit status 0 makes the rig good, anything
+    else bad. Returns whether it passed."""
+    with db.connect(dsn) as conn:
+        row = conn.execute("SELECT device_type FROM rigs WHERE name = %s", (rig,)).fetchone()
+    if row is None:
+        raise InfraError(f"no rig named {rig!r} is registered", part=db.PART, rig=rig)
+    lease = leases.acquire(dsn, leases.Selector(row["device_type"], rig=rig), purpose="health",
+                           queue_timeout=wait)
+    detail = ""
+    try:
+        cfg = rig_config(lease.grants[0])
+        try:
+            proc = subprocess.run(list(argv), env={**os.environ, "HIL_RIG": str(cfg.source)},
+                                  timeout=timeout, check=False)
+            passed = proc.returncode == 0
+            detail = f"{' '.join(argv)} exited with status {proc.returncode}"
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            passed, detail = False, f"{' '.join(argv)}: {exc}"
+    except BaseException:
+        give_back(lease, "infra", powered_down=False)
+        raise
+    give_back(lease, "passed" if passed else "failed", powered_down=False)
+    with db.connect(dsn) as conn:
+        check_done(conn, rig, passed, detail)
+    return passed

@@ -68,6 +68,26 @@ def test_init_register_status_release_history_maintenance(
     assert "unknown -> maintenance: maintenance set by hand" in out
 
 
+def test_a_health_check_runs_on_the_rig_and_sets_its_health(
+        lab: Connection, lab_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HIL_LAB_DB", lab_dsn)
+    monkeypatch.setenv("HIL_RUNTIME_DIR", str(tmp_path / "run"))
+    rig, power = bench_rig(tmp_path)
+    assert hil(capsys, "lab", "register", "--host", "bench1", str(rig))[0] == 0
+    code, out = hil(capsys, "lab", "check", "pi-1", "--", "sh", "-c",
+                    'grep -q "driver: command" "$HIL_RIG"')
+    assert (code, out) == (0, "pi-1: health check passed: good\n")
+    assert rig_row(lab, "pi-1")["health"] == "good"
+    assert hil(capsys, "lab", "check", "pi-1", "--", "false") == (
+        1, "pi-1: health check failed: bad\n")
+    row = rig_row(lab, "pi-1")
+    assert (row["health"], row["state"]) == ("bad", "idle")
+    assert set(power.read_text().split()) == {"off"}  # cleaned after each check
+    code, out = hil(capsys, "lab", "check", "pi-1", "--wait", "0.2", "--", "true")
+    assert code == 3 and "no 1 rig(s) matching raspberrypi3,rig=pi-1" in out  # bad: never
+
+
 def test_a_broken_rig_file_is_refused_naming_file_and_key(
         lab_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rig = tmp_path / "bad.yaml"
