@@ -196,10 +196,9 @@ def queue_report(conn: Connection, request: int, sel: Selector, priority: int) -
 
 # --- the holder's side -------------------------------------------------------------------------
 
-def _positive(value: float, what: str) -> float:
+def _positive(value: float, what: str) -> None:
     if value <= 0:
         raise ConfigError(f"{what} must be positive, got {value}")
-    return value
 
 
 @dataclass
@@ -271,9 +270,15 @@ class Lease:
         """End the lease (outcome ``infra`` leaves the rigs *unknown*); each rig goes to
         cleaning. Raises StaleEpoch for a rig the lease no longer holds."""
         self.stop_heartbeat()
+        refused: list[StaleEpoch] = []
         with db.connect(self.dsn) as conn:
-            for g in self.grants:
-                release(conn, g.rig, g.epoch, outcome=outcome, by=self.holder)
+            for g in self.grants:  # every rig, even after one was refused
+                try:
+                    release(conn, g.rig, g.epoch, outcome=outcome, by=self.holder)
+                except StaleEpoch as exc:
+                    refused.append(exc)
+        if refused:
+            raise refused[0]
 
 
 def acquire(dsn: str, sel: Selector, *, count: int = 1, holder: str | None = None,
