@@ -134,3 +134,30 @@ def test_ctrl_c_gives_the_rig_back(pytester: pytest.Pytester, pool: list[Path],
     rig = started.read_text()
     assert rig_row(lab, rig)["state"] == "idle"
     assert [(j["rig"], j["outcome"]) for j in jobs(lab)] == [(rig, "failed")]
+
+
+def test_a_kicked_session_stops_touching_the_rig(
+        pytester: pytest.Pytester, pool: list[Path], lab: Connection) -> None:
+    pytester.makepyfile("""
+        import os
+        from hil.deadline import wait_until
+        from hil.lab import db, leases
+
+        def test_kicked_by_an_operator(pytestconfig, rig_config):
+            with db.connect(os.environ["HIL_LAB_DB"]) as conn:
+                epoch = conn.execute("SELECT epoch FROM rigs WHERE name = %s",
+                                     (rig_config.name,)).fetchone()["epoch"]
+                leases.release(conn, rig_config.name, epoch, by="an operator")
+            lease = pytestconfig.stash[__import__("hil.plugin").plugin.LAB_LEASE]
+            wait_until(lambda: lease.lost, 5, "the heartbeat to find the lease gone")
+
+        def test_after_the_kick(rig_config):
+            raise AssertionError("must not run on a rig it no longer holds")
+    """)
+    result = pytester.runpytest_subprocess("--rig=pool:raspberrypi3", "--lab-ttl=0.6", "-rA")
+    outcomes = result.parseoutcomes()
+    assert (outcomes.get("passed"), outcomes.get("infra")) == (1, 1)
+    result.stdout.fnmatch_lines(["*test_after_the_kick*lease epoch 1 is over*"])
+    assert "must not run" not in result.stdout.str()
+    [job] = jobs(lab)
+    assert job["outcome"] == "passed"  # the operator's release; the session's own is refused
