@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "hil.flash.cli",
     "hil.discover",
     "hil.emu.cli",
+    "hil.lab.cli",
 )
 # Commands that one module alone defines import just that module, not every subsystem:
 # `hil flash` starts in ~0.07 s instead of ~0.3 s.

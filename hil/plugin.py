@@ -4,6 +4,7 @@ each test's report, and rig faults reported apart from test failures."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 from collections.abc import Generator, Iterator
@@ -24,7 +25,11 @@ CONSOLE_AT = pytest.StashKey[int]()  # item: console offset at the test's start
 CALL_REPORT = pytest.StashKey[pytest.TestReport]()  # item: its call phase's report
 SESSION = pytest.StashKey["HilSession | None"]()  # config
 RIG_CONFIG = pytest.StashKey["RigConfig | None"]()  # config: --rig, loaded
+LAB_LEASE = pytest.StashKey[Any]()  # config: the lab lease of --rig=pool:... (or None)
+INFRA_SEEN = pytest.StashKey[bool]()  # config: a rig fault was reported this session
+RUN_FAILED = pytest.StashKey[bool]()  # config: the session ended with failures
 NEEDS_RECOVERY = pytest.StashKey[bool]()  # config: the last test failed or lost the shell
+log = logging.getLogger(__name__)
 INFRA = ("hil", "infra")  # in a report's user_properties: the failure is a rig fault
 
 
@@ -48,6 +53,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="config.json to put in the image (default: one made for the session)")
     g.addoption("--rig-wait", type=float, default=600.0,
                 help="seconds to wait for a rig another session holds (0: fail at once)")
+    g.addoption("--lab-db", default=None,
+                help="the lab database's DSN, for --rig=pool:DEVICE_TYPE[,label=L] "
+                     "[env HIL_LAB_DB]")
+    g.addoption("--lab-priority", type=int, default=0,
+                help="queue priority of this session's lease (higher first)")
+    g.addoption("--lab-ttl", type=float, default=60.0,
+                help="seconds a lab lease lives without renewal (renewed every third)")
     g.addoption("--no-flash", action="store_true",
                 help="boot what is on the board's storage now (skip image preparation and flash)")
 
@@ -58,15 +70,33 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION] = None
     config.stash[RIG_CONFIG] = None
     config.stash[NEEDS_RECOVERY] = False
+    config.stash[LAB_LEASE] = None
+    config.stash[INFRA_SEEN] = False
     rig = config.getoption("--rig")
     if rig:
         try:
-            config.stash[RIG_CONFIG] = load_rig(rig, config.getoption("--rigs-dir"))
-        except ConfigError as exc:
+            config.stash[RIG_CONFIG] = _pool_rig(config, rig) if rig.startswith("pool:") \
+                else load_rig(rig, config.getoption("--rigs-dir"))
+        except (ConfigError, InfraError) as exc:  # InfraError: the lab, for pool:
             raise pytest.UsageError(f"--rig {rig}: {exc}") from None
         # CI cancels with SIGTERM: unwind like Ctrl-C so the rig ends powered off and unlocked.
         if hasattr(signal, "SIGTERM"):
             signal.signal(signal.SIGTERM, _sigterm)
+
+
+def _pool_rig(config: pytest.Config, rig: str) -> RigConfig | None:
+    """Lease a rig from the lab; the pytest-xdist controller leases none (its workers do)."""
+    if config.getoption("numprocesses", None) and not hasattr(config, "workerinput"):
+        return None
+    from hil.lab import db
+    from hil.lab.pool import lease_rig
+
+    lease, cfg = lease_rig(db.dsn_from(config.getoption("--lab-db")), rig,
+                           wait=config.getoption("--rig-wait"), ttl=config.getoption("--lab-ttl"),
+                           priority=config.getoption("--lab-priority"),
+                           on_wait=lambda m: log.warning("%s", m))
+    config.stash[LAB_LEASE] = lease
+    return cfg
 
 
 def _sigterm(signum: int, frame: Any) -> None:
@@ -77,6 +107,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     session = config.stash.get(SESSION, None)
     if session is not None:
         session.close()
+    lease = config.stash.get(LAB_LEASE, None)
+    if lease is not None:
+        from hil.lab.pool import give_back
+
+        config.stash[LAB_LEASE] = None
+        outcome = "infra" if config.stash[INFRA_SEEN] else \
+            "failed" if config.stash.get(RUN_FAILED, False) else "passed"
+        give_back(lease, outcome, powered_down=session is not None and session.rig is not None)
 
 
 # --- fixtures -----------------------------------------------------------------------------------
@@ -142,6 +180,9 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    lease = item.config.stash.get(LAB_LEASE, None)
+    if lease is not None:
+        lease.check()  # a lease the lab ended: stop touching the board (an INFRA error)
     cfg = item.config.stash.get(RIG_CONFIG, None)
     for mark in item.iter_markers("needs"):
         missing = [f for f in mark.args if cfg is None or not cfg.has(f)]
@@ -162,6 +203,7 @@ def pytest_runtest_makereport(
     if call.excinfo is not None and call.excinfo.errisinstance(InfraError):
         # a new list: pytest hands every phase's report the item's own list
         report.user_properties = [*report.user_properties, INFRA]
+        item.config.stash[INFRA_SEEN] = True
     if report.when == "call":
         item.stash[CALL_REPORT] = report
     if report.longrepr is not None and not isinstance(report.longrepr, tuple):
@@ -214,6 +256,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # Infra errors are failures for the exit code: a green run must mean the rig worked too.
+    session.config.stash[RUN_FAILED] = exitstatus not in (0, pytest.ExitCode.NO_TESTS_COLLECTED)
     if session.config.stash.get(RIG_CONFIG, None) is None:
         return
     tr = session.config.pluginmanager.get_plugin("terminalreporter")

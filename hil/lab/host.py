@@ -1,0 +1,47 @@
+"""A bench host's side of the pool: heartbeat (its rigs stay schedulable), reap leases the
+database's clock has ended, and clean its rigs after each lease as soon as one needs it (woken
+by the database's notification, not by polling)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import psycopg
+
+from hil.errors import InfraError
+from hil.lab import db, leases
+from hil.lab.health import heartbeat
+
+log = logging.getLogger(__name__)
+
+
+def serve(dsn: str, host: str, cleaner: leases.Cleaner, *, interval: float = 10.0,
+          stop: threading.Event | None = None, once: bool = False) -> None:
+    """Run until ``stop`` is set (or one pass with ``once``). The host counts as down once
+    three heartbeats in a row are missed."""
+    stop = stop or threading.Event()
+    while not stop.is_set():
+        try:
+            with db.connect(dsn, autocommit=True) as conn:
+                conn.execute("LISTEN hil_lab")
+                beat = -interval
+                while not stop.is_set():
+                    now = time.monotonic()  # only spaces the beats: expiry is the store's
+                    if now - beat >= interval:
+                        heartbeat(conn, host, timeout=3 * interval)
+                        beat = now
+                    leases.reap(conn)
+                    for grant in leases.cleaning(conn, host):
+                        ok = leases.clean(conn, grant, cleaner)
+                        log.info("%s: cleaned after lease epoch %d%s", grant.rig, grant.epoch,
+                                 "" if ok else " (failed: the rig is now unknown)")
+                    if once:
+                        return
+                    for _ in conn.notifies(timeout=interval / 3, stop_after=1):
+                        pass
+        except (psycopg.Error, InfraError) as exc:
+            log.error("bench host %s: %s", host, db.safe_dsn(str(exc)))
+            if once or stop.wait(interval):
+                return

@@ -1,0 +1,79 @@
+"""``--rig=pool:SELECTOR``: one rig leased from the lab for a pytest session (each pytest-xdist
+worker leases its own), given back at the end as the session leaves it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Callable, Sequence
+
+from hil.config import RigConfig
+from hil.errors import InfraError
+from hil.lab import db, leases
+from hil.lab.health import check_done
+from hil.lab.rigs import power_down, rig_config
+
+log = logging.getLogger(__name__)
+PREFIX = "pool:"
+
+
+def is_pool(rig: str | None) -> bool:
+    return bool(rig) and str(rig).startswith(PREFIX)
+
+
+def lease_rig(dsn: str, spec: str, *, wait: float, ttl: float = leases.DEFAULT_TTL,
+              priority: int = 0, on_wait: Callable[[str], None] | None = None,
+              ) -> tuple[leases.Lease, RigConfig]:
+    """Lease one rig matching ``pool:SELECTOR`` and load the rig config registered for it."""
+    sel = leases.Selector.parse(spec.removeprefix(PREFIX))
+    lease = leases.acquire(dsn, sel, queue_timeout=wait, ttl=ttl, priority=priority,
+                           on_wait=on_wait)
+    try:
+        return lease, rig_config(lease.grants[0])
+    except BaseException:
+        give_back(lease, "infra", powered_down=False)
+        raise
+
+
+def give_back(lease: leases.Lease, outcome: str, *, powered_down: bool) -> None:
+    """Release the lease (``infra``: the rig becomes *unknown*) and clean the rig: nothing more
+    to do when the session's own teardown powered it off, else through its drivers. Never
+    raises: it runs on the way out; a lease the store already ended is only logged."""
+    try:
+        lease.release(outcome)
+        with db.connect(lease.dsn) as conn:
+            for grant in lease.grants:
+                leases.clean(conn, grant, (lambda g: None) if powered_down else power_down)
+    except InfraError as exc:
+        log.error("giving the rig back to the lab: %s", exc)
+
+
+def health_check(dsn: str, rig: str, argv: Sequence[str], *, wait: float = 600.0,
+                 timeout: float = 3600.0) -> bool:
+    """Lease ``rig`` for its health check and run ``argv`` with ``HIL_RIG`` naming the rig's
+    file (so ``pytest suites/smoke`` runs on it); exit status 0 makes the rig good, anything
+    else bad. Returns whether it passed."""
+    with db.connect(dsn) as conn:
+        row = conn.execute("SELECT device_type FROM rigs WHERE name = %s", (rig,)).fetchone()
+    if row is None:
+        raise InfraError(f"no rig named {rig!r} is registered", part=db.PART, rig=rig)
+    lease = leases.acquire(dsn, leases.Selector(row["device_type"], rig=rig), purpose="health",
+                           queue_timeout=wait)
+    detail = ""
+    try:
+        cfg = rig_config(lease.grants[0])
+        try:
+            proc = subprocess.run(list(argv), env={**os.environ, "HIL_RIG": str(cfg.source)},
+                                  timeout=timeout, check=False)
+            passed = proc.returncode == 0
+            detail = f"{' '.join(argv)} exited with status {proc.returncode}"
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            passed, detail = False, f"{' '.join(argv)}: {exc}"
+    except BaseException:
+        give_back(lease, "infra", powered_down=False)
+        raise
+    give_back(lease, "passed" if passed else "failed", powered_down=False)
+    with db.connect(dsn) as conn:
+        check_done(conn, rig, passed, detail)
+    return passed
