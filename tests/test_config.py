@@ -67,6 +67,16 @@ def test_bad_rig_file_names_file_line_and_key(tmp_path: Path, text: str, line: i
         assert f": {key}: " in message
 
 
+def test_on_and_off_are_keys_not_booleans(tmp_path: Path) -> None:
+    # YAML 1.1 reads a bare on/off as true/false; a rig file means the command power
+    # driver's keys (booleans are still written true/false, or yes/no where pydantic reads them)
+    cfg = load_rig(str(write(tmp_path, "device_type: generic-aarch64\ntarget: {driver: qemu}\n"
+                                       "power:\n  driver: command\n  on: echo on\n"
+                                       "  off: echo off\n")))
+    power = cfg.parts["power"]
+    assert (power.settings.on, power.settings.off) == ("echo on", "echo off")
+
+
 def test_emulator_section_loads_typed(tmp_path: Path) -> None:
     rig = "device_type: generic-aarch64\ntarget: {driver: qemu}\n"
     cfg = load_rig(str(write(tmp_path, rig + "emulator: {libvirtd: true}\n")))

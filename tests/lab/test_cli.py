@@ -21,8 +21,8 @@ def bench_rig(folder: Path, name: str = "pi-1") -> tuple[Path, Path]:
 device_type: raspberrypi3
 power:
   driver: command
-  "on": "echo on >> {power}"  # quoted: YAML reads a bare on as true
-  "off": "echo off >> {power}"
+  on: "echo on >> {power}"
+  off: "echo off >> {power}"
 console:
   driver: serial
   url: "loop://"
