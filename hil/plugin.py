@@ -9,7 +9,7 @@ import os
 import signal
 from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -21,11 +21,14 @@ from hil.errors import ConfigError, InfraError
 from hil.rig import Rig
 from hil.session import HilSession, Options
 
+if TYPE_CHECKING:
+    from hil.lab.leases import Lease  # psycopg is imported only for --rig=pool:
+
 CONSOLE_AT = pytest.StashKey[int]()  # item: console offset at the test's start
 CALL_REPORT = pytest.StashKey[pytest.TestReport]()  # item: its call phase's report
 SESSION = pytest.StashKey["HilSession | None"]()  # config
 RIG_CONFIG = pytest.StashKey["RigConfig | None"]()  # config: --rig, loaded
-LAB_LEASE = pytest.StashKey[Any]()  # config: the lab lease of --rig=pool:... (or None)
+LAB_LEASE: pytest.StashKey[Lease | None] = pytest.StashKey()  # config: --rig=pool:
 INFRA_SEEN = pytest.StashKey[bool]()  # config: a rig fault was reported this session
 RUN_FAILED = pytest.StashKey[bool]()  # config: the session ended with failures
 NEEDS_RECOVERY = pytest.StashKey[bool]()  # config: the last test failed or lost the shell
