@@ -97,8 +97,8 @@ def test_partition_layout(images: Images) -> None:
     parts = {int(p["node"][len(str(images.v1.disk)):]): p for p in table["partitions"]}
     assert [parts[i]["name"] for i in range(1, 6)] == LABELS
     assert parts[1]["size"] * 512 == 40 << 20
-    assert parts[2]["size"] * 512 == parts[3]["size"] * 512 == 128 << 20
-    assert images.v1.disk.stat().st_size == 512 << 20
+    assert parts[2]["size"] * 512 == parts[3]["size"] * 512 == build_mod.ROOT_SIZE == 320 << 20
+    assert images.v1.disk.stat().st_size == build_mod.DISK_SIZE == 1 << 30
     for i, label in enumerate(LABELS, start=1):
         out = subprocess.run(["blkid", "-p", "-O", str(parts[i]["start"] * 512), "-o", "export",
                               str(images.v1.disk)], capture_output=True, text=True).stdout
