@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from refos_guest import Guest, Images, SshKey, ssh_ok, ssh_run
+from refos_guest import Guest, Images, SshKey, boot_dev, ssh_ok, ssh_run
 
 from hil.deadline import wait_until
 from hil.refos import RegistrationServer, boot_env, configure
@@ -118,11 +118,7 @@ def test_production_mode_ssh_keys_and_runtime_config(
 
 
 def test_data_purge(disk: Path, guest_factory: GuestFactory) -> None:
-    configure(disk, {"uuid": secrets.token_hex(16), "developmentMode": True})
-    g = guest_factory(disk)
-    g.start()
-    g.wait_ready()
-    g.wait_prompt()
+    g = boot_dev(guest_factory, disk)
     g.run("echo keep > /data/app.txt && sync")
     g.run("reboot", check=False)
     g.wait_ready()
@@ -137,11 +133,7 @@ def test_data_purge(disk: Path, guest_factory: GuestFactory) -> None:
 
 
 def test_power_cut_keeps_state(disk: Path, guest_factory: GuestFactory) -> None:
-    configure(disk, {"uuid": secrets.token_hex(16), "developmentMode": True})
-    g = guest_factory(disk)
-    g.start()
-    g.wait_ready()
-    g.wait_prompt()
+    g = boot_dev(guest_factory, disk)
     g.run("echo before-cut > /data/cut.txt && sync")
     g.kill()
     assert boot_env(disk) == {"resin_root_part": "2", "upgrade_available": "0",

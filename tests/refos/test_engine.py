@@ -3,15 +3,12 @@ names, socket, data root and health check."""
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from refos_guest import Guest
-
-from hil.refos import configure
+from refos_guest import Guest, boot_dev
 
 pytestmark = pytest.mark.qemu
 
@@ -35,20 +32,10 @@ def wait_healthy(g: Guest, timeout: float = HEALTHY_TIMEOUT) -> float:
                          + g.run("tail -n 20 /var/log/balena-engine.log", check=False))
 
 
-def booted_healthy(disk: Path, guest_factory: GuestFactory) -> Guest:
-    """A development-mode guest whose engine has passed its health check."""
-    configure(disk, {"uuid": secrets.token_hex(16), "developmentMode": True})
-    g = guest_factory(disk)
-    g.start()
-    g.wait_ready()
-    g.wait_prompt()
-    wait_healthy(g)
-    return g
-
-
 def test_engine_runs_as_on_balenaos_and_its_health_check_sees_it_fail(
         disk: Path, guest_factory: GuestFactory) -> None:
-    g = booted_healthy(disk, guest_factory)
+    g = boot_dev(guest_factory, disk)
+    wait_healthy(g)
     assert g.run("balena-engine info --format '{{.DockerRootDir}} {{.Driver}}'") == (
         "/mnt/data/docker overlay2")
     assert g.run("test -S /var/run/balena-engine.sock && readlink /var/run/balena.sock") == (
