@@ -127,6 +127,27 @@ class SshShell:
             raise InfraError("SSH transport closed", part="network", rig=self.rig.name)
         return transport.get_remote_server_key()
 
+    def tcp(self, port: int, timeout: float = 30.0) -> Any:
+        """A socket-like paramiko channel to ``127.0.0.1:port`` on the device (SSH local
+        forwarding): how the host reaches a service that listens on the device only.
+        ``ConnectionRefusedError`` when nothing listens there (the device's doing)."""
+        import paramiko
+
+        transport = self._connected(60.0).get_transport()
+        try:
+            if transport is None:
+                raise paramiko.SSHException("no transport")
+            channel = transport.open_channel("direct-tcpip", ("127.0.0.1", port),
+                                             ("127.0.0.1", 0), timeout=timeout)
+        except paramiko.ChannelException as exc:  # the device answered: nothing listens there
+            raise ConnectionRefusedError(f"port {port} on the device: {exc}") from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            self.close()
+            raise InfraError(f"cannot open an SSH channel to port {port} on the board: {exc}",
+                             part="network", rig=self.rig.name) from None
+        channel.settimeout(timeout)
+        return channel
+
     def start(self, command: str, connect_timeout: float = 60.0) -> Any:
         """Start ``command`` and return its paramiko channel without waiting (the caller may
         cut the power while it runs)."""

@@ -31,6 +31,7 @@ from hil.os import hostdisk, parse
 from hil.os.contract import BootRecord, RootPart, Roots, RunningUpdate, UpdateResult, check
 from hil.os.parse import BootLine, BootState, Mount
 from hil.os.secret import Secret
+from hil.os.supervisor import SupervisorAPI
 from hil.os.updates import UpdateImage
 
 if TYPE_CHECKING:
@@ -543,6 +544,9 @@ class BalenaOS:
                          f"({image.path.stat().st_size} bytes, `{ENGINE} load` exit "
                          f"{result.exit_code}):\n{result.stdout[-2000:]}")
         return image.tag
+
+    def supervisor(self) -> SupervisorAPI:
+        return SupervisorAPI(self.dut)
 
     # --- data ---------------------------------------------------------------------------------
     def has_tools(self, *names: str) -> bool:

@@ -21,6 +21,7 @@ from hil.os.parse import BootLine, BootState, Mount
 from hil.os.updates import UpdateImage
 
 if TYPE_CHECKING:
+    from hil.os.supervisor import SupervisorAPI
     from hil.refos.appimage import AppImage
 
 __all__ = ["BootRecord", "HostOS", "OSContractError", "RootPart", "Roots", "RunningUpdate",
@@ -172,3 +173,5 @@ class HostOS(Protocol):
     def has_engine(self) -> bool: ...
     def wait_engine(self, timeout: float = 300.0) -> None: ...
     def load_image(self, image: AppImage, timeout: float = 600.0) -> str: ...
+    # the supervisor's device API (apps run through it)
+    def supervisor(self) -> SupervisorAPI: ...

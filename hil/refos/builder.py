@@ -69,7 +69,17 @@ BINARIES: dict[str, dict[str, str]] = {
     "runc": {"usr/sbin/runc": f"{ENGINE_DIR}/runc"},
     "crun": {"usr/bin/crun": f"{ENGINE_DIR}/crun"},
     "tini": {"usr/bin/tini-static": f"{ENGINE_DIR}/docker-init"},
+    # the supervisor stand-in (usr/lib/hil/supervisor.py) is a Python program
+    "python3.11-minimal": {"usr/bin/python3.11": "usr/bin/python3"},
 }
+# Python's standard library, without what the supervisor stand-in never imports (tests, GUIs,
+# build tools) and without compiled extensions (the ones it needs are built into python3).
+PYTHON_STDLIB = ("libpython3.11-minimal", "libpython3.11-stdlib")
+PYTHON_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
+               "pydoc_data", "lib-dynload", "distutils", "unittest", "sqlite3", "dbm",
+               "curses", "config-3.11-x86_64-linux-gnu", "config-3.11-aarch64-linux-gnu",
+               "venv", "xmlrpc", "asyncio", "multiprocessing", "site-packages",
+               "dist-packages"}
 LINKS = {"sbin/e2label": "tune2fs", "sbin/mkfs.ext4": "mke2fs"}
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
 ROOTFS_MODULES = (*INITRD_MODULES, "overlay", "virtio_net", "vfat", "nls_cp437", "nls_ascii",
@@ -164,7 +174,7 @@ class _Builder:
     def run(self) -> RefosImage:
         t0 = time.monotonic()
         kernel_pkg = debs.kernel_package(self.spec.deb_arch)
-        roots = [kernel_pkg, "busybox-static", *BINARIES]
+        roots = [kernel_pkg, "busybox-static", *BINARIES, *PYTHON_STDLIB]
         resolved = debs.resolve(roots, self.spec.deb_arch)
         libs = self._library_packages(resolved)
         resolved.update(debs.resolve(libs, self.spec.deb_arch))
@@ -309,6 +319,11 @@ class _Builder:
                 elfs.append(dst)
         for link, target in LINKS.items():
             (root / link).symlink_to(target)
+        for pkg in PYTHON_STDLIB:
+            shutil.copytree(trees[pkg] / "usr/lib/python3.11", root / "usr/lib/python3.11",
+                            symlinks=True, dirs_exist_ok=True,
+                            ignore=lambda _d, names: [n for n in names if n in PYTHON_SKIP])
+        (root / "usr/lib/python3.11/lib-dynload").mkdir()  # python3 looks for it at start
         # after the real binaries: an applet never shadows one (busybox has a mke2fs too)
         fs.install_busybox(root, trees["busybox-static"])
         self._install_libraries(root, elfs, trees, interp_done)

@@ -1,0 +1,503 @@
+#!/usr/bin/python3
+"""The reference OS's stand-in for the balena Supervisor: its device API on port 48484 and the
+local-mode target state, run on balenaEngine through the engine's own API.
+
+balenaOS runs the real supervisor (a Node.js program, in a container); this one runs on the host
+OS and does only what the suites reach through the API a real device also has:
+
+- ``GET /ping``, ``GET /v1/healthy`` (no key, as the real one), and with a key where one is
+  needed: ``POST /v1/reboot|shutdown|restart``, ``GET/POST /v2/local/target-state``,
+  ``GET /v2/applications/state``, ``GET /v2/state/status``.
+- Keys as the real supervisor decides: an unmanaged device (no ``apiEndpoint``) needs one only on
+  a production image (``developmentMode`` false); a wrong or missing key is a 401. Each service
+  with the ``io.balena.features.supervisor-api`` label gets its own key in
+  ``BALENA_SUPERVISOR_API_KEY``.
+- Services run with what the target state grants (``privileged``, ``devices``, ``cap_add``,
+  ``volumes``, ``environment``, ``labels``, ``network_mode``); the only service of an app
+  runs privileged on the host network unless it says otherwise, as a single-container release
+  does. ``/data`` is ``/mnt/data/resin-data/<appId>``; named volumes are ``<appId>_<name>``.
+- Containers are restarted by the engine after a boot (restart policy ``always``), never
+  recreated; a changed service, ``/v1/restart`` or a new target state recreates them, an app
+  that left the target state loses its containers and volumes. ``updates.lock`` in a service's
+  ``/tmp/balena`` holds reboots and recreation back unless forced or
+  ``SUPERVISOR_OVERRIDE_LOCK`` is set in the target state's config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import http.server
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from typing import Any
+
+PORT = 48484
+VERSION = "0.0.0-hil"
+ENGINE_SOCKET = "/var/run/balena-engine.sock"
+CONFIG_JSON = "/mnt/boot/config.json"
+STATE_DIR = "/mnt/data/resin-data/resin-supervisor"
+STATE_FILE = f"{STATE_DIR}/target-state.json"
+APP_DATA = "/mnt/data/resin-data"
+LOCK_DIR = "/tmp/balena-supervisor/services"
+SUPERVISED = "io.balena.supervised"
+
+
+def log(message: str) -> None:
+    print(f"[supervisor] {message}", file=sys.stderr, flush=True)
+
+
+# --- the engine's API, over its unix socket ---------------------------------------------------
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(ENGINE_SOCKET)
+        self.sock = sock
+
+
+class EngineError(Exception):
+    pass
+
+
+def engine(method: str, path: str, body: Any = None, timeout: float = 120.0) -> Any:
+    conn = _UnixConnection(timeout)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=data,
+                     headers={"Content-Type": "application/json"} if data else {})
+        resp = conn.getresponse()
+        raw = resp.read()
+    except OSError as e:
+        raise EngineError(f"{method} {path}: {e}") from e
+    finally:
+        conn.close()
+    if resp.status >= 400:
+        raise EngineError(f"{method} {path}: {resp.status} {raw.decode(errors='replace')[:300]}")
+    return json.loads(raw) if raw and raw[:1] in (b"{", b"[") else raw.decode(errors="replace")
+
+
+def engine_alive() -> bool:
+    try:
+        return bool(engine("GET", "/_ping", timeout=10) == "OK")
+    except EngineError:
+        return False
+
+
+# --- device facts --------------------------------------------------------------------------------
+def config() -> dict[str, Any]:
+    try:
+        with open(CONFIG_JSON) as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def needs_key() -> bool:
+    c = config()
+    unmanaged = not c.get("apiEndpoint")
+    return c.get("developmentMode") is not True if unmanaged else not c.get("localMode")
+
+
+def local_mode() -> bool:
+    return config().get("developmentMode") is True
+
+
+def os_release() -> dict[str, str]:
+    out: dict[str, str] = {}
+    with open("/etc/os-release") as f:
+        for line in f:
+            k, _, v = line.strip().partition("=")
+            out[k] = v.strip('"')
+    return out
+
+
+class Supervisor:
+    def __init__(self) -> None:
+        os.makedirs(STATE_DIR, exist_ok=True)
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.applying = False
+        self.last_error = ""
+        self.loop_beat = time.monotonic()
+        self.keys: dict[str, str] = {}
+        self.target: dict[str, Any] = {"local": {"name": "", "config": {}, "apps": {}},
+                                       "dependent": {"apps": [], "devices": []}}
+        try:
+            with open(STATE_FILE) as f:
+                saved = json.load(f)
+            self.target, self.keys = saved["target"], saved["keys"]
+        except (OSError, ValueError, KeyError):
+            pass
+
+    def save(self) -> None:
+        tmp = STATE_FILE + ".new"
+        with open(tmp, "w") as f:
+            json.dump({"target": self.target, "keys": self.keys}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, STATE_FILE)
+
+    # --- keys ------------------------------------------------------------------------------
+    def key_for(self, app_id: str, service: str) -> str:
+        name = f"{app_id}/{service}"
+        if name not in self.keys:
+            self.keys[name] = os.urandom(16).hex()
+            self.save()
+        return self.keys[name]
+
+    def key_valid(self, key: str) -> bool:
+        return bool(key) and key in self.keys.values()
+
+    # --- the target state --------------------------------------------------------------------
+    def apps(self) -> dict[str, Any]:
+        apps = self.target.get("local", {}).get("apps", {})
+        return apps if isinstance(apps, dict) else {}
+
+    def set_target(self, target: dict[str, Any]) -> None:
+        local = target.get("local")
+        if not isinstance(local, dict) or not isinstance(local.get("apps", {}), dict):
+            raise ValueError("target state needs local.apps as an object")
+        for app_id, app in local.get("apps", {}).items():
+            if not str(app_id).isdigit() or not isinstance(app.get("services", {}), dict):
+                raise ValueError(f"app {app_id!r}: needs a numeric id and services as an object")
+            for sid, svc in app.get("services", {}).items():
+                if not isinstance(svc, dict) or not svc.get("image"):
+                    raise ValueError(f"app {app_id} service {sid}: needs an image")
+        with self.lock:
+            self.target = target
+            self.save()
+        self.wake.set()
+
+    def override_lock(self) -> bool:
+        cfg = self.target.get("local", {}).get("config", {})
+        return str(cfg.get("SUPERVISOR_OVERRIDE_LOCK", "0")) in ("1", "true")
+
+    # --- containers ----------------------------------------------------------------------------
+    def containers(self) -> list[dict[str, Any]]:
+        got = engine("GET", "/containers/json?all=1&filters="
+                     + urllib.parse.quote(json.dumps({"label": [SUPERVISED]})))
+        return got if isinstance(got, list) else []
+
+    def wanted(self) -> dict[str, tuple[str, str, dict[str, Any], dict[str, Any]]]:
+        """Container name -> (appId, service name, service, app) for every target service."""
+        out = {}
+        for app_id, app in self.apps().items():
+            services = app.get("services", {})
+            for sid, svc in services.items():
+                name = svc.get("serviceName") or f"service{sid}"
+                spec = self.container_spec(str(app_id), name, sid, svc, app, len(services) == 1)
+                digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+                out[f"{name}_{svc.get('imageId', sid)}_{app.get('releaseId', 0)}_"
+                    f"{app.get('commit', 'local')}_{digest[:8]}"] = (str(app_id), name, svc, spec)
+        return out
+
+    def container_spec(self, app_id: str, name: str, sid: str, svc: dict[str, Any],
+                       app: dict[str, Any], single: bool) -> dict[str, Any]:
+        c = config()
+        rel = os_release()
+        sup_api = str(svc.get("labels", {}).get("io.balena.features.supervisor-api")) == "1"
+        network = svc.get("network_mode") or ("host" if single else "bridge")
+        host = "127.0.0.1" if network == "host" else self.bridge_gateway()
+        env = {
+            "DEVICE_UUID": str(c.get("uuid", "")), "DEVICE_TYPE": rel.get("SLUG", ""),
+            "DEVICE_NAME_AT_INIT": str(c.get("deviceName", c.get("hostname", ""))),
+            "DEVICE_ARCH": os.uname().machine, "APP_ID": app_id,
+            "APP_NAME": str(app.get("name", "")), "SERVICE_NAME": name,
+            "HOST_OS_VERSION": f"balenaOS {rel.get('VERSION', '')}",
+            "SUPERVISOR_VERSION": VERSION, "APP_LOCK_PATH": "/tmp/balena/updates.lock",
+        }
+        if sup_api:
+            env.update({"SUPERVISOR_ADDRESS": f"http://{host}:{PORT}", "SUPERVISOR_HOST": host,
+                        "SUPERVISOR_PORT": str(PORT),
+                        "SUPERVISOR_API_KEY": self.key_for(app_id, name)})
+        environment = [f"{p}_{k}={v}" for k, v in env.items() for p in ("BALENA", "RESIN")]
+        environment += ["BALENA=1", "RESIN=1",
+                        "BALENA_SERVICE_HANDOVER_COMPLETE_PATH=/tmp/balena/handover-complete",
+                        "RESIN_SERVICE_HANDOVER_COMPLETE_PATH=/tmp/resin/handover-complete"]
+        environment += [f"{k}={v}" for k, v in sorted(svc.get("environment", {}).items())]
+        lock_dir = f"{LOCK_DIR}/{app_id}/{name}"
+        binds = [f"{lock_dir}:/tmp/balena", f"{lock_dir}:/tmp/resin"]
+        targets = set()
+        for v in svc.get("volumes", []):
+            src, _, dst = v.partition(":")
+            targets.add(dst.split(":")[0])
+            binds.append(v if src.startswith("/") else f"{app_id}_{src}:{dst}")
+        if "/data" not in targets:
+            binds.append(f"{APP_DATA}/{app_id}:/data")
+        devices = []
+        for d in svc.get("devices", []):
+            host_path, _, rest = d.partition(":")
+            inner, _, perms = rest.partition(":")
+            devices.append({"PathOnHost": host_path, "PathInContainer": inner or host_path,
+                            "CgroupPermissions": perms or "rwm"})
+        labels = {**svc.get("labels", {}), SUPERVISED: "true", "io.balena.app-id": app_id,
+                  "io.balena.service-name": name, "io.balena.service-id": str(sid)}
+        spec: dict[str, Any] = {
+            "Image": svc["image"], "Env": environment, "Labels": labels,
+            "HostConfig": {
+                "Binds": binds, "Devices": devices, "CapAdd": svc.get("cap_add", []),
+                "Privileged": bool(svc.get("privileged", single)), "NetworkMode": network,
+                "RestartPolicy": {"Name": svc.get("restart", "always")},
+            },
+        }
+        if svc.get("command"):
+            cmd = svc["command"]
+            spec["Cmd"] = cmd if isinstance(cmd, list) else ["/bin/sh", "-c", cmd]
+        return spec
+
+    def bridge_gateway(self) -> str:
+        try:
+            net = engine("GET", "/networks/bridge")
+            return str(net["IPAM"]["Config"][0]["Gateway"])
+        except (EngineError, KeyError, IndexError, TypeError):
+            return "127.0.0.1"
+
+    def locked(self, app_id: str = "") -> list[str]:
+        """The update locks services of ``app_id`` (every app: "") hold."""
+        held = []
+        for root, _dirs, files in os.walk(os.path.join(LOCK_DIR, app_id)):
+            held += [os.path.join(root, f) for f in files if f == "updates.lock"]
+        return held
+
+    # --- reconciling ---------------------------------------------------------------------------
+    def apply(self) -> bool:
+        """One pass towards the target state; False while a lock holds a change back."""
+        wanted = self.wanted()
+        for app_id, svc_name, _svc, _spec in wanted.values():
+            # on tmpfs: gone after a boot, and the engine cannot start a container without them
+            os.makedirs(f"{LOCK_DIR}/{app_id}/{svc_name}", exist_ok=True)
+            os.makedirs(f"{APP_DATA}/{app_id}", exist_ok=True)
+        done = True
+        for c in self.containers():
+            name, app_id = c["Names"][0].lstrip("/"), c["Labels"].get("io.balena.app-id", "")
+            if name in wanted:
+                continue
+            if self.locked(app_id) and not self.override_lock():
+                log(f"Updates are locked: {', '.join(self.locked(app_id))}")
+                done = False
+                continue
+            log(f"removing {name}")
+            engine("DELETE", f"/containers/{c['Id']}?force=1")
+        current = {c["Names"][0].lstrip("/"): c for c in self.containers()}
+        for name, (app_id, svc_name, svc, spec) in wanted.items():
+            if name in current:
+                if current[name]["State"] != "running":
+                    log(f"starting {name}")
+                    engine("POST", f"/containers/{current[name]['Id']}/start")
+                continue
+            if any(c["Labels"].get("io.balena.app-id") == app_id
+                   and c["Labels"].get("io.balena.service-name") == svc_name
+                   for c in current.values()):
+                continue  # its old container is kept by a lock
+            self.ensure_image(svc["image"])
+            for v in svc.get("volumes", []):
+                src = v.partition(":")[0]
+                if not src.startswith("/"):
+                    self.ensure_volume(app_id, src)
+            log(f"creating {name}")
+            engine("POST", "/containers/create?name=" + urllib.parse.quote(name), spec)
+            engine("POST", f"/containers/{urllib.parse.quote(name)}/start")
+        self.purge_left_apps()
+        return done
+
+    def ensure_image(self, image: str) -> None:
+        try:
+            engine("GET", f"/images/{urllib.parse.quote(image, safe='')}/json")
+        except EngineError:
+            log(f"pulling {image}")
+            engine("POST", "/images/create?fromImage=" + urllib.parse.quote(image, safe=""),
+                   timeout=1800)
+
+    def ensure_volume(self, app_id: str, name: str) -> None:
+        engine("POST", "/volumes/create", {
+            "Name": f"{app_id}_{name}",
+            "Labels": {SUPERVISED: "true", "io.balena.app-id": app_id}})
+
+    def purge_left_apps(self) -> None:
+        """Volumes and /data of apps no longer in the target state: moving a device to another
+        app purges them."""
+        keep = set(self.apps())
+        vols = engine("GET", "/volumes?filters="
+                      + urllib.parse.quote(json.dumps({"label": [SUPERVISED]})))
+        for v in (vols or {}).get("Volumes") or []:
+            if v["Labels"].get("io.balena.app-id") not in keep:
+                log(f"purging volume {v['Name']}")
+                engine("DELETE", f"/volumes/{urllib.parse.quote(v['Name'])}")
+        for entry in os.listdir(APP_DATA):
+            if entry.isdigit() and entry not in keep:
+                log(f"purging /data of app {entry}")
+                shutil.rmtree(f"{APP_DATA}/{entry}", ignore_errors=True)
+                shutil.rmtree(f"{LOCK_DIR}/{entry}", ignore_errors=True)
+
+    def run(self) -> None:
+        while True:
+            self.loop_beat = time.monotonic()
+            if engine_alive():
+                self.applying = True
+                try:
+                    done = self.apply()
+                    self.last_error = ""
+                except EngineError as e:
+                    done = False
+                    self.last_error = str(e)
+                    log(f"apply failed: {e}")
+                self.applying = not done
+                if done:
+                    self.wake.wait(300)
+                else:
+                    self.wake.wait(5)
+            else:
+                self.wake.wait(2)
+            self.wake.clear()
+
+    def restart_app(self, app_id: str, force: bool) -> None:
+        if self.locked(app_id) and not (force or self.override_lock()):
+            raise PermissionError(f"Updates are locked: {', '.join(self.locked(app_id))}")
+        for c in self.containers():
+            if c["Labels"].get("io.balena.app-id") == app_id:
+                engine("DELETE", f"/containers/{c['Id']}?force=1")
+        self.wake.set()
+
+    # --- reports -------------------------------------------------------------------------------
+    def app_states(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        running = self.containers()
+        for app_id, app in self.apps().items():
+            services = {}
+            for svc in app.get("services", {}).values():
+                name = svc.get("serviceName")
+                c = next((c for c in running if c["Labels"].get("io.balena.app-id") == app_id
+                          and c["Labels"].get("io.balena.service-name") == name), None)
+                status = "Downloaded" if c is None else (
+                    "Running" if c["State"] == "running" else c["State"].capitalize())
+                services[name] = {"status": status, "releaseId": app.get("releaseId"),
+                                  "downloadProgress": None,
+                                  "containerId": c["Id"] if c else None}
+            out[app.get("name") or app_id] = {"appId": int(app_id), "commit": app.get("commit"),
+                                              "services": services}
+        return out
+
+
+SUP = Supervisor()
+
+
+class Api(http.server.BaseHTTPRequestHandler):
+    server_version = "balena-supervisor-hil"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log(f"api: {self.command} {self.path.split('?')[0]} {args[1] if len(args) > 1 else ''}")
+
+    def reply(self, status: int, body: Any) -> None:
+        raw = (json.dumps(body) if not isinstance(body, str) else body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type",
+                         "text/plain" if isinstance(body, str) else "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def body(self) -> dict[str, Any]:
+        n = int(self.headers.get("Content-Length") or 0)
+        if not n:
+            return {}
+        raw = self.rfile.read(n)
+        if "json" in (self.headers.get("Content-Type") or ""):
+            value = json.loads(raw)
+            return value if isinstance(value, dict) else {}
+        return {k: v[-1] for k, v in urllib.parse.parse_qs(raw.decode()).items()}
+
+    def authorised(self, query: dict[str, list[str]]) -> bool:
+        if not needs_key():
+            return True
+        key = (query.get("apikey") or [""])[-1]
+        auth = self.headers.get("Authorization") or ""
+        scheme, _, value = auth.partition(" ")
+        if not key and scheme.lower() in ("bearer", "apikey"):
+            key = value.strip()
+        return SUP.key_valid(key)
+
+    def do_GET(self) -> None:
+        self.handle_request("GET")
+
+    def do_POST(self) -> None:
+        self.handle_request("POST")
+
+    def handle_request(self, method: str) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        path, query = url.path.rstrip("/") or "/", urllib.parse.parse_qs(url.query)
+        try:
+            if (method, path) == ("GET", "/v1/healthy"):
+                alive = engine_alive() and time.monotonic() - SUP.loop_beat < 600
+                return self.reply(200, "OK") if alive else self.reply(500, "Unhealthy")
+            if (method, path) == ("GET", "/ping"):
+                return self.reply(200, "OK")
+            if not self.authorised(query):
+                return self.reply(401, "Unauthorized")
+            self.route(method, path)
+        except ValueError as e:
+            self.reply(400, {"status": "failed", "message": str(e)})
+        except PermissionError as e:
+            self.reply(423, {"Data": "", "Error": str(e)})
+        except EngineError as e:
+            self.reply(503, {"status": "failed", "message": str(e)})
+
+    def route(self, method: str, path: str) -> None:
+        if (method, path) in (("POST", "/v1/reboot"), ("POST", "/v1/shutdown")):
+            force = str(self.body().get("force", "")).lower() in ("1", "true")
+            held = SUP.locked()
+            if held and not (force or SUP.override_lock()):
+                raise PermissionError(f"Updates are locked: {', '.join(held)}")
+            self.reply(202, {"Data": "OK", "Error": None})
+            action = "reboot" if path.endswith("reboot") else "poweroff"
+            log(f"{action} requested through the API")
+            threading.Timer(1.0, subprocess.call, ([action],)).start()
+        elif (method, path) == ("POST", "/v1/restart"):
+            body = self.body()
+            app_id = str(body.get("appId", ""))
+            if app_id not in SUP.apps():
+                raise ValueError(f"no app {app_id!r} in the target state")
+            SUP.restart_app(app_id, str(body.get("force", "")).lower() in ("1", "true"))
+            self.reply(200, "OK")
+        elif (method, path) == ("GET", "/v2/local/target-state"):
+            self.reply(200, {"status": "success", "state": SUP.target})
+        elif (method, path) == ("POST", "/v2/local/target-state"):
+            if not local_mode():
+                raise ValueError("Target state can only be set when device is in local mode")
+            SUP.set_target(self.body())
+            self.reply(200, {"status": "success", "message": "OK"})
+        elif (method, path) == ("GET", "/v2/applications/state"):
+            self.reply(200, SUP.app_states())
+        elif (method, path) == ("GET", "/v2/state/status"):
+            containers = [
+                {"status": s["status"], "serviceName": name, "appId": a["appId"],
+                 "containerId": s["containerId"], "releaseId": s["releaseId"]}
+                for a in SUP.app_states().values() for name, s in a["services"].items()]
+            self.reply(200, {"status": "success",
+                             "appState": "applying" if SUP.applying else "applied",
+                             "overallDownloadProgress": None, "containers": containers,
+                             "images": [], "release": None})
+        else:
+            self.reply(404, "Not Found")
+
+
+def main() -> None:
+    threading.Thread(target=SUP.run, daemon=True).start()
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", PORT), Api)
+    log(f"Supervisor API successfully started on port {PORT}")
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

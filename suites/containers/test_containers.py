@@ -1,0 +1,162 @@
+"""Containers: the engine and the supervisor are up after boot, and an app deployed through the
+supervisor's local-mode API gets what balenaOS promises app containers: its variables, `/data`
+and named volumes kept across a restart, an app update, a reboot and a power cut, its own
+filesystem kept across a reboot and a power cut (not recreated) but new after a restart or an
+update, a supervisor API that needs the service's key on a production device and honours the
+app's update lock, and another app purging the first one's volumes.
+
+The same tests run on a real balenaOS device in development mode: they reach the device only
+through `balena-engine` and the supervisor's API (docs/containers.md maps them to balenaOS's own
+suites)."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+from apps import APP_ID, APP_NAME, SERVICE, Apps, service, target
+
+from hil.dut import Dut
+from hil.os import HostOS
+
+# label -> file inside the app's container
+DATA = {"data": "/data/hil-mark", "volume": "/vol/hil-mark"}
+OWN = {"container-fs": "/root/hil-mark", "tmp": "/tmp/hil-mark"}
+VARIABLES = ("DEVICE_UUID", "DEVICE_TYPE", "DEVICE_NAME_AT_INIT", "APP_ID", "APP_NAME",
+             "SERVICE_NAME", "HOST_OS_VERSION", "SUPERVISOR_ADDRESS", "SUPERVISOR_HOST",
+             "SUPERVISOR_PORT", "SUPERVISOR_API_KEY", "SUPERVISOR_VERSION", "APP_LOCK_PATH")
+
+
+def test_engine_is_healthy_after_boot(host_os: HostOS, app_image: str) -> None:
+    r = host_os.run("/usr/lib/balena/balena-healthcheck", timeout=300)
+    assert r.ok, f"balena-healthcheck failed after boot (exit {r.exit_code}):\n{r.stdout[-2000:]}"
+
+
+def test_supervisor_is_healthy(host_os: HostOS, app_image: str) -> None:
+    api = host_os.supervisor()
+    api.wait_healthy()
+    ping = api.request("GET", "/ping")
+    assert (ping.status, ping.text) == (200, "OK"), f"GET /ping answered {ping}"
+
+
+def test_service_gets_the_balena_variables(host_os: HostOS, apps: Apps,
+                                           app: dict[str, str]) -> None:
+    env = apps.env(app[SERVICE])
+    missing = [f"{p}_{v}" for v in VARIABLES for p in ("BALENA", "RESIN")
+               if f"{p}_{v}" not in env]
+    missing += [v for v in ("BALENA", "RESIN", "BALENA_SERVICE_HANDOVER_COMPLETE_PATH")
+                if v not in env]
+    assert not missing, f"the service lacks {missing}; it has {sorted(env)}"
+    expected = {"BALENA_APP_ID": APP_ID, "BALENA_APP_NAME": APP_NAME,
+                "BALENA_SERVICE_NAME": SERVICE, "BALENA": "1", "RESIN": "1",
+                "BALENA_DEVICE_UUID": host_os.config_json().get("uuid"),
+                "BALENA_DEVICE_TYPE": host_os.os_release().get("SLUG")}
+    wrong = {k: (env.get(k), v) for k, v in expected.items() if env.get(k) != v}
+    assert not wrong, f"variables with the wrong value (got, want): {wrong}"
+    assert host_os.version() in env["BALENA_HOST_OS_VERSION"], (
+        f"BALENA_HOST_OS_VERSION={env['BALENA_HOST_OS_VERSION']!r} does not name the OS "
+        f"version {host_os.version()!r}")
+
+
+def test_restart_request_recreates_the_container_and_keeps_its_volumes(
+        host_os: HostOS, apps: Apps, app: dict[str, str]) -> None:
+    apps.write_marks(app[SERVICE], {**DATA, **OWN}, "before-restart")
+    r = apps.api.request("POST", "/v1/restart", {"appId": int(APP_ID)})
+    assert r.status == 200, f"POST /v1/restart answered {r}"
+    new = apps.api.wait_running(APP_NAME, [SERVICE], other_than=app)
+    got = apps.marks(new[SERVICE], {**DATA, **OWN})
+    assert got == {"data": "before-restart", "volume": "before-restart",
+                   "container-fs": None, "tmp": None}, (
+        f"after a restart request (a new container), want /data and the volume kept and the "
+        f"container's own files gone; got {got}")
+
+
+def test_app_update_recreates_the_container_and_keeps_its_volumes(
+        apps: Apps, app: dict[str, str], app_image: str) -> None:
+    apps.write_marks(app[SERVICE], {**DATA, **OWN}, "before-update")
+    updated = target({"main": service(app_image, environment={"HIL_RELEASE": "2"})},
+                     commit="c2")
+    apps.api.set_target_state(updated)
+    try:
+        new = apps.api.wait_running(APP_NAME, [SERVICE], other_than=app)
+        assert apps.env(new[SERVICE]).get("HIL_RELEASE") == "2", (
+            "the updated service does not have the new release's variable")
+        got = apps.marks(new[SERVICE], {**DATA, **OWN})
+        assert got == {"data": "before-update", "volume": "before-update",
+                       "container-fs": None, "tmp": None}, (
+            f"after an app update, want /data and the volume kept and the container new; "
+            f"got {got}")
+    finally:
+        apps.api.set_target_state(target({"main": service(app_image)}))
+
+
+@pytest.mark.parametrize("how", ["reboot", "power cut"])
+def test_container_and_its_files_survive(how: str, dut: Dut, apps: Apps,
+                                         app: dict[str, str]) -> None:
+    apps.write_marks(app[SERVICE], {**DATA, **OWN}, f"before-{how.replace(' ', '-')}")
+    if how == "reboot":
+        dut.reboot()
+    else:
+        dut.power_cycle()
+    after = apps.api.wait_running(APP_NAME, [SERVICE])
+    assert after == app, (f"the app's container was recreated by a {how} (was {app}, now "
+                          f"{after}): its own filesystem is lost")
+    got = apps.marks(after[SERVICE], {**DATA, **OWN})
+    want = f"before-{how.replace(' ', '-')}"
+    assert got == dict.fromkeys([*DATA, *OWN], want), (
+        f"after a {how}, want every file the app wrote kept; got {got}")
+
+
+def test_production_supervisor_api_needs_the_service_key(
+        dut: Dut, host_os: HostOS, apps: Apps, app: dict[str, str]) -> None:
+    key = apps.env(app[SERVICE])["BALENA_SUPERVISOR_API_KEY"]
+    host_os.set_config(developmentMode=False)
+    try:
+        def refused() -> bool:
+            return apps.api.request("GET", "/v2/applications/state").status == 401
+        dut.poll(refused, 60, "the supervisor to ask for a key on a production device",
+                         lambda: "it answered without one")
+        wrong = apps.api.request("GET", "/v2/applications/state", key="0" * 32)
+        assert wrong.status == 401, f"a wrong key was let through: {wrong.status}"
+        right = apps.api.request("GET", "/v2/applications/state", key=key)
+        assert right.status == 200 and APP_NAME in right.json(), (
+            f"the service's own key was refused: {right}")
+        inside = apps.exec(app[SERVICE], 'wget -q -O- --header "Authorization: Bearer '
+                           '$BALENA_SUPERVISOR_API_KEY" "$BALENA_SUPERVISOR_ADDRESS'
+                           '/v2/applications/state"')
+        assert APP_NAME in inside, f"the API refused the service from inside: {inside[-500:]}"
+    finally:
+        host_os.via_ssh().set_config(developmentMode=True)
+
+
+def test_update_lock_holds_a_reboot_until_released(
+        dut: Dut, apps: Apps, app: dict[str, str]) -> None:
+    reboot = ('wget -q -O- --header "Authorization: Bearer $BALENA_SUPERVISOR_API_KEY" '
+              '--post-data "{}" "$BALENA_SUPERVISOR_ADDRESS/v1/reboot" 2>&1; echo "wget=$?"')
+    apps.exec(app[SERVICE], 'mkdir -p /tmp/balena && touch "$BALENA_APP_LOCK_PATH"')
+    held = apps.exec(app[SERVICE], reboot)
+    assert "wget=0" not in held and "423" in held, (
+        f"want 423 Locked for a reboot while the app holds its update lock; got {held}")
+    boot = dut.boot_id()
+    apps.exec(app[SERVICE], 'rm -f "$BALENA_APP_LOCK_PATH"')
+    at = dut.start_reboot(f"balena-engine exec {app[SERVICE]} sh -c {shlex.quote(reboot)}")
+    dut.await_boot(at)
+    dut.wait_ready()
+    assert dut.boot_id() != boot, "the lock was released, yet the app's reboot request did nothing"
+
+
+def test_moving_to_another_app_purges_the_volumes(
+        apps: Apps, app: dict[str, str], app_image: str) -> None:
+    apps.write_marks(app[SERVICE], DATA, "first-app")
+    other = target({"main": service(app_image)}, app_id="1002", name="hil-other")
+    try:
+        new = apps.deploy(other)
+        got = apps.marks(new[SERVICE], DATA)
+        assert got == dict.fromkeys(DATA), (
+            f"another app's service sees the first app's data: {got}")
+        left = apps.os.run(f"ls -d /mnt/data/resin-data/{APP_ID} 2>&1; balena-engine volume ls "
+                           f"-q --filter label=io.balena.app-id={APP_ID}", timeout=120).stdout
+        assert f"{APP_ID}_" not in left and "No such file" in left, (
+            f"the first app's /data or volumes are still there: {left}")
+    finally:
+        apps.deploy(target({"main": service(app_image)}))
