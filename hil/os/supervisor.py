@@ -30,15 +30,17 @@ class Reply:
         return json.loads(self.text)
 
 
-class _Forwarded(http.client.HTTPConnection):
-    """An HTTP connection over an SSH channel instead of a TCP socket."""
-
-    def __init__(self, channel: Any, timeout: float) -> None:
-        super().__init__("127.0.0.1", PORT, timeout=timeout)
-        self._channel = channel
-
-    def connect(self) -> None:
-        self.sock = self._channel
+def _exchange(channel: Any, request: bytes) -> Reply:
+    """HTTP/1.0 over an SSH channel: send the request, read until the server closes."""
+    channel.sendall(request)
+    chunks = []
+    while chunk := channel.recv(65536):
+        chunks.append(chunk)
+    head, sep, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].split()
+    if not sep or len(status) < 2 or not status[1].isdigit():
+        raise http.client.BadStatusLine(head[:200].decode(errors="replace"))
+    return Reply(int(status[1]), body.decode(errors="replace"))
 
 
 class SupervisorAPI:
@@ -54,19 +56,20 @@ class SupervisorAPI:
         except ConnectionRefusedError as exc:
             raise OSContractError(f"the supervisor API does not listen on port {PORT}: "
                                   f"{exc}") from None
-        conn = _Forwarded(channel, timeout)
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+        data = json.dumps(body).encode() if body is not None else b""
+        headers = [f"{method} {path} HTTP/1.0", "Host: 127.0.0.1",
+                   f"Content-Length: {len(data)}"]
+        if body is not None:
+            headers.append("Content-Type: application/json")
         if key is not None:
-            headers["Authorization"] = f"Bearer {key}"
+            headers.append(f"Authorization: Bearer {key}")
         try:
-            conn.request(method, path, json.dumps(body) if body is not None else None, headers)
-            resp = conn.getresponse()
-            return Reply(resp.status, resp.read().decode(errors="replace"))
+            return _exchange(channel, "\r\n".join(headers).encode() + b"\r\n\r\n" + data)
         except (OSError, http.client.HTTPException) as exc:
             raise OSContractError(f"the supervisor API dropped `{method} {path}`: "
                                   f"{exc!r}") from None
         finally:
-            conn.close()
+            channel.close()
 
     def healthy(self) -> Reply:
         return self.request("GET", "/v1/healthy")
@@ -114,7 +117,11 @@ class SupervisorAPI:
         seen = ["nothing yet"]
 
         def probe() -> dict[str, str] | None:
-            state = self.apps_state().get(app, {}).get("services", {})
+            try:  # after a boot the supervisor starts after the engine: refused until then
+                state = self.apps_state().get(app, {}).get("services", {})
+            except OSContractError as exc:
+                seen[0] = str(exc)
+                return None
             seen[0] = json.dumps(state)[:600]
             ids = {s: str(state.get(s, {}).get("containerId")) for s in services}
             running = all(state.get(s, {}).get("status") == "Running" for s in services)

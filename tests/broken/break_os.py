@@ -60,6 +60,14 @@ BREAKS: dict[str, str] = {
     "chrony-no-makestep": _restart_chrony_without("makestep"),
     # a device node the device type promises disappears
     "no-gpiochip0": "rm -f /dev/gpiochip0",
+    # the supervisor lets any caller in on a production device (an API without its key check):
+    # a copy that never asks for a key is bound over it, and init restarts it from there
+    "supervisor-ignores-key": (
+        "grep -q 'return False  # broken' /usr/lib/hil/supervisor.py || "
+        "{ sed 's/return config().get(\"developmentMode\") is not True/return False  # broken/' "
+        "/usr/lib/hil/supervisor.py > /run/supervisor-broken.py && "
+        "mount --bind /run/supervisor-broken.py /usr/lib/hil/supervisor.py && "
+        "killall python3; }"),
 }
 
 # (hostapp-update leaves the new root mounted read-write, as balenaOS does)

@@ -102,6 +102,15 @@ def test_rollback_suite_fails_when_rollbacks_are_disabled(tmp_path: Path) -> Non
                      r"\(VERSION [0-9.]+\) was not rolled back", failed), out[-6000:]
 
 
+def test_containers_suite_fails_when_the_supervisor_ignores_its_key(tmp_path: Path) -> None:
+    code, out, failed = run_broken(tmp_path, "supervisor-ignores-key", [
+        "suites/containers", "-k", "production"])
+    assert code == 1 and "1 failed" in out, out[-6000:]
+    assert ("test_production_supervisor_api_needs_the_service_key - "
+            "hil.errors.NotReached: the supervisor to ask for a key on a production device"
+            ) in failed, out[-6000:]
+
+
 def test_ntp_suite_fails_when_chrony_drops_the_configured_server(tmp_path: Path) -> None:
     code, out, failed = run_broken(tmp_path, "chrony-no-servers",
                                    ["suites/ntp", "-k", "synchronises_to_the_rig"])

@@ -8,8 +8,9 @@ OS and does only what the suites reach through the API a real device also has:
 - ``GET /ping``, ``GET /v1/healthy`` (no key, as the real one), and with a key where one is
   needed: ``POST /v1/reboot|shutdown|restart``, ``GET/POST /v2/local/target-state``,
   ``GET /v2/applications/state``, ``GET /v2/state/status``.
-- Keys as the real supervisor decides: an unmanaged device (no ``apiEndpoint``) needs one only on
-  a production image (``developmentMode`` false); a wrong or missing key is a 401. Each service
+- Keys as the real supervisor decides for an unmanaged device (this one never talks to the
+  cloud, so it is one whatever ``apiEndpoint`` says): needed only on a production device
+  (``developmentMode`` not true); a wrong or missing key is a 401. Each service
   with the ``io.balena.features.supervisor-api`` label gets its own key in
   ``BALENA_SUPERVISOR_API_KEY``.
 - Services run with what the target state grants (``privileged``, ``devices``, ``cap_add``,
@@ -105,12 +106,14 @@ def config() -> dict[str, Any]:
 
 
 def needs_key() -> bool:
-    c = config()
-    unmanaged = not c.get("apiEndpoint")
-    return c.get("developmentMode") is not True if unmanaged else not c.get("localMode")
+    """The real supervisor asks for a key on an unmanaged production device, and on a managed
+    one unless it is in local mode. This one never talks to the cloud, so it is always
+    unmanaged: a key is needed exactly when developmentMode is not true."""
+    return config().get("developmentMode") is not True
 
 
 def local_mode() -> bool:
+    """Local mode (target states from the API): a development device, as an unmanaged one."""
     return config().get("developmentMode") is True
 
 
@@ -372,15 +375,18 @@ class Supervisor:
 
     # --- reports -------------------------------------------------------------------------------
     def app_states(self) -> dict[str, Any]:
+        """Each target service's state, from the container made for the target as it is now
+        (an older one still being replaced does not count)."""
+        by_name = {c["Names"][0].lstrip("/"): c for c in self.containers()}
+        wanted = {(app_id, svc_name): by_name.get(name)
+                  for name, (app_id, svc_name, _svc, _spec) in self.wanted().items()}
         out: dict[str, Any] = {}
-        running = self.containers()
         for app_id, app in self.apps().items():
             services = {}
             for svc in app.get("services", {}).values():
                 name = svc.get("serviceName")
-                c = next((c for c in running if c["Labels"].get("io.balena.app-id") == app_id
-                          and c["Labels"].get("io.balena.service-name") == name), None)
-                status = "Downloaded" if c is None else (
+                c = wanted.get((app_id, name))
+                status = "Installing" if c is None else (
                     "Running" if c["State"] == "running" else c["State"].capitalize())
                 services[name] = {"status": status, "releaseId": app.get("releaseId"),
                                   "downloadProgress": None,
