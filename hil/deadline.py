@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from hil.errors import DeadlineError
+from hil.errors import DeadlineError, InfraError
 
 T = TypeVar("T")
 
@@ -35,6 +35,8 @@ def wait_until(
     seen: Callable[[], str] | None = None,
     interval: float = 0.05,
     tail: Callable[[], str] | None = None,
+    part: str | None = None,
+    rig: str = "",
 ) -> T:
     """Poll ``probe`` until it returns something other than None/False, looking every
     ``interval`` seconds (from the start of one look to the next: a probe of the device takes
@@ -42,6 +44,8 @@ def wait_until(
 
     Only for states that have no event to wait on (a socket that starts listening, a file that a
     foreign process creates). ``seen`` describes the last observed state for the error message.
+    A wait on a part of the rig (``part``: a daemon, the emulator) that runs out is a rig fault:
+    ``InfraError`` naming the part and ``rig``; any other, ``DeadlineError``.
     """
     deadline = Deadline(timeout)
     while True:
@@ -50,8 +54,11 @@ def wait_until(
         if value is not None and value is not False:
             return value
         if deadline.expired():
-            raise DeadlineError(expected, seen() if seen else repr(value), timeout,
-                                tail=tail() if tail else "")
+            error = DeadlineError(expected, seen() if seen else repr(value), timeout,
+                                  tail=tail() if tail else "")
+            if part is not None:
+                raise InfraError(str(error), part=part, rig=rig) from None
+            raise error
         time.sleep(min(max(0.0, interval - (time.monotonic() - began)), deadline.remaining()))
 
 

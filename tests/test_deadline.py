@@ -8,7 +8,7 @@ import time
 import pytest
 
 from hil.deadline import WaitTally, wait_until
-from hil.errors import DeadlineError
+from hil.errors import DeadlineError, InfraError
 
 
 def test_nested_waits_count_once_under_the_outer_kind() -> None:
@@ -57,3 +57,12 @@ def test_wait_until_says_what_was_expected_and_seen() -> None:
     with pytest.raises(DeadlineError) as err:
         wait_until(lambda: None, 0.05, "the socket to listen", seen=lambda: "no socket yet")
     assert "the socket to listen" in str(err.value) and "no socket yet" in str(err.value)
+
+
+def test_a_wait_on_a_rig_part_is_a_rig_fault() -> None:
+    with pytest.raises(InfraError) as err:
+        wait_until(lambda: False, 0.05, "ser2net to listen", seen=lambda: "port closed",
+                   part="ser2net", rig="bench1")
+    assert not isinstance(err.value, DeadlineError)
+    assert (err.value.part, err.value.rig) == ("ser2net", "bench1")
+    assert "[rig bench1 ser2net] timed out" in str(err.value) and "port closed" in str(err.value)

@@ -248,7 +248,7 @@ class EmulatedBoard:
 
         # QEMU creates its socket within milliseconds of starting; nothing to wait on
         wait_until(socket_ready, 15, "QEMU to open its serial socket",
-                   seen=lambda: "no socket yet", interval=0.01)
+                   seen=lambda: "no socket yet", interval=0.01, part="emulator", rig=self.rig)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(str(sock_path))
         self.uart.attach(sock)  # QEMU holds the CPU until this connection (wait=on)

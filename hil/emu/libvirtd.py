@@ -99,5 +99,6 @@ def _started(runtime: Path) -> Iterator[None]:
             libvirtd.check()
             return answering()
 
-        wait_until(up, 30, "libvirtd to answer on its socket", seen=lambda: "no answer")
+        wait_until(up, 30, "libvirtd to answer on its socket", seen=lambda: "no answer",
+                   part="libvirtd")
         yield

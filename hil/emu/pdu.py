@@ -72,7 +72,7 @@ class PduDaemonRunner:
 
         # aiohttp binds after its imports (~1 s); there is no readiness signal to wait on
         wait_until(listening, 30, f"pdudaemon to listen on {self.host}:{self.port}",
-                   seen=lambda: "port closed", interval=0.05)
+                   seen=lambda: "port closed", interval=0.05, part="pdudaemon", rig=self.rig)
         return self
 
     def stop(self) -> None:

@@ -62,7 +62,7 @@ class Ser2Net:
             return tcp_listening(self.port)
 
         wait_until(listening, 10, f"ser2net to listen on {self.host}:{self.port}",
-                   seen=lambda: "port closed", interval=0.02)
+                   seen=lambda: "port closed", interval=0.02, part="ser2net", rig=self.rig)
         return self
 
     def stop(self) -> None:

@@ -202,7 +202,7 @@ class QemuTarget:
 
         # QEMU creates its sockets within milliseconds; there is no event to wait on.
         wait_until(listening, 15, "QEMU to open its console socket",
-                   seen=lambda: "no socket yet", interval=0.01)
+                   seen=lambda: "no socket yet", interval=0.01, part="target", rig=self.ctx.rig)
         self.console.attach(timeout=10)
         self._connect_qmp()
 

@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any
 
 from hil.deadline import wait_until
+from hil.errors import DeadlineError, NotReached
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +141,16 @@ class RegistrationServer:
         self.stop()
 
     def wait_for(self, uuid: str, timeout: float) -> Registration:
-        """The first accepted registration of ``uuid``; DeadlineError after ``timeout``."""
+        """The first accepted registration of ``uuid``; ``NotReached`` (a test failure) after
+        ``timeout``."""
         def probe() -> Registration | None:
             with self._lock:
                 return next((r for r in self.registrations if r.uuid == uuid and r.auth_ok),
                             None)
 
-        return wait_until(probe, timeout, f"registration of {uuid}",
-                          seen=lambda: f"{len(self.registrations)} registration(s)",
-                          interval=0.1)
+        try:
+            return wait_until(probe, timeout, f"registration of {uuid}",
+                              seen=lambda: f"{len(self.registrations)} registration(s)",
+                              interval=0.1)
+        except DeadlineError as exc:  # the device did not register: its promise, not the rig's
+            raise NotReached(f"the device to register as {uuid}", exc.seen, timeout) from None

@@ -58,6 +58,40 @@ def test_service_gets_the_balena_variables(host_os: HostOS, apps: Apps,
         f"version {host_os.version()!r}")
 
 
+def test_time_in_the_container_is_the_hosts(host_os: HostOS, apps: Apps,
+                                            app: dict[str, str]) -> None:
+    inside = int(apps.exec(app[SERVICE], "date -u +%s").strip().splitlines()[-1])
+    outside = int(host_os.check("date -u +%s").strip())
+    assert abs(inside - outside) <= 5, (
+        f"the container's clock says {inside}, the host's {outside} (a few seconds apart at "
+        "most: the commands ran one after the other)")
+
+
+def test_services_get_only_the_devices_they_are_granted(
+        dut: Dut, apps: Apps, app_image: str) -> None:
+    nodes = sorted(n for n in dut.rig.config.device_type.dev_nodes
+                   if not n.startswith(("/dev/tty", "/dev/watchdog")))
+    if not nodes:
+        pytest.skip("the device type lists no /dev nodes besides consoles and watchdogs")
+    granted = nodes[0]
+    both = target({"plain": service(app_image, volumes=[]),
+                   "mapped": service(app_image, volumes=[], devices=[f"{granted}:{granted}"])},
+                  app_id="1003", name="hil-devices")
+    try:
+        ids = apps.deploy(both)
+        probe = " ".join(f"[ -e {n} ] && echo HAS={n};" for n in nodes)
+        seen = {s: sorted(line.split("=", 1)[1] for line in apps.exec(ids[s], probe).splitlines()
+                          if line.startswith("HAS="))
+                for s in ("plain", "mapped")}
+        assert seen == {"plain": [], "mapped": [granted]}, (
+            f"of the device type's nodes {nodes}, an unprivileged service must see none and a "
+            f"service granted {granted} exactly that one; they saw {seen}")
+        opened = apps.exec(ids["mapped"], f"head -c 0 {granted} 2>&1 && echo OPENED")
+        assert "OPENED" in opened, f"the granted {granted} does not open: {opened}"
+    finally:
+        apps.deploy(target({"main": service(app_image)}))
+
+
 def test_restart_request_recreates_the_container_and_keeps_its_volumes(
         host_os: HostOS, apps: Apps, app: dict[str, str]) -> None:
     apps.write_marks(app[SERVICE], {**DATA, **OWN}, "before-restart")

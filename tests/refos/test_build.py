@@ -17,6 +17,7 @@ from refos_guest import Images
 
 import hil.refos.builder as build_mod
 from hil.cli import main as hil_main
+from hil.errors import NotReached
 from hil.lock import HostLock
 from hil.refos import RefosImage, RegistrationServer, boot_env, build, configure
 from hil.refos.debs import elf_deps
@@ -208,6 +209,8 @@ def test_registration_server() -> None:
         assert reg.device_api_key == body["deviceApiKey"]
         assert [(r.uuid, r.auth_ok) for r in api.registrations] == [("u1", True), ("u2", False)]
         assert "deviceApiKey" not in repr(reg) and str(body["deviceApiKey"]) not in repr(reg)
+        with pytest.raises(NotReached, match="the device to register as u9"):
+            api.wait_for("u9", timeout=0.3)  # a device that never registers fails the test
         with urllib.request.urlopen(api.url + "/ping", timeout=5) as resp:
             assert resp.read() == b"OK"
 
