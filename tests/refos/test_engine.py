@@ -14,6 +14,7 @@ pytestmark = pytest.mark.qemu
 
 GuestFactory = Callable[..., Guest]
 HEALTHY_TIMEOUT = 120.0  # boot to a healthy engine under TCG, with the other core busy
+WATCHDOG_TIMEOUT = 90.0  # a 20 s watchdog, with health checks of up to 10 s each
 
 
 def wait_healthy(g: Guest, timeout: float = HEALTHY_TIMEOUT) -> float:
@@ -58,4 +59,21 @@ def test_engine_runs_as_on_balenaos_and_its_health_check_sees_it_fail(
     # killed, busybox init starts it again (balena.service's Restart=always)
     g.run("kill -CONT $(cat /var/run/balena-engine.pid); "
           "kill -KILL $(cat /var/run/balena-engine.pid)")
+    wait_healthy(g)
+
+    # a hung engine (its containerd stopped, as balenaOS's test does it) is killed by the unit's
+    # watchdog, shortened by a runtime drop-in as there, and comes back healthy
+    g.run("mkdir -p /run/systemd/system/balena.service.d && printf '[Service]\\nWatchdogSec=20"
+          "\\n' > /run/systemd/system/balena.service.d/watchdog.conf")
+    g.run("kill -TERM $(cat /var/run/balena-engine.pid)")  # the drop-in counts from a start
+    wait_healthy(g)
+    g.run("kill -STOP $(pidof containerd)")
+    t0 = time.monotonic()
+    fired = ""
+    while not fired and time.monotonic() - t0 < WATCHDOG_TIMEOUT:
+        fired = g.run("grep -h 'Watchdog timeout (limit 20s)' /var/log/balena-engine.log "
+                      "/var/log/balena-engine.log.1 2>/dev/null; sleep 1", check=False)
+    assert fired, (f"the hung engine was not killed by its watchdog within "
+                   f"{WATCHDOG_TIMEOUT:.0f}s:\n"
+                   + g.run("ps; tail -n 5 /var/log/balena-engine.log", check=False))
     wait_healthy(g)
