@@ -163,7 +163,7 @@ def make_key(directory: Path, name: str) -> SshKey:
 
 
 def ssh_run(port: int, cmd: str, key: SshKey | None = None, timeout: float = 20.0,
-            stdin: str | None = None) -> tuple[int, str]:
+            stdin: str | bytes | None = None) -> tuple[int, str]:
     """Run ``cmd`` as root over SSH (port forwarded to the guest's 22222). ``key=None`` tries
     the passwordless login of development mode. Raises paramiko's errors when refused."""
     import paramiko
