@@ -79,6 +79,18 @@ class _Learned:
     last_update_seconds: float | None = None
 
 
+# balenaOS applies config.json with config-json.service, started by a path unit on each write:
+# a write while it runs, or quick successive writes, hit systemd's start rate limit ("start
+# request repeated too quickly") and are not applied. As balenaOS's own tests do around each
+# write: wait until the unit is idle (30 s at most), then reset its failures. A no-op where
+# there is no systemd (the reference OS applies config.json with a watcher of its own).
+CONFIG_JSON_SETTLE = (
+    "if command -v systemctl >/dev/null 2>&1; then i=0; "
+    "while case $(systemctl is-active config-json.service) in active|activating) true;; "
+    "*) false;; esac && [ $i -lt 60 ]; do sleep 0.5; i=$((i+1)); done; "
+    "systemctl reset-failed config-json.service 2>/dev/null; fi; true")
+
+
 class BalenaOS:
     """``dut.os``. Commands go over the console by default (works with no network); reads of
     ``config.json`` and updates go over SSH when the rig has a network (keys never pass the
@@ -285,9 +297,10 @@ class BalenaOS:
                 filters.append(f"setpath({jpath}; $v{i})")
                 args.append(f"--argjson v{i} {shlex.quote(json.dumps(value))}")
         tmp = f"{CONFIG_JSON}.hil-new"
-        command = (f"jq {' '.join(args)} {shlex.quote(' | '.join(filters))} {CONFIG_JSON} "
+        command = (f"{CONFIG_JSON_SETTLE}; jq {' '.join(args)} "
+                   f"{shlex.quote(' | '.join(filters))} {CONFIG_JSON} "
                    f"> {tmp} && [ -s {tmp} ] && sync {tmp} && mv -f {tmp} {CONFIG_JSON} "
-                   f"&& sync {BOOT_MNT}")
+                   f"&& sync {BOOT_MNT} && {CONFIG_JSON_SETTLE}")
         result = self.run(command)
         if not result.ok:
             self.run(f"rm -f {tmp}")

@@ -352,6 +352,7 @@ class _Builder:
             f'VERSION="{self.version}"\nVERSION_ID="{self.version}"\n'
             f'PRETTY_NAME="balenaOS {self.version} (pytest-hil reference OS)"\n'
             f'MACHINE="{self.spec.device_type}"\nSLUG="{self.spec.device_type}"\n'
+            f'META_BALENA_VERSION="{self.version}"\n'
             'VARIANT_ID="hil-refos"\n')
         (etc / "hostname").write_text("balena\n")
         (etc / "hosts").write_text("127.0.0.1\tlocalhost\n")

@@ -97,6 +97,22 @@ def test_config_json_put_in_the_image_is_on_the_device(host_os: HostOS,
             device_config["apiKey"]), "config.json holds a provisioning key that is not ours"
 
 
+OS_RELEASE_FIELDS = ("ID", "NAME", "VERSION", "VERSION_ID", "PRETTY_NAME", "MACHINE",
+                     "META_BALENA_VERSION", "SLUG")
+
+
+def test_os_release_names_balenaos_and_the_device_type(dut: Dut, host_os: HostOS) -> None:
+    rel = host_os.os_release()
+    missing = [f for f in OS_RELEASE_FIELDS if not rel.get(f)]
+    assert not missing, f"/etc/os-release lacks {missing}; it has {sorted(rel)}"
+    assert rel["ID"] == "balena-os", f"/etc/os-release ID={rel['ID']!r}, not balena-os"
+    slug = dut.rig.config.device_type.slug
+    assert rel["SLUG"] == slug, (f"/etc/os-release SLUG={rel['SLUG']!r}, but the device type is "
+                                 f"{slug!r}")
+    assert rel["VERSION"] in rel["PRETTY_NAME"], (
+        f"PRETTY_NAME={rel['PRETTY_NAME']!r} does not name VERSION={rel['VERSION']!r}")
+
+
 def test_hostname_is_config_hostname_or_uuid_prefix(host_os: HostOS) -> None:
     cfg = host_os.config_json()
     want = expected_hostname(cfg)
