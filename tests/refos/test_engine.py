@@ -1,5 +1,6 @@
 """balenaEngine on the reference OS, as balenaOS installs it: Debian's moby behind balenaOS's
-names, socket, data root and health check."""
+names, socket, data root and health check, restarted when it exits and, by the unit's watchdog,
+when it hangs."""
 
 from __future__ import annotations
 
