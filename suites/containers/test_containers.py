@@ -58,6 +58,58 @@ def test_service_gets_the_balena_variables(host_os: HostOS, apps: Apps,
         f"version {host_os.version()!r}")
 
 
+def test_overlayfs_takes_another_mounts_upperdir_as_lowerdir(host_os: HostOS) -> None:
+    """The kernel regression balenaOS's kernel-overlap test guards against: the engine stacks
+    layers this way, and a kernel that refuses it ("lowerdir is in-use as upperdir/workdir")
+    breaks image builds and deltas."""
+    script = (
+        "d=$(mktemp -d) && mkdir -p $d/lower $d/a/u $d/a/w $d/a/m $d/b/u $d/b/w $d/b/m && "
+        "echo lower > $d/lower/f && mount -t overlay overlay -o "
+        "lowerdir=$d/lower,upperdir=$d/a/u,workdir=$d/a/w $d/a/m && echo upper > $d/a/m/g && "
+        "if mount -t overlay overlay -o lowerdir=$d/a/u,upperdir=$d/b/u,workdir=$d/b/w $d/b/m; "
+        "then echo STACKED=$(cat $d/b/m/g); umount $d/b/m; "
+        "else echo REFUSED; dmesg | grep -i overlayfs | tail -n 3; fi; "
+        "umount $d/a/m; rm -rf $d")
+    out = host_os.check(script, timeout=60)
+    assert "STACKED=upper" in out, (
+        f"overlayfs refused a lowerdir that is another mount's upperdir (the engine needs it):\n"
+        f"{out}")
+
+
+def test_container_healthcheck_goes_healthy_then_unhealthy(host_os: HostOS,
+                                                           app_image: str) -> None:
+    """A Dockerfile HEALTHCHECK, as the engine runs it: healthy while its check passes,
+    unhealthy once it fails, each awaited as the engine's health_status event."""
+    name = "hil-healthcheck"
+    # all the container's events, not only health_status: the check's own exec events (one
+    # per interval) make `events` write again after grep has its line, so it ends on SIGPIPE;
+    # `timeout` ends `events` itself (no shell between them to leave it running)
+    stream = ("balena-engine events --since $(cat /tmp/hil-health-since) "
+              f"--filter container={name} --format " + "'{{.Status}}'")
+
+    def awaited(state: str) -> str:
+        return f"timeout 240 {stream} | grep -m 1 -x 'health_status: {state}'"
+
+    seen = f"{stream} --until $(date +%s)"
+    host_os.run(f"balena-engine rm -f {name} >/dev/null 2>&1; date +%s > /tmp/hil-health-since",
+                timeout=120)
+    try:
+        host_os.check(f"balena-engine run -d --name {name} --health-cmd 'test -f /tmp/ok' "
+                      "--health-interval 5s --health-retries 1 --health-timeout 20s "
+                      f"{app_image} sh -c 'touch /tmp/ok; exec sleep 2147483647'", timeout=300)
+        healthy = host_os.run(awaited("healthy"), timeout=300)
+        assert healthy.ok, ("no health_status: healthy event within 240 s for a container "
+                            "whose check passes; its events:\n"
+                            + host_os.run(seen, timeout=120).stdout[-1500:])
+        host_os.check(f"balena-engine exec {name} rm /tmp/ok", timeout=120)
+        unhealthy = host_os.run(awaited("unhealthy"), timeout=300)
+        assert unhealthy.ok, ("no health_status: unhealthy event within 240 s after the "
+                              "container's check started failing; its events:\n"
+                              + host_os.run(seen, timeout=120).stdout[-1500:])
+    finally:
+        host_os.run(f"balena-engine rm -f {name} >/dev/null 2>&1", timeout=120)
+
+
 def test_time_in_the_container_is_the_hosts(host_os: HostOS, apps: Apps,
                                             app: dict[str, str]) -> None:
     inside = int(apps.exec(app[SERVICE], "date -u +%s").strip().splitlines()[-1])
