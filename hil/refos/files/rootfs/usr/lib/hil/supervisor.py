@@ -396,7 +396,7 @@ class Supervisor:
         return out
 
 
-SUP = Supervisor()
+SUP: Supervisor  # made by main(): nothing touches the disk at import (tests load this file)
 
 
 class Api(http.server.BaseHTTPRequestHandler):
@@ -499,6 +499,8 @@ class Api(http.server.BaseHTTPRequestHandler):
 
 
 def main() -> None:
+    global SUP
+    SUP = Supervisor()
     threading.Thread(target=SUP.run, daemon=True).start()
     server = http.server.ThreadingHTTPServer(("0.0.0.0", PORT), Api)
     log(f"Supervisor API successfully started on port {PORT}")

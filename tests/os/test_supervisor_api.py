@@ -1,0 +1,117 @@
+"""The supervisor's device API: the reference OS's stand-in (its own file, run here on the host
+with its paths in a temp directory and no engine) answered by the suites' client
+(``hil.os.supervisor.SupervisorAPI``), over a real TCP connection where a device gives an SSH
+channel. What needs the engine (containers) is tested on QEMU boards by suites/containers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+import pytest
+
+from hil.errors import OSContractError
+from hil.os.supervisor import SupervisorAPI
+
+STAND_IN = (Path(__file__).resolve().parents[2] / "hil/refos/files/rootfs/usr/lib/hil/"
+            "supervisor.py")
+APP = {"local": {"name": "d", "config": {}, "apps": {"7": {
+    "name": "app", "commit": "c1", "releaseId": 1,
+    "services": {"1": {"serviceName": "main", "image": "busybox"}}}}}}
+
+
+class Device:
+    """The stand-in serving on loopback, and a client as the suites have it."""
+
+    def __init__(self, mod: ModuleType, port: int, tmp: Path) -> None:
+        self.mod, self.port, self.tmp = mod, port, tmp
+        dut: Any = SimpleNamespace(ssh=SimpleNamespace(tcp=self.connect))
+        self.api = SupervisorAPI(dut)
+
+    def connect(self, port: int, timeout: float) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+
+    def config(self, **values: object) -> None:
+        (self.tmp / "config.json").write_text(json.dumps(values))
+
+
+@pytest.fixture
+def device(tmp_path: Path) -> Iterator[Device]:
+    spec = importlib.util.spec_from_file_location("hil_supervisor_stand_in", STAND_IN)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.CONFIG_JSON = str(tmp_path / "config.json")
+    mod.STATE_DIR = str(tmp_path / "state")
+    mod.STATE_FILE = str(tmp_path / "state" / "target-state.json")
+    mod.APP_DATA = str(tmp_path / "data")
+    mod.LOCK_DIR = str(tmp_path / "locks")
+    mod.ENGINE_SOCKET = str(tmp_path / "no-engine.sock")
+    mod.SUP = mod.Supervisor()
+    server = mod.http.server.ThreadingHTTPServer(("127.0.0.1", 0), mod.Api)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    dev = Device(mod, server.server_address[1], tmp_path)
+    dev.config(developmentMode=True)
+    try:
+        yield dev
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_ping_and_healthy_need_no_key_and_healthy_needs_the_engine(device: Device) -> None:
+    device.config(developmentMode=False)
+    assert (device.api.request("GET", "/ping").status, device.api.request("GET", "/ping").text
+            ) == (200, "OK")
+    healthy = device.api.healthy()
+    assert (healthy.status, healthy.text) == (500, "Unhealthy")  # no engine answers
+
+
+def test_a_production_device_needs_the_services_key(device: Device) -> None:
+    key = device.mod.SUP.key_for("7", "main")
+    device.config(developmentMode=False)
+    assert device.api.request("GET", "/v2/local/target-state").status == 401
+    assert device.api.request("GET", "/v2/local/target-state", key="f" * 32).status == 401
+    assert device.api.request("GET", "/v2/local/target-state", key=key).status == 200
+    assert device.api.request("GET", f"/v2/local/target-state?apikey={key}").status == 200
+    # a key is accepted, but target states come only in local mode (development)
+    refused = device.api.request("POST", "/v2/local/target-state", APP, key=key)
+    assert refused.status == 400 and "local mode" in refused.text
+    device.config(developmentMode=True)
+    assert device.api.request("GET", "/v2/local/target-state").status == 200  # no key needed
+
+
+def test_target_state_is_checked_kept_and_read_back(device: Device) -> None:
+    bad = {"local": {"apps": {"7": {"services": {"1": {"serviceName": "main"}}}}}}
+    r = device.api.request("POST", "/v2/local/target-state", bad)
+    assert r.status == 400 and "needs an image" in r.text
+    with pytest.raises(OSContractError, match="refused the target state"):
+        device.api.set_target_state(bad)
+    device.api.set_target_state(APP)
+    assert device.api.target_state() == APP
+    # kept on the data partition: a restarted supervisor has it
+    assert device.mod.Supervisor().target == APP
+
+
+def test_a_reboot_waits_for_the_apps_update_lock(device: Device) -> None:
+    lock = device.tmp / "locks" / "7" / "main" / "updates.lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    r = device.api.request("POST", "/v1/reboot", {})
+    assert r.status == 423 and "updates.lock" in r.text
+
+
+def test_nothing_listening_is_the_devices_fault(device: Device) -> None:
+    def refused(port: int, timeout: float) -> socket.socket:
+        raise ConnectionRefusedError("port 48484 on the device: Connect failed")
+
+    device.api.dut.ssh.tcp = refused
+    with pytest.raises(OSContractError, match="does not listen on port 48484"):
+        device.api.healthy()
