@@ -75,6 +75,7 @@ bench: deps
 	$(PY) bench/console_roundtrip.py
 	$(PY) bench/flash.py
 	$(PY) bench/suites.py
+	$(PY) bench/refos_boot.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -220,15 +220,39 @@ def test_update_lock_holds_a_reboot_until_released(
     reboot = ('wget -q -O- --header "Authorization: Bearer $BALENA_SUPERVISOR_API_KEY" '
               '--post-data "{}" "$BALENA_SUPERVISOR_ADDRESS/v1/reboot" 2>&1; echo "wget=$?"')
     apps.exec(app[SERVICE], 'mkdir -p /tmp/balena && touch "$BALENA_APP_LOCK_PATH"')
-    held = apps.exec(app[SERVICE], reboot)
-    assert "wget=0" not in held and "423" in held, (
-        f"want 423 Locked for a reboot while the app holds its update lock; got {held}")
+    try:
+        held = apps.exec(app[SERVICE], reboot)
+        assert "wget=0" not in held and "423" in held, (
+            f"want 423 Locked for a reboot while the app holds its update lock; got {held}")
+    finally:
+        apps.exec(app[SERVICE], 'rm -f "$BALENA_APP_LOCK_PATH"')
     boot = dut.boot_id()
-    apps.exec(app[SERVICE], 'rm -f "$BALENA_APP_LOCK_PATH"')
     at = dut.start_reboot(f"balena-engine exec {app[SERVICE]} sh -c {shlex.quote(reboot)}")
     dut.await_boot(at)
     dut.wait_ready()
     assert dut.boot_id() != boot, "the lock was released, yet the app's reboot request did nothing"
+
+
+def test_override_lock_lets_a_restart_through_the_apps_lock(
+        apps: Apps, app: dict[str, str], app_image: str) -> None:
+    apps.exec(app[SERVICE], 'mkdir -p /tmp/balena && touch "$BALENA_APP_LOCK_PATH"')
+    restart = {"appId": int(APP_ID)}
+    try:
+        held = apps.api.request("POST", "/v1/restart", restart)
+        assert held.status == 423, (f"a restart request went through the app's update lock: "
+                                    f"{held.status} {held.text[:300]}")
+        apps.api.set_target_state(target({"main": service(app_image)},
+                                         config={"SUPERVISOR_OVERRIDE_LOCK": "1"}))
+        through = apps.api.request("POST", "/v1/restart", restart)
+        assert through.status == 200, (
+            f"with SUPERVISOR_OVERRIDE_LOCK=1 the restart was still refused: {through.status} "
+            f"{through.text[:300]}")
+        apps.api.wait_running(APP_NAME, [SERVICE], other_than=app)
+    finally:
+        # the lock's directory outlives the container: on the host, where the supervisor
+        # keeps every service's (balenaOS's layout too)
+        apps.os.run(f"rm -f /tmp/balena-supervisor/services/{APP_ID}/{SERVICE}/updates.lock")
+        apps.api.set_target_state(target({"main": service(app_image)}))
 
 
 def test_moving_to_another_app_purges_the_volumes(
