@@ -51,6 +51,11 @@ class SupervisorAPI:
                 timeout: float = 60.0) -> Reply:
         """One request. A refused connection is the device's fault (``OSContractError``);
         an SSH failure is the rig's (``InfraError``)."""
+        with self.dut.rig.log.tally.timing("ssh"):  # waiting on the device, in the summary
+            return self._request(method, path, body, key, timeout)
+
+    def _request(self, method: str, path: str, body: Any, key: str | None,
+                 timeout: float) -> Reply:
         try:
             channel = self.dut.ssh.tcp(PORT, timeout)
         except ConnectionRefusedError as exc:

@@ -8,7 +8,6 @@ inside them is tagged so that the answer can be told apart from whatever else th
 
 from __future__ import annotations
 
-import json
 import shlex
 from typing import Any
 
@@ -17,16 +16,23 @@ from hil.os import HostOS
 APP_ID = "1001"
 APP_NAME = "hil-app"
 SERVICE = "main"
-VOLUME = "hil-vol"
 SUPERVISOR_API = {"io.balena.features.supervisor-api": "1"}
 # what a service runs: nothing but staying up (busybox's sleep takes no "infinity")
 KEEP_RUNNING = ["sleep", "2147483647"]
 
 
 def service(image: str, **fields: Any) -> dict[str, Any]:
+    """A service of a multi-container release: only what ``fields`` grant."""
     return {"serviceName": SERVICE, "image": image, "imageId": 1, "command": KEEP_RUNNING,
-            "labels": dict(SUPERVISOR_API), "environment": {},
-            "volumes": [f"{VOLUME}:/vol"], **fields}
+            "labels": dict(SUPERVISOR_API), "environment": {}, "volumes": [], **fields}
+
+
+def release_service(image: str, **fields: Any) -> dict[str, Any]:
+    """The service of a single-container release, as balena's builder composes one:
+    privileged, on the host network, ``/data`` its ``resin-data`` volume; plus a named volume
+    of the suite's own at ``/vol``."""
+    return service(image, privileged=True, network_mode="host",
+                   volumes=["resin-data:/data", "hil-vol:/vol"], **fields)
 
 
 def target(services: dict[str, dict[str, Any]], *, app_id: str = APP_ID,
@@ -35,9 +41,12 @@ def target(services: dict[str, dict[str, Any]], *, app_id: str = APP_ID,
     """A local-mode target state with one app whose services are ``{name: service(...)}``."""
     svcs = {str(i + 1): {**s, "serviceName": n, "imageId": i + 1}
             for i, (n, s) in enumerate(services.items())}
+    named = [v.split(":")[0] for s in services.values() for v in s["volumes"]]
+    volumes: dict[str, dict[str, Any]] = {v: {} for v in named if not v.startswith("/")}
     return {"local": {"name": "hil-device", "config": config or {},
                       "apps": {app_id: {"name": name, "commit": commit, "releaseId": 1,
-                                        "services": svcs, "volumes": {}, "networks": {}}}},
+                                        "services": svcs, "volumes": volumes,
+                                        "networks": {}}}},
             "dependent": {"apps": [], "devices": []}}
 
 
@@ -90,6 +99,3 @@ class Apps:
         return self.os.check(f"balena-engine inspect --format {shlex.quote(fmt)} "
                              f"{shlex.quote(container)}", timeout=120).strip()
 
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)

@@ -4,7 +4,7 @@ CLI on the device) and ``app``, the suite's app running (deployed once, kept bet
 from __future__ import annotations
 
 import pytest
-from apps import Apps, service, target
+from apps import Apps, release_service, target
 
 from hil.os import HostOS
 
@@ -17,4 +17,4 @@ def apps(host_os: HostOS, app_image: str) -> Apps:
 @pytest.fixture
 def app(apps: Apps, app_image: str) -> dict[str, str]:
     """The suite's single-container app running: service name -> container ID."""
-    return apps.deploy(target({"main": service(app_image)}))
+    return apps.deploy(target({"main": release_service(app_image)}))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import shlex
 
 import pytest
-from apps import APP_ID, APP_NAME, SERVICE, Apps, service, target
+from apps import APP_ID, APP_NAME, SERVICE, Apps, release_service, service, target
 
 from hil.dut import Dut
 from hil.os import HostOS
@@ -126,8 +126,8 @@ def test_services_get_only_the_devices_they_are_granted(
     if not nodes:
         pytest.skip("the device type lists no /dev nodes besides consoles and watchdogs")
     granted = nodes[0]
-    both = target({"plain": service(app_image, volumes=[]),
-                   "mapped": service(app_image, volumes=[], devices=[f"{granted}:{granted}"])},
+    both = target({"plain": service(app_image),
+                   "mapped": service(app_image, devices=[f"{granted}:{granted}"])},
                   app_id="1003", name="hil-devices")
     try:
         ids = apps.deploy(both)
@@ -141,7 +141,7 @@ def test_services_get_only_the_devices_they_are_granted(
         opened = apps.exec(ids["mapped"], f"head -c 0 {granted} 2>&1 && echo OPENED")
         assert "OPENED" in opened, f"the granted {granted} does not open: {opened}"
     finally:
-        apps.deploy(target({"main": service(app_image)}))
+        apps.deploy(target({"main": release_service(app_image)}))
 
 
 def test_restart_request_recreates_the_container_and_keeps_its_volumes(
@@ -160,7 +160,7 @@ def test_restart_request_recreates_the_container_and_keeps_its_volumes(
 def test_app_update_recreates_the_container_and_keeps_its_volumes(
         apps: Apps, app: dict[str, str], app_image: str) -> None:
     apps.write_marks(app[SERVICE], {**DATA, **OWN}, "before-update")
-    updated = target({"main": service(app_image, environment={"HIL_RELEASE": "2"})},
+    updated = target({"main": release_service(app_image, environment={"HIL_RELEASE": "2"})},
                      commit="c2")
     apps.api.set_target_state(updated)
     try:
@@ -173,7 +173,7 @@ def test_app_update_recreates_the_container_and_keeps_its_volumes(
             f"after an app update, want /data and the volume kept and the container new; "
             f"got {got}")
     finally:
-        apps.api.set_target_state(target({"main": service(app_image)}))
+        apps.api.set_target_state(target({"main": release_service(app_image)}))
 
 
 @pytest.mark.parametrize("how", ["reboot", "power cut"])
@@ -241,7 +241,7 @@ def test_override_lock_lets_a_restart_through_the_apps_lock(
         held = apps.api.request("POST", "/v1/restart", restart)
         assert held.status == 423, (f"a restart request went through the app's update lock: "
                                     f"{held.status} {held.text[:300]}")
-        apps.api.set_target_state(target({"main": service(app_image)},
+        apps.api.set_target_state(target({"main": release_service(app_image)},
                                          config={"SUPERVISOR_OVERRIDE_LOCK": "1"}))
         through = apps.api.request("POST", "/v1/restart", restart)
         assert through.status == 200, (
@@ -252,21 +252,21 @@ def test_override_lock_lets_a_restart_through_the_apps_lock(
         # the lock's directory outlives the container: on the host, where the supervisor
         # keeps every service's (balenaOS's layout too)
         apps.os.run(f"rm -f /tmp/balena-supervisor/services/{APP_ID}/{SERVICE}/updates.lock")
-        apps.api.set_target_state(target({"main": service(app_image)}))
+        apps.api.set_target_state(target({"main": release_service(app_image)}))
 
 
 def test_moving_to_another_app_purges_the_volumes(
         apps: Apps, app: dict[str, str], app_image: str) -> None:
     apps.write_marks(app[SERVICE], DATA, "first-app")
-    other = target({"main": service(app_image)}, app_id="1002", name="hil-other")
+    other = target({"main": release_service(app_image)}, app_id="1002", name="hil-other")
     try:
         new = apps.deploy(other)
         got = apps.marks(new[SERVICE], DATA)
         assert got == dict.fromkeys(DATA), (
             f"another app's service sees the first app's data: {got}")
-        left = apps.os.run(f"ls -d /mnt/data/resin-data/{APP_ID} 2>&1; balena-engine volume ls "
-                           f"-q --filter label=io.balena.app-id={APP_ID}", timeout=120).stdout
-        assert f"{APP_ID}_" not in left and "No such file" in left, (
-            f"the first app's /data or volumes are still there: {left}")
+        # the supervisor names an app's volumes <appId>_<name> (its /data is <appId>_resin-data)
+        volumes = apps.os.check("balena-engine volume ls -q", timeout=120).split()
+        left = [v for v in volumes if v.startswith(f"{APP_ID}_")]
+        assert not left, f"the first app's volumes are still there: {left} (all: {volumes})"
     finally:
-        apps.deploy(target({"main": service(app_image)}))
+        apps.deploy(target({"main": release_service(app_image)}))

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from hil.deadline import WaitTally
 from hil.errors import OSContractError
 from hil.os.supervisor import SupervisorAPI
 
@@ -31,7 +32,9 @@ class Device:
 
     def __init__(self, mod: ModuleType, port: int, tmp: Path) -> None:
         self.mod, self.port, self.tmp = mod, port, tmp
-        dut: Any = SimpleNamespace(ssh=SimpleNamespace(tcp=self.connect))
+        self.tally = WaitTally()
+        dut: Any = SimpleNamespace(ssh=SimpleNamespace(tcp=self.connect),
+                                   rig=SimpleNamespace(log=SimpleNamespace(tally=self.tally)))
         self.api = SupervisorAPI(dut)
 
     def connect(self, port: int, timeout: float) -> socket.socket:
@@ -72,6 +75,7 @@ def test_ping_and_healthy_need_no_key_and_healthy_needs_the_engine(device: Devic
             ) == (200, "OK")
     healthy = device.api.healthy()
     assert (healthy.status, healthy.text) == (500, "Unhealthy")  # no engine answers
+    assert device.tally.seconds.get("ssh", 0) > 0  # counted as waiting on the device
 
 
 def test_a_production_device_needs_the_services_key(device: Device) -> None:

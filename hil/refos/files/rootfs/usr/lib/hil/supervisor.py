@@ -14,9 +14,9 @@ OS and does only what the suites reach through the API a real device also has:
   with the ``io.balena.features.supervisor-api`` label gets its own key in
   ``BALENA_SUPERVISOR_API_KEY``.
 - Services run with what the target state grants (``privileged``, ``devices``, ``cap_add``,
-  ``volumes``, ``environment``, ``labels``, ``network_mode``); the only service of an app
-  runs privileged on the host network unless it says otherwise, as a single-container release
-  does. ``/data`` is ``/mnt/data/resin-data/<appId>``; named volumes are ``<appId>_<name>``.
+  ``volumes``, ``environment``, ``labels``, ``network_mode``) and nothing more; named volumes
+  are engine volumes ``<appId>_<name>`` (a single-container release's ``/data`` is its
+  ``resin-data`` volume, as the release declares it).
 - Containers are restarted by the engine after a boot (restart policy ``always``), never
   recreated; a changed service, ``/v1/restart`` or a new target state recreates them, an app
   that left the target state loses its containers and volumes. ``updates.lock`` in a service's
@@ -46,7 +46,6 @@ ENGINE_SOCKET = "/var/run/balena-engine.sock"
 CONFIG_JSON = "/mnt/boot/config.json"
 STATE_DIR = "/mnt/data/resin-data/resin-supervisor"
 STATE_FILE = f"{STATE_DIR}/target-state.json"
-APP_DATA = "/mnt/data/resin-data"
 LOCK_DIR = "/tmp/balena-supervisor/services"
 SUPERVISED = "io.balena.supervised"
 
@@ -132,7 +131,6 @@ class Supervisor:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.applying = False
-        self.last_error = ""
         self.loop_beat = time.monotonic()
         self.keys: dict[str, str] = {}
         self.target: dict[str, Any] = {"local": {"name": "", "config": {}, "apps": {}},
@@ -194,28 +192,31 @@ class Supervisor:
         return got if isinstance(got, list) else []
 
     def wanted(self) -> dict[str, tuple[str, str, dict[str, Any], dict[str, Any]]]:
-        """Container name -> (appId, service name, service, app) for every target service."""
+        """Container name -> (appId, service name, service, container spec) for every target
+        service. The name ends in a digest of the spec: a changed service gets a new name, so
+        it is recreated."""
         out = {}
         for app_id, app in self.apps().items():
             services = app.get("services", {})
             for sid, svc in services.items():
                 name = svc.get("serviceName") or f"service{sid}"
-                spec = self.container_spec(str(app_id), name, sid, svc, app, len(services) == 1)
+                spec = self.container_spec(str(app_id), name, sid, svc, app)
                 digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
                 out[f"{name}_{svc.get('imageId', sid)}_{app.get('releaseId', 0)}_"
                     f"{app.get('commit', 'local')}_{digest[:8]}"] = (str(app_id), name, svc, spec)
         return out
 
     def container_spec(self, app_id: str, name: str, sid: str, svc: dict[str, Any],
-                       app: dict[str, Any], single: bool) -> dict[str, Any]:
+                       app: dict[str, Any]) -> dict[str, Any]:
         c = config()
         rel = os_release()
         sup_api = str(svc.get("labels", {}).get("io.balena.features.supervisor-api")) == "1"
-        network = svc.get("network_mode") or ("host" if single else "bridge")
+        network = svc.get("network_mode") or "bridge"
         host = "127.0.0.1" if network == "host" else self.bridge_gateway()
         env = {
             "DEVICE_UUID": str(c.get("uuid", "")), "DEVICE_TYPE": rel.get("SLUG", ""),
-            "DEVICE_NAME_AT_INIT": str(c.get("deviceName", c.get("hostname", ""))),
+            # stable (a runtime hostname change would recreate every container)
+            "DEVICE_NAME_AT_INIT": str(c.get("deviceName") or str(c.get("uuid", ""))[:7]),
             "DEVICE_ARCH": os.uname().machine, "APP_ID": app_id,
             "APP_NAME": str(app.get("name", "")), "SERVICE_NAME": name,
             "HOST_OS_VERSION": f"balenaOS {rel.get('VERSION', '')}",
@@ -232,13 +233,9 @@ class Supervisor:
         environment += [f"{k}={v}" for k, v in sorted(svc.get("environment", {}).items())]
         lock_dir = f"{LOCK_DIR}/{app_id}/{name}"
         binds = [f"{lock_dir}:/tmp/balena", f"{lock_dir}:/tmp/resin"]
-        targets = set()
         for v in svc.get("volumes", []):
             src, _, dst = v.partition(":")
-            targets.add(dst.split(":")[0])
             binds.append(v if src.startswith("/") else f"{app_id}_{src}:{dst}")
-        if "/data" not in targets:
-            binds.append(f"{APP_DATA}/{app_id}:/data")
         devices = []
         for d in svc.get("devices", []):
             host_path, _, rest = d.partition(":")
@@ -251,7 +248,7 @@ class Supervisor:
             "Image": svc["image"], "Env": environment, "Labels": labels,
             "HostConfig": {
                 "Binds": binds, "Devices": devices, "CapAdd": svc.get("cap_add", []),
-                "Privileged": bool(svc.get("privileged", single)), "NetworkMode": network,
+                "Privileged": bool(svc.get("privileged", False)), "NetworkMode": network,
                 "RestartPolicy": {"Name": svc.get("restart", "always")},
             },
         }
@@ -281,7 +278,6 @@ class Supervisor:
         for app_id, svc_name, _svc, _spec in wanted.values():
             # on tmpfs: gone after a boot, and the engine cannot start a container without them
             os.makedirs(f"{LOCK_DIR}/{app_id}/{svc_name}", exist_ok=True)
-            os.makedirs(f"{APP_DATA}/{app_id}", exist_ok=True)
         done = True
         for c in self.containers():
             name, app_id = c["Names"][0].lstrip("/"), c["Labels"].get("io.balena.app-id", "")
@@ -329,8 +325,8 @@ class Supervisor:
             "Labels": {SUPERVISED: "true", "io.balena.app-id": app_id}})
 
     def purge_left_apps(self) -> None:
-        """Volumes and /data of apps no longer in the target state: moving a device to another
-        app purges them."""
+        """Volumes (and lock directories) of apps no longer in the target state: moving a
+        device to another app purges them."""
         keep = set(self.apps())
         vols = engine("GET", "/volumes?filters="
                       + urllib.parse.quote(json.dumps({"label": [SUPERVISED]})))
@@ -338,31 +334,25 @@ class Supervisor:
             if v["Labels"].get("io.balena.app-id") not in keep:
                 log(f"purging volume {v['Name']}")
                 engine("DELETE", f"/volumes/{urllib.parse.quote(v['Name'])}")
-        for entry in os.listdir(APP_DATA):
-            if entry.isdigit() and entry not in keep:
-                log(f"purging /data of app {entry}")
-                shutil.rmtree(f"{APP_DATA}/{entry}", ignore_errors=True)
+        for entry in os.listdir(LOCK_DIR) if os.path.isdir(LOCK_DIR) else []:
+            if entry not in keep:
                 shutil.rmtree(f"{LOCK_DIR}/{entry}", ignore_errors=True)
 
     def run(self) -> None:
+        """Apply the target state at start, on every change, and every 5 minutes; every 5 s
+        while a lock or the engine holds it back. An exception other than the engine's ends the
+        loop, and /v1/healthy then says so."""
         while True:
             self.loop_beat = time.monotonic()
+            done = False
             if engine_alive():
                 self.applying = True
                 try:
                     done = self.apply()
-                    self.last_error = ""
                 except EngineError as e:
-                    done = False
-                    self.last_error = str(e)
                     log(f"apply failed: {e}")
                 self.applying = not done
-                if done:
-                    self.wake.wait(300)
-                else:
-                    self.wake.wait(5)
-            else:
-                self.wake.wait(2)
+            self.wake.wait(300 if done else 5)
             self.wake.clear()
 
     def restart_app(self, app_id: str, force: bool) -> None:
