@@ -48,8 +48,8 @@ demo: deps
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/mypy --strict suites/conftest.py
-	for d in suites/*/; do MYPYPATH=$$d $(VENV)/bin/mypy --strict $$d*.py || exit 1; done
+	MYPYPATH=suites $(VENV)/bin/mypy --strict suites/*.py
+	for d in suites/*/; do MYPYPATH=$$d:suites $(VENV)/bin/mypy --strict $$d*.py || exit 1; done
 	$(PY) -m hil.docgen --check
 
 # The framework's own tests (unit + integration on real QEMU boots and emulated bench hardware),

@@ -8,6 +8,9 @@ driver, so each runs unchanged on a bench board and on a QEMU board.
   device runs now, or a skip.
 - ``app_image``: busybox as an app container image on the device (``balena-engine load``
   over SSH when the device lacks it), its tag; a skip where the OS runs no containers.
+- ``apps``: the supervisor's local-mode API and the engine's CLI on the device (apps.py);
+  ``app``: the suites' single-container app running (deployed when it is not), service name
+  -> container ID.
 - ``--power-cuts N`` / ``--power-cut-seed S``: how many random power cuts the persistence
   suite's fault injection makes, and the seed that picks their moments.
 """
@@ -15,6 +18,7 @@ driver, so each runs unchanged on a bench board and on a QEMU board.
 from __future__ import annotations
 
 import pytest
+from apps import Apps, release_service, target
 
 from hil.dut import Dut
 from hil.os import HostOS, UpdateImage, UpdateSet
@@ -68,3 +72,14 @@ def app_image(host_os: HostOS) -> str:
         pytest.skip("the OS runs no containers: it has no balena-engine")
     host_os.wait_engine()
     return host_os.load_image(appimage.busybox(host_os.check("uname -m").strip()))
+
+
+@pytest.fixture
+def apps(host_os: HostOS, app_image: str) -> Apps:
+    return Apps(host_os)
+
+
+@pytest.fixture
+def app(apps: Apps, app_image: str) -> dict[str, str]:
+    """The suites' single-container app running: service name -> container ID."""
+    return apps.deploy(target({"main": release_service(app_image)}))

@@ -31,7 +31,7 @@ from hil.os import hostdisk, parse
 from hil.os.contract import BootRecord, RootPart, Roots, RunningUpdate, UpdateResult, check
 from hil.os.parse import BootLine, BootState, Mount
 from hil.os.secret import Secret
-from hil.os.supervisor import SupervisorAPI
+from hil.os.supervisor import SupervisorAPI, http_request
 from hil.os.updates import UpdateImage
 
 if TYPE_CHECKING:
@@ -63,6 +63,18 @@ UPDATE_BREAKS: dict[str, dict[bool, str]] = {
 }
 ROOT_LABELS = ("resin-rootA", "resin-rootB")
 ENGINE = "balena-engine"  # balenaEngine's CLI on balenaOS (`balena` links to it)
+ENGINE_TCP_PORT = 2375  # the engine's API without TLS, in development mode only
+# (is the reference OS) -> shell commands for the engine's unit. balenaOS: balena.service under
+# systemd, its journal, its containerd named balena-engine-containerd. The reference OS: busybox
+# init restarts balenad when it exits, its log is a file per run (the last run's kept), and its
+# containerd is moby's own (the watchdog of hil/refos's healthdog writes systemd's lines there).
+ENGINE_UNIT: dict[str, dict[bool, str]] = {
+    "restart": {False: "systemctl daemon-reload && systemctl restart balena",
+                True: "kill $(cat /var/run/balena-engine.pid)"},
+    "log": {False: "journalctl -u balena --no-pager -o cat",
+            True: "cat /var/log/balena-engine.log.1 /var/log/balena-engine.log 2>/dev/null"},
+    "containerd": {False: "balena-engine-containerd", True: "containerd"},
+}
 BOOTLIMIT = 3  # both bootloaders boot the other root once bootcount exceeds this
 # Printed once per boot by the bootloader (the kernel's banners would count a boot twice).
 BOOTLOADER_BANNER = {"uboot": re.compile(rb"U-Boot 20\d\d"),
@@ -557,6 +569,32 @@ class BalenaOS:
                          f"({image.path.stat().st_size} bytes, `{ENGINE} load` exit "
                          f"{result.exit_code}):\n{result.stdout[-2000:]}")
         return image.tag
+
+    def restart_engine(self) -> None:
+        """Restart balena.service, reading its unit's drop-ins again, and wait until the new
+        engine answers."""
+        self.check(ENGINE_UNIT["restart"][self.is_reference_os], timeout=120)
+        self.wait_engine()
+
+    def engine_log(self) -> str:
+        """balena.service's log: the engine's own lines and systemd's about the unit."""
+        return self.check(ENGINE_UNIT["log"][self.is_reference_os], timeout=60,
+                          read_only=True)
+
+    def hang_engine(self) -> None:
+        """Stop (SIGSTOP) the engine's containerd: an engine that no longer answers, as
+        balenaOS's watchdog test hangs it. A restart of the unit clears it."""
+        name = ENGINE_UNIT["containerd"][self.is_reference_os]
+        self.check(f"kill -STOP $(pidof {name})")
+
+    def engine_tcp_api(self) -> str | None:
+        """What the engine's API on TCP 2375 answers to ``GET /_ping`` (``OK``, or the
+        status), or None when nothing listens there (a production device)."""
+        try:
+            r = http_request(self.dut, ENGINE_TCP_PORT, "GET", "/_ping", timeout=30.0)
+        except ConnectionRefusedError:
+            return None
+        return r.text if r.status == 200 else f"HTTP {r.status} {r.text[:200]}"
 
     def supervisor(self) -> SupervisorAPI:
         return SupervisorAPI(self.dut)

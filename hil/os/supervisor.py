@@ -43,24 +43,13 @@ def _exchange(channel: Any, request: bytes) -> Reply:
     return Reply(int(status[1]), body.decode(errors="replace"))
 
 
-class SupervisorAPI:
-    def __init__(self, dut: Dut) -> None:
-        self.dut = dut
-
-    def request(self, method: str, path: str, body: Any = None, *, key: str | None = None,
-                timeout: float = 60.0) -> Reply:
-        """One request. A refused connection is the device's fault (``OSContractError``);
-        an SSH failure is the rig's (``InfraError``)."""
-        with self.dut.rig.log.tally.timing("ssh"):  # waiting on the device, in the summary
-            return self._request(method, path, body, key, timeout)
-
-    def _request(self, method: str, path: str, body: Any, key: str | None,
-                 timeout: float) -> Reply:
-        try:
-            channel = self.dut.ssh.tcp(PORT, timeout)
-        except ConnectionRefusedError as exc:
-            raise OSContractError(f"the supervisor API does not listen on port {PORT}: "
-                                  f"{exc}") from None
+def http_request(dut: Dut, port: int, method: str, path: str, body: Any = None, *,
+                 key: str | None = None, timeout: float = 60.0) -> Reply:
+    """One HTTP/1.0 request to ``port`` on the device, through its SSH connection.
+    ``ConnectionRefusedError`` when nothing listens there; a dropped reply is the device's
+    fault (``OSContractError``), an SSH failure the rig's (``InfraError``)."""
+    with dut.rig.log.tally.timing("ssh"):  # waiting on the device, in the summary
+        channel = dut.ssh.tcp(port, timeout)
         data = json.dumps(body).encode() if body is not None else b""
         headers = [f"{method} {path} HTTP/1.0", "Host: 127.0.0.1",
                    f"Content-Length: {len(data)}"]
@@ -71,10 +60,25 @@ class SupervisorAPI:
         try:
             return _exchange(channel, "\r\n".join(headers).encode() + b"\r\n\r\n" + data)
         except (OSError, http.client.HTTPException) as exc:
-            raise OSContractError(f"the supervisor API dropped `{method} {path}`: "
+            raise OSContractError(f"port {port} on the device dropped `{method} {path}`: "
                                   f"{exc!r}") from None
         finally:
             channel.close()
+
+
+class SupervisorAPI:
+    def __init__(self, dut: Dut) -> None:
+        self.dut = dut
+
+    def request(self, method: str, path: str, body: Any = None, *, key: str | None = None,
+                timeout: float = 60.0) -> Reply:
+        """One request. A refused connection is the device's fault (``OSContractError``),
+        as is a dropped reply; an SSH failure is the rig's (``InfraError``)."""
+        try:
+            return http_request(self.dut, PORT, method, path, body, key=key, timeout=timeout)
+        except ConnectionRefusedError as exc:
+            raise OSContractError(f"the supervisor API does not listen on port {PORT}: "
+                                  f"{exc}") from None
 
     def healthy(self) -> Reply:
         return self.request("GET", "/v1/healthy")

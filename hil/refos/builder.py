@@ -26,7 +26,7 @@ from pathlib import Path
 from hil.cache import cache_dir
 from hil.errors import HilError
 from hil.lock import HostLock
-from hil.refos import appimage, debs, fs
+from hil.refos import debs, fs
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +53,19 @@ GPT_BIOS_GRUB = "21686148-6449-6E6F-744E-656564454649"
 # balenaEngine is Debian's moby, the code it is forked from; its programs live apart in
 # ENGINE_DIR, reached through balenaOS's command names (balenad, balena-engine, balena).
 ENGINE_DIR = "usr/lib/balena-engine"
-HEALTHCHECK_IMAGE = "balena-healthcheck-image:latest"
 BINARIES: dict[str, dict[str, str]] = {
     "chrony": {"usr/sbin/chronyd": "usr/sbin/chronyd", "usr/bin/chronyc": "usr/bin/chronyc"},
     "dropbear-bin": {"usr/sbin/dropbear": "usr/sbin/dropbear",
                      "usr/bin/dropbearkey": "usr/bin/dropbearkey"},
     "jq": {"usr/bin/jq": "usr/bin/jq"},
-    "e2fsprogs": {"sbin/tune2fs": "sbin/tune2fs", "sbin/mke2fs": "sbin/mke2fs"},
+    "e2fsprogs": {"sbin/tune2fs": "sbin/tune2fs", "sbin/mke2fs": "sbin/mke2fs",
+                  "sbin/e2fsck": "sbin/e2fsck"},
     "util-linux": {"bin/findmnt": "bin/findmnt", "sbin/blkid": "sbin/blkid",
                    "bin/lsblk": "bin/lsblk"},
     "docker.io": {"usr/sbin/dockerd": f"{ENGINE_DIR}/dockerd",
                   "usr/bin/docker": f"{ENGINE_DIR}/docker"},
     "containerd": {"usr/bin/containerd": f"{ENGINE_DIR}/containerd",
+                   "usr/bin/ctr": f"{ENGINE_DIR}/ctr",
                    "usr/bin/containerd-shim-runc-v2": f"{ENGINE_DIR}/containerd-shim-runc-v2"},
     "runc": {"usr/sbin/runc": f"{ENGINE_DIR}/runc"},
     "crun": {"usr/bin/crun": f"{ENGINE_DIR}/crun"},
@@ -80,7 +81,11 @@ PYTHON_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3
                "curses", "config-3.11-x86_64-linux-gnu", "config-3.11-aarch64-linux-gnu",
                "venv", "xmlrpc", "asyncio", "multiprocessing", "site-packages",
                "dist-packages"}
-LINKS = {"sbin/e2label": "tune2fs", "sbin/mkfs.ext4": "mke2fs"}
+# balenaEngine's commands are one program on balenaOS (usr/bin/balena-engine), so breaking it
+# breaks the daemon and containerd's CLI too, as a test of a broken engine expects
+LINKS = {"sbin/e2label": "tune2fs", "sbin/mkfs.ext4": "mke2fs",
+         **{f"usr/bin/{name}": "balena-engine"
+            for name in ("balena", "balenad", "balena-engine-containerd-ctr")}}
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
 ROOTFS_MODULES = (*INITRD_MODULES, "overlay", "virtio_net", "vfat", "nls_cp437", "nls_ascii",
                   "nls_utf8", "i6300esb", "virtio_rng", "bridge", "veth")
@@ -357,10 +362,6 @@ class _Builder:
         (etc / "hostname").write_text("balena\n")
         (etc / "hosts").write_text("127.0.0.1\tlocalhost\n")
         (etc / "resolv.conf").write_text("")
-        # what balena-healthcheck runs (balenaOS ships it in the root too)
-        check_image = appimage.busybox(self.spec.deb_arch, tag=HEALTHCHECK_IMAGE,
-                                       cmd=("true",))
-        shutil.copy2(check_image.path, root / "usr/lib/balena/balena-healthcheck-image.tar")
         fs.normalize_modes(root)
         (root / "tmp").chmod(0o1777)
 
@@ -441,9 +442,11 @@ class _Builder:
                                       (5, "resin-data", True)):
             img = work / f"p{index}.img"
             src = None
-            if label == "resin-data":
-                src = work / "data"
-                (src / "resin-data").mkdir(parents=True)
+            if label in ("resin-state", "resin-data"):
+                # each with its reset flag: a boot that finds it missing resets the partition
+                src = work / label
+                (src / ("root-overlay" if label == "resin-state" else "resin-data")).mkdir(
+                    parents=True)
                 (src / "remove_me_to_reset").write_text("")
                 fs.clamp_times(src, EPOCH)
             fs.mkext4(img, placed[index].size, label=label, uuid=self._uuid(key, label),

@@ -15,6 +15,7 @@ import shlex
 
 import pytest
 from apps import APP_ID, APP_NAME, SERVICE, Apps, release_service, service, target
+from ssh_access import login, passwordless
 
 from hil.dut import Dut
 from hil.os import HostOS
@@ -176,6 +177,33 @@ def test_app_update_recreates_the_container_and_keeps_its_volumes(
         apps.api.set_target_state(target({"main": release_service(app_image)}))
 
 
+# balena.service's watchdog, shortened as balenaOS's own test does it: a runtime drop-in. (30 s,
+# not their 15: each health check starts two programs, seconds each under QEMU's emulation.)
+WATCHDOG_DROPIN = "/run/systemd/system/balena.service.d/override.conf"
+WATCHDOG_SEC = 30
+WATCHDOG_FIRED = "balena.service: Failed with result 'watchdog'"
+
+
+def test_hung_engine_is_killed_by_its_watchdog_and_comes_back(
+        dut: Dut, host_os: HostOS, app_image: str) -> None:
+    """The engine's containerd stopped (SIGSTOP): the engine's health check hangs, the unit's
+    watchdog kills the engine and it starts again. Before the reboot tests below: the drop-in
+    lives in /run, so the next boot brings back the period balenaOS ships (360 s)."""
+    host_os.check(f"mkdir -p $(dirname {WATCHDOG_DROPIN}) && "
+                  f"printf '[Service]\\nWatchdogSec={WATCHDOG_SEC}\\n' > {WATCHDOG_DROPIN}")
+    try:
+        host_os.restart_engine()  # the drop-in counts from the engine's start
+        fired_before = host_os.engine_log().count(WATCHDOG_FIRED)
+        host_os.hang_engine()
+        dut.poll(lambda: host_os.engine_log().count(WATCHDOG_FIRED) > fired_before,
+                 3 * WATCHDOG_SEC + 60,
+                 f"the watchdog ({WATCHDOG_SEC} s) to kill the hung engine ({WATCHDOG_FIRED!r} "
+                 "in balena.service's log)", lambda: host_os.engine_log()[-1500:], interval=5.0)
+        host_os.wait_engine()
+    finally:
+        host_os.check(f"rm -f {WATCHDOG_DROPIN}")
+
+
 @pytest.mark.parametrize("how", ["reboot", "power cut"])
 def test_container_and_its_files_survive(how: str, dut: Dut, apps: Apps,
                                          app: dict[str, str]) -> None:
@@ -193,26 +221,44 @@ def test_container_and_its_files_survive(how: str, dut: Dut, apps: Apps,
         f"after a {how}, want every file the app wrote kept; got {got}")
 
 
-def test_production_supervisor_api_needs_the_service_key(
+def test_production_mode_at_runtime_closes_the_engine_api_and_asks_for_keys(
         dut: Dut, host_os: HostOS, apps: Apps, app: dict[str, str]) -> None:
+    """developmentMode switched off and on at runtime, as a fleet does it: in production the
+    engine's API on TCP 2375 is closed, root SSH needs a key and the supervisor's API the
+    service's key; back in development mode the engine's API answers again."""
+    assert host_os.engine_tcp_api() == "OK", (
+        "a development device's engine must answer on TCP 2375 (GET /_ping); it answered "
+        f"{host_os.engine_tcp_api()!r}")
     key = apps.env(app[SERVICE])["BALENA_SUPERVISOR_API_KEY"]
     host_os.set_config(developmentMode=False)
     try:
         def refused() -> bool:
             return apps.api.request("GET", "/v2/applications/state").status == 401
         dut.poll(refused, 60, "the supervisor to ask for a key on a production device",
-                         lambda: "it answered without one")
+                 lambda: "it answered without one")
+        dut.poll(lambda: host_os.engine_tcp_api() is None, 300,
+                 "the engine to restart without its API on TCP 2375 (production)",
+                 lambda: f"GET /_ping on 2375 answered {host_os.engine_tcp_api()!r}")
+        dut.poll(lambda: not passwordless(dut), 60,
+                 "root SSH without a key to be refused on a production device",
+                 lambda: "a login with no key and no password still succeeds")
+        assert login(dut, key_file=str(dut.ssh_key)), (
+            "a production device refused the key from os.sshKeys")
         wrong = apps.api.request("GET", "/v2/applications/state", key="0" * 32)
         assert wrong.status == 401, f"a wrong key was let through: {wrong.status}"
         right = apps.api.request("GET", "/v2/applications/state", key=key)
         assert right.status == 200 and APP_NAME in right.json(), (
             f"the service's own key was refused: {right}")
-        inside = apps.exec(app[SERVICE], 'wget -q -O- --header "Authorization: Bearer '
+        running = apps.api.wait_running(APP_NAME, [SERVICE])  # after the engine's restart
+        inside = apps.exec(running[SERVICE], 'wget -q -O- --header "Authorization: Bearer '
                            '$BALENA_SUPERVISOR_API_KEY" "$BALENA_SUPERVISOR_ADDRESS'
                            '/v2/applications/state"')
         assert APP_NAME in inside, f"the API refused the service from inside: {inside[-500:]}"
     finally:
         host_os.via_ssh().set_config(developmentMode=True)
+    dut.poll(lambda: host_os.engine_tcp_api() == "OK", 300,
+             "the engine's API on TCP 2375 back in development mode",
+             lambda: f"GET /_ping on 2375 answered {host_os.engine_tcp_api()!r}")
 
 
 def test_update_lock_holds_a_reboot_until_released(

@@ -1,6 +1,8 @@
 """/data persistence: what an app writes and syncs to /data is still there, byte for byte, after
 a soft reboot, a hard power cut, a host OS update and a rollback; and under power cuts at random
 moments every write the device acknowledged (fsync returned) survives on a clean filesystem.
+Across the host OS update and the rollback the app itself (suites/apps.py) runs again with its
+``/data`` volume and its named volume as it left them.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import secrets
 import time
 
 import pytest
+from apps import APP_NAME, SERVICE, Apps
 
 from hil.dut import Dut
 from hil.os import HostOS, UpdateImage, parse
 from hil.os.flows import boot_broken_health, boot_good, install
 
 ACK_TIMEOUT = 60.0  # the writer's first acknowledgements (a command over the console)
+# label -> a file the app writes in its /data (its resin-data volume) and its named volume
+APP_VOLUMES = {"data": "/data/hil-persistence", "volume": "/vol/hil-persistence"}
 
 
 def _promise_kept(host_os: HostOS, name: str, after: str) -> None:
@@ -57,22 +62,39 @@ def test_file_survives_a_power_cut(dut: Dut, host_os: HostOS) -> None:
     _promise_kept(host_os, "power-cut", "a hard power cut")
 
 
-def test_file_survives_a_host_os_update(dut: Dut, host_os: HostOS,
-                                        update_image: UpdateImage) -> None:
+def _app_kept(apps: Apps, after: str, value: str) -> None:
+    """The app runs again (the supervisor may have recreated its container for the new OS)
+    and its volumes hold what it wrote before."""
+    running = apps.api.wait_running(APP_NAME, [SERVICE])
+    got = apps.marks(running[SERVICE], APP_VOLUMES)
+    assert got == dict.fromkeys(APP_VOLUMES, value), (
+        f"after {after} the app's /data and named volume should hold {value!r}; got {got}")
+
+
+def test_file_and_app_survive_a_host_os_update(dut: Dut, host_os: HostOS, apps: Apps,
+                                               app: dict[str, str],
+                                               update_image: UpdateImage) -> None:
     host_os.put_checked_file("update")
+    apps.write_marks(app[SERVICE], APP_VOLUMES, "before-update")
     inst = install(host_os, update_image)
     boot_good(dut, host_os, inst)
-    _promise_kept(host_os, "update", f"a host OS update {inst.old_version} -> "
-                  f"{update_image.version or update_image.describe()}")
+    after = (f"a host OS update {inst.old_version} -> "
+             f"{update_image.version or update_image.describe()}")
+    _promise_kept(host_os, "update", after)
+    _app_kept(apps, after, "before-update")
 
 
-def test_file_survives_a_rollback(dut: Dut, host_os: HostOS, update_image: UpdateImage) -> None:
+def test_file_and_app_survive_a_rollback(dut: Dut, host_os: HostOS, apps: Apps,
+                                         app: dict[str, str],
+                                         update_image: UpdateImage) -> None:
     """The unhealthy update boots with /data mounted, then the health check rolls it back."""
     host_os.put_checked_file("rollback")
+    apps.write_marks(app[SERVICE], APP_VOLUMES, "before-rollback")
     inst = install(host_os, update_image)
     boot_broken_health(dut, host_os, inst, count=1, timeout=1)
-    _promise_kept(host_os, "rollback", f"an update to {update_image.describe()}, unhealthy, "
-                  "and its rollback")
+    after = f"an update to {update_image.describe()}, unhealthy, and its rollback"
+    _promise_kept(host_os, "rollback", after)
+    _app_kept(apps, after, "before-rollback")
 
 
 # --- power-cut fault injection ---------------------------------------------------------------
@@ -144,3 +166,75 @@ def test_acknowledged_writes_survive_random_power_cuts(dut: Dut, host_os: HostOS
         pytest.skip(f"all acknowledged records survived {cuts} power cuts, but the filesystem "
                     "could not be checked: the rig's disk is not a file and the OS has no "
                     "e2fsck + fsfreeze")
+
+
+# --- the filesystems at boot ---------------------------------------------------------------------
+
+FILESYSTEMS = ("resin-rootA", "resin-rootB", "resin-state", "resin-data")
+# label|device|state|last checked, per filesystem (tune2fs reads the superblock)
+_FS_STATUS = (
+    f"for l in {' '.join(FILESYSTEMS)}; do d=$(readlink -f /dev/disk/by-label/$l); "
+    "s=$(tune2fs -l $d 2>&1); printf '%s|%s|%s|%s\\n' $l $d "
+    "\"$(echo \"$s\" | sed -n 's/^Filesystem state: *//p')\" "
+    "\"$(echo \"$s\" | sed -n 's/^Last checked: *//p')\"; done")
+# Mark each filesystem as having errors. One mounted read-write gets it from the kernel
+# (ext4's trigger_fs_error, as when the kernel finds an error): a flag tune2fs wrote under a
+# mounted filesystem would be overwritten by the kernel's own superblock at unmount.
+_MARK = (
+    f"for l in {' '.join(FILESYSTEMS)}; do d=$(readlink -f /dev/disk/by-label/$l); "
+    "if grep -q \"^$d [^ ]* ext4 rw\" /proc/mounts; then "
+    "echo 'marked for a check at boot' > /sys/fs/ext4/${d##*/}/trigger_fs_error || exit 1; "
+    "else tune2fs -E force_fsck $d >/dev/null || exit 1; fi; done")
+
+
+def _fs_status(host_os: HostOS) -> dict[str, tuple[str, str]]:
+    rows = [line.split("|") for line in host_os.check(_FS_STATUS).splitlines()
+            if line.count("|") == 3]
+    return {label: (state, checked) for label, _dev, state, checked in rows}
+
+
+def test_filesystems_marked_with_errors_are_checked_at_the_next_boot(
+        dut: Dut, host_os: HostOS) -> None:
+    before = _fs_status(host_os)
+    assert sorted(before) == sorted(FILESYSTEMS), f"tune2fs could not read them all: {before}"
+    host_os.check(_MARK)
+    marked = _fs_status(host_os)
+    assert all("error" in state for state, _ in marked.values()), (
+        f"each filesystem should now be marked as having errors: {marked}")
+    dut.reboot()
+    after = _fs_status(host_os)
+    unchecked = {label: {"before": before[label], "after": after.get(label)}
+                 for label in FILESYSTEMS
+                 if after.get(label, ("", ""))[0] != "clean"
+                 or after[label][1] == before[label][1]}
+    assert not unchecked, (
+        "filesystems marked as having errors must be checked (e2fsck) at the next boot: "
+        f"these are not clean, or their last check did not change: {unchecked}")
+
+
+RESETS = {"resin-state": ("/mnt/state/remove_me_to_reset", "/mnt/state/root-overlay/reset-check"),
+          "resin-data": ("/mnt/data/remove_me_to_reset", "/mnt/data/resin-data/reset-check")}
+
+
+def test_removing_the_reset_flags_purges_state_and_data(dut: Dut, host_os: HostOS) -> None:
+    """balenaOS's purge: a partition whose ``remove_me_to_reset`` is gone is reset at the next
+    boot (state: its root-overlay; data: the apps' data and the engine's), the flag comes back,
+    and the engine and the supervisor are healthy again on the emptied data partition. Last in
+    the suite: it wipes what the tests before it wrote."""
+    host_os.check(" && ".join(f"mkdir -p $(dirname {check}) && echo x > {check} && sync && "
+                              f"rm {flag} && sync" for flag, check in RESETS.values()))
+    dut.reboot()
+    out = host_os.check("; ".join(
+        f"[ -e {check} ] && echo KEPT={label}; [ -e {flag} ] || echo NOFLAG={label}"
+        for label, (flag, check) in RESETS.items()) + "; true")
+    kept = [line.split("=", 1)[1] for line in out.splitlines() if line.startswith("KEPT=")]
+    noflag = [line.split("=", 1)[1] for line in out.splitlines() if line.startswith("NOFLAG=")]
+    assert not kept, (f"{kept}: the reset flag was removed, yet the next boot kept what the "
+                      "partition held")
+    assert not noflag, f"{noflag}: the reset flag was not put back after the reset"
+    if host_os.has_engine():
+        host_os.wait_engine()
+        r = host_os.run("/usr/lib/balena/balena-healthcheck", timeout=300)
+        assert r.ok, (f"after the data reset balena-healthcheck fails (exit {r.exit_code}):\n"
+                      f"{r.stdout[-2000:]}")
+        host_os.supervisor().wait_healthy()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from ssh_access import foreign_key, login, passwordless
 
 from hil import redact
 from hil.dut import Dut
@@ -142,62 +143,6 @@ def test_registered_under_its_uuid_and_holds_a_device_api_key(
 
 # --- SSH -------------------------------------------------------------------------------------
 
-def _login(dut: Dut, *, key_file: str | None = None, pkey: Any = None,
-           passwordless: bool = False) -> bool:
-    """Whether root may log in over SSH this way (True), or is refused (False)."""
-    import paramiko
-
-    assert dut.rig.network is not None
-    host, port = dut.rig.network.ssh_endpoint()
-    client = paramiko.SSHClient()
-    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-    try:
-        if passwordless:
-            client.connect(host, port=port, username="root", password="", look_for_keys=False,
-                           allow_agent=False, timeout=15, banner_timeout=15, auth_timeout=15)
-        else:
-            client.connect(host, port=port, username="root", key_filename=key_file, pkey=pkey,
-                           look_for_keys=False, allow_agent=False, timeout=15,
-                           banner_timeout=15, auth_timeout=15)
-        _, out, _ = client.exec_command("true", timeout=15)
-        return out.channel.recv_exit_status() == 0
-    except paramiko.AuthenticationException:
-        return False
-    finally:
-        client.close()
-
-
-def _passwordless(dut: Dut) -> bool:
-    """Root login with no key and no password: the "none" method, then an empty password."""
-    import paramiko
-
-    assert dut.rig.network is not None
-    host, port = dut.rig.network.ssh_endpoint()
-    transport = paramiko.Transport((host, port))
-    try:
-        transport.start_client(timeout=15)
-        try:
-            transport.auth_none("root")
-        except paramiko.BadAuthenticationType as exc:
-            if "password" not in exc.allowed_types:
-                return False
-            try:
-                transport.auth_password("root", "")
-            except paramiko.AuthenticationException:
-                return False
-        except paramiko.AuthenticationException:
-            return False
-        return transport.is_authenticated()
-    finally:
-        transport.close()
-
-
-def _foreign_key() -> Any:
-    import paramiko
-
-    return paramiko.ECDSAKey.generate()
-
-
 @pytest.fixture
 def network(dut: Dut) -> None:
     if dut.rig.network is None:
@@ -209,9 +154,9 @@ def test_root_ssh_on_22222_with_the_config_key(dut: Dut, host_os: HostOS,
     assert SSH_PORT in host_os.listening_tcp_ports(), f"nothing listens on TCP {SSH_PORT}"
     r = dut.ssh_run("cat /etc/hostname")
     assert r.ok and r.stdout.strip() == host_os.hostname()[0], f"SSH as root failed: {r}"
-    assert not _login(dut, pkey=_foreign_key()), "SSH accepted a key that is not in os.sshKeys"
+    assert not login(dut, pkey=foreign_key()), "SSH accepted a key that is not in os.sshKeys"
     if host_os.config_json().get("developmentMode") is True:
-        assert _passwordless(dut), "a development device must allow passwordless root SSH"
+        assert passwordless(dut), "a development device must allow passwordless root SSH"
 
 
 @pytest.fixture
@@ -258,10 +203,10 @@ def test_production_device_refuses_root_ssh_without_the_key(
         dut: Dut, production: HostOS) -> None:
     cfg = production.config_json()
     assert cfg.get("developmentMode") is False
-    assert _login(dut, key_file=str(dut.ssh_key)), (
+    assert login(dut, key_file=str(dut.ssh_key)), (
         "a production device refused the key from os.sshKeys")
-    assert not _passwordless(dut), "a production device allowed root SSH with no key"
-    assert not _login(dut, pkey=_foreign_key()), (
+    assert not passwordless(dut), "a production device allowed root SSH with no key"
+    assert not login(dut, pkey=foreign_key()), (
         "a production device accepted a key that is not in os.sshKeys")
     # and its console gives no root shell: a shell would answer with the sum
     import re

@@ -58,6 +58,24 @@ BREAKS: dict[str, str] = {
     "chrony-no-servers": _restart_chrony_without("sourcedir"),
     # chrony runs without `makestep`: it slews a clock minutes off instead of stepping it
     "chrony-no-makestep": _restart_chrony_without("makestep"),
+    # the OS does not check its filesystems at boot (e2fsck does nothing): on the root, made
+    # writable for the purpose, as no-altboot-rollback
+    "no-boot-fsck": (
+        "grep -q '^exit 0 # broken' /sbin/e2fsck || "
+        "{ mount -o remount,rw / && " + _STUB.format(path="/sbin/e2fsck") +
+        " && sync && mount -o remount,ro /; }"),
+    # the OS ignores a removed remove_me_to_reset: the flag is put back at once, nothing is
+    # reset at the next boot
+    "no-reset": (
+        "[ -e /run/hil-no-reset ] || { touch /run/hil-no-reset; ( while :; do "
+        "for f in /mnt/state/remove_me_to_reset /mnt/data/remove_me_to_reset; do "
+        "[ -e $f ] || { touch $f; sync; }; done; sleep 0.2; done ) "
+        "</dev/null >/dev/null 2>&1 & }"),
+    # the engine's watchdog never fires (healthdog does nothing): on the root, made writable
+    "no-engine-watchdog": (
+        "grep -q '^exit 0 # broken' /usr/lib/hil/healthdog || "
+        "{ mount -o remount,rw / && " + _STUB.format(path="/usr/lib/hil/healthdog") +
+        " && sync && mount -o remount,ro /; }"),
     # a device node the device type promises disappears
     "no-gpiochip0": "rm -f /dev/gpiochip0",
     # the supervisor lets any caller in on a production device (an API without its key check):

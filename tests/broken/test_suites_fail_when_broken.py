@@ -88,6 +88,19 @@ def test_persistence_suite_fails_when_data_is_not_persisted(tmp_path: Path) -> N
            "survived" in failed, out[-6000:]
 
 
+def test_persistence_suite_fails_when_filesystems_are_not_checked_or_reset(
+        tmp_path: Path) -> None:
+    code, out, failed = run_broken(tmp_path, "no-boot-fsck,no-reset", [
+        "suites/persistence", "-k", "marked_with_errors or reset_flags"], boot_timeout=60)
+    assert code == 1 and "2 failed" in out, out[-6000:]
+    assert ("test_filesystems_marked_with_errors_are_checked_at_the_next_boot - AssertionError: "
+            "filesystems marked as having errors must be checked (e2fsck) at the next boot"
+            ) in failed, out[-6000:]
+    assert ("test_removing_the_reset_flags_purges_state_and_data - AssertionError: "
+            "['resin-state', 'resin-data']: the reset flag was removed, yet the next boot kept "
+            "what the partition held") in failed, out[-6000:]
+
+
 def test_rollback_suite_fails_when_rollbacks_are_disabled(tmp_path: Path) -> None:
     code, out, failed = run_broken(tmp_path, "no-altboot-rollback,no-health-rollback", [
         "suites/rollback", "-k", "unbootable or unhealthy"], boot_timeout=60)
@@ -106,9 +119,17 @@ def test_containers_suite_fails_when_the_supervisor_ignores_its_key(tmp_path: Pa
     code, out, failed = run_broken(tmp_path, "supervisor-ignores-key", [
         "suites/containers", "-k", "production"])
     assert code == 1 and "1 failed" in out, out[-6000:]
-    assert ("test_production_supervisor_api_needs_the_service_key - "
+    assert ("test_production_mode_at_runtime_closes_the_engine_api_and_asks_for_keys - "
             "hil.errors.NotReached: the supervisor to ask for a key on a production device"
             ) in failed, out[-6000:]
+
+
+def test_containers_suite_fails_when_the_engine_has_no_watchdog(tmp_path: Path) -> None:
+    code, out, failed = run_broken(tmp_path, "no-engine-watchdog", [
+        "suites/containers", "-k", "watchdog"])
+    assert code == 1 and "1 failed" in out, out[-6000:]
+    assert ("test_hung_engine_is_killed_by_its_watchdog_and_comes_back - hil.errors.NotReached: "
+            "the watchdog (30 s) to kill the hung engine") in failed, out[-6000:]
 
 
 def test_ntp_suite_fails_when_chrony_drops_the_configured_server(tmp_path: Path) -> None:

@@ -9,7 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from refos_guest import Guest, boot_dev
+from refos_guest import Guest, boot_dev, ssh_run
+
+from hil.refos import appimage
 
 pytestmark = pytest.mark.qemu
 
@@ -45,11 +47,15 @@ def test_engine_runs_as_on_balenaos_and_its_health_check_sees_it_fail(
     # development mode: the engine API answers on TCP 2375
     assert '"ApiVersion"' in g.run("wget -q -O - http://127.0.0.1:2375/version")
     # a container sees the device's /dev when privileged, and keeps /data-style volumes
-    g.run("balena run --rm -v hello:/vol balena-healthcheck-image sh -c "
-          "'echo Howdy > /vol/f && sync'")
+    image = appimage.busybox(g.run("uname -m"))
+    rc, out = ssh_run(g.ssh_port, "balena-engine load", timeout=300,
+                      stdin=image.path.read_bytes())
+    assert rc == 0, out
+    g.run(f"balena run --rm -v hello:/vol {image.tag} sh -c 'echo Howdy > /vol/f && sync'",
+          timeout=120)
     assert g.run("cat /mnt/data/docker/volumes/hello/_data/f") == "Howdy"
-    assert g.run("balena run --rm --privileged balena-healthcheck-image "
-                 "sh -c 'test -c /dev/watchdog0 && echo seen'") == "seen"
+    assert g.run(f"balena run --rm --privileged {image.tag} "
+                 "sh -c 'test -c /dev/watchdog0 && echo seen'", timeout=120) == "seen"
 
     # the same boot (each boot costs a minute under TCG): a hung engine fails the health
     # check, a killed one comes back. SIGSTOP: the engine is there but does not answer

@@ -7,6 +7,9 @@ BOOT_MNT=/mnt/boot
 STATE_MNT=/mnt/state
 DATA_MNT=/mnt/data
 CONFIG_JSON=$BOOT_MNT/config.json
+# what the OS keeps on resin-state (wiped by a state reset, as balenaOS's root-overlay)
+STATE_OVERLAY=$STATE_MNT/root-overlay
+SSH_HOST_KEY=$STATE_OVERLAY/etc/dropbear/dropbear_ed25519_host_key
 UENV=$BOOT_MNT/resinOS_uEnv.txt
 BOOTCOUNT_ENV=$BOOT_MNT/bootcount.env
 GRUBENV=$BOOT_MNT/grub/grubenv
@@ -25,6 +28,14 @@ booted_part() { r=$(booted_root); echo "${r##*[!0-9]}"; }
 disk_dev() { r=$(booted_root); echo "${r%[0-9]*}"; }
 part_dev() { echo "$(disk_dev)$1"; }
 other_part() { if [ "$1" = 2 ]; then echo 3; else echo 2; fi; }
+# fsck_part N: check partition N's ext4 filesystem before it is mounted (or while it is the
+# read-only root), as balenaOS does at every boot: a filesystem marked as having errors
+# ("clean with errors", e.g. after tune2fs -E force_fsck) is checked and repaired.
+fsck_part() {
+    e2fsck -p "$(part_dev "$1")" >> /run/hil/fsck.log 2>&1
+    rc=$?
+    [ "$rc" -lt 4 ] || console "HIL: e2fsck $(part_dev "$1") left errors (exit $rc)"
+}
 part_label() { if [ "$1" = 2 ]; then echo resin-rootA; else echo resin-rootB; fi; }
 
 # --- bootloader state ----------------------------------------------------------------------
@@ -110,4 +121,11 @@ engine_started() {
         i=$((i + 1))
     done
     return 1
+}
+
+# engine_restart: stop the engine (its containers stop with it); init starts it again, with
+# the settings of the moment (systemctl restart balena)
+engine_restart() {
+    [ -f /var/run/balena-engine.pid ] && kill "$(cat /var/run/balena-engine.pid)" 2>/dev/null
+    true
 }

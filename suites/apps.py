@@ -1,6 +1,6 @@
-"""Apps for the containers suite, run the way a fleet runs them: a target state given to the
-supervisor's local-mode API, and nothing else. The same calls run an app on a real balenaOS
-device in development mode and on the reference OS.
+"""Apps for the suites (containers, persistence), run the way a fleet runs them: a target
+state given to the supervisor's local-mode API, and nothing else. The same calls run an app on
+a real balenaOS device in development mode and on the reference OS.
 
 Containers are reached with ``balena-engine exec`` on the host OS; what a test writes or reads
 inside them is tagged so that the answer can be told apart from whatever else the shell prints.
