@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import re
+import secrets
 import shlex
 import time
 from collections.abc import Callable, Iterable
@@ -64,17 +65,17 @@ UPDATE_BREAKS: dict[str, dict[bool, str]] = {
 ROOT_LABELS = ("resin-rootA", "resin-rootB")
 ENGINE = "balena-engine"  # balenaEngine's CLI on balenaOS (`balena` links to it)
 ENGINE_TCP_PORT = 2375  # the engine's API without TLS, in development mode only
-# (is the reference OS) -> shell commands for the engine's unit. balenaOS: balena.service under
-# systemd, its journal, its containerd named balena-engine-containerd. The reference OS: busybox
-# init restarts balenad when it exits, its log is a file per run (the last run's kept), and its
-# containerd is moby's own (the watchdog of hil/refos's healthdog writes systemd's lines there).
-ENGINE_UNIT: dict[str, dict[bool, str]] = {
-    "restart": {False: "systemctl daemon-reload && systemctl restart balena",
-                True: "kill $(cat /var/run/balena-engine.pid)"},
-    "log": {False: "journalctl -u balena --no-pager -o cat",
-            True: "cat /var/log/balena-engine.log.1 /var/log/balena-engine.log 2>/dev/null"},
-    "containerd": {False: "balena-engine-containerd", True: "containerd"},
-}
+# balenaOS's units as the suites touch them, where the reference OS has no systemd: busybox
+# init restarts a unit's program when it exits, the engine's log is a file per run (the last
+# run's kept, with the watchdog's systemd lines), and its containerd is moby's own.
+RESTART = {"balena": "kill $(cat /var/run/balena-engine.pid)", "chronyd": "killall chronyd"}
+ENGINE_LOG = {False: "journalctl -u balena --no-pager -o cat",
+              True: "cat /var/log/balena-engine.log.1 /var/log/balena-engine.log 2>/dev/null"}
+ENGINE_CONTAINERD = {False: "balena-engine-containerd", True: "containerd"}
+# the system log: journald's on balenaOS, busybox syslogd's file on the reference OS
+SYSTEM_LOG = ("if command -v journalctl >/dev/null; then journalctl --no-pager -q -o short "
+              "-n 5000; elif [ -f /var/log/messages ]; then cat /var/log/messages; "
+              "else logread; fi")
 BOOTLIMIT = 3  # both bootloaders boot the other root once bootcount exceeds this
 # Printed once per boot by the bootloader (the kernel's banners would count a boot twice).
 BOOTLOADER_BANNER = {"uboot": re.compile(rb"U-Boot 20\d\d"),
@@ -570,21 +571,38 @@ class BalenaOS:
                          f"{result.exit_code}):\n{result.stdout[-2000:]}")
         return image.tag
 
+    def log_mark(self) -> str:
+        """Write a unique line to the system log; ``log_since`` returns what came after it."""
+        mark = f"pytest-hil-mark-{secrets.token_hex(6)}"
+        self.check(f"logger -t pytest-hil {mark}")
+        return mark
+
+    def log_since(self, mark: str) -> str:
+        """The system log after ``mark`` ("" until the mark itself is there)."""
+        _, found, after = self.check(SYSTEM_LOG, timeout=60, read_only=True).partition(mark)
+        return after if found else ""
+
+    def restart_service(self, unit: str) -> None:
+        """``systemctl restart UNIT`` (balena, chronyd), its drop-ins read again."""
+        if self.is_reference_os:
+            self.check(RESTART[unit], timeout=60)
+        else:
+            self.check(f"systemctl daemon-reload && systemctl restart {shlex.quote(unit)}",
+                       timeout=120)
+
     def restart_engine(self) -> None:
-        """Restart balena.service, reading its unit's drop-ins again, and wait until the new
-        engine answers."""
-        self.check(ENGINE_UNIT["restart"][self.is_reference_os], timeout=120)
+        """Restart balena.service and wait until the new engine answers."""
+        self.restart_service("balena")
         self.wait_engine()
 
     def engine_log(self) -> str:
         """balena.service's log: the engine's own lines and systemd's about the unit."""
-        return self.check(ENGINE_UNIT["log"][self.is_reference_os], timeout=60,
-                          read_only=True)
+        return self.check(ENGINE_LOG[self.is_reference_os], timeout=60, read_only=True)
 
     def hang_engine(self) -> None:
         """Stop (SIGSTOP) the engine's containerd: an engine that no longer answers, as
         balenaOS's watchdog test hangs it. A restart of the unit clears it."""
-        name = ENGINE_UNIT["containerd"][self.is_reference_os]
+        name = ENGINE_CONTAINERD[self.is_reference_os]
         self.check(f"kill -STOP $(pidof {name})")
 
     def engine_tcp_api(self) -> str | None:

@@ -61,6 +61,7 @@ BINARIES: dict[str, dict[str, str]] = {
     "e2fsprogs": {"sbin/tune2fs": "sbin/tune2fs", "sbin/mke2fs": "sbin/mke2fs",
                   "sbin/e2fsck": "sbin/e2fsck"},
     "util-linux": {"bin/findmnt": "bin/findmnt", "sbin/blkid": "sbin/blkid",
+                   "usr/bin/flock": "usr/bin/flock",
                    "bin/lsblk": "bin/lsblk"},
     "docker.io": {"usr/sbin/dockerd": f"{ENGINE_DIR}/dockerd",
                   "usr/bin/docker": f"{ENGINE_DIR}/docker"},

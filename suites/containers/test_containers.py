@@ -237,8 +237,11 @@ def test_production_mode_at_runtime_closes_the_engine_api_and_asks_for_keys(
         dut.poll(refused, 60, "the supervisor to ask for a key on a production device",
                  lambda: "it answered without one")
         dut.poll(lambda: host_os.engine_tcp_api() is None, 300,
-                 "the engine to restart without its API on TCP 2375 (production)",
+                 "the engine to stop its API on TCP 2375 (production)",
                  lambda: f"GET /_ping on 2375 answered {host_os.engine_tcp_api()!r}")
+        host_os.wait_engine()  # restarted
+        assert host_os.engine_tcp_api() is None, (
+            "the engine restarted in production with its API open on TCP 2375")
         dut.poll(lambda: not passwordless(dut), 60,
                  "root SSH without a key to be refused on a production device",
                  lambda: "a login with no key and no password still succeeds")
@@ -298,6 +301,64 @@ def test_override_lock_lets_a_restart_through_the_apps_lock(
         # the lock's directory outlives the container: on the host, where the supervisor
         # keeps every service's (balenaOS's layout too)
         apps.os.run(f"rm -f /tmp/balena-supervisor/services/{APP_ID}/{SERVICE}/updates.lock")
+        apps.api.set_target_state(target({"main": release_service(app_image)}))
+
+
+SAFE_REBOOT = "/usr/libexec/safe_reboot"
+HOLDER = "/tmp/hil-lock-holder"  # the pid of whatever holds the app's update lock
+
+
+def _hold_the_apps_lock(host_os: HostOS) -> str:
+    """An exclusive flock on the suite app's updates.lock, held until its holder is killed
+    (on the host, as balenaOS's own test holds one); the lock's path."""
+    lock = f"/tmp/balena-supervisor/services/{APP_ID}/{SERVICE}/updates.lock"
+    host_os.check(f"mkdir -p $(dirname {lock}) && ( flock -n -x 9 && exec sleep 2147483647 ) "
+                  f"9>{lock} </dev/null >/dev/null 2>&1 & echo $! > {HOLDER}")
+    host_os.check(f"! flock -n -x {lock} true", timeout=30)  # it is held
+    return lock
+
+
+def test_safe_reboot_waits_while_an_app_holds_its_lock(
+        dut: Dut, host_os: HostOS, app: dict[str, str]) -> None:
+    """balenaOS's safe_reboot (used for host OS updates and reboots the OS asks for): it
+    waits, saying so, while an app holds its update lock, and reboots once it is released."""
+    boot = dut.boot_id()
+    lock = _hold_the_apps_lock(host_os)
+    mark = host_os.log_mark()
+    try:
+        host_os.check(f"sh -c {SAFE_REBOOT} </dev/null >/dev/null 2>&1 &")
+        last = [""]
+
+        def waiting() -> bool:
+            last[0] = host_os.log_since(mark)
+            return f"{lock} exists, busy waiting on unlocking for reboot." in last[0]
+
+        dut.poll(waiting, 60, f"safe_reboot to wait for the app's lock ({lock})",
+                 lambda: last[0][-2000:] or "(nothing logged)", interval=2.0)
+        assert dut.boot_id() == boot, "safe_reboot rebooted while the app held its lock"
+    except BaseException:
+        host_os.run(f"kill $(cat {HOLDER}); pkill -f {SAFE_REBOOT}")
+        raise
+    at = dut.start_reboot(f"kill $(cat {HOLDER})")
+    dut.await_boot(at)
+    dut.wait_ready()
+    assert dut.boot_id() != boot, "the lock was released, yet safe_reboot did not reboot"
+
+
+def test_safe_reboot_goes_through_the_lock_with_the_override(
+        dut: Dut, host_os: HostOS, apps: Apps, app: dict[str, str], app_image: str) -> None:
+    boot = dut.boot_id()
+    apps.api.set_target_state(target({"main": release_service(app_image)},
+                                     config={"SUPERVISOR_OVERRIDE_LOCK": "true"}))
+    try:
+        _hold_the_apps_lock(host_os)
+        at = dut.start_reboot(f"sh -c {SAFE_REBOOT} </dev/null >/dev/null 2>&1 &")
+        dut.await_boot(at)
+        dut.wait_ready()
+        assert dut.boot_id() != boot, (
+            "with SUPERVISOR_OVERRIDE_LOCK=true, safe_reboot did not reboot through the lock")
+    finally:
+        apps.api.wait_healthy()
         apps.api.set_target_state(target({"main": release_service(app_image)}))
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -107,26 +106,6 @@ def expected_ip(host_address: str) -> str:
         return str(ipaddress.IPv4Address(host_address))
     except ValueError:
         return socket.gethostbyname(host_address)
-
-
-# --- the system log (journald on balenaOS, syslogd on the reference OS) --------------------------
-
-LOG_COMMAND = ("if command -v journalctl >/dev/null; then journalctl --no-pager -q -o short "
-               "-n 5000; elif [ -f /var/log/messages ]; then cat /var/log/messages; "
-               "else logread; fi")
-
-
-def log_mark(dut: Dut) -> str:
-    """Write a unique line to the system log; ``log_since`` returns what came after it."""
-    mark = f"pytest-hil-mark-{uuid.uuid4().hex[:12]}"
-    dut.run_check(f"logger -t pytest-hil {mark}")
-    return mark
-
-
-def log_since(dut: Dut, mark: str) -> str:
-    text = dut.run(LOG_COMMAND, timeout=60).stdout
-    _, found, after = text.partition(mark)
-    return after if found else ""
 
 
 # --- config.json on the device -------------------------------------------------------------------

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import re
 
-from ntp_device import POLL_EVERY, NtpRig, log_mark, log_since
+from ntp_device import (
+    APPLY_TIMEOUT,
+    POLL_EVERY,
+    NtpRig,
+    device_config,
+    parse_sources,
+    set_ntp_servers,
+)
 
 from hil.dut import Dut
 
 STEP = 300  # the device's clock is set this many seconds wrong: "minutes"
 SHIFT = 197  # the server is set this far ahead: odd, so no timezone or rounding explains it
+EXTRA_SERVER = "192.0.2.123"  # TEST-NET-1: never answers, only has to be listed
 
 
 def set_clock_back(dut: Dut, seconds: int) -> None:
@@ -24,16 +32,17 @@ def set_clock_back(dut: Dut, seconds: int) -> None:
         f"`date -s` did not set the clock back {seconds}s: {before} -> {after}")
 
 
-def wait_log(dut: Dut, mark: str, pattern: str, promise: str) -> re.Match[str]:
-    """chrony's message after ``mark`` in the system log (journald may lag a moment)."""
+def wait_log(dut: Dut, mark: str, pattern: str, promise: str,
+             timeout: float = 30.0) -> re.Match[str]:
+    """A message after ``mark`` in the system log (journald may lag a moment)."""
     last = [""]
 
     def probe() -> re.Match[str] | None:
-        last[0] = log_since(dut, mark)
+        last[0] = dut.os.log_since(mark)
         return re.search(pattern, last[0])
 
-    return dut.poll(probe, 30, promise, lambda: last[0][-3000:] or "(nothing logged since)",
-                    interval=POLL_EVERY)
+    return dut.poll(probe, timeout, promise,
+                    lambda: last[0][-3000:] or "(nothing logged since)", interval=POLL_EVERY)
 
 
 def test_synchronises_to_the_rig_ntp_server(ntp: NtpRig, dut: Dut) -> None:
@@ -45,9 +54,30 @@ def test_synchronises_to_the_rig_ntp_server(ntp: NtpRig, dut: Dut) -> None:
         f"the server serves stratum {ntp.server.stratum}")
 
 
+def test_ntp_servers_written_at_runtime_reach_chrony(ntp: NtpRig, dut: Dut) -> None:
+    """A server added to ``ntpServers`` at runtime is among chrony's sources within a minute,
+    and gone again once the key is put back (balenaOS's config-json ntpServer test)."""
+    original = device_config(dut).get("ntpServers")
+    servers = str(original or "").split()
+    last = [""]
+
+    def listed() -> bool:
+        last[0] = dut.run("chronyc -c -n sources").stdout
+        return any(s.address == EXTRA_SERVER for s in parse_sources(last[0]))
+
+    set_ntp_servers(dut, " ".join([*servers, EXTRA_SERVER]))
+    try:
+        dut.poll(listed, APPLY_TIMEOUT, f"{EXTRA_SERVER}, added to ntpServers at runtime, among "
+                 "chrony's sources", lambda: last[0], interval=POLL_EVERY)
+    finally:
+        set_ntp_servers(dut, None if original is None else str(original))
+    dut.poll(lambda: not listed(), APPLY_TIMEOUT, f"{EXTRA_SERVER} gone from chrony's sources "
+             "once ntpServers no longer names it", lambda: last[0], interval=POLL_EVERY)
+
+
 def test_steps_back_after_its_clock_is_set_wrong(ntp: NtpRig, dut: Dut) -> None:
     ntp.wait_synced("precondition: the device is synchronised")
-    mark = log_mark(dut)
+    mark = dut.os.log_mark()
     set_clock_back(dut, STEP)
     ntp.wait_synced(f"after its clock was set {STEP}s wrong, the device steps back to the NTP "
                     "server's time")
@@ -76,7 +106,7 @@ def test_takes_its_time_from_the_selected_server(ntp: NtpRig, dut: Dut) -> None:
 def test_reports_no_online_sources_when_the_server_is_down(ntp: NtpRig, dut: Dut) -> None:
     ntp.wait_synced("precondition: the device is synchronised")
     ntp.require_only_source()
-    mark = log_mark(dut)
+    mark = dut.os.log_mark()
     ntp.server.stop()
     v = ntp.wait_unreachable()
     src = v.source(ntp.address)
@@ -86,13 +116,32 @@ def test_reports_no_online_sources_when_the_server_is_down(ntp: NtpRig, dut: Dut
     assert ntp.server.ignored_requests > 0, "nothing asked the stopped server for the time"
 
 
+def test_health_check_forces_a_poll_then_reports_the_lost_sync(ntp: NtpRig, dut: Dut) -> None:
+    """balenaOS's chrony-healthcheck, run when chronyd starts and then every 120 s: with no
+    source in sync it forces a poll and a step, and when chrony is still not in sync 60 s
+    later it fails, so that the unit's watchdog restarts chronyd. Here, as in balenaOS's own
+    test, chronyd is restarted with its server unreachable (stopped by the test before)."""
+    if ntp.server.running:  # run on its own: take the server down first
+        ntp.wait_synced("precondition: the device is synchronised")
+        ntp.require_only_source()
+        ntp.server.stop()
+        ntp.wait_unreachable()
+    mark = dut.os.log_mark()
+    dut.os.restart_service("chronyd")
+    wait_log(dut, mark, r"No online NTP sources - forcing poll",
+             "chrony-healthcheck, with no NTP source online, forces a poll", timeout=90)
+    wait_log(dut, mark, r"NTP time lost synchronization - restarting chronyd",
+             "chrony-healthcheck reports the lost synchronisation after waiting 60 s for it",
+             timeout=150)
+
+
 def test_resynchronises_when_the_server_is_back(ntp: NtpRig, dut: Dut) -> None:
     if ntp.server.running:  # run on its own: take the server down first
         ntp.wait_synced("precondition: the device is synchronised")
         ntp.require_only_source()
         ntp.server.stop()
         ntp.wait_unreachable()
-    mark = log_mark(dut)
+    mark = dut.os.log_mark()
     ntp.server.start()
     ntp.wait_synced("with its NTP server back, the device resynchronises to it")
     wait_log(dut, mark, rf"Selected source {re.escape(ntp.address)}",

@@ -50,6 +50,29 @@ def test_data_lives_on_the_data_partition(host_os: HostOS) -> None:
     assert holder.fstype == "ext4", f"{data} is {holder.fstype}, the contract says ext4"
 
 
+BY_STATE = ("active", "inactive", "resin-rootA", "resin-rootB", "resin-state", "resin-data")
+
+
+def test_by_state_links_name_the_partitions(host_os: HostOS) -> None:
+    """balenaOS's udev rule links each of its partitions on the booted disk by label in
+    /dev/disk/by-state, and the two roots as ``active`` (the one booted) and ``inactive``."""
+    out = host_os.check(f"for l in {' '.join(BY_STATE)}; do printf '%s %s\\n' $l "
+                        "\"$(readlink -f /dev/disk/by-state/$l 2>/dev/null)\"; done",
+                        read_only=True)
+    links = {f[0]: f[1] for f in (line.split() for line in out.splitlines()) if len(f) == 2}
+    missing = [name for name in BY_STATE if name not in links]
+    assert not missing, f"/dev/disk/by-state lacks {missing}; it has {links}"
+    labels = host_os.labels()
+    wrong = {name: (links[name], labels.get(name)) for name in BY_STATE[2:]
+             if links[name] != labels.get(name)}
+    assert not wrong, f"by-state links that do not name their partition (link, label): {wrong}"
+    booted = host_os.roots().mounted_active
+    assert links["active"] == booted and {links["active"], links["inactive"]} == {
+        labels["resin-rootA"], labels["resin-rootB"]}, (
+        f"active -> {links['active']} and inactive -> {links['inactive']} must be the booted "
+        f"root ({booted}) and the other one")
+
+
 def test_file_survives_a_soft_reboot(dut: Dut, host_os: HostOS) -> None:
     host_os.put_checked_file("soft-reboot")
     dut.reboot()

@@ -47,6 +47,8 @@ CONFIG_JSON = "/mnt/boot/config.json"
 STATE_DIR = "/mnt/data/resin-data/resin-supervisor"
 STATE_FILE = f"{STATE_DIR}/target-state.json"
 LOCK_DIR = "/tmp/balena-supervisor/services"
+# the target state's config, dumped for the host OS (safe_reboot reads the override lock there)
+CONFIG_DUMP = "/tmp/balena-supervisor/target-state-config"
 SUPERVISED = "io.balena.supervised"
 
 
@@ -129,6 +131,7 @@ class Supervisor:
     def __init__(self) -> None:
         os.makedirs(STATE_DIR, exist_ok=True)
         self.lock = threading.Lock()
+        self.save_lock = threading.Lock()  # the API's thread and the apply loop both save
         self.wake = threading.Event()
         self.applying = False
         self.loop_beat = time.monotonic()
@@ -144,11 +147,11 @@ class Supervisor:
 
     def save(self) -> None:
         tmp = STATE_FILE + ".new"
-        with open(tmp, "w") as f:
+        with self.save_lock, open(tmp, "w") as f:
             json.dump({"target": self.target, "keys": self.keys}, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, STATE_FILE)
+            os.replace(tmp, STATE_FILE)
 
     # --- keys ------------------------------------------------------------------------------
     def key_for(self, app_id: str, service: str) -> str:
@@ -179,7 +182,14 @@ class Supervisor:
         with self.lock:
             self.target = target
             self.save()
+            self.dump_config()
         self.wake.set()
+
+    def dump_config(self) -> None:
+        os.makedirs(os.path.dirname(CONFIG_DUMP), exist_ok=True)
+        with open(CONFIG_DUMP + ".new", "w") as f:
+            json.dump(self.target.get("local", {}).get("config", {}), f)
+        os.replace(CONFIG_DUMP + ".new", CONFIG_DUMP)
 
     def override_lock(self) -> bool:
         cfg = self.target.get("local", {}).get("config", {})
@@ -491,6 +501,7 @@ class Api(http.server.BaseHTTPRequestHandler):
 def main() -> None:
     global SUP
     SUP = Supervisor()
+    SUP.dump_config()
     threading.Thread(target=SUP.run, daemon=True).start()
     server = http.server.ThreadingHTTPServer(("0.0.0.0", PORT), Api)
     log(f"Supervisor API successfully started on port {PORT}")
