@@ -58,6 +58,7 @@ BINARIES: dict[str, dict[str, str]] = {
     "dropbear-bin": {"usr/sbin/dropbear": "usr/sbin/dropbear",
                      "usr/bin/dropbearkey": "usr/bin/dropbearkey"},
     "jq": {"usr/bin/jq": "usr/bin/jq"},
+    "dnsmasq-base": {"usr/sbin/dnsmasq": "usr/sbin/dnsmasq"},
     "e2fsprogs": {"sbin/tune2fs": "sbin/tune2fs", "sbin/mke2fs": "sbin/mke2fs",
                   "sbin/e2fsck": "sbin/e2fsck"},
     "util-linux": {"bin/findmnt": "bin/findmnt", "sbin/blkid": "sbin/blkid",

@@ -201,6 +201,13 @@ KNOWN_SONAMES = {
     "libsmartcols.so.1": "libsmartcols1", "libselinux.so.1": "libselinux1",
     "libpcre2-8.so.0": "libpcre2-8-0", "libudev.so.1": "libudev1",
     "ld-linux-aarch64.so.1": "libc6", "ld-linux-x86-64.so.2": "libc6",
+    # dnsmasq's
+    "libdbus-1.so.3": "libdbus-1-3", "libsystemd.so.0": "libsystemd0", "liblzma.so.5": "liblzma5",
+    "libzstd.so.1": "libzstd1", "liblz4.so.1": "liblz4-1", "libgcrypt.so.20": "libgcrypt20",
+    "libgpg-error.so.0": "libgpg-error0", "libnetfilter_conntrack.so.3": "libnetfilter-conntrack3",
+    "libnfnetlink.so.0": "libnfnetlink0", "libmnl.so.0": "libmnl0",
+    "libnftables.so.1": "libnftables1", "libnftnl.so.11": "libnftnl11",
+    "libjansson.so.4": "libjansson4", "libxtables.so.12": "libxtables12",
 }
 
 

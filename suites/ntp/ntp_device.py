@@ -201,6 +201,15 @@ class NtpRig:
                           "online source: chronyc shows it unreachable (^?, reach 0) and "
                           "selects nothing", BURST_LOST)
 
+    def take_server_down(self) -> None:
+        """The server stopped and the device seeing it unreachable (from a synchronised
+        device, the server its only source); nothing to do when it is down already."""
+        if self.server.running:
+            self.wait_synced("precondition: the device is synchronised")
+            self.require_only_source()
+            self.server.stop()
+            self.wait_unreachable()
+
     def require_only_source(self) -> None:
         """Tests that stop or shift the server need it to be the device's only time source."""
         others = [s for s in self.view().sources if s.address != self.address and s.reach]

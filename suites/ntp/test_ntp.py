@@ -121,11 +121,7 @@ def test_health_check_forces_a_poll_then_reports_the_lost_sync(ntp: NtpRig, dut:
     source in sync it forces a poll and a step, and when chrony is still not in sync 60 s
     later it fails, so that the unit's watchdog restarts chronyd. Here, as in balenaOS's own
     test, chronyd is restarted with its server unreachable (stopped by the test before)."""
-    if ntp.server.running:  # run on its own: take the server down first
-        ntp.wait_synced("precondition: the device is synchronised")
-        ntp.require_only_source()
-        ntp.server.stop()
-        ntp.wait_unreachable()
+    ntp.take_server_down()  # already down when the test before ran
     mark = dut.os.log_mark()
     dut.os.restart_service("chronyd")
     wait_log(dut, mark, r"No online NTP sources - forcing poll",
@@ -136,11 +132,7 @@ def test_health_check_forces_a_poll_then_reports_the_lost_sync(ntp: NtpRig, dut:
 
 
 def test_resynchronises_when_the_server_is_back(ntp: NtpRig, dut: Dut) -> None:
-    if ntp.server.running:  # run on its own: take the server down first
-        ntp.wait_synced("precondition: the device is synchronised")
-        ntp.require_only_source()
-        ntp.server.stop()
-        ntp.wait_unreachable()
+    ntp.take_server_down()  # already down when the test before ran
     mark = dut.os.log_mark()
     ntp.server.start()
     ntp.wait_synced("with its NTP server back, the device resynchronises to it")

@@ -243,6 +243,44 @@ def test_hostname_change_at_runtime_is_applied(dut: Dut, host_os: HostOS) -> Non
                  lambda: f"(/etc/hostname, hostname) = {host_os.hostname()}")
 
 
+def _dnsmasq_servers(host_os: HostOS) -> list[str]:
+    out = host_os.check("cat /run/dnsmasq.servers 2>/dev/null; true", read_only=True)
+    return [line[len("server="):] for line in out.split() if line.startswith("server=")]
+
+
+def _dns_applied(dut: Dut, host_os: HostOS, value: str | None, want: list[str]) -> None:
+    """Write dnsServers=``value`` and wait until dnsmasq's upstream servers are ``want``: its
+    servers file, and its log (it restarted and says it uses each); then no complaint."""
+    mark = host_os.log_mark()
+    host_os.set_config(dnsServers=value)
+    seen = [""]
+
+    def applied() -> bool:
+        seen[0] = host_os.log_since(mark)
+        return _dnsmasq_servers(host_os) == want and "started, version" in seen[0] and all(
+            f"using nameserver {s}#53" in seen[0] for s in want)
+
+    dut.poll(applied, APPLY_TIMEOUT,
+             f"dnsServers={value!r} to give dnsmasq the upstream servers {want}",
+             lambda: f"servers file {_dnsmasq_servers(host_os)}; log since the change:\n"
+                     f"{seen[0][-1500:]}")
+    assert "bad address" not in seen[0], (
+        f"dnsmasq complains about its servers after dnsServers={value!r}:\n{seen[0][-1500:]}")
+
+
+def test_dns_servers_reach_the_resolver(dut: Dut, host_os: HostOS) -> None:
+    """balenaOS's config-json dnsServers test, by its effect: the servers named become
+    dnsmasq's upstream; the string "null" leaves none, without a "bad address" complaint;
+    without the key it uses 8.8.8.8."""
+    original = host_os.config_json().get("dnsServers")
+    try:
+        _dns_applied(dut, host_os, "1.1.1.1 9.9.9.9", ["1.1.1.1", "9.9.9.9"])
+        _dns_applied(dut, host_os, "null", [])
+        _dns_applied(dut, host_os, None, ["8.8.8.8"])
+    finally:
+        host_os.set_config(dnsServers=original)
+
+
 # --- identity over time ------------------------------------------------------------------------
 
 @pytest.fixture

@@ -40,6 +40,9 @@ BREAKS: dict[str, str] = {
     # the OS prints its provisioning key on the console (a debug line left in a boot script)
     "console-leaks-key": "jq -r '\"provisioning with \" + .apiKey' /mnt/boot/config.json "
                          "> /dev/console",
+    # the OS ignores config.json's dnsServers: the script that hands them to dnsmasq is gone
+    "dns-servers-ignored": ("grep -q ' /usr/bin/balena-net-config ' /proc/mounts || "
+                            "mount --bind /dev/null /usr/bin/balena-net-config"),
     # the OS ignores config.json's hostname / uuid and keeps a fixed one
     "hostname-ignored": "hostname balena && echo balena > /etc/hostname",
     # the running OS's rollback-altboot does nothing (so after a failed update the bootloader

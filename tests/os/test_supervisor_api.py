@@ -55,6 +55,7 @@ def device(tmp_path: Path) -> Iterator[Device]:
     mod.STATE_FILE = str(tmp_path / "state" / "target-state.json")
     mod.APP_DATA = str(tmp_path / "data")
     mod.LOCK_DIR = str(tmp_path / "locks")
+    mod.CONFIG_DUMP = str(tmp_path / "target-state-config")
     mod.ENGINE_SOCKET = str(tmp_path / "no-engine.sock")
     mod.SUP = mod.Supervisor()
     server = mod.http.server.ThreadingHTTPServer(("127.0.0.1", 0), mod.Api)
@@ -102,6 +103,10 @@ def test_target_state_is_checked_kept_and_read_back(device: Device) -> None:
     assert device.api.target_state() == APP
     # kept on the data partition: a restarted supervisor has it
     assert device.mod.Supervisor().target == APP
+    # its config dumped where the host OS's safe_reboot looks for the override lock
+    config = {"SUPERVISOR_OVERRIDE_LOCK": "true"}
+    device.api.set_target_state({**APP, "local": {**APP["local"], "config": config}})
+    assert json.loads((device.tmp / "target-state-config").read_text()) == config
 
 
 def test_a_reboot_waits_for_the_apps_update_lock(device: Device) -> None:
