@@ -252,8 +252,12 @@ def test_production_mode_at_runtime_closes_the_engine_api_and_asks_for_keys(
         right = apps.api.request("GET", "/v2/applications/state", key=key)
         assert right.status == 200 and APP_NAME in right.json(), (
             f"the service's own key was refused: {right}")
-        running = apps.api.wait_running(APP_NAME, [SERVICE])  # after the engine's restart
-        inside = apps.exec(running[SERVICE], 'wget -q -O- --header "Authorization: Bearer '
+        # the engine's restart stopped the container; its restart policy starts it again (the
+        # supervisor's state is not read here: it asks for a key now)
+        dut.poll(lambda: apps.inspect(app[SERVICE], "{{.State.Running}}") == "true", 300,
+                 "the app's container running again after the engine's restart",
+                 lambda: apps.inspect(app[SERVICE], "{{.State.Status}}"), interval=3.0)
+        inside = apps.exec(app[SERVICE], 'wget -q -O- --header "Authorization: Bearer '
                            '$BALENA_SUPERVISOR_API_KEY" "$BALENA_SUPERVISOR_ADDRESS'
                            '/v2/applications/state"')
         assert APP_NAME in inside, f"the API refused the service from inside: {inside[-500:]}"
