@@ -59,9 +59,12 @@ def shrink_rootfs(src: Path, workdir: Path) -> Path:
     if fsck.returncode > 1:  # 1: fixed something (a fresh image has nothing to fix)
         raise InfraError(f"update image {src} fails e2fsck: {fsck.stdout[-500:]}",
                          part="update")
+    full, _ = _block_count(tmp)
     _resize2fs(tmp, ["-M"], src)
     blocks, block_size = _block_count(tmp)
-    _resize2fs(tmp, [str(blocks + HEADROOM // block_size)], src)
+    # never larger than the source: -M's estimate for a nearly full filesystem can exceed it,
+    # and the source is what fits the root partition
+    _resize2fs(tmp, [str(min(blocks + HEADROOM // block_size, full))], src)
     tmp.rename(out)
     for old in workdir.glob(f"{src.stem}-*-min.img"):
         if old != out:

@@ -117,6 +117,7 @@ engine_started() {
     i=0
     while [ "$i" -lt "$1" ]; do
         grep -q 'API listen on /var/run/balena-engine.sock' "$ENGINE_LOG" 2>/dev/null && return 0
+        [ -e /run/hil/balena.failed ] && return 1  # the unit gave up (its start limit)
         sleep 1
         i=$((i + 1))
     done
