@@ -585,6 +585,9 @@ class BalenaOS:
     def restart_service(self, unit: str) -> None:
         """``systemctl restart UNIT`` (balena, chronyd), its drop-ins read again."""
         if self.is_reference_os:
+            if unit not in RESTART:
+                raise ValueError(f"the reference OS restarts only {sorted(RESTART)}, not "
+                                 f"{unit!r}")
             self.check(RESTART[unit], timeout=60)
         else:
             self.check(f"systemctl daemon-reload && systemctl restart {shlex.quote(unit)}",

@@ -31,12 +31,22 @@ class Reply:
 
 
 def _exchange(channel: Any, request: bytes) -> Reply:
-    """HTTP/1.0 over an SSH channel: send the request, read until the server closes."""
+    """HTTP/1.0 over an SSH channel: send the request, read until the server closes.
+
+    A connection to a port nothing listens on yet can connect to itself: a client retrying
+    walks the kernel's ephemeral ports, and when it reaches the port it asks for, the socket
+    is its own peer, hears its own request and holds the port, so the service starting there
+    cannot bind it. Such an echo is taken as "nothing listens" and the channel let go at once.
+    """
     channel.sendall(request)
-    chunks = []
+    line = request.split(b"\r\n", 1)[0]
+    data = b""
     while chunk := channel.recv(65536):
-        chunks.append(chunk)
-    head, sep, body = b"".join(chunks).partition(b"\r\n\r\n")
+        data += chunk
+        if len(data) >= len(line) and data.startswith(line):
+            raise ConnectionRefusedError("the connection reached itself (its own request came "
+                                         "back): nothing listens there yet")
+    head, sep, body = data.partition(b"\r\n\r\n")
     status = head.split(b"\r\n", 1)[0].split()
     if not sep or len(status) < 2 or not status[1].isdigit():
         raise http.client.BadStatusLine(head[:200].decode(errors="replace"))
@@ -59,6 +69,8 @@ def http_request(dut: Dut, port: int, method: str, path: str, body: Any = None, 
             headers.append(f"Authorization: Bearer {key}")
         try:
             return _exchange(channel, "\r\n".join(headers).encode() + b"\r\n\r\n" + data)
+        except ConnectionRefusedError:
+            raise
         except (OSError, http.client.HTTPException) as exc:
             raise OSContractError(f"port {port} on the device dropped `{method} {path}`: "
                                   f"{exc!r}") from None

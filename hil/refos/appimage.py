@@ -51,13 +51,14 @@ def deb_arch(machine: str) -> str:
                             f"{', '.join(sorted(MACHINES))})") from None
 
 
-def busybox(machine: str, tag: str | None = None, cmd: tuple[str, ...] = ("sh",)) -> AppImage:
-    """busybox-static for ``machine`` (``uname -m`` or a Debian architecture) as an image;
-    ``tag`` defaults to ``hil/busybox:<Debian version>``, ``cmd`` is what it runs."""
+def busybox(machine: str) -> AppImage:
+    """busybox-static for ``machine`` (``uname -m`` or a Debian architecture) as an image
+    tagged ``hil/busybox:<Debian version>``, running ``sh``."""
     arch = deb_arch(machine)
     deb = debs.resolve(["busybox-static"], arch)["busybox-static"]
     tree = debs.extract(debs.fetch([deb], arch)["busybox-static"])
-    name = tag or f"hil/busybox:{_tag_safe(deb.version)}"
+    name = f"hil/busybox:{_tag_safe(deb.version)}"
+    cmd = ["sh"]
     src = Path(__file__).read_bytes()
     key = hashlib.sha256(json.dumps([name, arch, deb.version, cmd]).encode() + src).hexdigest()
     out = cache_dir("apps") / f"busybox-{arch}-{key[:16]}.tar"
@@ -71,7 +72,7 @@ def busybox(machine: str, tag: str | None = None, cmd: tuple[str, ...] = ("sh",)
             (root / "tmp").chmod(0o1777)
             archive = Path(tmp) / "image.tar"
             archive.write_bytes(docker_archive(
-                root, name, arch, created_by=f"busybox-static {deb.version}", cmd=list(cmd)))
+                root, name, arch, created_by=f"busybox-static {deb.version}", cmd=cmd))
             archive.rename(out)
     return AppImage(name, out, arch, image_id(out))
 

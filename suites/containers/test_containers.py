@@ -310,15 +310,17 @@ def test_override_lock_lets_a_restart_through_the_apps_lock(
 
 SAFE_REBOOT = "/usr/libexec/safe_reboot"
 HOLDER = "/tmp/hil-lock-holder"  # the pid of whatever holds the app's update lock
+WAITER = "/tmp/hil-safe-reboot"  # the pid of a safe_reboot that waits
 
 
-def _hold_the_apps_lock(host_os: HostOS) -> str:
+def _hold_the_apps_lock(dut: Dut, host_os: HostOS) -> str:
     """An exclusive flock on the suite app's updates.lock, held until its holder is killed
-    (on the host, as balenaOS's own test holds one); the lock's path."""
+    (on the host, as balenaOS's own test holds one); the lock's path, once it is held."""
     lock = f"/tmp/balena-supervisor/services/{APP_ID}/{SERVICE}/updates.lock"
     host_os.check(f"mkdir -p $(dirname {lock}) && ( flock -n -x 9 && exec sleep 2147483647 ) "
                   f"9>{lock} </dev/null >/dev/null 2>&1 & echo $! > {HOLDER}")
-    host_os.check(f"! flock -n -x {lock} true", timeout=30)  # it is held
+    dut.poll(lambda: not host_os.run(f"flock -n -x {lock} true").ok, 30,
+             f"the test's holder to take {lock}", lambda: "another flock still gets it")
     return lock
 
 
@@ -327,10 +329,10 @@ def test_safe_reboot_waits_while_an_app_holds_its_lock(
     """balenaOS's safe_reboot (used for host OS updates and reboots the OS asks for): it
     waits, saying so, while an app holds its update lock, and reboots once it is released."""
     boot = dut.boot_id()
-    lock = _hold_the_apps_lock(host_os)
+    lock = _hold_the_apps_lock(dut, host_os)
     mark = host_os.log_mark()
     try:
-        host_os.check(f"sh -c {SAFE_REBOOT} </dev/null >/dev/null 2>&1 &")
+        host_os.check(f"sh -c {SAFE_REBOOT} </dev/null >/dev/null 2>&1 & echo $! > {WAITER}")
         last = [""]
 
         def waiting() -> bool:
@@ -341,7 +343,7 @@ def test_safe_reboot_waits_while_an_app_holds_its_lock(
                  lambda: last[0][-2000:] or "(nothing logged)", interval=2.0)
         assert dut.boot_id() == boot, "safe_reboot rebooted while the app held its lock"
     except BaseException:
-        host_os.run(f"kill $(cat {HOLDER}); pkill -f {SAFE_REBOOT}")
+        host_os.run(f"kill $(cat {WAITER}) $(cat {HOLDER})")
         raise
     at = dut.start_reboot(f"kill $(cat {HOLDER})")
     dut.await_boot(at)
@@ -355,7 +357,7 @@ def test_safe_reboot_goes_through_the_lock_with_the_override(
     apps.api.set_target_state(target({"main": release_service(app_image)},
                                      config={"SUPERVISOR_OVERRIDE_LOCK": "true"}))
     try:
-        _hold_the_apps_lock(host_os)
+        _hold_the_apps_lock(dut, host_os)
         at = dut.start_reboot(f"sh -c {SAFE_REBOOT} </dev/null >/dev/null 2>&1 &")
         dut.await_boot(at)
         dut.wait_ready()

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -124,3 +125,26 @@ def test_nothing_listening_is_the_devices_fault(device: Device) -> None:
     device.api.dut.ssh.tcp = refused
     with pytest.raises(OSContractError, match="does not listen on port 48484"):
         device.api.healthy()
+
+
+def test_a_connection_to_itself_is_let_go_at_once(device: Device) -> None:
+    """A real TCP self-connect on loopback (what a client retrying a port nothing listens on
+    can end in): the client hears its own request and says at once that nothing listens,
+    instead of holding the port until its timeout. (The port then stays in TIME_WAIT for a
+    minute, which only the device can prevent: the reference OS reserves 48484.)"""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def self_connected(_port: int, timeout: float) -> socket.socket:
+        s = socket.socket()
+        s.settimeout(timeout)
+        s.bind(("127.0.0.1", port))
+        s.connect(("127.0.0.1", port))  # its own peer: nothing else listens there
+        return s
+
+    device.api.dut.ssh.tcp = self_connected
+    started = time.monotonic()
+    with pytest.raises(OSContractError, match=r"does not listen on port 48484.*reached itself"):
+        device.api.request("GET", "/v1/healthy", timeout=30)
+    assert time.monotonic() - started < 5, "the self-connected channel was held until timeout"
