@@ -21,7 +21,7 @@ from typing import Any
 from hil.deadline import wait_until
 from hil.emu.procs import Daemon
 from hil.emu.pty import PtyPort
-from hil.errors import InfraError
+from hil.errors import ConfigError, InfraError
 from hil.mux.virtual import read_position
 from hil.qemu.target import QemuSettings, QemuTarget
 from hil.registry import PartContext
@@ -160,6 +160,11 @@ class EmulatedBoard:
         self.internal = internal
         board_dir = runtime / "board"
         board_dir.mkdir(parents=True, exist_ok=True)
+        if "write_cache" in qemu.model_fields_set and qemu.write_cache != "host":
+            raise ConfigError(f"rig {rig}: the emulated bench's board keeps its disks in the "
+                              "host's page cache (board.write_cache: host)")
+        # the card and the internal disk are plain files the mux and the flasher reach directly
+        qemu = qemu.model_copy(update={"write_cache": "host"})
         if card is not None:
             qemu = qemu.model_copy(update={"disk": card[0]})
         self.target = QemuTarget(qemu, PartContext(rig, "emulator", board_dir, device_type))

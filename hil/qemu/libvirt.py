@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from typing import Any
+from typing import Any, Literal
 from xml.sax.saxutils import escape, quoteattr
 
 from pydantic import Field
@@ -39,6 +39,8 @@ class LibvirtSettings(QemuSettings):
     uri: str = Field("qemu:///system", description="libvirt connection: qemu:///system, or "
                      "qemu:///session as an ordinary user")
     name: str | None = Field(None, description="domain name; default hil-<rig>")
+    write_cache: Literal["host"] = Field("host", description="the domain's disk is a file in "
+                                         "the host's page cache: a power cut loses nothing")
 
 
 class LibvirtPower:

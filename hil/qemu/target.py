@@ -1,6 +1,8 @@
 """A QEMU board (``target: {driver: qemu}``), TCG only.
 
-Power on starts QEMU; power off kills it (a real power cut, no clean shutdown). The serial port
+Power on starts QEMU; power off kills it (a real power cut, no clean shutdown), and by default
+its disk's write cache with it: what the guest wrote but never flushed is lost, as on a board
+(``hil.qemu.writecache``). The serial port
 is a unix socket that QEMU holds in ``wait=on`` until our console reader is connected, so the
 first byte of firmware output is captured. QMP (``qemu.qmp``) gives status and reset.
 """
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -23,8 +24,9 @@ from pydantic import Field
 from hil.console.serial import SerialConsole, SerialSettings
 from hil.deadline import Deadline, wait_until
 from hil.errors import InfraError
-from hil.qemu import TB_SIZE_MIB
+from hil.qemu import TB_SIZE_MIB, kill_session
 from hil.qemu.firmware import default_firmware
+from hil.qemu.writecache import VolatileWriteCache
 from hil.registry import PartContext, Settings
 from hil.storage import FileStorage, FileStorageSettings
 
@@ -52,6 +54,10 @@ class QemuSettings(Settings):
     disk: Path = Field(Path("disk.img"), description="disk file (relative: in the rig's "
                        "runtime directory)")
     disk_size: int = Field(2 * 1024**3, gt=0, description="bytes (sparse file)")
+    write_cache: Literal["volatile", "host"] = Field(
+        "volatile", description="volatile: the disk keeps writes in a cache (nbdkit) until the "
+        "guest flushes them, and a power cut loses the rest, as an SD card or SSD does; host: "
+        "QEMU writes into the host's page cache, and a power cut loses nothing")
     devices: list[str] = Field([], description="extra -device arguments, e.g. i6300esb")
     ssh_port: int = Field(22222, gt=0, lt=65536, description="guest SSH port to forward")
     extra_args: list[str] = Field([], description="more QEMU arguments, appended as given")
@@ -122,6 +128,8 @@ class QemuTarget:
         disk_path = settings.disk if settings.disk.is_absolute() else ctx.runtime / settings.disk
         self.storage = FileStorage(FileStorageSettings(path=disk_path, size=settings.disk_size),
                                    ctx)
+        self.write_cache = (VolatileWriteCache(disk_path, ctx.runtime, ctx.rig)
+                            if settings.write_cache == "volatile" else None)
         self.console = SerialConsole(SerialSettings(url=f"unix://{self.console_sock}"), ctx)
         self.power = QemuPower(self)
         self.network = QemuNetwork(self.ssh_port)
@@ -156,8 +164,7 @@ class QemuTarget:
                "-serial", "chardev:con0",
                "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:{s.ssh_port}",
                "-device", "virtio-net-pci,netdev=net0",
-               "-drive", f"file={self.storage.path},format=raw,if=none,id=disk0,cache=unsafe",
-               "-device", "virtio-blk-pci,drive=disk0",
+               *self._drive("disk0"), "-device", "virtio-blk-pci,drive=disk0",
                "-device", "virtio-rng-pci"]
         firmware = s.firmware or (None if s.kernel else
                                    default_firmware(self.arch, bootdelay=s.bootdelay))
@@ -175,6 +182,12 @@ class QemuTarget:
             cmd += ["-device", dev]
         return cmd + s.extra_args
 
+    def _drive(self, node: str) -> list[str]:
+        if self.write_cache is not None:
+            return self.write_cache.drive(node)
+        # nothing is lost at a power cut either way: flushes to the page cache buy nothing
+        return ["-drive", f"file={self.storage.path},format=raw,if=none,id={node},cache=unsafe"]
+
     # --- power ----------------------------------------------------------------------------------
     @property
     def running(self) -> bool:
@@ -187,6 +200,8 @@ class QemuTarget:
         for sock in (self.console_sock, self.qmp_sock):
             sock.unlink(missing_ok=True)
         cmd = self.command()
+        if self.write_cache is not None:
+            self.write_cache.start()
         log.debug("power on: %s", " ".join(cmd))
         with self.qemu_log.open("ab") as out:
             # Own session: a Ctrl-C at the terminal reaches us, not QEMU; we kill it on the way out.
@@ -247,14 +262,10 @@ class QemuTarget:
         if qmp is not None:
             with contextlib.suppress(Exception):  # the process is about to die anyway
                 qmp.close()  # type: ignore[attr-defined]
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                raise InfraError(f"QEMU pid {proc.pid} survived SIGKILL for 10 s",
-                                 part="target", rig=self.ctx.rig) from None
+        if proc is not None:
+            kill_session(proc, "QEMU", part="target", rig=self.ctx.rig)
+        if self.write_cache is not None:
+            self.write_cache.cut()  # after QEMU: the guest never sees its disk vanish
 
     def close(self) -> None:
         self.kill()

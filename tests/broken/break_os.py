@@ -78,6 +78,9 @@ BREAKS: dict[str, str] = {
         "grep -q '^exit 0 # broken' /usr/lib/hil/healthdog || "
         "{ mount -o remount,rw / && " + _STUB.format(path="/usr/lib/hil/healthdog") +
         " && sync && mount -o remount,ro /; }"),
+    # the OS mounts /data without write barriers (ext4 barrier=0): fsync returns once the
+    # records reached the disk's write cache, never flushed from there; a power cut loses them
+    "no-disk-flush": "mount -o remount,barrier=0 /mnt/data",
     # a device node the device type promises disappears
     "no-gpiochip0": "rm -f /dev/gpiochip0",
     # the supervisor lets any caller in on a production device (an API without its key check):

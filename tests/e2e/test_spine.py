@@ -14,24 +14,15 @@ from pathlib import Path
 import pytest
 
 from hil.lock import RigLock
+from hil.qemu import board_processes
 
 pytestmark = pytest.mark.qemu
 REPO = Path(__file__).resolve().parents[2]
 
 
 def qemu_pids(runtime: Path) -> list[int]:
-    """QEMU processes whose command line points into this test's runtime directory."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in cmd and str(runtime).encode() in cmd:
-            pids.append(int(proc.name))
-    return pids
+    """QEMU boards (and their disks' nbdkit) still running from this test's runtime directory."""
+    return [pid for pid, _ in board_processes(runtime)]
 
 
 @pytest.fixture
