@@ -115,6 +115,9 @@ def test_power_cut_during_an_update_leaves_a_bootable_device(
     now = host_os.roots()
     assert now.active in (roots.active, roots.inactive), f"unexpected active root {now.active}"
     on_new = now.active == roots.inactive
+    # the soak's figures (-rP shows them): docs/reliability.md
+    print(f"power cut {when}: back on the {'new' if on_new else 'old'} OS ({now.active}) "
+          f"after {len(boots)} boot(s)")
     if completed:
         assert on_new, (f"hostapp-update had reported success {when}, but after the power "
                         f"cut the device runs the old root {now.active}; the update was lost")

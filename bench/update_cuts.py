@@ -1,0 +1,82 @@
+"""Power cuts at seeded random moments of a host OS update: is the device always bootable?
+
+Runs the rollback suite's ``test_power_cut_during_an_update_leaves_a_bootable_device`` (the cut
+while hostapp-update writes the new root) once per seed, each a fresh session on a copy of the
+rig (flashed anew), and tallies: devices left unbootable (the goal is 0), and which OS each came
+back on. The board's disk has its volatile write cache (the QEMU rigs' default), so what the
+update had not flushed is lost at the cut, as on a board.
+
+    .venv/bin/python bench/update_cuts.py --cuts 50      # writes bench/results/update_cuts.md
+    .venv/bin/python bench/update_cuts.py --cuts 3 --rig qemu-x86_64 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BACK_ON = re.compile(r"back on the (new|old) OS \((\S+)\) after (\d+) boot")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cuts", type=int, default=50)
+    ap.add_argument("--first-seed", type=int, default=1)
+    ap.add_argument("--rig", default="qemu-aarch64")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="hil-update-cuts-"))
+    name = f"update-cuts-{os.getpid()}"
+    (work / "rigs").mkdir()
+    shutil.copy(REPO / "rigs" / f"{args.rig}.yaml", work / "rigs" / f"{name}.yaml")
+    env = {**os.environ, "HIL_LOCK_DIR": str(work / "locks"),
+           "HIL_RUNTIME_DIR": str(work / "run"), "COLUMNS": "300"}
+    env.pop("HIL_RIG", None)
+    rows: list[tuple[int, str, str, str]] = []  # seed, outcome, OS, boots
+    t0 = time.monotonic()
+    try:
+        for seed in range(args.first_seed, args.first_seed + args.cuts):
+            run = subprocess.run(
+                [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rPfE",
+                 f"--rigs-dir={work / 'rigs'}", f"--rig={name}", f"--power-cut-seed={seed}",
+                 "suites/rollback", "-k", "power_cut_during and writing"],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+            out = run.stdout + run.stderr
+            m = BACK_ON.search(out)
+            outcome = {0: "bootable", 1: "FAILED"}.get(run.returncode, f"error {run.returncode}")
+            if run.returncode == 1 and "boots neither the old nor the new OS" in out:
+                outcome = "UNBOOTABLE"
+            rows.append((seed, outcome, m[1] if m else "-", m[3] if m else "-"))
+            print(f"seed {seed}: {outcome}, back on {rows[-1][2]} OS after {rows[-1][3]} "
+                  f"boot(s)", flush=True)
+            if run.returncode not in (0, 1):
+                print(out[-3000:])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    lines = [
+        "# Power cuts during a host OS update", "",
+        f"`{' '.join(['.venv/bin/python', 'bench/update_cuts.py', *sys.argv[1:]])}`, "
+        f"{time.strftime('%Y-%m-%d')}, {time.monotonic() - t0:.0f} s, load "
+        f"{Path('/proc/loadavg').read_text().split()[:3]}", "",
+        f"**{sum(r[1] == 'UNBOOTABLE' for r in rows)} of {len(rows)} left unbootable**; "
+        f"{sum(r[1] == 'bootable' for r in rows)} passed every check; back on the old OS "
+        f"{sum(r[2] == 'old' for r in rows)}, on the new one {sum(r[2] == 'new' for r in rows)}.",
+        "", "| seed | outcome | came back on | boots |", "|---|---|---|---|",
+        *(f"| {s} | {o} | {os_} | {b} |" for s, o, os_, b in rows)]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_write:
+        (REPO / "bench" / "results" / "update_cuts.md").write_text(text)
+    return 0 if all(r[1] == "bootable" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
