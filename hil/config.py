@@ -140,17 +140,26 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
                               re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
-def _line_index(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
+def _line_index(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int],
+                file: Path) -> None:
+    """Each key path's line; a key given twice in one mapping is refused (YAML would keep the
+    last one and silently drop the first)."""
     out[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
         for key, value in node.value:
             k = key.value if isinstance(key, yaml.ScalarNode) else str(key.value)
+            if k in seen and k != "<<":  # merge keys may repeat
+                raise ConfigError("key given twice in one mapping (the first would be lost)",
+                                  file=str(file), line=key.start_mark.line + 1,
+                                  key=".".join(str(p) for p in (*path, k)))
+            seen.add(k)
             out[(*path, k)] = key.start_mark.line + 1
-            _line_index(value, (*path, k), out)
+            _line_index(value, (*path, k), out, file)
             out[(*path, k)] = key.start_mark.line + 1  # the key's line, not its value's
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _line_index(item, (*path, i), out)
+            _line_index(item, (*path, i), out, file)
 
 
 def _read_yaml(path: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
@@ -160,18 +169,20 @@ def _read_yaml(path: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
         raise ConfigError(f"cannot read: {exc.strerror}", file=str(path)) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"not UTF-8 text (byte {exc.start})", file=str(path)) from None
+    lines: dict[tuple[Any, ...], int] = {}
     try:
         node = yaml.compose(text, Loader=_Loader)
         data = yaml.load(text, Loader=_Loader)  # a SafeLoader
+        if node is not None:
+            _line_index(node, (), lines, path)
+    except RecursionError:  # PyYAML's composer recurses once per level of nesting
+        raise ConfigError("invalid YAML: nested too deeply", file=str(path)) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         raise ConfigError(f"invalid YAML: {exc.problem or exc.context}", file=str(path),
                           line=mark.line + 1 if mark else None) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", file=str(path)) from None
-    lines: dict[tuple[Any, ...], int] = {}
-    if node is not None:
-        _line_index(node, (), lines)
     return data, lines
 
 

@@ -40,7 +40,7 @@ class InfraError(HilError):
     def __init__(self, message: str, *, part: str = "", rig: str = "", tail: str = "") -> None:
         head = " ".join(x for x in (f"rig {rig}" if rig else "", part) if x)
         super().__init__(with_tail(f"[{head}] {message}" if head else message, tail))
-        self.part, self.rig, self.tail = part, rig, tail
+        self.message, self.part, self.rig, self.tail = message, part, rig, tail
 
 
 class DeadlineError(HilError):

@@ -43,9 +43,10 @@ BUILTIN: dict[tuple[str, str], str] = {
 
 class Settings(BaseModel):
     """Base of every settings model (drivers', the emulator's, the rig file's own): an unknown
-    key is an error, so a typo cannot pass silently, and settings never change once loaded."""
+    key is an error, so a typo cannot pass silently, and settings never change once loaded.
+    A number must be finite: an infinite timeout would be a wait without a deadline."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import json
 import logging
 import subprocess
 import time
@@ -148,11 +147,9 @@ class HilSession:
     def device_config_for(self, using_refos: bool) -> dict[str, Any]:
         """config.json for this session: the user's file, or one made for the reference OS."""
         if self.options.config_json:
-            try:
-                cfg: dict[str, Any] = json.loads(self.options.config_json.read_text())
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"cannot read config.json: {exc}",
-                                  file=str(self.options.config_json)) from None
+            from hil.flash.configjson import load_config_json
+
+            cfg = load_config_json(self.options.config_json)
         else:
             cfg = {"uuid": uuid.uuid4().hex, "deviceType": self.config.device_type.slug,
                    "developmentMode": True, "persistentLogging": False}

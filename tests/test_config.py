@@ -1,16 +1,20 @@
-"""Rig files: every shipped one loads; every broken one gets one message with file, line, key."""
+"""Rig files: every shipped one loads; every broken one gets one message with file, line, key
+(fuzzed: any YAML, any text, and 1000 damaged or mistyped copies of the shipped rig files)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hil.config import device_type_names, list_rigs, load_device_type, load_rig
 from hil.errors import ConfigError
+
+from .fuzzing import FUZZ, damaged, damages
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,3 +127,50 @@ def test_any_text_gives_a_config_error_never_a_traceback(tmp_path: Path, text: s
         load_rig(str(path))
     except ConfigError as exc:
         assert str(exc).startswith(str(path))
+
+
+RIG_TEXTS = {p.name: p.read_text() for p in sorted((REPO / "rigs").glob("*.yaml"))}
+KEYS = ["device_type", "target", "power", "console", "sd_mux", "storage", "network", "timeouts",
+        "ssh", "emulator", "features", "power_off_time", "gpio_loopback", "image"]
+rig_edits = st.one_of(
+    st.tuples(st.just("damage"), damages),  # malformed YAML
+    st.tuples(st.just("set"), st.sampled_from(KEYS), yaml_values),  # wrong types
+    st.tuples(st.just("add"), st.sampled_from([None, *KEYS]), st.text(min_size=1, max_size=8),
+              yaml_values),  # unknown keys, at the top or inside a section
+)
+
+
+def edited_rig(text: str, edit: tuple[Any, ...]) -> bytes:
+    if edit[0] == "damage":
+        return damaged(text.encode(), edit[1])
+    data = yaml.safe_load(text)
+    if edit[0] == "set":
+        data[edit[1]] = edit[2]
+    elif edit[1] is None or not isinstance(data.get(edit[1]), dict):
+        data[edit[2]] = edit[3]
+    else:
+        data[edit[1]][edit[2]] = edit[3]
+    return yaml.safe_dump(data).encode()
+
+
+@FUZZ
+@given(name=st.sampled_from(sorted(RIG_TEXTS)), edit=rig_edits)
+# nesting deeper than PyYAML's recursion: RecursionError escaped
+@example(name="qemu-aarch64.yaml", edit=("damage", [("insert", 0, b"x: " + b"[" * 3000)]))
+# a key given twice: YAML kept the last one without a word
+@example(name="qemu-aarch64.yaml", edit=("damage", [("insert", 0, b"device_type: x\n")]))
+# an infinite timeout is a wait without a deadline
+@example(name="qemu-aarch64.yaml", edit=("set", "timeouts", {"boot": float("inf")}))
+def test_damaged_rig_file_gives_a_config_error_naming_file_and_line(
+        tmp_path: Path, name: str, edit: tuple[Any, ...]) -> None:
+    path = tmp_path / name
+    content = edited_rig(RIG_TEXTS[name], edit)
+    path.write_bytes(content)
+    try:
+        load_rig(str(path))
+    except ConfigError as exc:
+        message = str(exc)
+        assert message.startswith(f"{path}"), message
+        if exc.line is not None:  # the line named is one of the file's
+            assert 1 <= exc.line <= content.count(b"\n") + 1, message
+    assert path.read_bytes() == content

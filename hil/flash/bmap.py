@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import NamedTuple
@@ -17,6 +18,15 @@ from typing import NamedTuple
 from hil.errors import ConfigError, InfraError
 
 SUPPORTED_MAJOR = 2
+CHECKSUM_TYPES = ("sha1", "sha256")  # what bmaptool writes
+_DIGITS = re.compile(r"[0-9]+")  # ASCII only: int() would take "1_0" and other scripts' digits
+_HEX = re.compile(r"[0-9a-fA-F]+")
+
+
+def _number(text: str) -> int:
+    if not _DIGITS.fullmatch(text):
+        raise ValueError(text)
+    return int(text)
 
 
 # NamedTuple rather than dataclass: `hil flash` starts without importing dataclasses (~10 ms)
@@ -67,7 +77,7 @@ def _text(root: ET.Element, tag: str, source: str, required: bool = True) -> str
 def _int(root: ET.Element, tag: str, source: str) -> int:
     text = _text(root, tag, source)
     try:
-        return int(text or "")
+        return _number(text or "")
     except ValueError:
         raise ConfigError(f"<{tag}> is {text!r}, expected an integer", file=source) from None
 
@@ -87,7 +97,7 @@ def parse_bmap(path: str | os.PathLike[str]) -> Bmap:
         raise ConfigError(f"root element is <{root.tag}>, expected <bmap>", file=source)
     version = root.get("version", "")
     try:
-        major, minor = (int(x) for x in version.split(".", 1))
+        major, minor = (_number(x) for x in version.split(".", 1))
     except ValueError:
         raise ConfigError(f"version {version!r} is not 'major.minor'", file=source) from None
     if major > SUPPORTED_MAJOR:
@@ -112,10 +122,10 @@ def parse_bmap(path: str | os.PathLike[str]) -> Bmap:
     else:
         cs_type, attr, file_tag = None, "", ""
     if cs_type is not None:
-        try:
-            cs_len = len(hashlib.new(cs_type).hexdigest())
-        except ValueError:
-            raise ConfigError(f"unknown ChecksumType {cs_type!r}", file=source) from None
+        if cs_type not in CHECKSUM_TYPES:
+            raise ConfigError(f"unknown ChecksumType {cs_type!r}; expected one of "
+                              f"{', '.join(CHECKSUM_TYPES)}", file=source)
+        cs_len = len(hashlib.new(cs_type).hexdigest())
         file_sum = _text(root, file_tag, source, required=False)
         if file_sum:
             _check_file_checksum(raw, file_sum, cs_type, source)
@@ -129,18 +139,19 @@ def parse_bmap(path: str | os.PathLike[str]) -> Bmap:
         text = (elem.text or "").strip()
         try:
             first_s, _, last_s = text.partition("-")
-            first = int(first_s)
-            last = int(last_s) if last_s.strip() else first
+            first = _number(first_s.strip())
+            last = _number(last_s.strip()) if last_s.strip() else first
         except ValueError:
             raise ConfigError(f"bad <Range> {text!r}", file=source) from None
         if not prev_last < first <= last < blocks_count:
             raise ConfigError(f"<Range> {text!r} is out of order or outside the "
                               f"{blocks_count} blocks of the image", file=source)
         checksum = elem.get(attr) if attr else None
-        if checksum is not None and (cs_type is None or len(checksum) != cs_len):
+        if checksum is not None and (cs_type is None or len(checksum) != cs_len
+                                     or not _HEX.fullmatch(checksum)):
             raise ConfigError(f"<Range> {text!r} has a malformed {cs_type} checksum",
                               file=source)
-        ranges.append(BmapRange(first, last, checksum))
+        ranges.append(BmapRange(first, last, checksum.lower() if checksum else None))
         prev_last = last
     return Bmap(image_size, block_size, tuple(ranges), cs_type, version, source)
 

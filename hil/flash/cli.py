@@ -94,14 +94,10 @@ def _cmd_flash(args: argparse.Namespace) -> int:
 
 
 def _cmd_configure(args: argparse.Namespace) -> int:
-    import json
-
+    from hil.flash.configjson import load_config_json
     from hil.flash.configure import configure_image
 
-    try:
-        config = json.loads(args.config.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read config.json: {exc}", file=str(args.config)) from None
+    config = load_config_json(args.config)
     files = {}
     for spec in args.file:
         name, sep, path = spec.partition("=")

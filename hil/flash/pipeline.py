@@ -7,6 +7,7 @@ stages really overlap. A failing stage forwards its exception; the others stop a
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import queue
 import threading
@@ -33,6 +34,7 @@ class Failure:
 
 
 END = object()  # end of a stage's output
+_WAKE = object()  # put by ``Buffers.stop``: a stage waiting on a queue looks at the abort flag
 
 _zeros: dict[int, bytearray] = {}
 
@@ -81,6 +83,7 @@ class Buffers:
         for i in range(slots):
             self.free.put(i)
         self.abort = threading.Event()
+        self._queues: set[queue.Queue[Any]] = {self.free}  # every queue a stage waits on
 
     def acquire(self) -> int:
         slot: int = self.get(self.free, "a free buffer (the writer is stuck?)")
@@ -92,18 +95,22 @@ class Buffers:
     def get(self, q: queue.Queue[Any], what: str, timeout: float | None = STALL_TIMEOUT
             ) -> Any:
         """Blocking get that gives up on abort or after ``timeout`` (None: only on abort)."""
+        self._queues.add(q)
         waited = 0.0
         while True:
             if self.abort.is_set():
                 raise Abort()
             try:
-                return q.get(timeout=0.2)
+                item = q.get(timeout=0.2)
+                if item is not _WAKE:
+                    return item
             except queue.Empty:
                 waited += 0.2
                 if timeout is not None and waited > timeout:
                     raise DeadlineError(what, "no progress", timeout) from None
 
     def put(self, q: queue.Queue[Any], item: object) -> None:
+        self._queues.add(q)
         while not self.abort.is_set():
             try:
                 q.put(item, timeout=0.2)
@@ -111,6 +118,17 @@ class Buffers:
             except queue.Full:
                 continue
         raise Abort()
+
+    def stop(self) -> None:
+        """Abort every stage now: a stage blocked on a queue wakes at once rather than at its
+        next poll (a failed flash would otherwise wait that long for each of them)."""
+        self.abort.set()
+        for q in list(self._queues):
+            with contextlib.suppress(queue.Empty):
+                while True:  # make room for a stage blocked in put; nothing is taken now
+                    q.get_nowait()
+            with contextlib.suppress(queue.Full):
+                q.put_nowait(_WAKE)
 
     def close(self) -> None:
         try:

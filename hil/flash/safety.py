@@ -202,8 +202,9 @@ def check_target(target: str | os.PathLike[str], *, image_size: int | None,
         raise _refuse(t.given, f"{t.path} is not a removable disk; if it is the rig's own "
                       "disk, say so (rig file: fixed: true, or --allow-fixed)")
     if image_size is not None and image_size > t.size:
-        raise _refuse(t.given, f"{t.path} holds {t.size} bytes ({_human(t.size)}) but the "
-                      f"image needs {image_size} bytes ({_human(image_size)})")
+        image = f"the image {source}" if source is not None else "the image"
+        raise _refuse(t.given, f"{t.path} holds {t.size} bytes ({_human(t.size)}) but {image} "
+                      f"needs {image_size} bytes ({_human(image_size)})")
     _check_unlocked(t)
     return t
 

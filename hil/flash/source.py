@@ -341,8 +341,8 @@ def xz_uncompressed_size(f: BinaryIO, file_size: int, path: Path) -> int:
                 break
         if end == 0:
             break
-        f.seek(end - 12)
-        footer = f.read(12)
+        f.seek(max(0, end - 12))  # a file shorter than a footer is refused just below
+        footer = f.read(min(end, 12))
         if end < 32 or footer[10:12] != b"YZ":
             raise _error(path, "xz", "truncated: no xz stream footer ('YZ') at the end of the "
                          f"file (saw {footer[-2:]!r})", None, end)
@@ -572,11 +572,14 @@ class ZipSource(ImageSource):
         import zipfile  # (only here: it is slow to import)
 
         super().__init__(path)
-        self._errors = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, OSError, EOFError)
+        # a damaged archive surfaces as any of these, from deep inside zipfile (a negative
+        # seek, a bad struct, an unknown method, an encrypted member): each names the file here
+        self._errors = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, OSError, EOFError,
+                        ValueError, NotImplementedError, RuntimeError, struct.error)
         self._f: BinaryIO = open(path, "rb")  # noqa: SIM115 (closed in close())
         try:
             self._zip = zipfile.ZipFile(self._f)
-        except zipfile.BadZipFile as exc:
+        except self._errors as exc:
             self._f.close()
             raise InfraError(f"{path}: not a readable zip archive ({exc}); a zip whose end "
                              "(central directory) is missing was cut short", part="flash"
@@ -592,7 +595,7 @@ class ZipSource(ImageSource):
         self.size = self.min_size = self.member.file_size
         try:
             self._member_f = self._zip.open(self.member)
-        except (zipfile.BadZipFile, NotImplementedError) as exc:
+        except self._errors as exc:
             self.close()
             raise InfraError(f"{path}: cannot read member {self.member.filename}: {exc}",
                              part="flash") from exc

@@ -60,8 +60,15 @@ class TargetIO:
         self._stop = False
         self._flusher: threading.Thread | None = None
         self.dfd = -1
+        self.prepared = False  # nothing on the target has changed before ``prepare``
+        self.created = False  # the file did not exist: a failed flash removes it
         if t.kind == "file":
-            self.fd = os.open(t.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                self.fd = os.open(t.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                  0o644)
+                self.created = True
+            except FileExistsError:
+                self.fd = os.open(t.path, os.O_RDWR | os.O_CLOEXEC)
             self.old_size = os.fstat(self.fd).st_size
         else:
             try:  # O_EXCL: the kernel refuses if it is mounted or claimed (EBUSY)
@@ -82,6 +89,7 @@ class TargetIO:
 
     def prepare(self, size: int, *, zero_fill: bool, have_bmap: bool) -> None:
         """Decide how unwritten areas become zero; truncate a file target (fresh and sparse)."""
+        self.prepared = True
         if self.t.kind == "file":
             os.ftruncate(self.fd, 0)  # drops old content and its blocks
             os.ftruncate(self.fd, max(size, self.old_size))  # a virtual disk keeps its size
@@ -194,8 +202,11 @@ class TargetIO:
         os.fsync(self.fd)  # also flushes the device's write cache
 
     def close(self) -> None:
-        self._stop = True
-        self._wake.set()
+        """Idempotent: a failed flash closes before it removes a file it created."""
+        self._stop_flusher()  # it must not flush a descriptor closed under it
         if self.dfd >= 0:
             os.close(self.dfd)
-        os.close(self.fd)
+            self.dfd = -1
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -251,7 +251,7 @@ class Verifier:
                          "else wrote to it", part="flash")
 
     def close(self) -> None:
-        self.bufs.abort.set()
+        self.bufs.stop()
         for th in self.threads:
             th.join(timeout=5)
         self.bufs.close()

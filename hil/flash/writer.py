@@ -106,9 +106,11 @@ def _spans(extents: list[tuple[int, int, int | None]]) -> Iterator[
 
 class _Job:
     def __init__(self, src: ImageSource, bm: Bmap | None, t: Target, tio: TargetIO,
-                 callbacks: list[ProgressCallback], verify: bool) -> None:
+                 callbacks: list[ProgressCallback], verify: bool, expected: int,
+                 zero_fill: bool) -> None:
         self.src, self.bm, self.t, self.tio, self.callbacks = src, bm, t, tio, callbacks
         self.verify = verify
+        self.expected, self.zero_fill = expected, zero_fill
         self.bufs = Buffers(SLOTS)
         self.last_runs: list[Run] = []  # closed at the end of the image
         self.verifier: Verifier | None = None
@@ -116,6 +118,16 @@ class _Job:
         self.size = bm.image_size if bm else (src.size or src.min_size)
         self.written = 0
         self.ranges = 0
+
+    def begin(self) -> None:
+        """Make the target ready (a file target is truncated: its old content goes) once the
+        first data has been decoded: an image refused at its start leaves the target as it
+        was."""
+        if self.tio.prepared:
+            return
+        self.tio.prepare(self.expected, zero_fill=self.zero_fill, have_bmap=self.bm is not None)
+        log.info("flashing %s (%s) to %s; empty areas: %s", self.src.path, self.src.format,
+                 self.t, self.tio.zeroing)
 
     # -- stage 1: find the data ------------------------------------------------------------
     def chunks(self) -> Iterator[_Chunk]:
@@ -146,6 +158,9 @@ class _Job:
                 self.bufs.release(slot)
                 break
             end = offset + n
+            if self.t.kind == "block" and end > self.t.size:  # before any of it is written
+                raise InfraError(f"{src.path} decompresses to more than {self.t} holds: it "
+                                 f"goes on past byte {self.t.size}", part="flash")
             segs: list[tuple[int, int, int | None]] = []
             if bm:
                 while ri < len(ranges) and ranges[ri][1] <= offset:
@@ -278,6 +293,7 @@ class _Job:
             return False
         assert bm is not None and verifier is not None and isinstance(src, RawSource)
         t0, last_end, ahead = time.monotonic(), -1, 0
+        self.begin()
         for key, r in enumerate(bm.ranges):
             start, end = bm.byte_range(r)
             while ahead < len(bm.ranges) and bm.byte_range(bm.ranges[ahead])[0] < end + PREFETCH:
@@ -329,6 +345,7 @@ class _Job:
                     break
                 if isinstance(item, Failure):
                     raise item.exc
+                self.begin()
                 view = self.bufs.views[item.slot]
                 for s, e, _key in item.segs:
                     try:
@@ -346,12 +363,13 @@ class _Job:
                                  f"{last_end})")
                 done = item.offset + item.length
                 self.report("write", done, max(self.size, done), t0)
+            self.begin()  # an empty image
             try:
                 self.tio.gap(last_end, self.size)
             except OSError as exc:
                 raise self.io_error(exc, f"zeroing from offset {last_end}") from exc
         finally:
-            self.bufs.abort.set()
+            self.bufs.stop()
             for th in threads:
                 th.join(timeout=5)
 
@@ -392,6 +410,10 @@ def flash(source: str | os.PathLike[str] | ImageSource, target: str | os.PathLik
         if bm and src.size is not None and src.size != bm.image_size:
             raise ConfigError(f"describes a {bm.image_size}-byte image but {src.path} is "
                               f"{src.size} bytes: wrong bmap for this image", file=bm.source)
+        if bm and src.min_size > bm.image_size:  # gzip: its trailer gives a lower bound
+            raise ConfigError(f"describes a {bm.image_size}-byte image but {src.path} holds "
+                              f"at least {src.min_size} bytes: wrong bmap for this image",
+                              file=bm.source)
         expected = bm.image_size if bm else (src.size or src.min_size or None)
         t = check_target(target, image_size=expected, allow_fixed=allow_fixed,
                          source=src.path)
@@ -399,21 +421,39 @@ def flash(source: str | os.PathLike[str] | ImageSource, target: str | os.PathLik
         try:
             return _run(src, bm, t, tio, expected or 0, verify, zero_fill, progress, display,
                         t_start)
+        except BaseException as exc:
+            tio.close()
+            if tio.created:  # a half-written file we made would look like an image
+                t.path.unlink(missing_ok=True)
+            if isinstance(exc, InfraError):
+                raise InfraError(f"{exc.message}; {_target_state(t, tio)}", part=exc.part,
+                                 rig=exc.rig, tail=exc.tail) from exc
+            raise
         finally:
             tio.close()
     finally:
         src.close()
 
 
+def _target_state(t: Target, tio: TargetIO) -> str:
+    """What a failed flash left on the target, for its error message. Data found corrupt only
+    after the write began (a truncated stream is seen at its end) leaves a partial image, as
+    with bmaptool: the flash fails and nothing reports it verified."""
+    if tio.created:
+        return f"{t} was removed (this flash had created it)"
+    if not tio.prepared:
+        return f"nothing was written to {t}"
+    return (f"{t} holds an incomplete or unverified image ({tio.written} bytes written): "
+            "flash it again")
+
+
 def _run(src: ImageSource, bm: Bmap | None, t: Target, tio: TargetIO, expected: int,
          verify: bool, zero_fill: bool, progress: ProgressCallback | None, display: bool,
          t_start: float) -> FlashReport:
     shown = make_display(f"{src.path.name} -> {t.path}", display)
-    job = _Job(src, bm, t, tio, [cb for cb in (shown, progress) if cb is not None], verify)
+    job = _Job(src, bm, t, tio, [cb for cb in (shown, progress) if cb is not None], verify,
+               expected, zero_fill)
     try:
-        tio.prepare(expected, zero_fill=zero_fill, have_bmap=bm is not None)
-        log.info("flashing %s (%s) to %s; empty areas: %s", src.path, src.format, t,
-                 tio.zeroing)
         if verify:
             def on_verify(done: int, total: int, elapsed: float) -> None:
                 p = FlashProgress("verify", done, total, job.written, elapsed)
