@@ -3,7 +3,6 @@ each test's report, and rig faults reported apart from test failures."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -13,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from hil import redact
+from hil import allure_report, redact
 from hil.config import RigConfig, load_rig
-from hil.console.log import EventKind
+from hil.console.log import EventKind, readable
 from hil.dut import Dut
-from hil.errors import ConfigError, InfraError
+from hil.errors import ConfigError, InfraError, brief
 from hil.rig import Rig
 from hil.session import HilSession, Options
 
@@ -31,9 +30,11 @@ RIG_CONFIG = pytest.StashKey["RigConfig | None"]()  # config: --rig, loaded
 LAB_LEASE: pytest.StashKey[Lease | None] = pytest.StashKey()  # config: --rig=pool:
 INFRA_SEEN = pytest.StashKey[bool]()  # config: a rig fault was reported this session
 RUN_FAILED = pytest.StashKey[bool]()  # config: the session ended with failures
+ALLURE_MASK = pytest.StashKey[object | None]()  # config: masks what allure writes
 NEEDS_RECOVERY = pytest.StashKey[bool]()  # config: the last test failed or lost the shell
 log = logging.getLogger(__name__)
 INFRA = ("hil", "infra")  # in a report's user_properties: the failure is a rig fault
+INFRA_AT = "hil_infra"  # user property beside it: the rig, the part and the error's first line
 
 
 def configured_rig(config: pytest.Config) -> RigConfig | None:
@@ -75,6 +76,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[NEEDS_RECOVERY] = False
     config.stash[LAB_LEASE] = None
     config.stash[INFRA_SEEN] = False
+    config.stash[ALLURE_MASK] = allure_report.start()
     rig = config.getoption("--rig")
     if rig:
         try:
@@ -107,6 +109,7 @@ def _sigterm(signum: int, frame: Any) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    allure_report.stop(config.stash.get(ALLURE_MASK, None))
     session = config.stash.get(SESSION, None)
     if session is not None:
         session.close()
@@ -197,7 +200,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         session.rig.log.note(EventKind.TEST, item.nodeid)
 
 
-@pytest.hookimpl(hookwrapper=True)
+# trylast: the innermost wrapper, so report writers that read the report in their own
+# wrappers (allure's) see it with its secrets masked
+@pytest.hookimpl(hookwrapper=True, trylast=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, Any, None]:
@@ -205,7 +210,8 @@ def pytest_runtest_makereport(
     report: pytest.TestReport = outcome.get_result()
     if call.excinfo is not None and call.excinfo.errisinstance(InfraError):
         # a new list: pytest hands every phase's report the item's own list
-        report.user_properties = [*report.user_properties, INFRA]
+        report.user_properties = [*report.user_properties, INFRA,
+                                  (INFRA_AT, _infra_at(item.config, call.excinfo.value))]
         item.config.stash[INFRA_SEEN] = True
     if report.when == "call":
         item.stash[CALL_REPORT] = report
@@ -214,23 +220,33 @@ def pytest_runtest_makereport(
         clean = redact.text(text)
         if clean != text:  # keep pytest's structured repr unless a secret had to go
             report.longrepr = clean
+    # captured output and logs too: a test may print what it read from the device
+    report.sections = [(name, redact.text(content)) for name, content in report.sections]
     session = item.config.stash.get(SESSION, None)
     start = item.stash.get(CONSOLE_AT, None)
+    if start is None and report.when == "setup" and report.failed:
+        start = 0  # the session's start failed: its whole console led to it
     if session is None or session.rig is None or start is None:
         return
     if report.when == "call" or (report.when == "setup" and report.failed):
-        text = redact.text(session.rig.log.text(start).replace("\r", ""))
+        text = redact.text(readable(session.rig.log.text(start)))
         report.sections.append(("Captured console", text[-50000:] or "(no console output)"))
-        _allure_attach(text)
+        allure_report.attach_console(text)
 
 
-def _allure_attach(text: str) -> None:
-    try:
-        import allure
-    except ImportError:
-        return
-    with contextlib.suppress(Exception):  # allure installed but not active in this run
-        allure.attach(text, name="console", attachment_type=allure.attachment_type.TEXT)
+def _infra_at(config: pytest.Config, exc: BaseException) -> str:
+    """Where a rig fault happened and what it was, in one line: the rig, the part, the
+    error's first line."""
+    assert isinstance(exc, InfraError)
+    cfg = config.stash.get(RIG_CONFIG, None)
+    rig = exc.rig or (cfg.name if cfg is not None else "?")
+    return f"rig {rig}, {exc.part or 'part unknown'}: {redact.text(brief(exc.message))}"
+
+
+def _infra_line(report: pytest.TestReport) -> str:
+    at = next((str(p[1]) for p in report.user_properties if tuple(p)[:1] == (INFRA_AT,)), "")
+    phase = "" if report.when == "call" else f" (at {report.when})"
+    return f"INFRA {report.nodeid}{phase} - {at}"
 
 
 def pytest_report_teststatus(report: pytest.TestReport,
@@ -244,17 +260,58 @@ def pytest_report_teststatus(report: pytest.TestReport,
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
                             config: pytest.Config) -> None:
     infra = terminalreporter.stats.get("infra", [])
-    if infra:
-        terminalreporter.section("rig (infrastructure) errors — not test failures", yellow=True)
-        for rep in infra:
-            crash = getattr(rep.longrepr, "reprcrash", None)
-            message = crash.message if crash else str(rep.longrepr).strip()
-            terminalreporter.line(f"{rep.nodeid}: {redact.text(message).splitlines()[0][:300]}")
+    if infra and not getattr(terminalreporter, "no_summary", False):
+        _infra_sections(terminalreporter, config, infra)
+        _with_infra_in_short_summary(terminalreporter, infra)
     session = config.stash.get(SESSION, None)
     if session is not None:
         terminalreporter.section("pytest-hil rig")
         for line in session.report_lines():
             terminalreporter.line(line)
+
+
+def _infra_sections(tr: Any, config: pytest.Config, reports: list[pytest.TestReport]) -> None:
+    """Each rig fault as pytest shows a failure: the traceback with the whole error (and the
+    console tail in it), then the report's sections (the console slice, captured output)."""
+    tr.section("INFRA: rig (infrastructure) errors — not test failures", yellow=True)
+    if config.option.tbstyle == "no":
+        for rep in reports:
+            tr.line(_infra_line(rep))
+        return
+    tw = config.get_terminal_writer()
+    show = config.option.showcapture
+    for rep in reports:
+        phase = "" if rep.when == "call" else f" (at {rep.when})"
+        tw.sep("_", f"INFRA {rep.head_line or rep.nodeid}{phase}", yellow=True, bold=True)
+        rep.toterminal(tw)
+        for name, content in rep.sections if show != "no" else ():
+            if show == "all" or show in name:
+                tw.sep("-", name)
+                tw.line(content.rstrip("\n"))
+
+
+# what pytest's short summary lists for a report character, to know whether it wrote its header
+_SUMMARY_STATS = {"f": "failed", "E": "error", "p": "passed", "s": "skipped", "x": "xfailed",
+                  "X": "xpassed"}
+
+
+def _with_infra_in_short_summary(tr: Any, reports: list[pytest.TestReport]) -> None:
+    """One line per rig fault at the end of pytest's short test summary, where failures and
+    errors are listed (``-r`` with f, E, a or A; pytest's default shows them): pytest lists
+    only outcomes it knows, so its method is wrapped for this run."""
+    if not {"f", "E"} & set(tr.reportchars):
+        return
+    original = tr.short_test_summary
+
+    def short_test_summary() -> None:
+        original()
+        if not any(tr.stats.get(_SUMMARY_STATS[c]) for c in tr.reportchars
+                   if c in _SUMMARY_STATS):
+            tr.write_sep("=", "short test summary info", cyan=True, bold=True)
+        for rep in reports:
+            tr.write_line(_infra_line(rep), yellow=True)
+
+    tr.short_test_summary = short_test_summary
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
