@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ LAB_LEASE: pytest.StashKey[Lease | None] = pytest.StashKey()  # config: --rig=po
 INFRA_SEEN = pytest.StashKey[bool]()  # config: a rig fault was reported this session
 RUN_FAILED = pytest.StashKey[bool]()  # config: the session ended with failures
 ALLURE_MASK = pytest.StashKey[object | None]()  # config: masks what allure writes
+UNMASK_LOGS = pytest.StashKey[Callable[[], None]]()  # config: ends the masking of log records
 NEEDS_RECOVERY = pytest.StashKey[bool]()  # config: the last test failed or lost the shell
 log = logging.getLogger(__name__)
 INFRA = ("hil", "infra")  # in a report's user_properties: the failure is a rig fault
@@ -77,6 +78,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[LAB_LEASE] = None
     config.stash[INFRA_SEEN] = False
     config.stash[ALLURE_MASK] = allure_report.start()
+    config.stash[UNMASK_LOGS] = redact.mask_log_records()
     rig = config.getoption("--rig")
     if rig:
         try:
@@ -110,6 +112,7 @@ def _sigterm(signum: int, frame: Any) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     allure_report.stop(config.stash.get(ALLURE_MASK, None))
+    config.stash.get(UNMASK_LOGS, lambda: None)()
     session = config.stash.get(SESSION, None)
     if session is not None:
         session.close()
@@ -223,10 +226,15 @@ def pytest_runtest_makereport(
     # captured output and logs too: a test may print what it read from the device
     report.sections = [(name, redact.text(content)) for name, content in report.sections]
     session = item.config.stash.get(SESSION, None)
+    if session is None or session.rig is None:
+        return
     start = item.stash.get(CONSOLE_AT, None)
-    if start is None and report.when == "setup" and report.failed:
-        start = 0  # the session's start failed: its whole console led to it
-    if session is None or session.rig is None or start is None:
+    if start is None and report.when == "setup":  # the session started in this test's setup
+        if report.failed:
+            start = 0  # and its start failed: its whole console led to it
+        else:
+            item.stash[CONSOLE_AT] = session.rig.log.end  # the test's own console starts now
+    if start is None:
         return
     if report.when == "call" or (report.when == "setup" and report.failed):
         text = redact.text(readable(session.rig.log.text(start)))

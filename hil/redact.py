@@ -9,9 +9,10 @@ error messages, report sections).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 REDACTED = "<redacted>"
@@ -104,6 +105,26 @@ def text(value: str) -> str:
     return redact_text(value, known)
 
 
+def mask_log_records() -> Callable[[], None]:
+    """Mask every log record as it is made, wherever it then goes (live logs, ``--log-file``,
+    captured logs), until the returned function is called."""
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: logging reports it when the record is emitted
+            return record
+        masked = text(message)
+        if masked != message:
+            record.msg, record.args = masked, ()
+        return record
+
+    logging.setLogRecordFactory(factory)
+    return lambda: logging.setLogRecordFactory(previous)
+
+
 def config(value: dict[str, Any]) -> str:
     """A config.json rendered for a log line, secrets masked."""
     return json.dumps(redact(value), sort_keys=True)
@@ -124,7 +145,8 @@ class Stream:
     def feed(self, data: bytes) -> bytes:
         """What of the stream so far can be written: its complete lines, masked."""
         self._partial += data
-        cut = self._partial.rfind(b"\n") + 1
+        # a line ends at a newline, or at a carriage return (progress bars redraw one line)
+        cut = max(self._partial.rfind(b"\n"), self._partial.rfind(b"\r")) + 1
         if not cut and len(self._partial) < self.HOLD:
             return b""
         done, self._partial = self._partial[:cut or None], self._partial[cut:] if cut else b""

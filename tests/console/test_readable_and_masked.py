@@ -3,6 +3,7 @@ byte, secrets masked as the bytes arrive)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,19 @@ def test_a_private_key_s_lines_are_masked_alone_once_registered(
     assert line not in redact.text(f"garbled: {line}")
     # a block cut short (a slice of a log) is masked to its end
     assert redact.text("x " + PEM[:90]) == "x <redacted>"
+
+
+def test_a_line_redrawn_with_carriage_returns_is_written_as_it_goes() -> None:
+    stream = redact.Stream()
+    assert stream.feed(b" 10%\r 20%\r 3") == b" 10%\r 20%\r"
+    assert stream.flush() == b" 3"
+
+
+def test_log_records_are_masked_as_they_are_made(monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # the plugin masks them for the whole run (this one included), live logs and files too
+    monkeypatch.setattr(redact, "_known", set())
+    redact.register("s3cr3t-device-key")
+    logging.getLogger("test").warning("config %s", {"deviceApiKey": "s3cr3t-device-key"})
+    logging.getLogger("test").warning("read s3cr3t-device-key")
+    assert caplog.messages == ["config {'deviceApiKey': '<redacted>'}", "read <redacted>"]

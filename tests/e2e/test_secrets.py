@@ -75,16 +75,23 @@ def test_no_secret_in_any_artifact_of_a_session(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "--rig=qemu-aarch64",
          f"--config-json={config_json}", f"--junitxml={junit}", "-o", "junit_logging=all",
-         f"--alluredir={allure}", str(REPO / "suites" / "smoke"),
+         f"--alluredir={allure}", f"--log-file={tmp_path / 'run.log'}",
+         "--log-file-level=DEBUG", "--log-cli-level=WARNING", str(REPO / "suites" / "smoke"),
          str(tmp_path / "test_leaky.py")],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     terminal = run.stdout + run.stderr
     # the session really ran: the smoke suite passed, the leaky test failed on its assertion
     assert "4 passed" in terminal and "1 failed" in terminal, terminal[-6000:]
+    # the first test (whose setup started the session) has its own console slice, not the boot
+    first = re.search(r"_ test_runs_the_device_types_architecture _+\n(?:(?!\n_).)*?"
+                      r"-+ Captured console -+\n(.*?)\n[_=-]", terminal, re.S)
+    assert first and "HIL-BOOT" not in first.group(1), terminal[-6000:]
+    assert re.search(r"^E[0-9a-f]{6}\.\d+$", first.group(1), re.M), first.group(1)  # a reply
     console_log = run_dir / "rigs" / "qemu-aarch64" / "console.log"
     artifacts = {"the terminal output": terminal.encode(),
                  "the console log file": console_log.read_bytes(),
-                 "the JUnit XML": junit.read_bytes()}
+                 "the JUnit XML": junit.read_bytes(),
+                 "the log file": (tmp_path / "run.log").read_bytes()}
     assert sorted(allure.iterdir()), "allure wrote no results"
     for path in sorted(allure.iterdir()):
         artifacts[f"allure's {path.name}"] = path.read_bytes()
