@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from hil import allure_report, redact
+from hil import allure_report, infra_report, redact
 from hil.config import RigConfig, load_rig
 from hil.console.log import EventKind, readable
 from hil.dut import Dut
-from hil.errors import ConfigError, InfraError, brief
+from hil.errors import ConfigError, InfraError
 from hil.rig import Rig
 from hil.session import HilSession, Options
 
@@ -35,7 +35,6 @@ UNMASK_LOGS = pytest.StashKey[Callable[[], None]]()  # config: ends the masking 
 NEEDS_RECOVERY = pytest.StashKey[bool]()  # config: the last test failed or lost the shell
 log = logging.getLogger(__name__)
 INFRA = ("hil", "infra")  # in a report's user_properties: the failure is a rig fault
-INFRA_AT = "hil_infra"  # user property beside it: the rig, the part and the error's first line
 
 
 def configured_rig(config: pytest.Config) -> RigConfig | None:
@@ -213,8 +212,9 @@ def pytest_runtest_makereport(
     report: pytest.TestReport = outcome.get_result()
     if call.excinfo is not None and call.excinfo.errisinstance(InfraError):
         # a new list: pytest hands every phase's report the item's own list
-        report.user_properties = [*report.user_properties, INFRA,
-                                  (INFRA_AT, _infra_at(item.config, call.excinfo.value))]
+        cfg = item.config.stash.get(RIG_CONFIG, None)
+        where = infra_report.where(call.excinfo.value, cfg.name if cfg else "")
+        report.user_properties = [*report.user_properties, INFRA, (infra_report.AT, where)]
         item.config.stash[INFRA_SEEN] = True
     if report.when == "call":
         item.stash[CALL_REPORT] = report
@@ -242,21 +242,6 @@ def pytest_runtest_makereport(
         allure_report.attach_console(text)
 
 
-def _infra_at(config: pytest.Config, exc: BaseException) -> str:
-    """Where a rig fault happened and what it was, in one line: the rig, the part, the
-    error's first line."""
-    assert isinstance(exc, InfraError)
-    cfg = config.stash.get(RIG_CONFIG, None)
-    rig = exc.rig or (cfg.name if cfg is not None else "?")
-    return f"rig {rig}, {exc.part or 'part unknown'}: {redact.text(brief(exc.message))}"
-
-
-def _infra_line(report: pytest.TestReport) -> str:
-    at = next((str(p[1]) for p in report.user_properties if tuple(p)[:1] == (INFRA_AT,)), "")
-    phase = "" if report.when == "call" else f" (at {report.when})"
-    return f"INFRA {report.nodeid}{phase} - {at}"
-
-
 def pytest_report_teststatus(report: pytest.TestReport,
                              config: pytest.Config) -> tuple[str, str, Any] | None:
     # tuple(): a report that crossed a process boundary (pytest-xdist) holds lists
@@ -269,57 +254,13 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
                             config: pytest.Config) -> None:
     infra = terminalreporter.stats.get("infra", [])
     if infra and not getattr(terminalreporter, "no_summary", False):
-        _infra_sections(terminalreporter, config, infra)
-        _with_infra_in_short_summary(terminalreporter, infra)
+        infra_report.sections(terminalreporter, config, infra)
+        infra_report.in_short_summary(terminalreporter, infra)
     session = config.stash.get(SESSION, None)
     if session is not None:
         terminalreporter.section("pytest-hil rig")
         for line in session.report_lines():
             terminalreporter.line(line)
-
-
-def _infra_sections(tr: Any, config: pytest.Config, reports: list[pytest.TestReport]) -> None:
-    """Each rig fault as pytest shows a failure: the traceback with the whole error (and the
-    console tail in it), then the report's sections (the console slice, captured output)."""
-    tr.section("INFRA: rig (infrastructure) errors — not test failures", yellow=True)
-    if config.option.tbstyle == "no":
-        for rep in reports:
-            tr.line(_infra_line(rep))
-        return
-    tw = config.get_terminal_writer()
-    show = config.option.showcapture
-    for rep in reports:
-        phase = "" if rep.when == "call" else f" (at {rep.when})"
-        tw.sep("_", f"INFRA {rep.head_line or rep.nodeid}{phase}", yellow=True, bold=True)
-        rep.toterminal(tw)
-        for name, content in rep.sections if show != "no" else ():
-            if show == "all" or show in name:
-                tw.sep("-", name)
-                tw.line(content.rstrip("\n"))
-
-
-# what pytest's short summary lists for a report character, to know whether it wrote its header
-_SUMMARY_STATS = {"f": "failed", "E": "error", "p": "passed", "s": "skipped", "x": "xfailed",
-                  "X": "xpassed"}
-
-
-def _with_infra_in_short_summary(tr: Any, reports: list[pytest.TestReport]) -> None:
-    """One line per rig fault at the end of pytest's short test summary, where failures and
-    errors are listed (``-r`` with f, E, a or A; pytest's default shows them): pytest lists
-    only outcomes it knows, so its method is wrapped for this run."""
-    if not {"f", "E"} & set(tr.reportchars):
-        return
-    original = tr.short_test_summary
-
-    def short_test_summary() -> None:
-        original()
-        if not any(tr.stats.get(_SUMMARY_STATS[c]) for c in tr.reportchars
-                   if c in _SUMMARY_STATS):
-            tr.write_sep("=", "short test summary info", cyan=True, bold=True)
-        for rep in reports:
-            tr.write_line(_infra_line(rep), yellow=True)
-
-    tr.short_test_summary = short_test_summary
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
