@@ -29,9 +29,25 @@ class ConfigError(HilError):
         self.file, self.line, self.key = file, line, key
 
 
+TAIL_HEADER = "\n--- console tail ---\n"
+
+
 def with_tail(text: str, tail: str) -> str:
     """``text`` followed by what the console showed last, in the one format every error uses."""
-    return f"{text}\n--- console tail ---\n{tail}" if tail else text
+    return f"{text}{TAIL_HEADER}{tail}" if tail else text
+
+
+def brief(text: str, width: int = 200) -> str:
+    """One line for an error's text (made by ``with_tail``), for lists that must stay short:
+    its first line, cut to ``width``, and the console's last line, the one that stopped it.
+    The full text is shown once, in the test's report."""
+    head, _, tail = text.partition(TAIL_HEADER)
+    lines = head.strip().splitlines()
+    first = lines[0] if lines else ""
+    if len(first) > width:
+        first = first[:width - 1] + "…"
+    last = next((ln.strip() for ln in reversed(tail.splitlines()) if ln.strip()), "")
+    return f"{first} (console's last line: {last[:80]!r})" if last else first
 
 
 class InfraError(HilError):

@@ -3,19 +3,18 @@ each test's report, and rig faults reported apart from test failures."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from hil import redact
+from hil import allure_report, infra_report, redact
 from hil.config import RigConfig, load_rig
-from hil.console.log import EventKind
+from hil.console.log import EventKind, readable
 from hil.dut import Dut
 from hil.errors import ConfigError, InfraError
 from hil.rig import Rig
@@ -31,6 +30,8 @@ RIG_CONFIG = pytest.StashKey["RigConfig | None"]()  # config: --rig, loaded
 LAB_LEASE: pytest.StashKey[Lease | None] = pytest.StashKey()  # config: --rig=pool:
 INFRA_SEEN = pytest.StashKey[bool]()  # config: a rig fault was reported this session
 RUN_FAILED = pytest.StashKey[bool]()  # config: the session ended with failures
+ALLURE_MASK = pytest.StashKey[object | None]()  # config: masks what allure writes
+UNMASK_LOGS = pytest.StashKey[Callable[[], None]]()  # config: ends the masking of log records
 NEEDS_RECOVERY = pytest.StashKey[bool]()  # config: the last test failed or lost the shell
 log = logging.getLogger(__name__)
 INFRA = ("hil", "infra")  # in a report's user_properties: the failure is a rig fault
@@ -75,6 +76,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[NEEDS_RECOVERY] = False
     config.stash[LAB_LEASE] = None
     config.stash[INFRA_SEEN] = False
+    config.stash[ALLURE_MASK] = allure_report.start()
+    config.stash[UNMASK_LOGS] = redact.mask_log_records()
     rig = config.getoption("--rig")
     if rig:
         try:
@@ -107,6 +110,8 @@ def _sigterm(signum: int, frame: Any) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    allure_report.stop(config.stash.get(ALLURE_MASK, None))
+    config.stash.get(UNMASK_LOGS, lambda: None)()
     session = config.stash.get(SESSION, None)
     if session is not None:
         session.close()
@@ -197,7 +202,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         session.rig.log.note(EventKind.TEST, item.nodeid)
 
 
-@pytest.hookimpl(hookwrapper=True)
+# trylast: the innermost wrapper, so report writers that read the report in their own
+# wrappers (allure's) see it with its secrets masked
+@pytest.hookimpl(hookwrapper=True, trylast=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, Any, None]:
@@ -205,7 +212,9 @@ def pytest_runtest_makereport(
     report: pytest.TestReport = outcome.get_result()
     if call.excinfo is not None and call.excinfo.errisinstance(InfraError):
         # a new list: pytest hands every phase's report the item's own list
-        report.user_properties = [*report.user_properties, INFRA]
+        cfg = item.config.stash.get(RIG_CONFIG, None)
+        where = infra_report.where(call.excinfo.value, cfg.name if cfg else "")
+        report.user_properties = [*report.user_properties, INFRA, (infra_report.AT, where)]
         item.config.stash[INFRA_SEEN] = True
     if report.when == "call":
         item.stash[CALL_REPORT] = report
@@ -214,23 +223,23 @@ def pytest_runtest_makereport(
         clean = redact.text(text)
         if clean != text:  # keep pytest's structured repr unless a secret had to go
             report.longrepr = clean
+    # captured output and logs too: a test may print what it read from the device
+    report.sections = [(name, redact.text(content)) for name, content in report.sections]
     session = item.config.stash.get(SESSION, None)
+    if session is None or session.rig is None:
+        return
     start = item.stash.get(CONSOLE_AT, None)
-    if session is None or session.rig is None or start is None:
+    if start is None and report.when == "setup":  # the session started in this test's setup
+        if report.failed:
+            start = 0  # and its start failed: its whole console led to it
+        else:
+            item.stash[CONSOLE_AT] = session.rig.log.end  # the test's own console starts now
+    if start is None:
         return
     if report.when == "call" or (report.when == "setup" and report.failed):
-        text = redact.text(session.rig.log.text(start).replace("\r", ""))
+        text = redact.text(readable(session.rig.log.text(start)))
         report.sections.append(("Captured console", text[-50000:] or "(no console output)"))
-        _allure_attach(text)
-
-
-def _allure_attach(text: str) -> None:
-    try:
-        import allure
-    except ImportError:
-        return
-    with contextlib.suppress(Exception):  # allure installed but not active in this run
-        allure.attach(text, name="console", attachment_type=allure.attachment_type.TEXT)
+        allure_report.attach_console(text)
 
 
 def pytest_report_teststatus(report: pytest.TestReport,
@@ -244,12 +253,9 @@ def pytest_report_teststatus(report: pytest.TestReport,
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
                             config: pytest.Config) -> None:
     infra = terminalreporter.stats.get("infra", [])
-    if infra:
-        terminalreporter.section("rig (infrastructure) errors — not test failures", yellow=True)
-        for rep in infra:
-            crash = getattr(rep.longrepr, "reprcrash", None)
-            message = crash.message if crash else str(rep.longrepr).strip()
-            terminalreporter.line(f"{rep.nodeid}: {redact.text(message).splitlines()[0][:300]}")
+    if infra and not getattr(terminalreporter, "no_summary", False):
+        infra_report.sections(terminalreporter, config, infra)
+        infra_report.in_short_summary(terminalreporter, infra)
     session = config.stash.get(SESSION, None)
     if session is not None:
         terminalreporter.section("pytest-hil rig")

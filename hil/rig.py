@@ -46,7 +46,7 @@ class Step:
     part: str  # the rig part it drove ("power", "sd_mux", "storage", "flash", "console")
     seconds: float
     ok: bool
-    detail: str = ""
+    detail: str = ""  # a failed step's whole error (the summary shows ``errors.brief`` of it)
     device_wait: bool = False  # waiting on the device (a shell, an installer), not hardware
 
 
@@ -102,7 +102,7 @@ class Rig:
         self.log.note(EventKind.STEP, name)
 
         def record(ok: bool, detail: str = "") -> None:
-            self.timeline.append(Step(name, part, time.monotonic() - t0, ok, detail[:200],
+            self.timeline.append(Step(name, part, time.monotonic() - t0, ok, detail,
                                       device_wait))
 
         try:

@@ -19,7 +19,7 @@ from hil import redact
 from hil.cache import runtime_dir
 from hil.config import RigConfig
 from hil.dut import Dut
-from hil.errors import ConfigError
+from hil.errors import ConfigError, brief
 from hil.lock import RigLock
 from hil.os import BalenaOS
 from hil.rig import Rig
@@ -186,7 +186,7 @@ class HilSession:
         lines = [f"rig {self.config.name} ({self.config.device_type.slug}) timeline:"]
         for step in self.rig.timeline:
             lines.append(f"  {step.seconds:7.2f}s  {'ok ' if step.ok else 'ERR'} {step.name}"
-                         + (f" — {step.detail}" if step.detail else ""))
+                         + (f" — {redact.text(brief(step.detail))}" if step.detail else ""))
         lines.append(f"rig state now: {self.rig.state}")
         lines.append(self.time_split())
         if self.by_suite:

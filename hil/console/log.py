@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from hil import redact
 from hil.deadline import WaitTally
 from hil.errors import DeadlineError, InfraError
 
@@ -24,6 +25,17 @@ PANIC_MARKER = re.compile(rb"Kernel panic - not syncing[^\r\n]*")
 # The kernel prints these at emergency level, so they show even with ``quiet``.
 RESET_MARKER = re.compile(rb"reboot: (?:Restarting system|Power down|System halted)")
 SCAN_OVERLAP = 64  # bytes re-scanned across chunk borders so a marker split in two is found
+# Terminal control sequences (colours, cursor moves, queries such as ESC[6n, window titles),
+# which a systemd boot and line editors print a lot, and the other control characters bar
+# newline and tab: noise for a reader of a report, and invalid in XML.
+ESCAPES = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[ -/]*[0-~])?"
+                     r"|[\x00-\x08\x0b-\x1a\x1c-\x1f\x7f]")
+
+
+def readable(text: str) -> str:
+    """Console text for a person (report sections, error tails): without terminal control
+    sequences and carriage returns. The capture file keeps the bytes as they came."""
+    return ESCAPES.sub("", text)
 
 
 class EventKind(StrEnum):
@@ -59,6 +71,7 @@ class ConsoleLog:
         self._cond = threading.Condition()
         self.events: list[Event] = []
         self._file = path.open("wb") if path else None  # one session's console per file
+        self._masked = redact.Stream()  # the file gets the bytes as they came, secrets masked
         self.path = path
         self.lost: str | None = None  # set when the transport died: waiters fail at once
         self.tally = WaitTally()  # time blocked in wait_for (and over SSH, see hil.os)
@@ -71,7 +84,7 @@ class ConsoleLog:
             scan_from = max(self._base, start - SCAN_OVERLAP)
             self._buf += data
             if self._file:
-                self._file.write(data)
+                self._file.write(self._masked.feed(data))
                 self._file.flush()
             window = bytes(self._buf[scan_from - self._base:])
             for m in BOOT_MARKERS.finditer(window):
@@ -127,7 +140,7 @@ class ConsoleLog:
 
     def tail(self, lines: int = 25) -> str:
         data = self.read(max(self._base, self.end - 8192))
-        text = data.decode("utf-8", errors="replace").replace("\r", "")
+        text = readable(data.decode("utf-8", errors="replace"))
         return "\n".join(text.splitlines()[-lines:])
 
     def events_since(self, offset: int, kinds: tuple[EventKind, ...] = RESTARTS) -> list[Event]:
@@ -171,8 +184,10 @@ class ConsoleLog:
                 self._cond.wait(left)
 
     def close(self) -> None:
-        if self._file:
-            self._file.close()
+        with self._cond:
+            if self._file:
+                self._file.write(self._masked.flush())
+                self._file.close()
             self._file = None
 
 
