@@ -1,0 +1,156 @@
+"""``hil lab agent`` in-process on loopback: real ser2net, real pdudaemon, the real console and
+power drivers of the rig file the lab hands out; the bench rig's console is a pty, its power
+switch a command, the board's SSH server a TCP echo server. No board boots."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hil.deadline import wait_until
+from hil.emu.procs import tcp_listening
+from hil.emu.pty import PtyPort
+from hil.errors import ConfigError, InfraError
+from hil.lab import leases
+from hil.lab.agent import Agent, Ports
+from hil.lab.db import Connection
+from hil.lab.leases import Selector
+from hil.lab.rigs import rig_config
+from hil.qemu.target import free_port
+from hil.rig import Rig
+from tests.lab.helpers import rig_row
+
+
+@contextlib.contextmanager
+def echo_server() -> Iterator[int]:
+    """A TCP server standing in for the board's SSH: echoes what it gets."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=lambda c=conn: [c.sendall(d) for d in iter(
+                lambda: c.recv(4096), b"")], daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def bench(lab: Connection, lab_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+          ) -> Iterator[tuple[Agent, PtyPort, Path]]:
+    """An agent serving one rig (bench-pi, good), running its loop in a thread."""
+    monkeypatch.setenv("HIL_RUNTIME_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("HIL_LOCK_DIR", str(tmp_path / "locks"))
+    uart = PtyPort(tmp_path / "uart")
+    uart.plug()
+    power = tmp_path / "power"
+    with echo_server() as ssh_port:
+        rig = tmp_path / "bench-pi.yaml"
+        rig.write_text(f"""device_type: raspberrypi3
+power: {{driver: command, on: "echo on >> {power}", off: "echo off >> {power}"}}
+console: {{driver: serial, url: {uart.link}}}
+network: {{driver: ssh, host: 127.0.0.1, port: {ssh_port}, host_address: 10.0.2.2}}
+""")
+        agent = Agent(lab_dsn, "bench1", [str(rig)], Ports("127.0.0.1", free_port()),
+                      interval=0.5).start()
+        stop = threading.Event()
+        loop = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+        loop.start()
+        try:
+            lab.execute("UPDATE rigs SET health = 'good'")
+            lab.commit()
+            yield agent, uart, power
+        finally:
+            stop.set()
+            loop.join(10)
+            agent.stop()
+            uart.unplug()
+
+
+def switches(power: Path) -> list[str]:
+    return power.read_text().split() if power.exists() else []
+
+
+def test_a_lease_reaches_the_rig_through_the_agent_and_loses_it_when_it_ends(
+        bench: tuple[Agent, PtyPort, Path], lab: Connection, lab_dsn: str) -> None:
+    agent, uart, power = bench
+    served = agent.rigs["bench-pi"]
+    assert switches(power) == ["off"]  # the agent starts its rigs powered off
+    assert not tcp_listening(served.console_port)  # nothing is served without a lease
+
+    lease = leases.acquire(lab_dsn, Selector("raspberrypi3"), holder="ci job 1", ttl=30)
+    cfg = rig_config(lease.grants[0])
+    assert cfg.parts["power"].settings.hostname == "bench-pi.lease1"  # type: ignore[attr-defined]
+    rig = Rig(cfg)
+    try:
+        rig.console.attach(timeout=10)  # ser2net opens as the grant is announced
+        uart.write(b"U-Boot 2023.01\r\n")
+        rig.log.wait_for(re.compile(rb"U-Boot"), 0, 10, "the board's output through ser2net")
+        rig.power.on()
+        assert switches(power) == ["off", "on"]
+        assert rig.network is not None
+        with socket.create_connection(rig.network.ssh_endpoint(), timeout=5) as ssh:
+            ssh.sendall(b"SSH-2.0-x\r\n")
+            assert ssh.recv(100) == b"SSH-2.0-x\r\n"
+
+            leases.release(lab, "bench-pi", 1, by="an operator")  # the session is kicked
+            wait_until(lambda: rig.log.lost, 10, "the console session to be dropped",
+                       seen=lambda: "console still connected")
+            assert ssh.recv(100) == b""  # the SSH connection is cut too
+        assert not any(map(tcp_listening, (served.console_port, served.pdu_port, served.ssh_port)))
+        with pytest.raises(InfraError, match=r"pdudaemon at .* is unreachable .* for "
+                           r"bench-pi.lease1 outlet 1"):
+            rig.power.on()
+        wait_until(lambda: rig_row(lab, "bench-pi")["state"] == "idle", 10,
+                   "the agent to clean the rig")
+        assert switches(power) == ["off", "on", "off"]  # refused: never switched on again
+    finally:
+        lease.stop_heartbeat()
+        rig.close()
+
+
+def test_a_stale_epoch_is_refused_while_a_newer_lease_holds_the_rig(
+        bench: tuple[Agent, PtyPort, Path], lab: Connection, lab_dsn: str) -> None:
+    agent, _, power = bench
+    old = leases.acquire(lab_dsn, Selector("raspberrypi3"), holder="ci job 1", ttl=30)
+    stale = Rig(rig_config(old.grants[0]))
+    old.release()
+    wait_until(lambda: rig_row(lab, "bench-pi")["state"] == "idle", 10,
+               "the agent to clean the rig")
+    new = leases.acquire(lab_dsn, Selector("raspberrypi3"), holder="ci job 2", ttl=30)
+    fresh = Rig(rig_config(new.grants[0]))
+    try:
+        fresh.console.attach(timeout=10)  # a session's first step: the endpoints are up
+        with pytest.raises(InfraError, match=r"refused on for bench-pi.lease1 outlet 1: HTTP 500"):
+            stale.power.on()
+        assert agent.stale("bench-pi", "1") == ("lease epoch 1 of bench-pi is stale (the rig is "
+                                                "at epoch 2, leased, live lease epoch 2)")
+        fresh.power.on()
+        assert switches(power)[-1] == "on"
+    finally:
+        new.stop_heartbeat()
+        stale.close()
+        fresh.close()
+
+
+def test_a_rig_the_agent_cannot_serve_is_named(tmp_path: Path, lab_dsn: str) -> None:
+    rig = tmp_path / "remote-pi.yaml"
+    rig.write_text("""device_type: raspberrypi3
+power: {driver: command, on: "true", off: "true"}
+console: {driver: serial, url: "rfc2217://bench9:3001"}
+""")
+    with pytest.raises(ConfigError, match=r"remote-pi.yaml.*console.url.*must be a tty"):
+        Agent(lab_dsn, "bench1", [str(rig)], Ports("127.0.0.1"))
