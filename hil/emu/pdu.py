@@ -77,8 +77,10 @@ class PduDaemonRunner:
                    seen=lambda: "port closed", interval=0.05, part="pdudaemon", rig=self.rig)
         return self
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 0.5) -> None:
+        """``grace`` 0: kill at once, so a request in flight gets no answer at all (on SIGTERM
+        pdudaemon lets its switch command finish and answers it)."""
         if self.daemon is not None:
-            self.daemon.stop(grace=0.5)  # it ignores SIGTERM while a switch command runs
+            self.daemon.stop(grace=grace)  # it ignores SIGTERM while a switch command runs
             self.daemon = None
 

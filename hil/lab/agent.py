@@ -124,6 +124,8 @@ class ServedRig:
         self.pdudaemon: PduDaemonRunner | None = None
         self.forward: Forward | None = None
         self.lock = threading.Lock()  # one operation on the local parts at a time
+        self.guard = threading.RLock()  # the endpoints: the loop and pdudaemon's switches
+        self.faulted: int | None = None  # a lease whose rig failed here: not served again
 
     # --- the rig file the lab hands out -----------------------------------------------------
     def remote_config(self) -> str:
@@ -189,14 +191,27 @@ class ServedRig:
             return spec.baud
         return self.cfg.device_type.console.baud
 
+    def fault(self, epoch: int) -> None:
+        """The rig failed under lease ``epoch`` (its power switch here): cut the session off
+        at once, so it meets an infrastructure error (its console lost, pdudaemon gone) rather
+        than waiting for a boot that cannot come."""
+        with self.guard:
+            if self.epoch == epoch:
+                self.faulted = epoch
+                self._close(grace=0)  # pdudaemon would answer the failed switch with 200
+
     def close(self) -> None:
         """Stop serving: the ports close, the console's client and SSH connections are cut."""
+        with self.guard:
+            self._close()
+
+    def _close(self, grace: float = 0.5) -> None:
         epoch, self.epoch = self.epoch, None
         if self.ser2net is not None:
             self.ser2net.stop()
             self.ser2net = None
         if self.pdudaemon is not None:
-            self.pdudaemon.stop()
+            self.pdudaemon.stop(grace)
             self.pdudaemon = None
         if self.forward is not None:
             self.forward.close()
@@ -274,20 +289,25 @@ class Agent:
                 "AND hard_cap_at > now() AND rig = ANY(%s)", (list(self.rigs),)).fetchall()
             live = {str(r["rig"]): (int(r["epoch"]), float(r["left"])) for r in rows}
         for served in self.rigs.values():
-            want = live.get(served.name)
-            if conn is None:
-                if served.epoch is not None and time.monotonic() > served.expires:
-                    served.close()
-                continue
-            if want is not None and want[0] == served.epoch:
-                served.expires = time.monotonic() + want[1]
-                continue
-            served.close()
-            if want is not None:
-                try:
-                    served.open(*want)
-                except InfraError as exc:  # the session meets a closed port: an INFRA error
-                    log.error("%s: cannot serve lease epoch %d: %s", served.name, want[0], exc)
+            with served.guard:
+                self._follow(served, live.get(served.name), conn is not None)
+
+    @staticmethod
+    def _follow(served: ServedRig, want: tuple[int, float] | None, known: bool) -> None:
+        if not known:
+            if served.epoch is not None and time.monotonic() > served.expires:
+                served.close()
+            return
+        if want is not None and want[0] == served.epoch:
+            served.expires = time.monotonic() + want[1]
+            return
+        served.close()
+        if want is not None and want[0] != served.faulted:
+            try:
+                served.open(*want)
+            except InfraError as exc:  # the session meets a closed port: an INFRA error
+                served.faulted = want[0]
+                log.error("%s: cannot serve lease epoch %d: %s", served.name, want[0], exc)
 
     def _clean(self, grant: Grant) -> None:
         served = self.rigs.get(grant.rig)
@@ -313,7 +333,13 @@ class Agent:
         if refused:
             log.warning("%s: power %s refused: %s", rig, action, refused)
             raise ValueError(refused)
-        served.power(action == "on")
+        try:
+            served.power(action == "on")
+        except Exception as exc:
+            log.error("%s: power %s failed under lease epoch %s: %s; its endpoints are closed",
+                      rig, action, epoch, exc)
+            served.fault(int(epoch))
+            raise ValueError(f"power {action} failed: {exc}") from None
         log.info("%s: power %s (lease epoch %s)", rig, action, epoch)
         return "ok"
 

@@ -24,7 +24,7 @@ from hil.lab.leases import Selector
 from hil.lab.rigs import rig_config
 from hil.qemu.target import free_port
 from hil.rig import Rig
-from tests.lab.helpers import rig_row
+from tests.lab.helpers import done, rig_row
 
 
 @contextlib.contextmanager
@@ -49,18 +49,20 @@ def echo_server() -> Iterator[int]:
 
 
 @pytest.fixture
-def bench(lab: Connection, lab_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-          ) -> Iterator[tuple[Agent, PtyPort, Path]]:
-    """An agent serving one rig (bench-pi, good), running its loop in a thread."""
+def bench(request: pytest.FixtureRequest, lab: Connection, lab_dsn: str, tmp_path: Path,
+          monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Agent, PtyPort, Path]]:
+    """An agent serving one rig (bench-pi, good), running its loop in a thread. Its power
+    switch records to a file; indirect parametrization gives another switch-on command."""
     monkeypatch.setenv("HIL_RUNTIME_DIR", str(tmp_path / "run"))
     monkeypatch.setenv("HIL_LOCK_DIR", str(tmp_path / "locks"))
     uart = PtyPort(tmp_path / "uart")
     uart.plug()
     power = tmp_path / "power"
+    switch_on = getattr(request, "param", f"echo on >> {power}")
     with echo_server() as ssh_port:
         rig = tmp_path / "bench-pi.yaml"
         rig.write_text(f"""device_type: raspberrypi3
-power: {{driver: command, on: "echo on >> {power}", off: "echo off >> {power}"}}
+power: {{driver: command, on: "{switch_on}", off: "echo off >> {power}"}}
 console: {{driver: serial, url: {uart.link}}}
 network: {{driver: ssh, host: 127.0.0.1, port: {ssh_port}, host_address: 10.0.2.2}}
 """)
@@ -127,9 +129,11 @@ def test_a_stale_epoch_is_refused_while_a_newer_lease_holds_the_rig(
     agent, _, power = bench
     old = leases.acquire(lab_dsn, Selector("raspberrypi3"), holder="ci job 1", ttl=30)
     stale = Rig(rig_config(old.grants[0]))
-    old.release()
-    wait_until(lambda: rig_row(lab, "bench-pi")["state"] == "idle", 10,
-               "the agent to clean the rig")
+    stale.console.attach(timeout=10)
+    done(old, lab)  # the holder gives it back cleaned: the agent sees no cleaning to do
+    served = agent.rigs["bench-pi"]
+    wait_until(lambda: not tcp_listening(served.console_port), 10,
+               "the agent to close the console of the lease that ended")
     new = leases.acquire(lab_dsn, Selector("raspberrypi3"), holder="ci job 2", ttl=30)
     fresh = Rig(rig_config(new.grants[0]))
     try:
@@ -144,6 +148,25 @@ def test_a_stale_epoch_is_refused_while_a_newer_lease_holds_the_rig(
         new.stop_heartbeat()
         stale.close()
         fresh.close()
+
+
+@pytest.mark.parametrize("bench", ["exit 1"], indirect=True)
+def test_a_power_switch_that_fails_on_the_bench_cuts_the_session_off(
+        bench: tuple[Agent, PtyPort, Path], lab_dsn: str) -> None:
+    agent, _, _ = bench
+    lease = leases.acquire(lab_dsn, Selector("raspberrypi3"), holder="ci job 1", ttl=30)
+    rig = Rig(rig_config(lease.grants[0]))
+    try:
+        rig.console.attach(timeout=10)
+        with pytest.raises(InfraError, match=r"\[rig bench-pi power\] pdudaemon at .* for "
+                           r"bench-pi.lease1 outlet 1"):
+            rig.power.on()  # pdudaemon itself would answer 200: it ignores the switch's status
+        wait_until(lambda: rig.log.lost, 10, "the console session to be dropped",
+                   seen=lambda: "console still connected")
+        assert agent.rigs["bench-pi"].epoch is None  # not served again under this lease
+    finally:
+        lease.stop_heartbeat()
+        rig.close()
 
 
 def test_a_rig_the_agent_cannot_serve_is_named(tmp_path: Path, lab_dsn: str) -> None:
