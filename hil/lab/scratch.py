@@ -9,6 +9,7 @@ import ipaddress
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -85,7 +86,9 @@ def server(max_connections: int = 200, listen: Sequence[str] = ()) -> Iterator[s
         yield dsn
     finally:
         if proc is not None:
-            proc.terminate()
+            # SIGINT, PostgreSQL's fast shutdown: clients are cut off (SIGTERM would wait for
+            # every client to leave)
+            proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:

@@ -17,7 +17,7 @@ from hil.deadline import wait_until
 from hil.emu.procs import tcp_listening
 from hil.emu.pty import PtyPort
 from hil.errors import ConfigError, InfraError
-from hil.lab import leases
+from hil.lab import db, leases, scratch
 from hil.lab.agent import Agent, Ports
 from hil.lab.db import Connection
 from hil.lab.leases import Selector
@@ -48,38 +48,47 @@ def echo_server() -> Iterator[int]:
         server.close()
 
 
-@pytest.fixture
-def bench(request: pytest.FixtureRequest, lab: Connection, lab_dsn: str, tmp_path: Path,
-          monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Agent, PtyPort, Path]]:
-    """An agent serving one rig (bench-pi, good), running its loop in a thread. Its power
-    switch records to a file; indirect parametrization gives another switch-on command."""
-    monkeypatch.setenv("HIL_RUNTIME_DIR", str(tmp_path / "run"))
-    monkeypatch.setenv("HIL_LOCK_DIR", str(tmp_path / "locks"))
-    uart = PtyPort(tmp_path / "uart")
+@contextlib.contextmanager
+def serving(dsn: str, folder: Path, switch_on: str | None = None
+            ) -> Iterator[tuple[Agent, PtyPort, Path]]:
+    """An agent serving one rig (bench-pi), running its loop in a thread. Its power switch
+    records to a file, unless ``switch_on`` says otherwise."""
+    uart = PtyPort(folder / "uart")
     uart.plug()
-    power = tmp_path / "power"
-    switch_on = getattr(request, "param", f"echo on >> {power}")
+    power = folder / "power"
     with echo_server() as ssh_port:
-        rig = tmp_path / "bench-pi.yaml"
+        rig = folder / "bench-pi.yaml"
         rig.write_text(f"""device_type: raspberrypi3
-power: {{driver: command, on: "{switch_on}", off: "echo off >> {power}"}}
+power: {{driver: command, on: "{switch_on or f'echo on >> {power}'}", off: "echo off >> {power}"}}
 console: {{driver: serial, url: {uart.link}}}
 network: {{driver: ssh, host: 127.0.0.1, port: {ssh_port}, host_address: 10.0.2.2}}
 """)
-        agent = Agent(lab_dsn, "bench1", [str(rig)], Ports("127.0.0.1", free_port()),
+        agent = Agent(dsn, "bench1", [str(rig)], Ports("127.0.0.1", free_port()),
                       interval=0.5).start()
         stop = threading.Event()
         loop = threading.Thread(target=agent.run, args=(stop,), daemon=True)
         loop.start()
         try:
-            lab.execute("UPDATE rigs SET health = 'good'")
-            lab.commit()
+            with db.connect(dsn) as conn:
+                conn.execute("UPDATE rigs SET health = 'good'")
+                conn.commit()
             yield agent, uart, power
         finally:
             stop.set()
             loop.join(10)
             agent.stop()
             uart.unplug()
+
+
+@pytest.fixture
+def bench(request: pytest.FixtureRequest, lab_dsn: str, tmp_path: Path,
+          monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Agent, PtyPort, Path]]:
+    """``serving`` on the test's database; indirect parametrization gives the switch-on
+    command."""
+    monkeypatch.setenv("HIL_RUNTIME_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("HIL_LOCK_DIR", str(tmp_path / "locks"))
+    with serving(lab_dsn, tmp_path, getattr(request, "param", None)) as served:
+        yield served
 
 
 def switches(power: Path) -> list[str]:
@@ -177,3 +186,39 @@ console: {driver: serial, url: "rfc2217://bench9:3001"}
 """)
     with pytest.raises(ConfigError, match=r"remote-pi.yaml.*console.url.*must be a tty"):
         Agent(lab_dsn, "bench1", [str(rig)], Ports("127.0.0.1"))
+
+
+def test_an_agent_that_stops_cuts_its_sessions_off(
+        bench: tuple[Agent, PtyPort, Path], lab_dsn: str) -> None:
+    agent, _, _ = bench
+    lease = leases.acquire(lab_dsn, Selector("raspberrypi3"), holder="ci job 1", ttl=30)
+    rig = Rig(rig_config(lease.grants[0]))
+    try:
+        rig.console.attach(timeout=10)
+        agent.stop()  # the bench host goes away (its daemons die with it even on SIGKILL)
+        wait_until(lambda: rig.log.lost, 10, "the console session to be dropped",
+                   seen=lambda: "console still connected")
+        with pytest.raises(InfraError, match=r"\[rig bench-pi power\] pdudaemon at "
+                           r"http://127.0.0.1:\d+ is unreachable"):
+            rig.power.on()
+    finally:
+        lease.stop_heartbeat()
+        rig.close()
+
+
+def test_without_the_database_a_lease_is_served_until_its_known_expiry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HIL_RUNTIME_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("HIL_LOCK_DIR", str(tmp_path / "locks"))
+    with contextlib.ExitStack() as database:
+        dsn = scratch.database(database.enter_context(scratch.server()), "lab")
+        with serving(dsn, tmp_path) as (agent, _, _):
+            lease = leases.acquire(dsn, Selector("raspberrypi3"), holder="ci job 1", ttl=6)
+            lease.stop_heartbeat()  # the holder cannot renew either: the database is gone
+            served = agent.rigs["bench-pi"]
+            wait_until(lambda: tcp_listening(served.console_port), 10,
+                       "the console to be served")
+            database.close()  # the database goes down, the agent stays
+            assert tcp_listening(served.console_port)  # the lease has seconds left
+            wait_until(lambda: not tcp_listening(served.console_port), 6 + 10,
+                       "the agent to close the endpoints at the lease's expiry")
