@@ -95,6 +95,24 @@ def switches(power: Path) -> list[str]:
     return power.read_text().split() if power.exists() else []
 
 
+@contextlib.contextmanager
+def remote_session(dsn: str) -> Iterator[Rig]:
+    """What a session on a leased rig does first: the rig the lab hands out, its console open."""
+    lease = leases.acquire(dsn, Selector("raspberrypi3"), holder="ci job 1", ttl=30)
+    rig = Rig(rig_config(lease.grants[0]))
+    try:
+        rig.console.attach(timeout=10)  # ser2net opens as the grant is announced
+        yield rig
+    finally:
+        lease.stop_heartbeat()
+        rig.close()
+
+
+def console_dropped(rig: Rig) -> None:
+    wait_until(lambda: rig.log.lost, 10, "the console session to be dropped",
+               seen=lambda: "console still connected")
+
+
 def test_a_lease_reaches_the_rig_through_the_agent_and_loses_it_when_it_ends(
         bench: tuple[Agent, PtyPort, Path], lab: Connection, lab_dsn: str) -> None:
     agent, uart, power = bench
@@ -102,12 +120,8 @@ def test_a_lease_reaches_the_rig_through_the_agent_and_loses_it_when_it_ends(
     assert switches(power) == ["off"]  # the agent starts its rigs powered off
     assert not tcp_listening(served.console_port)  # nothing is served without a lease
 
-    lease = leases.acquire(lab_dsn, Selector("raspberrypi3"), holder="ci job 1", ttl=30)
-    cfg = rig_config(lease.grants[0])
-    assert cfg.parts["power"].settings.hostname == "bench-pi.lease1"  # type: ignore[attr-defined]
-    rig = Rig(cfg)
-    try:
-        rig.console.attach(timeout=10)  # ser2net opens as the grant is announced
+    with remote_session(lab_dsn) as rig:
+        assert rig.config.parts["power"].settings.hostname == "bench-pi.lease1"  # type: ignore[attr-defined]
         uart.write(b"U-Boot 2023.01\r\n")
         rig.log.wait_for(re.compile(rb"U-Boot"), 0, 10, "the board's output through ser2net")
         rig.power.on()
@@ -118,8 +132,7 @@ def test_a_lease_reaches_the_rig_through_the_agent_and_loses_it_when_it_ends(
             assert ssh.recv(100) == b"SSH-2.0-x\r\n"
 
             leases.release(lab, "bench-pi", 1, by="an operator")  # the session is kicked
-            wait_until(lambda: rig.log.lost, 10, "the console session to be dropped",
-                       seen=lambda: "console still connected")
+            console_dropped(rig)
             assert ssh.recv(100) == b""  # the SSH connection is cut too
         assert not any(map(tcp_listening, (served.console_port, served.pdu_port, served.ssh_port)))
         with pytest.raises(InfraError, match=r"pdudaemon at .* is unreachable .* for "
@@ -128,9 +141,6 @@ def test_a_lease_reaches_the_rig_through_the_agent_and_loses_it_when_it_ends(
         wait_until(lambda: rig_row(lab, "bench-pi")["state"] == "idle", 10,
                    "the agent to clean the rig")
         assert switches(power) == ["off", "on", "off"]  # refused: never switched on again
-    finally:
-        lease.stop_heartbeat()
-        rig.close()
 
 
 def test_a_stale_epoch_is_refused_while_a_newer_lease_holds_the_rig(
@@ -163,19 +173,12 @@ def test_a_stale_epoch_is_refused_while_a_newer_lease_holds_the_rig(
 def test_a_power_switch_that_fails_on_the_bench_cuts_the_session_off(
         bench: tuple[Agent, PtyPort, Path], lab_dsn: str) -> None:
     agent, _, _ = bench
-    lease = leases.acquire(lab_dsn, Selector("raspberrypi3"), holder="ci job 1", ttl=30)
-    rig = Rig(rig_config(lease.grants[0]))
-    try:
-        rig.console.attach(timeout=10)
+    with remote_session(lab_dsn) as rig:
         with pytest.raises(InfraError, match=r"\[rig bench-pi power\] pdudaemon at .* for "
                            r"bench-pi.lease1 outlet 1"):
             rig.power.on()  # pdudaemon itself would answer 200: it ignores the switch's status
-        wait_until(lambda: rig.log.lost, 10, "the console session to be dropped",
-                   seen=lambda: "console still connected")
+        console_dropped(rig)
         assert agent.rigs["bench-pi"].epoch is None  # not served again under this lease
-    finally:
-        lease.stop_heartbeat()
-        rig.close()
 
 
 def test_a_rig_the_agent_cannot_serve_is_named(tmp_path: Path, lab_dsn: str) -> None:
@@ -191,19 +194,12 @@ console: {driver: serial, url: "rfc2217://bench9:3001"}
 def test_an_agent_that_stops_cuts_its_sessions_off(
         bench: tuple[Agent, PtyPort, Path], lab_dsn: str) -> None:
     agent, _, _ = bench
-    lease = leases.acquire(lab_dsn, Selector("raspberrypi3"), holder="ci job 1", ttl=30)
-    rig = Rig(rig_config(lease.grants[0]))
-    try:
-        rig.console.attach(timeout=10)
+    with remote_session(lab_dsn) as rig:
         agent.stop()  # the bench host goes away (its daemons die with it even on SIGKILL)
-        wait_until(lambda: rig.log.lost, 10, "the console session to be dropped",
-                   seen=lambda: "console still connected")
+        console_dropped(rig)
         with pytest.raises(InfraError, match=r"\[rig bench-pi power\] pdudaemon at "
                            r"http://127.0.0.1:\d+ is unreachable"):
             rig.power.on()
-    finally:
-        lease.stop_heartbeat()
-        rig.close()
 
 
 def test_without_the_database_a_lease_is_served_until_its_known_expiry(
