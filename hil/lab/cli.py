@@ -57,8 +57,8 @@ def add_commands(sub: Any) -> None:
                    "per rig (console, pdudaemon, SSH), rigs in name order")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between heartbeats")
     p.add_argument("--label", action="append", default=[], help="an extra label (repeatable)")
-    p.add_argument("rigs", nargs="*", help="rig names or files (default: every rig in ./rigs "
-                   "that can be served)")
+    p.add_argument("rigs", nargs="*", help="rig names or files, right after NAME (default: "
+                   "every rig in ./rigs that can be served)")
 
 
 def _open(args: argparse.Namespace) -> Connection:
