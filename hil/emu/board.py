@@ -247,15 +247,22 @@ class EmulatedBoard:
         self.qemu = qemu
         self.power_ons += 1
 
-        def socket_ready() -> bool:
+        def connected() -> socket.socket | None:
             qemu.check()
-            return sock_path.exists()
+            if not sock_path.exists():
+                return None
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(sock_path))
+            except ConnectionRefusedError:  # bound, not listening yet (a loaded host)
+                sock.close()
+                return None
+            return sock
 
         # QEMU creates its socket within milliseconds of starting; nothing to wait on
-        wait_until(socket_ready, 15, "QEMU to open its serial socket",
-                   seen=lambda: "no socket yet", interval=0.01, part="emulator", rig=self.rig)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(str(sock_path))
+        sock = wait_until(connected, 15, "QEMU to listen on its serial socket",
+                          seen=lambda: "no socket yet" if not sock_path.exists() else
+                          "connection refused", interval=0.01, part="emulator", rig=self.rig)
         self.uart.attach(sock)  # QEMU holds the CPU until this connection (wait=on)
         log.debug("%s: board powered on", self.rig)
 

@@ -37,10 +37,11 @@ class ControlServer:
         return self
 
     def _serve(self) -> None:
-        assert self._sock is not None
+        server = self._sock  # stop() clears the attribute: accept fails on the closed socket
+        assert server is not None
         while True:
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = server.accept()
             except OSError:  # closed by stop()
                 return
             with conn:

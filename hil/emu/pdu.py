@@ -37,9 +37,10 @@ def ctl_command(sock: Path, *words: str) -> str:
 
 class PduDaemonRunner:
     def __init__(self, runtime: Path, pdus: Mapping[str, Mapping[str, str]], *,
-                 host: str = "127.0.0.1", port: int = 16421, rig: str = "") -> None:
+                 host: str = "127.0.0.1", port: int = 16421, rig: str = "",
+                 part: str = "emulator") -> None:
         """``pdus``: pdudaemon PDU name → localcmdline settings (cmd_on, cmd_off)."""
-        self.runtime, self.host, self.port, self.rig = runtime, host, port, rig
+        self.runtime, self.host, self.port, self.rig, self.part = runtime, host, port, rig, part
         self.pdus = {name: {"driver": "localcmdline", "retries": 1, **cfg}
                      for name, cfg in pdus.items()}
         self.daemon: Daemon | None = None
@@ -56,14 +57,15 @@ class PduDaemonRunner:
             "pdus": self.pdus}, indent=2))
         if tcp_listening(self.port):
             raise InfraError(f"cannot start pdudaemon: {self.host}:{self.port} is already "
-                             f"in use", part="emulator", rig=self.rig)
+                             f"in use", part=self.part, rig=self.rig)
         # the ctl commands import hil: make sure they find this checkout
         import hil
 
         env = {**os.environ, "PYTHONPATH": str(Path(hil.__file__).resolve().parent.parent)}
         self.daemon = Daemon("pdudaemon", [pdudaemon_binary(), "--conf", str(conf),
                                            "--logfile", "-"],
-                             self.runtime / "pdudaemon.log", env=env, rig=self.rig).start()
+                             self.runtime / "pdudaemon.log", env=env, part=self.part,
+                             rig=self.rig).start()
         daemon = self.daemon
 
         def listening() -> bool:
@@ -75,8 +77,10 @@ class PduDaemonRunner:
                    seen=lambda: "port closed", interval=0.05, part="pdudaemon", rig=self.rig)
         return self
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 0.5) -> None:
+        """``grace`` 0: kill at once, so a request in flight gets no answer at all (on SIGTERM
+        pdudaemon lets its switch command finish and answers it)."""
         if self.daemon is not None:
-            self.daemon.stop(grace=0.5)  # it ignores SIGTERM while a switch command runs
+            self.daemon.stop(grace=grace)  # it ignores SIGTERM while a switch command runs
             self.daemon = None
 

@@ -18,9 +18,9 @@ from hil.errors import InfraError
 
 class Ser2Net:
     def __init__(self, runtime: Path, tty: Path, port: int, *, host: str = "127.0.0.1",
-                 baud: int = 115200, rig: str = "") -> None:
+                 baud: int = 115200, rig: str = "", part: str = "emulator") -> None:
         self.runtime, self.tty, self.port, self.host, self.baud = runtime, tty, port, host, baud
-        self.rig = rig
+        self.rig, self.part = rig, part
         self.daemon: Daemon | None = None
 
     @property
@@ -43,18 +43,18 @@ class Ser2Net:
     def start(self) -> Ser2Net:
         binary = shutil.which("ser2net") or "/usr/sbin/ser2net"
         if not Path(binary).exists():
-            raise InfraError("ser2net is not installed (apt package ser2net)", part="emulator",
+            raise InfraError("ser2net is not installed (apt package ser2net)", part=self.part,
                              rig=self.rig)
         if tcp_listening(self.port):
             raise InfraError(f"cannot start ser2net: {self.host}:{self.port} is already in "
-                             f"use", part="emulator", rig=self.rig)
+                             f"use", part=self.part, rig=self.rig)
         conf = self.runtime / "ser2net.yaml"
         conf.write_text(self.config())
         # -d: foreground with its log on stdout; -u: no UUCP lock files (the emulator owns the
         # tty, and a killed run must not leave a stale lock behind)
         self.daemon = Daemon("ser2net", [binary, "-d", "-u", "-c", str(conf),
                                          "-P", str(self.runtime / "ser2net.pid")],
-                             self.runtime / "ser2net.log", rig=self.rig).start()
+                             self.runtime / "ser2net.log", part=self.part, rig=self.rig).start()
         daemon = self.daemon
 
         def listening() -> bool:

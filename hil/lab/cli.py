@@ -48,6 +48,17 @@ def add_commands(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between heartbeats")
     p.add_argument("--once", action="store_true", help="one heartbeat and cleaning pass")
+    p = command("agent", "run on a bench host: register its rigs, heartbeat, clean, and serve "
+                "each leased rig's console (ser2net), power (pdudaemon) and SSH to the lab",
+                cmd_agent)
+    p.add_argument("name", help="this bench host's name in the lab")
+    p.add_argument("--address", required=True, help="this host's address as sessions reach it")
+    p.add_argument("--port-base", type=int, default=7400, help="the first of three TCP ports "
+                   "per rig (console, pdudaemon, SSH), rigs in name order")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between heartbeats")
+    p.add_argument("--label", action="append", default=[], help="an extra label (repeatable)")
+    p.add_argument("rigs", nargs="*", help="rig names or files, right after NAME (default: "
+                   "every rig in ./rigs that can be served)")
 
 
 def _open(args: argparse.Namespace) -> Connection:
@@ -152,4 +163,27 @@ def cmd_host(args: argparse.Namespace) -> int:
     from hil.lab.rigs import power_down
 
     serve(db.dsn_from(args.db), args.name, power_down, interval=args.interval, once=args.once)
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    import contextlib
+    import signal
+
+    from hil.config import list_rigs
+    from hil.lab.agent import Ports, servable, serve
+
+    rigs = args.rigs or [str(p) for p in list_rigs() if servable(p)]
+    if not rigs:
+        print("no rig to serve: name rig files, or put servable ones in ./rigs")
+        return 2
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, stop)  # a service stop ends as Ctrl-C: rigs off, daemons gone
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(db.dsn_from(args.db), args.name, rigs,
+              Ports(args.address, args.port_base), labels=args.label,
+              interval=args.interval)
     return 0

@@ -169,6 +169,7 @@ def _try_grant(conn: Connection, request: int, sel: Selector, count: int, purpos
             {"holder": holder, "id": request, "purpose": purpose, "ttl": ttl, "cap": hard_cap,
              "names": names})
         conn.execute("UPDATE lease_requests SET state = 'granted' WHERE id = %s", (request,))
+        conn.execute("NOTIFY hil_lab_grant")  # the bench hosts open the rigs' endpoints
         return [Grant(str(r["name"]), int(r["epoch"]), str(r["config"]), str(r["host"]))
                 for r in rows]
 

@@ -34,11 +34,18 @@ def register(conn: Connection, host: str, rig_files: Sequence[str],
     return configs
 
 
+# Where a registered rig file carries the lease's epoch: the lab agent's files put it in each
+# part operation that has a name to put it in (the pdudaemon outlet), so the agent can refuse a
+# stale one.
+LEASE_EPOCH = "${lease_epoch}"
+
+
 def rig_config(grant: Grant) -> RigConfig:
-    """The ordinary rig config of a leased rig: its registered file, written where this process
-    keeps its runtime files and loaded as any rig file is."""
+    """The ordinary rig config of a leased rig: its registered file (with the lease's epoch
+    where it says ``${lease_epoch}``), written where this process keeps its runtime files and
+    loaded as any rig file is."""
     path: Path = runtime_dir("lab") / f"{grant.rig}.yaml"
-    path.write_text(grant.config, encoding="utf-8")
+    path.write_text(grant.config.replace(LEASE_EPOCH, str(grant.epoch)), encoding="utf-8")
     return load_rig(str(path))
 
 

@@ -5,13 +5,15 @@ lab's tests and simulation, or to try a lab on one machine. Run as root, it runs
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from hil.deadline import wait_until
@@ -38,8 +40,10 @@ def _accepts(dsn: str) -> bool:
 
 
 @contextlib.contextmanager
-def server(max_connections: int = 200) -> Iterator[str]:
-    """Start a server; yields its DSN (user postgres, database postgres, trust on loopback)."""
+def server(max_connections: int = 200, listen: Sequence[str] = ()) -> Iterator[str]:
+    """Start a server; yields its DSN (user postgres, database postgres, trust on loopback).
+    ``listen``: more interfaces (``10.0.1.1/24``) to accept connections on, from their
+    subnet, trusted too: bench hosts in a test's network namespaces; they must exist here."""
     pg = binaries()
     if pg is None:
         raise InfraError("PostgreSQL is not installed (apt-get install postgresql)",
@@ -52,6 +56,7 @@ def server(max_connections: int = 200) -> Iterator[str]:
         as_user = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
                    "--clear-groups"]
     data, log_path = root / "data", root / "server.log"
+    addresses = ["127.0.0.1", *(str(ipaddress.ip_interface(i).ip) for i in listen)]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
@@ -60,12 +65,15 @@ def server(max_connections: int = 200) -> Iterator[str]:
         subprocess.run([*as_user, str(pg / "initdb"), "-D", str(data), "-U", "postgres",
                         "--auth=trust", "-E", "UTF8", "--no-sync"], check=True,
                        capture_output=True, timeout=120, cwd=root)
+        with (data / "pg_hba.conf").open("a") as hba:
+            hba.writelines(f"host all all {ipaddress.ip_interface(i).network} trust\n"
+                           for i in listen)
         with log_path.open("wb") as log:
             # durability off: the data dies with the directory anyway
             proc = subprocess.Popen(
                 [*as_user, str(pg / "postgres"), "-D", str(data), "-p", str(port),
-                 "-k", str(root), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
-                 "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                 "-k", str(root), "-c", f"listen_addresses={','.join(addresses)}",
+                 "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
                  "-c", f"max_connections={max_connections}"],
                 stdout=log, stderr=subprocess.STDOUT, cwd=root)
         dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
@@ -78,7 +86,9 @@ def server(max_connections: int = 200) -> Iterator[str]:
         yield dsn
     finally:
         if proc is not None:
-            proc.terminate()
+            # SIGINT, PostgreSQL's fast shutdown: clients are cut off (SIGTERM would wait for
+            # every client to leave)
+            proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:

@@ -1,0 +1,247 @@
+"""The lab end to end: a throwaway PostgreSQL, two bench hosts as network namespaces (veth pairs,
+addresses of their own), each running ``hil lab agent`` with one emulated RPi 3 bench (a QEMU
+board behind a relay board on a pty, its UART on a pty, a virtual SD mux holding the reference
+OS), and a CI side that reaches them only over the network: ``pytest --rig=pool:... -n 2
+suites/smoke`` passes across both, then a lease ended by ``hil lab release`` while a session
+holds it closes that rig's endpoints and the session stops with an INFRA error."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from hil.deadline import wait_until
+from hil.lab import db, scratch
+from tests.lab.helpers import rig_row
+
+ROOT = Path(__file__).resolve().parents[2]
+DEVICE_TYPE = "generic-aarch64"
+CARD_SIZE = 2 * 1024**3
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or scratch.binaries() is None or not all(
+        shutil.which(b) for b in ("ip", "ser2net", "qemu-system-aarch64")),
+    reason="needs root (network namespaces), PostgreSQL, ser2net and qemu-system-aarch64")
+
+# A bench host's rig file: the parts as wired on the bench (relay on a tty, the UART's tty,
+# an SD mux), the hardware behind them emulated (hil.emu).
+BENCH_RIG = """description: Emulated RPi 3 on lab bench host {host}
+device_type: generic-aarch64
+image: refos
+power_off_time: 0.5
+power: {{driver: serial-relay, port: relay-tty, channel: 1, normally: open, status: query}}
+console: {{driver: serial, url: console-tty}}
+sd_mux: {{driver: virtual, image: card.img, size: {size}, host_side: loop}}
+network: {{driver: ssh, host: 127.0.0.1, port: 22301, host_address: 10.0.2.2}}
+emulator:
+  board: {{memory: 512}}
+  relay: {{channels: 4, status: text}}
+"""
+
+KICKED_TEST = """
+from hil.dut import Dut
+
+def test_holds_the_board(dut: Dut) -> None:
+    dut.run_check("true")
+
+def test_after_the_kick(dut: Dut) -> None:
+    raise AssertionError("must not run on a rig it no longer holds")
+"""
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@dataclass
+class BenchHost:
+    name: str  # the host's and its namespace's
+    rig: str
+    netns: str
+    veth: str  # the root namespace's end
+    subnet: str  # 10.x.y
+    dir: Path
+    agent: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.subnet}.2"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "agent.log"
+
+    def up(self) -> None:
+        ip("netns", "add", self.netns)
+        ip("link", "add", self.veth, "type", "veth", "peer", "name", self.veth + "p")
+        ip("link", "set", self.veth + "p", "netns", self.netns)
+        ip("addr", "add", f"{self.subnet}.1/24", "dev", self.veth)
+        ip("link", "set", self.veth, "up")
+        ip("-n", self.netns, "addr", "add", f"{self.address}/24", "dev", self.veth + "p")
+        ip("-n", self.netns, "link", "set", self.veth + "p", "up")
+        ip("-n", self.netns, "link", "set", "lo", "up")
+
+    def stop(self) -> None:
+        if self.agent is not None:
+            self.agent.send_signal(signal.SIGTERM)  # the agent powers its rigs off, stops QEMU
+            try:
+                self.agent.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.agent.pid, signal.SIGKILL)
+                self.agent.wait()
+                raise AssertionError(f"the agent of {self.name} ignored SIGTERM for 30s"
+                                     ) from None
+
+    def down(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "del", self.veth], capture_output=True, timeout=30)
+
+    def prepare(self, card: Path) -> Path:
+        """The rig file, and the reference OS on the rig's card, in the board."""
+        runtime = self.dir / "run" / "rigs" / self.rig
+        runtime.mkdir(parents=True)
+        subprocess.run(["cp", "--sparse=always", str(card), str(runtime / "card.img")],
+                       check=True, timeout=120)
+        os.truncate(runtime / "card.img", CARD_SIZE)
+        (runtime / "card.img.mux").write_text("dut\n")
+        rig = self.dir / f"{self.rig}.yaml"
+        rig.write_text(BENCH_RIG.format(host=self.name, size=CARD_SIZE))
+        return rig
+
+    def start(self, dsn: str, rig: Path) -> None:
+        env = {**os.environ, "HIL_LAB_DB": dsn, "HIL_RUNTIME_DIR": str(self.dir / "run"),
+               "HIL_LOCK_DIR": str(self.dir / "locks"), "PYTHONPATH": str(ROOT)}
+        with self.log.open("wb") as out:
+            self.agent = subprocess.Popen(
+                ["ip", "netns", "exec", self.netns, sys.executable, "-m", "hil.cli", "lab",
+                 "agent", self.name, str(rig), "--address", self.address, "--interval", "2"],
+                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def check(self) -> None:
+        if self.agent is not None and self.agent.poll() is not None:
+            raise AssertionError(f"the agent of {self.name} exited with status "
+                                 f"{self.agent.returncode}:\n{self.log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def lab_hosts(tmp_path: Path) -> Iterator[tuple[str, list[BenchHost]]]:
+    """Two bench hosts in namespaces, a database they reach over their veths; yields the CI
+    side's DSN and the hosts, their agents running with the rigs registered and good."""
+    tag = f"{os.getpid() % 100000}"
+    octet = 16 + os.getpid() % 200
+    hosts = [BenchHost(f"bench-{x}", f"lab-rpi3-{x}", f"hil-lab-{tag}-{x}", f"hl{tag}{x}",
+                       f"10.{octet}.{i}", tmp_path / x) for i, x in enumerate("ab", 1)]
+    with contextlib.ExitStack() as stack:
+        for h in hosts:
+            stack.callback(h.down)
+            h.up()
+        server = stack.enter_context(scratch.server(listen=[f"{h.subnet}.1/24" for h in hosts]))
+        dsn = scratch.database(server, f"lab_{uuid.uuid4().hex[:12]}")
+        card = _reference_os_card(tmp_path)
+        for h in hosts:
+            h.dir.mkdir()
+            rig = h.prepare(card)
+            stack.callback(h.stop)
+            h.start(dsn.replace("host=127.0.0.1", f"host={h.subnet}.1"), rig)
+        card.unlink()
+        with db.connect(dsn, autocommit=True) as conn:
+            def registered() -> bool:
+                for h in hosts:
+                    h.check()
+                return len(conn.execute("SELECT name FROM rigs").fetchall()) == len(hosts)
+
+            wait_until(registered, 60, "both agents to register their rigs",
+                       seen=lambda: "; ".join(h.log.read_text()[-500:] for h in hosts))
+            conn.execute("UPDATE rigs SET health = 'good'")
+        yield dsn, hosts
+
+
+def _reference_os_card(tmp_path: Path) -> Path:
+    """The reference OS image with a config.json, as a session would flash it."""
+    from hil.flash.configure import configure_image
+    from hil.refos import build
+
+    cfg = {"uuid": uuid.uuid4().hex, "deviceType": DEVICE_TYPE, "developmentMode": True,
+           "persistentLogging": False, "os": {"sshKeys": []}}
+    return configure_image(build(arch="aarch64").disk, cfg, out=tmp_path / "card.img")
+
+
+def ci_pytest(dsn: str, tmp_path: Path, *args: str, timeout: float
+              ) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HIL_LAB_DB": dsn, "HIL_RUNTIME_DIR": str(tmp_path / "ci"),
+           "HIL_LOCK_DIR": str(tmp_path / "ci-locks"), "PYTHONPATH": str(ROOT)}
+    env.pop("HIL_RIG", None)
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
+                           "-rA", "--no-flash", *args], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def closed(address: str, port: int) -> bool:
+    try:
+        socket.create_connection((address, port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_two_bench_hosts_serve_a_pooled_smoke_run_and_a_kicked_session_stops(
+        lab_hosts: tuple[str, list[BenchHost]], tmp_path: Path) -> None:
+    dsn, hosts = lab_hosts
+    smoke = ci_pytest(dsn, tmp_path, f"--rig=pool:{DEVICE_TYPE}", "-n", "2", "suites/smoke",
+                      timeout=300)
+    assert smoke.returncode == 0, smoke.stdout[-5000:] + smoke.stderr[-2000:]
+    assert "4 passed" in smoke.stdout, smoke.stdout[-3000:]  # every smoke test ran, none skipped
+    with db.connect(dsn, autocommit=True) as conn:
+        jobs = conn.execute("SELECT rig, outcome FROM jobs ORDER BY rig").fetchall()
+        assert [(j["rig"], j["outcome"]) for j in jobs] == [
+            ("lab-rpi3-a", "passed"), ("lab-rpi3-b", "passed")]  # each worker on its own host
+
+        # a session on bench-a's rig, kicked by an operator while it waits for the boot
+        a = hosts[0]
+        test = tmp_path / "test_kicked.py"
+        test.write_text(KICKED_TEST)
+        env = {**os.environ, "HIL_LAB_DB": dsn, "HIL_RUNTIME_DIR": str(tmp_path / "ci"),
+               "HIL_LOCK_DIR": str(tmp_path / "ci-locks"), "PYTHONPATH": str(ROOT)}
+        with (tmp_path / "kicked.log").open("w") as out:
+            kicked = subprocess.Popen(
+                [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA",
+                 "--no-flash", f"--rig=pool:{DEVICE_TYPE},rig={a.rig}", str(test)],
+                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        try:
+            epoch = int(rig_row(conn, a.rig)["epoch"]) + 1  # the session's lease
+
+            def powered_on() -> bool:
+                return kicked.poll() is not None or \
+                    f"power on (lease epoch {epoch})" in a.log.read_text()
+
+            wait_until(powered_on, 60, "the session to power the board on",
+                       seen=lambda: a.log.read_text()[-500:])
+            release = subprocess.run([sys.executable, "-m", "hil.cli", "lab", "release", a.rig,
+                                      "--epoch", str(epoch)], env=env, capture_output=True,
+                                     text=True, timeout=30)
+            assert release.returncode == 0, release.stdout + release.stderr
+            kicked.wait(60)
+        finally:
+            kicked.kill()
+            kicked.wait()
+        output = (tmp_path / "kicked.log").read_text()
+        assert kicked.returncode != 0, output
+        assert "rig (infrastructure) errors" in output and " infra in " in output, output[-5000:]
+        assert "console lost" in output
+        assert "must not run" not in output
+        for port in (7400, 7401, 7402):  # console, pdudaemon, ssh: all closed
+            assert closed(a.address, port), f"{a.address}:{port} still open after the release"
+        wait_until(lambda: rig_row(conn, a.rig)["state"] == "idle", 30,
+                   "bench-a's agent to clean the rig", seen=lambda: a.log.read_text()[-500:])
+        assert f"lab-rpi3-a: lease epoch {epoch} ended" in a.log.read_text()
