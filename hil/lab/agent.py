@@ -176,7 +176,7 @@ class ServedRig:
                                    part="console").start()
             if self.network is not None:
                 self.forward = Forward((self.ports.address, self.ssh_port),
-                                       (self.network.host, self.network.port),
+                                       (self.network.host, self.network.port), self.served,
                                        rig=self.name).start()
         except InfraError:
             self.close()
