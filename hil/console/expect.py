@@ -53,6 +53,7 @@ class ConsoleExpect:
     ``skip_to``."""
 
     def __init__(self, console: SerialConsole, timeout: float = 30.0) -> None:
+        """Reads what the console prints from now on."""
         self.console = console
         self.log: ConsoleLog = console.log
         self.timeout = timeout
@@ -96,13 +97,16 @@ class ConsoleExpect:
         except StopEvent as exc:
             self.cursor = exc.event.offset
             self._events_from = exc.index + 1
-            return self._end(EOF, searcher.eof_index, start, ConsoleEOF(
-                f"board {exc.event.kind} ({exc.event.text or 'by the rig'}) while expecting "
-                f"{expected}", tail=exc.tail))
+            ended: tuple[type[EOF] | type[TIMEOUT], int, Exception] = (
+                EOF, searcher.eof_index, ConsoleEOF(
+                    f"board {exc.event.kind} ({exc.event.text or 'by the rig'}) while "
+                    f"expecting {expected}", tail=exc.tail))
         except DeadlineError as exc:
-            return self._end(TIMEOUT, searcher.timeout_index, start, ExpectTimeout(
-                exc.expected, exc.seen, exc.timeout, tail=exc.tail))
-        return self._matched(hit, start)
+            ended = (TIMEOUT, searcher.timeout_index,
+                     ExpectTimeout(exc.expected, exc.seen, exc.timeout, tail=exc.tail))
+        else:
+            return self._matched(hit, start)
+        return self._end(*ended, start)  # out of the except: one traceback, ours
 
     def _matched(self, hit: Hit, start: int) -> int:
         self.before = self.log.read(start, hit.start)
@@ -112,8 +116,8 @@ class ConsoleExpect:
         self.cursor = hit.end
         return hit.index
 
-    def _end(self, what: type[EOF] | type[TIMEOUT], index: int, start: int,
-             error: Exception) -> int:
+    def _end(self, what: type[EOF] | type[TIMEOUT], index: int, error: Exception,
+             start: int) -> int:
         if index < 0:
             raise error
         self.before = self.log.read(start, self.cursor if what is EOF else None)
