@@ -131,6 +131,18 @@ def test_a_restart_while_expecting_is_reported_as_such(con: ConsoleExpect,
     assert b"Kernel panic" not in con.before
 
 
+def test_a_restart_the_framework_awaited_is_history(con: ConsoleExpect,
+                                                    console: SerialConsole,
+                                                    line: ShellLine) -> None:
+    # as Dut.await_boot does once it has seen the new boot: the next expect reads that boot
+    at = console.log.end
+    line.inject(b"[   9.1] reboot: Restarting system\r\nU-Boot 2023.01\r\nnew boot\r\n")
+    console.log.wait_for(re.compile(b"new boot"), at, 10, "the new boot")  # as await_boot
+    con.skip_to(at)
+    assert con.expect("U-Boot") == 0
+    assert b"Restarting system" in con.before  # read, not the end of the stream
+
+
 def test_the_console_lost_is_a_rig_fault(con: ConsoleExpect, line: ShellLine) -> None:
     threading.Timer(0.3, line.close).start()
     with pytest.raises(InfraError, match="console lost"):
