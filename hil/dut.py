@@ -1,6 +1,7 @@
 """The device under test as the suites see it: commands, boots and power, SSH, waits for a
-state. Every restart goes through here and ends the same way: the new boot seen on the console
-(as the host-OS adapter recognises it), then a shell."""
+state, pexpect's expect on the console (``dut.console``). Every restart goes through here and
+ends the same way: the new boot seen on the console (as the host-OS adapter recognises it),
+then a shell."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from hil.config import Timeouts
+from hil.console.expect import ConsoleExpect
 from hil.console.log import PANIC_MARKER, RESTARTS, EventKind, StopEvent
 from hil.console.shell import CommandFailed, ConsoleShell, Result
 from hil.deadline import wait_until
@@ -32,6 +34,8 @@ class Dut:
         """``host_os`` makes the OS adapter (``dut.os``) for this device."""
         self.rig = rig
         self.shell = ConsoleShell(rig.console, user=rig.config.ssh.user)
+        # pexpect's expect/send on the console, for what the shell cannot do (a bootloader)
+        self.console = ConsoleExpect(rig.console, timeout=rig.config.timeouts.command)
         self.ssh_key = ssh_key
         self.ssh = SshShell(rig, ssh_key)  # one connection per boot
         self.boots = 0  # boots this session has seen through the framework
@@ -89,10 +93,12 @@ class Dut:
         return took
 
     def await_boot(self, start: int, timeout: float | None = None) -> BootRecord:
-        """The next boot of the OS after console offset ``start`` (its bootloader's run)."""
+        """The next boot of the OS after console offset ``start`` (its bootloader's run).
+        ``dut.console`` reads on from ``start``: the restart before it is history."""
         pattern, expected = self.os.boot_signature()
         with self.rig.log.tally.timing("boot"):
             hit = self.rig.log.wait_for(pattern, start, timeout or self.timeouts.boot, expected)
+        self.console.skip_to(start)
         return self.os.boot_record(hit)
 
     def await_panic(self, start: int, timeout: float | None = None) -> int:

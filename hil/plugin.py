@@ -166,6 +166,7 @@ def dut(request: pytest.FixtureRequest, hil_session: HilSession) -> Iterator[Dut
     if stash[NEEDS_RECOVERY] or not d.shell.ready:
         d.recover()
         stash[NEEDS_RECOVERY] = False
+    d.console.skip_to(d.rig.log.end)  # a test's expect reads what happens in that test
     yield d
     rep = request.node.stash.get(CALL_REPORT, None)
     if rep is None or rep.failed:

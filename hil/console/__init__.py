@@ -1,4 +1,4 @@
-"""Serial consoles: transport (pyserial URLs), capture log, and the shell on top."""
+"""Serial consoles: transport (pyserial URLs), capture log, the shell and an expect on top."""
 
 from __future__ import annotations
 

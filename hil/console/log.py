@@ -10,9 +10,12 @@ from __future__ import annotations
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any, Protocol
+
+from pexpect.expect import searcher_re
 
 from hil import redact
 from hil.deadline import WaitTally
@@ -36,6 +39,8 @@ def readable(text: str) -> str:
     """Console text for a person (report sections, error tails): without terminal control
     sequences and carriage returns. The capture file keeps the bytes as they came."""
     return ESCAPES.sub("", text)
+# bytes before the new ones that a waiter scans again: a match may straddle reads, up to this long
+LOOKBACK = 4096
 
 
 class EventKind(StrEnum):
@@ -149,30 +154,42 @@ class ConsoleLog:
 
     def wait_for(self, pattern: re.Pattern[bytes], start: int, timeout: float, expected: str,
                  *, stop_on: tuple[EventKind, ...] = ()) -> Hit:
-        """Block until ``pattern`` appears at or after ``start``.
-
-        Each wake-up scans only the new bytes (plus a small overlap for matches that straddle
-        chunks) so a long boot log costs nothing per wake-up. ``stop_on`` event kinds
-        (e.g. "panic") end the wait early with the event in the error.
-        """
+        """Block until ``pattern`` appears at or after ``start``. ``stop_on`` event kinds
+        (e.g. "panic") end the wait early with the event in the error."""
         with self.tally.timing("command"):
-            return self._wait_for(pattern, start, timeout, expected, stop_on)
+            return self.search(searcher_re([pattern]), start, timeout, expected,
+                               stop_on=stop_on)
 
-    def _wait_for(self, pattern: re.Pattern[bytes], start: int, timeout: float, expected: str,
-                  stop_on: tuple[EventKind, ...]) -> Hit:
+    def search(self, searcher: Searcher, start: int, timeout: float, expected: str, *,
+               stop_on: tuple[EventKind, ...] = (), events_from: int = 0) -> Hit:
+        """Block until one of ``searcher``'s patterns (pexpect's ``searcher_re`` or
+        ``searcher_string``) appears at or after ``start``: the one matcher of the console.
+
+        Only bytes before the first ``stop_on`` event (from ``events[events_from:]``, at or
+        after ``start``) are searched, so whether a match or the event wins does not depend on
+        how the bytes were chunked; with no match there, ``StopEvent``. Each wake-up rescans
+        only the new bytes plus ``LOOKBACK`` before them (patterns that straddle reads), so a
+        long boot log costs nothing per wake-up. Nothing is consumed: every reader sees every
+        byte.
+        """
         deadline = time.monotonic() + timeout
         pos = start
         with self._cond:
             while True:
+                stops = [(i, e) for i, e in enumerate(self.events[events_from:], events_from)
+                         if e.offset >= start and e.kind in stop_on]
+                limit = stops[0][1].offset if stops else self.end
                 s = max(pos, self._base)
-                window = bytes(self._buf[s - self._base:])
-                m = pattern.search(window)
-                if m:
-                    return Hit(s + m.start(), s + m.end(), m.groups(), m.group())
-                pos = max(s, self.end - 4096)  # bounded look-back: markers are short
-                hits = [e for e in self.events if e.offset >= start and e.kind in stop_on]
-                if hits:
-                    raise StopEvent(hits[0], expected, self.tail())
+                window = bytes(self._buf[s - self._base:max(s, limit) - self._base])
+                index = searcher.search(window, len(window), None)
+                if index >= 0:
+                    match = searcher.match
+                    groups = match.groups() if isinstance(match, re.Match) else ()
+                    return Hit(s + searcher.start, s + searcher.end, groups,
+                               window[searcher.start:searcher.end], index, match)
+                if stops:
+                    raise StopEvent(stops[0][1], expected, self.tail(), index=stops[0][0])
+                pos = max(s, limit - LOOKBACK)
                 if self.lost:
                     raise InfraError(f"console lost ({self.lost}) while waiting for {expected}",
                                      part="console", tail=self.tail())
@@ -192,18 +209,38 @@ class ConsoleLog:
 
 
 class StopEvent(Exception):
-    """A wait ended early because the board rebooted or panicked."""
+    """A wait ended early because the board rebooted or panicked (``index``: the event's
+    place in ``ConsoleLog.events``)."""
 
-    def __init__(self, event: Event, expected: str, tail: str) -> None:
+    def __init__(self, event: Event, expected: str, tail: str, *, index: int = -1) -> None:
         super().__init__(f"{event.kind} ({event.text}) while waiting for {expected}")
-        self.event, self.tail = event, tail
+        self.event, self.tail, self.index = event, tail, index
 
 
 @dataclass(frozen=True)
 class Hit:
-    """Where a pattern matched, in absolute console offsets."""
+    """Where a pattern matched, in absolute console offsets; ``index``: which of the
+    searcher's patterns, ``match``: its ``re.Match`` (over a window of the console, not from
+    offset 0) or the exact bytes found."""
 
     start: int
     end: int
     groups: tuple[bytes | None, ...]
     data: bytes
+    index: int = 0
+    match: re.Match[bytes] | bytes | None = field(default=None, compare=False)
+
+
+class Searcher(Protocol):
+    """pexpect's searchers (``pexpect.expect.searcher_re``, ``searcher_string``): after a
+    successful ``search`` (the pattern's index, else -1) ``start``, ``end`` and ``match``
+    describe it."""
+
+    start: int
+    end: int
+    match: Any
+    eof_index: int  # where EOF, TIMEOUT are in the patterns given (-1: not there)
+    timeout_index: int
+
+    def search(self, buffer: bytes, freshlen: int, searchwindowsize: int | None = None
+               ) -> int: ...

@@ -152,8 +152,10 @@ class SerialConsole:
                 port = self._port
             try:
                 data = port.read(max(1, min(_available(port), 65536)))
-            except (serial.SerialException, OSError, TypeError, AttributeError) as exc:
-                # TypeError/AttributeError: pyserial internals after close() from another thread
+            except (serial.SerialException, OSError, TypeError, AttributeError,
+                    ValueError) as exc:
+                # TypeError/AttributeError/ValueError (select on fd -1): pyserial internals
+                # after close() from another thread
                 with self._lock:
                     expected = self._expect_eof or self._port is not port
                     if self._port is port:
