@@ -317,7 +317,8 @@ def _hold_the_apps_lock(dut: Dut, host_os: HostOS) -> str:
     """An exclusive flock on the suite app's updates.lock, held until its holder is killed
     (on the host, as balenaOS's own test holds one); the lock's path, once it is held."""
     lock = f"/tmp/balena-supervisor/services/{APP_ID}/{SERVICE}/updates.lock"
-    host_os.check(f"mkdir -p $(dirname {lock}) && ( flock -n -x 9 && exec sleep 2147483647 ) "
+    # -w: the supervisor takes the lock for a moment whenever it applies the target state
+    host_os.check(f"mkdir -p $(dirname {lock}) && ( flock -w 20 -x 9 && exec sleep 2147483647 ) "
                   f"9>{lock} </dev/null >/dev/null 2>&1 & echo $! > {HOLDER}")
     dut.poll(lambda: not host_os.run(f"flock -n -x {lock} true").ok, 30,
              f"the test's holder to take {lock}", lambda: "another flock still gets it")

@@ -201,7 +201,7 @@ def test_two_bench_hosts_serve_a_pooled_smoke_run_and_a_kicked_session_stops(
     smoke = ci_pytest(dsn, tmp_path, f"--rig=pool:{DEVICE_TYPE}", "-n", "2", "suites/smoke",
                       timeout=300)
     assert smoke.returncode == 0, smoke.stdout[-5000:] + smoke.stderr[-2000:]
-    assert "4 passed" in smoke.stdout, smoke.stdout[-3000:]  # every smoke test ran, none skipped
+    assert "5 passed" in smoke.stdout, smoke.stdout[-3000:]  # every smoke test ran, none skipped
     with db.connect(dsn, autocommit=True) as conn:
         jobs = conn.execute("SELECT rig, outcome FROM jobs ORDER BY rig").fetchall()
         assert [(j["rig"], j["outcome"]) for j in jobs] == [

@@ -59,9 +59,13 @@ bootenv_get() {
 
 # Replace a small file on the FAT partition: write a sibling, fsync, rename, fsync. A power
 # cut leaves the old or the new content, and the bootloader falls back to defaults if neither.
+# FAT has no sync_fs: a plain `sync` writes the renamed entry to the disk but never flushes the
+# disk's write cache, and an fsync alone leaves the entry in memory. Both, then: a power cut
+# right after must not lose the change (the bootloader would boot the old root).
 _fat_replace() { # file content
-    printf '%s' "$2" > "$1.new" && sync "$1.new" 2>/dev/null; mv -f "$1.new" "$1" && sync
+    printf '%s' "$2" > "$1.new" && sync "$1.new" 2>/dev/null; mv -f "$1.new" "$1" && fat_sync "$1"
 }
+fat_sync() { sync && sync "$(dirname "$1")"; }
 
 # bootenv_set VAR=VALUE... (resin_root_part, upgrade_available, bootcount)
 bootenv_set() {
@@ -104,7 +108,8 @@ cfg() { jq -r "$1 // empty" "$CONFIG_JSON" 2>/dev/null; }
 # Rewrite config.json through jq (filter and args as given), atomically.
 cfg_update() {
     tmp=$CONFIG_JSON.new
-    jq "$@" "$CONFIG_JSON" > "$tmp" && [ -s "$tmp" ] && sync "$tmp" && mv -f "$tmp" "$CONFIG_JSON" && sync
+    jq "$@" "$CONFIG_JSON" > "$tmp" && [ -s "$tmp" ] && sync "$tmp" && mv -f "$tmp" "$CONFIG_JSON" &&
+        fat_sync "$CONFIG_JSON"  # on resin-boot
 }
 
 os_version() { sed -n 's/^VERSION="\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "${1:-}/etc/os-release"; }

@@ -152,6 +152,11 @@ class Supervisor:
             f.flush()
             os.fsync(f.fileno())
             os.replace(tmp, STATE_FILE)
+            directory = os.open(STATE_DIR, os.O_RDONLY)  # the rename too, before it answers
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
 
     # --- keys ------------------------------------------------------------------------------
     def key_for(self, app_id: str, service: str) -> str:
