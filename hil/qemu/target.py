@@ -24,7 +24,7 @@ from pydantic import Field
 from hil.console.serial import SerialConsole, SerialSettings
 from hil.deadline import Deadline, wait_until
 from hil.errors import InfraError
-from hil.qemu import TB_SIZE_MIB, kill_session
+from hil.qemu import TB_SIZE_MIB, kill_session, log_tail
 from hil.qemu.firmware import default_firmware
 from hil.qemu.writecache import VolatileWriteCache
 from hil.registry import PartContext, Settings
@@ -212,7 +212,7 @@ class QemuTarget:
         def listening() -> bool:
             if proc.poll() is not None:
                 raise InfraError(f"QEMU exited with {proc.returncode} at start:\n"
-                                 + self._log_tail(), part="target", rig=self.ctx.rig)
+                                 + log_tail(self.qemu_log), part="target", rig=self.ctx.rig)
             return self.console_sock.exists()
 
         # QEMU creates its sockets within milliseconds; there is no event to wait on.
@@ -234,7 +234,7 @@ class QemuTarget:
                 # seen once under load: negotiation raced QEMU's start-up; try again briefly
                 if deadline.expired() or not self.running:
                     raise InfraError(f"QMP connection failed: {exc}", part="target",
-                                     rig=self.ctx.rig, tail=self._log_tail()) from None
+                                     rig=self.ctx.rig, tail=log_tail(self.qemu_log)) from None
                 time.sleep(0.1)
         self.qmp = qmp
 
@@ -270,9 +270,3 @@ class QemuTarget:
     def close(self) -> None:
         self.kill()
         self.console.close()
-
-    def _log_tail(self) -> str:
-        try:
-            return "\n".join(self.qemu_log.read_text(errors="replace").splitlines()[-15:])
-        except OSError:
-            return "(no QEMU log)"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hil.deadline import wait_until
 from hil.errors import InfraError
-from hil.qemu import kill_session
+from hil.qemu import kill_session, log_tail
 
 
 class VolatileWriteCache:
@@ -60,7 +60,7 @@ class VolatileWriteCache:
         def serving() -> bool:
             if proc.poll() is not None:
                 raise InfraError(f"nbdkit exited with {proc.returncode} at start:\n"
-                                 + self._log_tail(), part="storage", rig=self.rig)
+                                 + log_tail(self.log_path), part="storage", rig=self.rig)
             return self.pidfile.exists()  # written once it accepts connections
 
         wait_until(serving, 15, f"nbdkit to serve {self.disk.name} on {self.socket.name}",
@@ -72,9 +72,3 @@ class VolatileWriteCache:
         if proc is not None:
             kill_session(proc, "nbdkit", part="storage", rig=self.rig)
         self.socket.unlink(missing_ok=True)
-
-    def _log_tail(self) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-15:])
-        except OSError:
-            return "(no nbdkit log)"
