@@ -21,15 +21,14 @@ from hil.rig import Rig
 from hil.session import HilSession, Options
 
 if TYPE_CHECKING:
-    from hil.lab.leases import Lease  # psycopg is imported only for --rig=pool:
+    from hil.lab.plugin import PoolSession  # psycopg is imported only for --rig=pool:
 
 CONSOLE_AT = pytest.StashKey[int]()  # item: console offset at the test's start
 CALL_REPORT = pytest.StashKey[pytest.TestReport]()  # item: its call phase's report
 SESSION = pytest.StashKey["HilSession | None"]()  # config
 RIG_CONFIG = pytest.StashKey["RigConfig | None"]()  # config: --rig, loaded
-LAB_LEASE: pytest.StashKey[Lease | None] = pytest.StashKey()  # config: --rig=pool:
-INFRA_SEEN = pytest.StashKey[bool]()  # config: a rig fault was reported this session
-RUN_FAILED = pytest.StashKey[bool]()  # config: the session ended with failures
+LAB: pytest.StashKey[PoolSession | None] = pytest.StashKey()  # config: --rig=pool:
+EXIT_STATUS = pytest.StashKey[int]()  # config: the session's, once it finished
 ALLURE_MASK = pytest.StashKey[object | None]()  # config: masks what allure writes
 UNMASK_LOGS = pytest.StashKey[Callable[[], None]]()  # config: ends the masking of log records
 NEEDS_RECOVERY = pytest.StashKey[bool]()  # config: the last test failed or lost the shell
@@ -64,6 +63,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="queue priority of this session's lease (higher first)")
     g.addoption("--lab-ttl", type=float, default=60.0,
                 help="seconds a lab lease lives without renewal (renewed every third)")
+    g.addoption("--lab-release", default=os.environ.get("HIL_LAB_RELEASE"),
+                help="the release under test, kept with the lab's job records for "
+                     "`hil lab matrix RELEASE` [env HIL_LAB_RELEASE]")
     g.addoption("--no-flash", action="store_true",
                 help="boot what is on the board's storage now (skip image preparation and flash)")
 
@@ -74,8 +76,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION] = None
     config.stash[RIG_CONFIG] = None
     config.stash[NEEDS_RECOVERY] = False
-    config.stash[LAB_LEASE] = None
-    config.stash[INFRA_SEEN] = False
+    config.stash[LAB] = None
     config.stash[ALLURE_MASK] = allure_report.start()
     config.stash[UNMASK_LOGS] = redact.mask_log_records()
     rig = config.getoption("--rig")
@@ -94,15 +95,22 @@ def _pool_rig(config: pytest.Config, rig: str) -> RigConfig | None:
     """Lease a rig from the lab; the pytest-xdist controller leases none (its workers do)."""
     if config.getoption("numprocesses", None) and not hasattr(config, "workerinput"):
         return None
-    from hil.lab import db
-    from hil.lab.pool import lease_rig
+    from hil.lab.plugin import PoolSession
 
-    lease, cfg = lease_rig(db.dsn_from(config.getoption("--lab-db")), rig,
-                           wait=config.getoption("--rig-wait"), ttl=config.getoption("--lab-ttl"),
-                           priority=config.getoption("--lab-priority"),
-                           on_wait=lambda m: log.warning("%s", m))
-    config.stash[LAB_LEASE] = lease
+    lab = PoolSession.from_options(config, rig)
+    cfg = lab.lease_one()
+    config.stash[LAB] = lab
     return cfg
+
+
+def _end_session(config: pytest.Config) -> bool:
+    """Close the session (the rig powered off, its mux released through its drivers); returns
+    whether it had reached the rig, so that the lab need not clean it again."""
+    session, config.stash[SESSION] = config.stash.get(SESSION, None), None
+    if session is None:
+        return False
+    session.close()
+    return session.rig is not None
 
 
 def _sigterm(signum: int, frame: Any) -> None:
@@ -112,17 +120,10 @@ def _sigterm(signum: int, frame: Any) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     allure_report.stop(config.stash.get(ALLURE_MASK, None))
     config.stash.get(UNMASK_LOGS, lambda: None)()
-    session = config.stash.get(SESSION, None)
-    if session is not None:
-        session.close()
-    lease = config.stash.get(LAB_LEASE, None)
-    if lease is not None:
-        from hil.lab.pool import give_back
-
-        config.stash[LAB_LEASE] = None
-        outcome = "infra" if config.stash[INFRA_SEEN] else \
-            "failed" if config.stash.get(RUN_FAILED, False) else "passed"
-        give_back(lease, outcome, powered_down=session is not None and session.rig is not None)
+    powered_down = _end_session(config)
+    lab = config.stash.get(LAB, None)
+    if lab is not None:
+        lab.give_back(config.stash.get(EXIT_STATUS, pytest.ExitCode.INTERRUPTED), powered_down)
 
 
 # --- fixtures -----------------------------------------------------------------------------------
@@ -188,10 +189,13 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None
     session.add_time(item.path.parent.name, before or session.ready, session.snapshot())
 
 
+@pytest.hookimpl(tryfirst=True)  # before the fixtures: a move to another rig resets them
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    lease = item.config.stash.get(LAB_LEASE, None)
-    if lease is not None:
-        lease.check()  # a lease the lab ended: stop touching the board (an INFRA error)
+    lab = item.config.stash.get(LAB, None)
+    if lab is not None:  # may move the session to another rig, or stop the test (INFRA)
+        moved = lab.before_test(item, lambda: _end_session(item.config))
+        if moved is not None:
+            item.config.stash[RIG_CONFIG] = moved
     cfg = item.config.stash.get(RIG_CONFIG, None)
     for mark in item.iter_markers("needs"):
         missing = [f for f in mark.args if cfg is None or not cfg.has(f)]
@@ -211,12 +215,15 @@ def pytest_runtest_makereport(
 ) -> Generator[None, Any, None]:
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
+    where = None
     if call.excinfo is not None and call.excinfo.errisinstance(InfraError):
         # a new list: pytest hands every phase's report the item's own list
         cfg = item.config.stash.get(RIG_CONFIG, None)
         where = infra_report.where(call.excinfo.value, cfg.name if cfg else "")
         report.user_properties = [*report.user_properties, INFRA, (infra_report.AT, where)]
-        item.config.stash[INFRA_SEEN] = True
+    lab = item.config.stash.get(LAB, None)
+    if lab is not None:
+        lab.reported(report, item.path.parent.name, where)
     if report.when == "call":
         item.stash[CALL_REPORT] = report
     if report.longrepr is not None and not isinstance(report.longrepr, tuple):
@@ -257,6 +264,11 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
     if infra and not getattr(terminalreporter, "no_summary", False):
         infra_report.sections(terminalreporter, config, infra)
         infra_report.in_short_summary(terminalreporter, infra)
+    lab = config.stash.get(LAB, None)
+    if lab is not None and lab.notes:
+        terminalreporter.section("pytest-hil lab")
+        for note in lab.notes:
+            terminalreporter.line(note)
     session = config.stash.get(SESSION, None)
     if session is not None:
         terminalreporter.section("pytest-hil rig")
@@ -266,7 +278,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # Infra errors are failures for the exit code: a green run must mean the rig worked too.
-    session.config.stash[RUN_FAILED] = exitstatus not in (0, pytest.ExitCode.NO_TESTS_COLLECTED)
+    session.config.stash[EXIT_STATUS] = exitstatus
     if session.config.stash.get(RIG_CONFIG, None) is None:
         return
     tr = session.config.pluginmanager.get_plugin("terminalreporter")

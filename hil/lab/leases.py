@@ -9,6 +9,7 @@ is idle again, whether its holder released it or died and let the lease expire (
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import os
 import socket
@@ -68,6 +69,15 @@ class Selector:
     @property
     def params(self) -> dict[str, object]:
         return {"dt": self.device_type, "labels": list(self.labels), "rig": self.rig}
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """What a job ran, kept with its record for the release matrix: the release under test
+    (None: none named) and each suite's outcome, one of OUTCOMES."""
+
+    release: str | None = None
+    suites: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -267,7 +277,7 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=self.interval + db.CONNECT_TIMEOUT)
 
-    def release(self, outcome: str = "passed") -> None:
+    def release(self, outcome: str = "passed", record: JobRecord | None = None) -> None:
         """End the lease (outcome ``infra`` leaves the rigs *unknown*); each rig goes to
         cleaning. Raises StaleEpoch for a rig the lease no longer holds."""
         self.stop_heartbeat()
@@ -275,7 +285,8 @@ class Lease:
         with db.connect(self.dsn) as conn:
             for g in self.grants:  # every rig, even after one was refused
                 try:
-                    release(conn, g.rig, g.epoch, outcome=outcome, by=self.holder)
+                    release(conn, g.rig, g.epoch, outcome=outcome, by=self.holder,
+                            record=record)
                 except StaleEpoch as exc:
                     refused.append(exc)
         if refused:
@@ -336,11 +347,15 @@ def acquire(dsn: str, sel: Selector, *, count: int = 1, holder: str | None = Non
 
 
 def release(conn: Connection, rig: str, epoch: int, *, outcome: str = "passed",
-            by: str = "") -> None:
+            by: str = "", record: JobRecord | None = None) -> None:
     """Compare-and-set on the epoch: end the live lease ``epoch`` of ``rig`` and send the rig to
     cleaning. A stale epoch is refused (StaleEpoch), naming what the rig holds now."""
     if outcome not in OUTCOMES:
         raise ConfigError(f"outcome {outcome!r}: one of {', '.join(OUTCOMES)}")
+    record = record or JobRecord()
+    if bad := [s for s, o in record.suites.items() if o not in OUTCOMES]:
+        raise ConfigError(f"suite outcome {record.suites[bad[0]]!r} of {bad[0]!r}: one of "
+                          f"{', '.join(OUTCOMES)}")
     with conn.transaction():
         row = conn.execute("""
             WITH ended AS (
@@ -350,11 +365,14 @@ def release(conn: Connection, rig: str, epoch: int, *, outcome: str = "passed",
                 WHERE rig = %(rig)s AND epoch = %(epoch)s AND ended_at IS NULL
                 RETURNING rig, epoch, holder, purpose, granted_at),
             job AS (
-                INSERT INTO jobs (rig, epoch, holder, purpose, started_at, outcome)
-                SELECT rig, epoch, holder, purpose, granted_at, %(outcome)s FROM ended)
+                INSERT INTO jobs (rig, epoch, holder, purpose, started_at, outcome, release,
+                                  suites)
+                SELECT rig, epoch, holder, purpose, granted_at, %(outcome)s, %(release)s,
+                       %(suites)s::jsonb FROM ended)
             UPDATE rigs r SET state = 'cleaning' FROM ended e
             WHERE r.name = e.rig AND r.epoch = e.epoch RETURNING r.name""",
-            {"rig": rig, "epoch": epoch, "outcome": outcome, "by": by}).fetchone()
+            {"rig": rig, "epoch": epoch, "outcome": outcome, "by": by,
+             "release": record.release, "suites": json.dumps(record.suites)}).fetchone()
         if row is None:
             now = conn.execute("SELECT r.epoch, r.state, l.holder FROM rigs r LEFT JOIN leases l "
                                "ON l.rig = r.name AND l.ended_at IS NULL WHERE r.name = %s",

@@ -36,17 +36,24 @@ def lease_rig(dsn: str, spec: str, *, wait: float, ttl: float = leases.DEFAULT_T
         raise
 
 
-def give_back(lease: leases.Lease, outcome: str, *, powered_down: bool) -> None:
+def give_back(lease: leases.Lease, outcome: str, *, powered_down: bool,
+              record: leases.JobRecord | None = None) -> bool:
     """Release the lease (``infra``: the rig becomes *unknown*) and clean the rig: nothing more
-    to do when the session's own teardown powered it off, else through its drivers. Never
-    raises: it runs on the way out; a lease the store already ended is only logged."""
+    to do when the session's own teardown powered it off, else through its drivers. Returns
+    whether this holder released it (not when the store had already ended it, or could not be
+    reached). Never raises: it runs on the way out."""
     try:
-        lease.release(outcome)
+        lease.release(outcome, record)
+    except InfraError as exc:  # StaleEpoch included: the lab ended the lease before us
+        log.error("giving the rig back to the lab: %s", exc)
+        return False
+    try:
         with db.connect(lease.dsn) as conn:
             for grant in lease.grants:
                 leases.clean(conn, grant, (lambda g: None) if powered_down else power_down)
-    except InfraError as exc:
-        log.error("giving the rig back to the lab: %s", exc)
+    except InfraError as exc:  # the bench host cleans it instead
+        log.error("cleaning the rig after its lease: %s", exc)
+    return True
 
 
 def health_check(dsn: str, rig: str, argv: Sequence[str], *, wait: float = 600.0,

@@ -83,6 +83,13 @@ MIGRATIONS: tuple[str, ...] = (
         outcome text NOT NULL
     );
     """,
+    # 2: what a job ran, for the release matrix: the release under test and each suite's
+    # outcome (passed, failed or infra) on the rig the job held
+    """
+    ALTER TABLE jobs ADD COLUMN release text;
+    ALTER TABLE jobs ADD COLUMN suites jsonb NOT NULL DEFAULT '{}';
+    CREATE INDEX jobs_by_release ON jobs (release) WHERE release IS NOT NULL;
+    """,
 )
 
 

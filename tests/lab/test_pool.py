@@ -81,6 +81,44 @@ def test_an_infra_error_gives_the_rig_back_as_unknown(
     assert rig_row(lab, str(job["rig"]))["health"] == "unknown"
 
 
+def test_after_an_infra_error_the_session_continues_once_on_another_rig(
+        pytester: pytest.Pytester, pool: list[Path], lab: Connection, tmp_path: Path) -> None:
+    pytester.makepyfile(test_moves="""
+        import os
+        from pathlib import Path
+        from hil.errors import InfraError
+
+        def seen(rig_config, name):
+            Path(os.environ["SEEN_DIR"], name).write_text(rig_config.name)
+
+        def test_a_relay_fails(rig_config):
+            seen(rig_config, "first")
+            raise InfraError("relay did not answer", part="power", rig=rig_config.name)
+
+        def test_b_runs_on_another_rig(rig_config):
+            seen(rig_config, "second")
+
+        def test_c_fails_there_too(rig_config):
+            raise InfraError("relay did not answer", part="power", rig=rig_config.name)
+
+        def test_d_stays(rig_config):
+            seen(rig_config, "third")
+    """)
+    result = pytester.runpytest_subprocess("--rig=pool:raspberrypi3", "--lab-release=v1.2",
+                                           "-p", "no:cacheprovider")
+    assert (result.parseoutcomes().get("infra"), result.parseoutcomes().get("passed")) == (2, 2)
+    first, second, third = ((tmp_path / n).read_text() for n in ("first", "second", "third"))
+    assert first != second and third == second  # one move: a second fault stays a fault
+    result.stdout.fnmatch_lines([f"*rig {first} gave an infrastructure error *relay did not "
+                                 f"answer*the session continued on {second}*"])
+    suite = pytester.path.name
+    rows = lab.execute("SELECT rig, outcome, release, suites FROM jobs ORDER BY id").fetchall()
+    assert [(r["rig"], r["outcome"], r["release"], r["suites"]) for r in rows] == [
+        (first, "infra", "v1.2", {suite: "infra"}), (second, "infra", "v1.2", {suite: "infra"})]
+    assert {rig_row(lab, r)["health"] for r in (first, second)} == {"unknown"}
+    assert all(rig_row(lab, r)["state"] == "idle" for r in (first, second))
+
+
 def test_each_xdist_worker_leases_its_own_rig(
         pytester: pytest.Pytester, pool: list[Path], lab: Connection, tmp_path: Path) -> None:
     pytester.makepyfile(TESTS.replace("def test_runs", "def test_a_runs") + TESTS.replace(
@@ -148,7 +186,7 @@ def test_a_kicked_session_stops_touching_the_rig(
                 epoch = conn.execute("SELECT epoch FROM rigs WHERE name = %s",
                                      (rig_config.name,)).fetchone()["epoch"]
                 leases.release(conn, rig_config.name, epoch, by="an operator")
-            lease = pytestconfig.stash[__import__("hil.plugin").plugin.LAB_LEASE]
+            lease = pytestconfig.stash[__import__("hil.plugin").plugin.LAB].lease
             wait_until(lambda: lease.lost, 5, "the heartbeat to find the lease gone")
 
         def test_after_the_kick(rig_config):
