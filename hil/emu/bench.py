@@ -13,7 +13,8 @@ hardware behind them at those very addresses, so the drivers under test are the 
                the virtual SD mux's card when the rig has ``sd_mux: {driver: virtual}``
 
 Relative paths are in the rig's runtime directory, which must be the one the rig's drivers get
-(``PartContext.runtime``).
+(``PartContext.runtime``). Its control socket there, ``emu.sock``, also takes faults from tests
+in other processes: ``python -m hil.emu.ctl RUNTIME/emu.sock relay mute`` (``unmute``).
 """
 
 from __future__ import annotations
@@ -124,7 +125,11 @@ class Bench:
                                   key="emulator.relay.channels")
             self.relay = RelayBoard(_path(runtime, power.port), channels=s.relay.channels,
                                     status=s.relay.status, on_change=self._relay_changed)
-        self.ctl: ControlServer | None = None
+        # the control socket: pdudaemon's switches, and fault injection for tests
+        # (``relay mute``, ``relay unmute``)
+        sock = runtime / "emu.sock"
+        self.ctl: ControlServer | None = ControlServer(sock, self._control) \
+            if s.relay is not None or s.pdu is not None else None
         self.pdu: PduDaemonRunner | None = None
         self.pdu_outlet = ""
         if s.pdu is not None:
@@ -135,8 +140,6 @@ class Bench:
                                   file=str(rig.source), key="power.alias")
             url = urllib.parse.urlsplit(pdu_power.url)
             self.pdu_outlet = str(pdu_power.port)
-            sock = runtime / "emu.sock"
-            self.ctl = ControlServer(sock, self._control)
             self.pdu = PduDaemonRunner(runtime, {pdu_power.hostname: {
                 "cmd_on": ctl_command(sock, "outlet", "OUTLET", "on"),
                 "cmd_off": ctl_command(sock, "outlet", "OUTLET", "off")}},
@@ -165,6 +168,9 @@ class Bench:
             if words[1] == self.pdu_outlet:
                 self.board.set_input("pdu", words[2] == "on")
             return "ok"  # other outlets of the PDU feed nothing
+        if self.relay is not None and words in (["relay", "mute"], ["relay", "unmute"]):
+            self.relay.mute = words[1] == "mute"  # its MCU hangs: commands go unanswered
+            return "ok"
         raise ValueError(f"unknown request {' '.join(words)!r}")
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -208,10 +214,11 @@ class Bench:
                                                                        self.relay_normally)
                 self._stack.callback(self.relay.stop)
                 self.relay.start()
-            if self.ctl is not None and self.pdu is not None:
-                self.board.inputs["pdu"] = False
+            if self.ctl is not None:
                 self._stack.callback(self.ctl.stop)
                 self.ctl.start()
+            if self.pdu is not None:
+                self.board.inputs["pdu"] = False
                 self._stack.callback(self.pdu.stop)
                 self.pdu.start()
             if self.ser2net is not None:

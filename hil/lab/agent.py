@@ -42,6 +42,7 @@ from hil.emu.pdu import PduDaemonRunner, ctl_command
 from hil.emu.ser2net import Ser2Net
 from hil.errors import ConfigError, InfraError
 from hil.lab import db, host
+from hil.lab.checks import Checker, Policy
 from hil.lab.forward import Forward
 from hil.lab.leases import Grant
 from hil.lab.rigs import LEASE_EPOCH, register
@@ -236,9 +237,10 @@ class ServedRig:
 
 class Agent:
     def __init__(self, dsn: str, name: str, rig_files: Sequence[str], ports: Ports, *,
-                 labels: Sequence[str] = (), interval: float = 10.0) -> None:
+                 labels: Sequence[str] = (), interval: float = 10.0,
+                 checks: Policy | None = None) -> None:
         self.dsn, self.name, self.ports = dsn, name, ports
-        self.labels, self.interval = list(labels), interval
+        self.labels, self.interval, self.checks = list(labels), interval, checks
         configs = sorted((load_rig(f) for f in rig_files), key=lambda c: c.name)
         self.sock = runtime_dir("lab") / f"agent-{name}.sock"
         self.rigs = {c.name: ServedRig(c, i, ports, name, self.sock)
@@ -273,8 +275,19 @@ class Agent:
         self.stack.close()
 
     def run(self, stop: threading.Event | None = None) -> None:
-        host.serve(self.dsn, self.name, self._clean, interval=self.interval, stop=stop,
-                   each_pass=self.sync)
+        checker = Checker(self.dsn, self.name, self.checks) if self.checks else None
+
+        def each_pass(conn: db.Connection | None) -> None:
+            self.sync(conn)  # first: a check's lease is served before its command runs
+            if checker is not None:
+                checker(conn)
+
+        try:
+            host.serve(self.dsn, self.name, self._clean, interval=self.interval, stop=stop,
+                       each_pass=each_pass)
+        finally:
+            if checker is not None:
+                checker.stop()
 
     # --- following the leases -----------------------------------------------------------------
     def sync(self, conn: db.Connection | None) -> None:
@@ -362,10 +375,11 @@ class Agent:
 
 
 def serve(dsn: str, name: str, rig_files: Sequence[str], ports: Ports, *,
-          labels: Sequence[str] = (), interval: float = 10.0,
+          labels: Sequence[str] = (), interval: float = 10.0, checks: Policy | None = None,
           stop: threading.Event | None = None) -> None:
     """Run the agent until ``stop`` is set (or SIGTERM/Ctrl-C); everything it started stops."""
-    agent = Agent(dsn, name, rig_files, ports, labels=labels, interval=interval).start()
+    agent = Agent(dsn, name, rig_files, ports, labels=labels, interval=interval,
+                  checks=checks).start()
     try:
         agent.run(stop)
     finally:

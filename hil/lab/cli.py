@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from typing import Any
 
+from hil.errors import ConfigError
 from hil.lab import db, leases, schema
+from hil.lab.checks import Checker, Policy, policy_from
 from hil.lab.db import Connection
 from hil.lab.health import set_health
 
@@ -48,6 +51,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between heartbeats")
     p.add_argument("--once", action="store_true", help="one heartbeat and cleaning pass")
+    _check_options(p)
     p = command("agent", "run on a bench host: register its rigs, heartbeat, clean, and serve "
                 "each leased rig's console (ser2net), power (pdudaemon) and SSH to the lab",
                 cmd_agent)
@@ -59,6 +63,29 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--label", action="append", default=[], help="an extra label (repeatable)")
     p.add_argument("rigs", nargs="*", help="rig names or files, right after NAME (default: "
                    "every rig in ./rigs that can be served)")
+    _check_options(p)
+
+
+def _check_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--health-check", metavar="COMMAND", help="run this health check (with "
+                   "HIL_RIG naming the rig's file; a shell-quoted command line) on every rig "
+                   "of the host that is unknown, before it takes another job")
+    p.add_argument("--check-every-jobs", type=int, metavar="N", help="check a good rig again "
+                   "after N jobs")
+    p.add_argument("--check-every-hours", type=float, metavar="H", help="check a good rig "
+                   "again after H hours")
+
+
+def _policy(args: argparse.Namespace) -> Policy | None:
+    if (args.check_every_jobs or args.check_every_hours) and not args.health_check:
+        raise ConfigError("--check-every-jobs and --check-every-hours need --health-check "
+                          "COMMAND", key="--health-check")
+    for key in ("check_every_jobs", "check_every_hours"):
+        if getattr(args, key) is not None and getattr(args, key) <= 0:
+            raise ConfigError(f"must be positive, got {getattr(args, key)}",
+                              key="--" + key.replace("_", "-"))
+    return policy_from(shlex.split(args.health_check) if args.health_check else None,
+                       args.check_every_jobs, args.check_every_hours)
 
 
 def _open(args: argparse.Namespace) -> Connection:
@@ -162,7 +189,14 @@ def cmd_host(args: argparse.Namespace) -> int:
     from hil.lab.host import serve
     from hil.lab.rigs import power_down
 
-    serve(db.dsn_from(args.db), args.name, power_down, interval=args.interval, once=args.once)
+    policy = _policy(args)
+    checker = Checker(db.dsn_from(args.db), args.name, policy) if policy else None
+    try:
+        serve(db.dsn_from(args.db), args.name, power_down, interval=args.interval,
+              once=args.once, each_pass=checker)
+    finally:
+        if checker is not None:
+            checker.stop(cancel=not args.once)  # --once: the checks it started run to the end
     return 0
 
 
@@ -185,5 +219,5 @@ def cmd_agent(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         serve(db.dsn_from(args.db), args.name, rigs,
               Ports(args.address, args.port_base), labels=args.label,
-              interval=args.interval)
+              interval=args.interval, checks=_policy(args))
     return 0

@@ -155,8 +155,11 @@ def _try_grant(conn: Connection, request: int, sel: Selector, count: int, purpos
               AND (q.priority > %(prio)s OR (q.priority = %(prio)s AND q.id < %(id)s))
               AND q.device_type = %(dt)s
               AND EXISTS (SELECT 1 {_ELIGIBLE} AND r.labels @> q.labels
-                          AND r.name = coalesce(q.rig, r.name))""",
-            {**sel.params, "prio": priority, "id": request}).fetchone()
+                          AND r.name = coalesce(q.rig, r.name)
+                          AND r.health = ANY(CASE q.purpose WHEN 'job' THEN %(job)s::text[]
+                                             ELSE %(health)s::text[] END))""",
+            {**sel.params, "prio": priority, "id": request, "job": SCHEDULABLE["job"],
+             "health": SCHEDULABLE["health"]}).fetchone()
         reserved = int(ahead["n"]) if ahead else 0
         free = conn.execute(f"""
             SELECT r.name {_ELIGIBLE} AND r.state = 'idle' {_SCHEDULABLE}

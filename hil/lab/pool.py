@@ -3,12 +3,16 @@ worker leases its own), given back at the end as the session leaves it."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 
 from hil.config import RigConfig
+from hil.deadline import Deadline
 from hil.errors import InfraError
 from hil.lab import db, leases
 from hil.lab.health import check_done
@@ -57,30 +61,55 @@ def give_back(lease: leases.Lease, outcome: str, *, powered_down: bool,
 
 
 def health_check(dsn: str, rig: str, argv: Sequence[str], *, wait: float = 600.0,
-                 timeout: float = 3600.0) -> bool:
+                 timeout: float = 3600.0, env: Mapping[str, str] | None = None,
+                 stop: threading.Event | None = None) -> bool | None:
     """Lease ``rig`` for its health check and run ``argv`` with ``HIL_RIG`` naming the rig's
-    file (so ``pytest suites/smoke`` runs on it); exit status 0 makes the rig good, anything
-    else bad. Returns whether it passed."""
+    file (so ``pytest suites/smoke`` runs on it; ``env``: more variables); exit status 0 makes
+    the rig good, anything else (or ``timeout`` seconds) bad. Returns whether it passed; None
+    when ``stop`` was set first (the command is stopped, the rig stays *unknown*)."""
     with db.connect(dsn) as conn:
         row = conn.execute("SELECT device_type FROM rigs WHERE name = %s", (rig,)).fetchone()
     if row is None:
         raise InfraError(f"no rig named {rig!r} is registered", part=db.PART, rig=rig)
     lease = leases.acquire(dsn, leases.Selector(row["device_type"], rig=rig), purpose="health",
                            queue_timeout=wait)
-    detail = ""
     try:
         cfg = rig_config(lease.grants[0])
-        try:
-            proc = subprocess.run(list(argv), env={**os.environ, "HIL_RIG": str(cfg.source)},
-                                  timeout=timeout, check=False)
-            passed = proc.returncode == 0
-            detail = f"{' '.join(argv)} exited with status {proc.returncode}"
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            passed, detail = False, f"{' '.join(argv)}: {exc}"
+        status = _run_check(argv, {**os.environ, **(env or {}), "HIL_RIG": str(cfg.source)},
+                            timeout, stop or threading.Event())
     except BaseException:
         give_back(lease, "infra", powered_down=False)
         raise
+    if status is None:
+        give_back(lease, "infra", powered_down=False)
+        return None
+    passed, detail = status
     give_back(lease, "passed" if passed else "failed", powered_down=False)
     with db.connect(dsn) as conn:
         check_done(conn, rig, passed, detail)
     return passed
+
+
+def _run_check(argv: Sequence[str], env: dict[str, str], timeout: float,
+               stop: threading.Event) -> tuple[bool, str] | None:
+    """Run the check's command to its end, its deadline or ``stop`` (None); in a process group
+    of its own, stopped whole (SIGTERM: a pytest session unwinds and powers its rig off)."""
+    command = " ".join(argv)
+    try:
+        proc = subprocess.Popen(list(argv), env=env, start_new_session=True)
+    except OSError as exc:
+        return False, f"{command}: {exc}"
+    deadline = Deadline(timeout)
+    while proc.poll() is None and not stop.is_set() and not deadline.expired():
+        stop.wait(min(0.5, deadline.remaining()))
+    if proc.returncode is not None:
+        return proc.returncode == 0, f"{command} exited with status {proc.returncode}"
+    for sig, grace in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+            break
+    if stop.is_set():
+        return None
+    return False, f"{command} did not end within {timeout:g}s"

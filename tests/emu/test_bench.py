@@ -14,6 +14,7 @@ import pytest
 import hil.emu
 from hil.console.serial import SerialConsole
 from hil.deadline import wait_until
+from hil.emu import ctl
 from hil.emu.bench import Bench
 from hil.errors import InfraError
 from hil.qemu.target import free_port
@@ -103,7 +104,9 @@ def test_relay_that_does_not_answer_leaves_board_off(make_rig: RigMaker, tmp_pat
     with Bench(rig, runtime) as bench:
         assert bench.relay is not None
         power: Any = part(rig, "power", runtime)
-        bench.relay.mute = True
+        # through the control socket, as a test in another process mutes it
+        assert ctl.request(runtime / "emu.sock", ["relay", "mute"]) == "ok"
+        assert bench.relay.mute
         t0 = time.monotonic()
         with pytest.raises(InfraError, match=r"\[rig vbench power\].*did not answer"):
             power.on()
