@@ -40,6 +40,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--epoch", type=int, required=True, help="the lease's epoch (hil lab status)")
     p = command("history", "a rig's health changes and jobs", cmd_history)
     p.add_argument("rig")
+    p = command("matrix", "a release's results: device type x suite, the jobs that passed, "
+                "failed or met an infrastructure error (from the job records)", cmd_matrix)
+    p.add_argument("release", help="as the sessions named it (pytest --lab-release)")
     p = command("check", "run a rig's health check: good if COMMAND succeeds, else bad",
                 cmd_check)
     p.add_argument("rig")
@@ -174,6 +177,27 @@ def cmd_history(args: argparse.Namespace) -> int:
             ORDER BY 1""", {"rig": args.rig}).fetchall()
     for r in rows:
         print(f"{r['at']:%Y-%m-%d %H:%M:%S}  {r['what']:6}  {r['detail']}")
+    return 0
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    with _open(args) as conn:
+        rows = conn.execute("""
+            SELECT r.device_type, s.key AS suite, s.value AS outcome, count(*) AS n
+            FROM jobs j JOIN rigs r ON r.name = j.rig, jsonb_each_text(j.suites) s
+            WHERE j.release = %s AND j.purpose = 'job'
+            GROUP BY 1, 2, 3""", (args.release,)).fetchall()
+    if not rows:
+        print(f"no job records for release {args.release!r} (sessions name it with "
+              "--lab-release)")
+        return 1
+    counts = {(r["device_type"], r["suite"], r["outcome"]): int(r["n"]) for r in rows}
+    suites = sorted({str(r["suite"]) for r in rows})
+    table = [{"device_type": dt, **{suite: ", ".join(
+        f"{counts[dt, suite, o]} {o}" for o in leases.OUTCOMES if (dt, suite, o) in counts)
+        for suite in suites}} for dt in sorted({str(r["device_type"]) for r in rows})]
+    print(f"release {args.release}: jobs by device type and suite")
+    _table(table, ["device_type", *suites])
     return 0
 
 

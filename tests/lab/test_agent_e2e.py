@@ -1,14 +1,18 @@
 """The lab end to end: a throwaway PostgreSQL, two bench hosts as network namespaces (veth pairs,
 addresses of their own), each running ``hil lab agent`` with one emulated RPi 3 bench (a QEMU
 board behind a relay board on a pty, its UART on a pty, a virtual SD mux holding the reference
-OS), and a CI side that reaches them only over the network: ``pytest --rig=pool:... -n 2
-suites/smoke`` passes across both, then a lease ended by ``hil lab release`` while a session
-holds it closes that rig's endpoints and the session stops with an INFRA error."""
+OS), and a CI side that reaches them only over the network. The agents check their new rigs
+by themselves (power on, U-Boot's banner) before the pool gives them jobs. ``pytest
+--rig=pool:... -n 2 suites/smoke`` passes across both, then a lease ended by ``hil lab release``
+while a session holds it closes that rig's endpoints and the session stops with an INFRA error;
+and a session whose rig's relay goes silent continues on the other rig, while the silent one
+fails its health check and ends *bad*."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -57,6 +61,44 @@ def test_holds_the_board(dut: Dut) -> None:
 
 def test_after_the_kick(dut: Dut) -> None:
     raise AssertionError("must not run on a rig it no longer holds")
+"""
+
+# The agents' health check: the board powers on through the served rig file's drivers and
+# U-Boot's banner reaches the console.
+HEALTH_CHECK = """
+import os, re
+from hil.config import load_rig
+from hil.rig import Rig
+
+rig = Rig(load_rig(os.environ["HIL_RIG"]))
+try:
+    rig.power_on()
+    rig.log.wait_for(re.compile(rb"U-Boot 20\\d\\d"), 0, 120, "U-Boot's banner")
+finally:
+    rig.close()
+"""
+
+RELAY_GOES_SILENT = """
+import os
+from pathlib import Path
+from hil.dut import Dut
+from hil.emu import ctl
+
+def seen(rig_config, name):
+    Path(os.environ["SEEN_DIR"], name).write_text(rig_config.name)
+
+def test_a_boots(dut: Dut, rig_config) -> None:
+    dut.run_check("true")
+    seen(rig_config, "first")
+    sockets = dict(s.split("=") for s in os.environ["BENCH_SOCKETS"].split(","))
+    assert ctl.request(sockets[rig_config.name], ["relay", "mute"]) == "ok"
+
+def test_b_power_cycles(dut: Dut) -> None:
+    dut.power_cycle()  # the relay does not answer: INFRA
+
+def test_c_runs_on_the_other_rig(dut: Dut, rig_config) -> None:
+    dut.run_check("true")
+    seen(rig_config, "second")
 """
 
 
@@ -119,13 +161,19 @@ class BenchHost:
         rig.write_text(BENCH_RIG.format(host=self.name, size=CARD_SIZE))
         return rig
 
-    def start(self, dsn: str, rig: Path) -> None:
+    @property
+    def emu_socket(self) -> Path:
+        """The emulated bench's control socket (``relay mute``)."""
+        return self.dir / "run" / "rigs" / self.rig / "emu.sock"
+
+    def start(self, dsn: str, rig: Path, check: Path) -> None:
         env = {**os.environ, "HIL_LAB_DB": dsn, "HIL_RUNTIME_DIR": str(self.dir / "run"),
                "HIL_LOCK_DIR": str(self.dir / "locks"), "PYTHONPATH": str(ROOT)}
         with self.log.open("wb") as out:
             self.agent = subprocess.Popen(
                 ["ip", "netns", "exec", self.netns, sys.executable, "-m", "hil.cli", "lab",
-                 "agent", self.name, str(rig), "--address", self.address, "--interval", "2"],
+                 "agent", self.name, str(rig), "--address", self.address, "--interval", "2",
+                 "--health-check", f"{sys.executable} {check}"],
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def check(self) -> None:
@@ -134,10 +182,15 @@ class BenchHost:
                                  f"{self.agent.returncode}:\n{self.log.read_text()[-3000:]}")
 
 
-@pytest.fixture
-def lab_hosts(tmp_path: Path) -> Iterator[tuple[str, list[BenchHost]]]:
+@pytest.fixture(scope="module")
+def lab_hosts(tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[tuple[str, list[BenchHost]]]:
     """Two bench hosts in namespaces, a database they reach over their veths; yields the CI
-    side's DSN and the hosts, their agents running with the rigs registered and good."""
+    side's DSN and the hosts, their agents running with the rigs registered and made good by
+    the agents' own health checks."""
+    tmp_path = tmp_path_factory.mktemp("lab")
+    check = tmp_path / "health_check.py"
+    check.write_text(HEALTH_CHECK)
     tag = f"{os.getpid() % 100000}"
     octet = 16 + os.getpid() % 200
     hosts = [BenchHost(f"bench-{x}", f"lab-rpi3-{x}", f"hil-lab-{tag}-{x}", f"hl{tag}{x}",
@@ -153,7 +206,7 @@ def lab_hosts(tmp_path: Path) -> Iterator[tuple[str, list[BenchHost]]]:
             h.dir.mkdir()
             rig = h.prepare(card)
             stack.callback(h.stop)
-            h.start(dsn.replace("host=127.0.0.1", f"host={h.subnet}.1"), rig)
+            h.start(dsn.replace("host=127.0.0.1", f"host={h.subnet}.1"), rig, check)
         card.unlink()
         with db.connect(dsn, autocommit=True) as conn:
             def registered() -> bool:
@@ -163,7 +216,15 @@ def lab_hosts(tmp_path: Path) -> Iterator[tuple[str, list[BenchHost]]]:
 
             wait_until(registered, 60, "both agents to register their rigs",
                        seen=lambda: "; ".join(h.log.read_text()[-500:] for h in hosts))
-            conn.execute("UPDATE rigs SET health = 'good'")
+
+            def checked() -> bool:
+                health = {r["name"]: r["health"] for r in conn.execute(
+                    "SELECT name, health FROM rigs").fetchall()}
+                assert "bad" not in health.values(), health
+                return set(health.values()) == {"good"}
+
+            wait_until(checked, 180, "both rigs' first health checks to pass",
+                       seen=lambda: "; ".join(h.log.read_text()[-800:] for h in hosts))
         yield dsn, hosts
 
 
@@ -177,13 +238,13 @@ def _reference_os_card(tmp_path: Path) -> Path:
     return configure_image(build(arch="aarch64").disk, cfg, out=tmp_path / "card.img")
 
 
-def ci_pytest(dsn: str, tmp_path: Path, *args: str, timeout: float
-              ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HIL_LAB_DB": dsn, "HIL_RUNTIME_DIR": str(tmp_path / "ci"),
-           "HIL_LOCK_DIR": str(tmp_path / "ci-locks"), "PYTHONPATH": str(ROOT)}
-    env.pop("HIL_RIG", None)
+def ci_pytest(dsn: str, tmp_path: Path, *args: str, timeout: float,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, "HIL_LAB_DB": dsn, "HIL_RUNTIME_DIR": str(tmp_path / "ci"),
+            "HIL_LOCK_DIR": str(tmp_path / "ci-locks"), "PYTHONPATH": str(ROOT), **(env or {})}
+    full.pop("HIL_RIG", None)
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
-                           "-rA", "--no-flash", *args], cwd=ROOT, env=env, text=True,
+                           "-rA", "--no-flash", *args], cwd=ROOT, env=full, text=True,
                           capture_output=True, timeout=timeout)
 
 
@@ -203,7 +264,8 @@ def test_two_bench_hosts_serve_a_pooled_smoke_run_and_a_kicked_session_stops(
     assert smoke.returncode == 0, smoke.stdout[-5000:] + smoke.stderr[-2000:]
     assert "5 passed" in smoke.stdout, smoke.stdout[-3000:]  # every smoke test ran, none skipped
     with db.connect(dsn, autocommit=True) as conn:
-        jobs = conn.execute("SELECT rig, outcome FROM jobs ORDER BY rig").fetchall()
+        jobs = conn.execute("SELECT rig, outcome FROM jobs WHERE purpose = 'job' "
+                            "ORDER BY rig").fetchall()
         assert [(j["rig"], j["outcome"]) for j in jobs] == [
             ("lab-rpi3-a", "passed"), ("lab-rpi3-b", "passed")]  # each worker on its own host
 
@@ -245,3 +307,41 @@ def test_two_bench_hosts_serve_a_pooled_smoke_run_and_a_kicked_session_stops(
         wait_until(lambda: rig_row(conn, a.rig)["state"] == "idle", 30,
                    "bench-a's agent to clean the rig", seen=lambda: a.log.read_text()[-500:])
         assert f"lab-rpi3-a: lease epoch {epoch} ended" in a.log.read_text()
+
+
+def test_a_rig_whose_relay_goes_silent_ends_bad_while_the_job_finishes_on_the_other(
+        lab_hosts: tuple[str, list[BenchHost]], tmp_path: Path) -> None:
+    dsn, hosts = lab_hosts
+    test = tmp_path / "test_relay_goes_silent.py"
+    test.write_text(RELAY_GOES_SILENT)
+    run = ci_pytest(dsn, tmp_path, f"--rig=pool:{DEVICE_TYPE}", "--lab-release=e2e-1",
+                    str(test), timeout=400, env={
+                        "SEEN_DIR": str(tmp_path),
+                        "BENCH_SOCKETS": ",".join(f"{h.rig}={h.emu_socket}" for h in hosts)})
+    out = run.stdout + run.stderr
+    outcomes = re.findall(r"(\d+) (passed|infra|failed)", out.splitlines()[-1])
+    assert sorted((o, int(n)) for n, o in outcomes) == [("infra", 1), ("passed", 2)], out[-5000:]
+    first, second = ((tmp_path / n).read_text() for n in ("first", "second"))
+    assert first != second, out[-3000:]
+    assert "test_b_power_cycles" in out and "did not answer" in out, out[-5000:]
+    assert f"the session continued on {second}" in out, out[-5000:]
+    silent = next(h for h in hosts if h.rig == first)
+    with db.connect(dsn, autocommit=True) as conn:
+        wait_until(lambda: rig_row(conn, first)["health"] == "bad", 120,
+                   f"{first}'s health check to find it bad",
+                   seen=lambda: f"{rig_row(conn, first)['health']}; "
+                                f"{silent.log.read_text()[-800:]}")
+        events = conn.execute("SELECT old, new, reason FROM health_events WHERE rig = %s "
+                              "ORDER BY id DESC LIMIT 2", (first,)).fetchall()[::-1]
+        assert [(e["old"], e["new"]) for e in events] == [("good", "unknown"),
+                                                          ("unknown", "bad")], events
+        assert "health check failed" in events[1]["reason"]
+        jobs = conn.execute("SELECT rig, purpose, outcome, suites FROM jobs WHERE "
+                            "release = 'e2e-1' ORDER BY id").fetchall()
+        suite = tmp_path.name
+        assert [(j["rig"], j["outcome"], j["suites"]) for j in jobs] == [
+            (first, "infra", {suite: "infra"}), (second, "passed", {suite: "passed"})]
+        assert rig_row(conn, second)["health"] == "good"
+        wait_until(lambda: rig_row(conn, second)["state"] == "idle", 30,
+                   f"{second} to be given back")
+    assert f"{first}: health check failed: bad" in silent.log.read_text()

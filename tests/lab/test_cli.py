@@ -10,7 +10,7 @@ from hil.cli import main
 from hil.lab import leases
 from hil.lab.db import Connection
 from hil.lab.leases import Selector
-from tests.lab.helpers import rig_row
+from tests.lab.helpers import add_rigs, rig_row
 
 
 def bench_rig(folder: Path, name: str = "pi-1") -> tuple[Path, Path]:
@@ -101,3 +101,26 @@ def test_no_database_given_is_a_clear_error(capsys: pytest.CaptureFixture[str],
     monkeypatch.delenv("HIL_LAB_DB", raising=False)
     code, out = hil(capsys, "lab", "status")
     assert code == 3 and "no lab database given: pass --db DSN or set HIL_LAB_DB" in out
+
+
+def test_the_release_matrix_from_the_job_records(
+        lab: Connection, lab_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    add_rigs(lab, ["pi-1", "pi-2"])
+    add_rigs(lab, ["nuc-1"], device_type="intel-nuc")
+    runs = [("raspberrypi3", "v2", {"smoke": "passed", "ntp": "infra"}),
+            ("raspberrypi3", "v2", {"smoke": "passed", "ntp": "passed"}),
+            ("intel-nuc", "v2", {"smoke": "failed"}),
+            ("intel-nuc", "v1", {"smoke": "passed"})]
+    for device_type, release, suites in runs:
+        lease = leases.acquire(lab_dsn, Selector(device_type), ttl=10)
+        lease.release("passed", leases.JobRecord(release, suites))
+        for g in lease.grants:
+            leases.clean(lab, g, lambda g: None)
+    code, out = hil(capsys, "lab", "matrix", "--db", lab_dsn, "v2")
+    assert (code, out.splitlines()) == (0, [
+        "release v2: jobs by device type and suite",
+        "device_type   ntp                smoke",
+        "intel-nuc                        1 failed",
+        "raspberrypi3  1 passed, 1 infra  2 passed"])
+    assert hil(capsys, "lab", "matrix", "--db", lab_dsn, "v3") == (
+        1, "no job records for release 'v3' (sessions name it with --lab-release)\n")
