@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -108,9 +109,11 @@ class PoolSession:
                 self.spec.removeprefix(pool.PREFIX)).rig:
             return None  # the lab ended it, or the selector names this one rig
         old = lease.grants[0].rig
+        # finish() reads only the request's node (for its error message)
+        request = getattr(item, "_request", None) or SimpleNamespace(node=item)
         for fixturedef in item.session._fixturemanager.getfixturedefs("rig_config", item) or ():
             try:  # the session fixtures on top of it go first
-                fixturedef.finish(cast(Any, item)._request)
+                fixturedef.finish(cast(Any, request))
             except Exception as exc:  # the rig is given back as unknown anyway
                 log.error("ending the session on %s: %s", old, exc)
         if not self.give_back(None, end_session()):
