@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -174,7 +175,9 @@ def test_rig_faults_mid_session_are_infra_and_the_next_session_is_green(
             f.truncate(rig.parts["sd_mux"].settings.size)  # type: ignore[attr-defined]
         subprocess.run(["chattr", "+i", str(card)], check=True)
         try:
+            t0 = time.monotonic()
             s0 = child([f"--rig={rig_path}", "test_green_child.py"], env, tmp_path)
+            print(f"flash refused: the session ended after {time.monotonic() - t0:.1f} s")
         finally:
             subprocess.run(["chattr", "-i", str(card)], check=True)
         out0 = s0.stdout + s0.stderr
@@ -182,6 +185,7 @@ def test_rig_faults_mid_session_are_infra_and_the_next_session_is_green(
         flash = infra_lines(out0)
         assert re.match(rf"rig {RIG}, (sd_mux|storage|flash): ", flash.get("test_green", "")), \
             out0[-5000:]
+        print(flash["test_green"])
         assert bench.board.power_ons == 0 and not bench.board.running
 
         # the faults, one session
