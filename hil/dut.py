@@ -162,6 +162,8 @@ class Dut:
         """After a failed test: get back to a usable shell, power-cycling if needed."""
         if self.rig.state == RigState.READY and self.shell.ready:
             try:
+                if self.rig.log.lost:  # a console that came back late: the board may be fine
+                    self.rig.console.attach(timeout=5)
                 self.shell.run("true", 5)
                 return
             except (DeadlineError, DeviceError, InfraError) as exc:

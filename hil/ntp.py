@@ -193,9 +193,10 @@ class NtpServer:
     def __init__(self, address: str = "127.0.0.1", port: int = 123, *, offset: float = 0.0,
                  stratum: int = 8, lock_wait: float = 600.0, start_timeout: float = 20.0,
                  what: str = "pytest-hil NTP server", chronyd: str = "chronyd",
-                 chronyc: str = "chronyc") -> None:
+                 chronyc: str = "chronyc", rig: str = "") -> None:
         self.address, self.port, self.stratum = address, port, stratum
         self.lock_wait, self.start_timeout, self.what = lock_wait, start_timeout, what
+        self.rig = rig  # the rig it serves, for the errors
         self.chronyd = shutil.which(chronyd) or chronyd
         self.chronyc = shutil.which(chronyc) or chronyc
         self._offset = float(offset)
@@ -276,6 +277,16 @@ class NtpServer:
             self._kill()
             raise
         log.info("%r serving", self)
+
+    def check(self) -> None:
+        """Raise if the server died under us (started, and not stopped since): a wait for the
+        device to keep time from it would otherwise blame the device. A rig fault."""
+        proc = self._proc
+        if proc is not None and proc.poll() is not None:
+            raise InfraError(f"the rig host's NTP server (chronyd, pid {proc.pid}, "
+                             f"{self.address}:{self.port}) died with status {proc.returncode}"
+                             f"\n--- chronyd log ---\n{self.log_text()[-3000:]}", part="ntp",
+                             rig=self.rig)
 
     def stop(self) -> None:
         """Kill the server; the port stays ours and silent until ``start()``."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from hil.console.log import EventKind
 from hil.console.shell import Result
-from hil.errors import DeadlineError, DeviceError, InfraError
+from hil.errors import DeadlineError, DeviceError, HilError, InfraError
 
 if TYPE_CHECKING:
     import paramiko
@@ -175,8 +175,26 @@ class SshShell:
                                     tail=self.rig.log.tail())
         channel.shutdown_write()
 
+    def _lost(self, command: str, exc: BaseException) -> HilError:
+        """The connection broke under a running command. The board restarting (its console
+        shows the reboot) is the device's doing; a board that stayed up lost its link: the
+        rig's network (a cut forward, a dropped port) is at fault."""
+        restarted = self.rig.log.events_since(self._since)
+        self.close()
+        if restarted:
+            return DeviceError(f"SSH connection lost while running {command!r}: the board "
+                               f"restarted ({restarted[0].text}): {exc}",
+                               tail=self.rig.log.tail())
+        where = self.rig.network.ssh_endpoint() if self.rig.network else ("?", 0)
+        return InfraError(f"SSH connection to the board ({where[0]}:{where[1]}) lost while "
+                          f"running {command!r}: {exc or type(exc).__name__}; the board did "
+                          "not restart (its console shows no reboot)", part="network",
+                          rig=self.rig.name, tail=self.rig.log.tail())
+
     def _exec(self, channel: Any, command: str, timeout: float, stdin: bytes | None,
               merge: bool) -> Result:
+        import paramiko
+
         t0 = time.monotonic()
         deadline = t0 + timeout
         channel.set_combine_stderr(merge)
@@ -212,9 +230,10 @@ class SshShell:
                     raise DeviceError(f"the board restarted while {command!r} ran over SSH",
                                       tail=self.rig.log.tail())
             code = channel.recv_exit_status()
-        except (OSError, EOFError) as exc:
-            self.close()
-            raise DeviceError(f"SSH connection lost while running {command!r}: {exc}") from None
+            if code == -1:  # paramiko's "none came": the channel closed under the command
+                raise EOFError("the channel closed without the command's exit status")
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise self._lost(command, exc) from None
         finally:
             with contextlib.suppress(Exception):
                 channel.close()

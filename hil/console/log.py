@@ -51,7 +51,8 @@ class EventKind(StrEnum):
     PANIC = "panic"
     POWER_ON = "power-on"  # the rig switched the power (noted just before the switch)
     POWER_OFF = "power-off"
-    CONSOLE_LOST = "console-lost"
+    CONSOLE_LOST = "console-lost"  # the connection dropped (it may come back)
+    CONSOLE_BACK = "console-back"  # reopened after a drop
     STEP = "step"  # a rig step began (flash, power, mux)
     TEST = "test"  # a test began
 
@@ -69,7 +70,8 @@ class Event:
 
 
 class ConsoleLog:
-    def __init__(self, path: Path | None = None, max_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, path: Path | None = None, max_bytes: int = 64 * 1024 * 1024, *,
+                 rig: str = "") -> None:
         self._buf = bytearray()
         self._base = 0  # offset of _buf[0]; the head is dropped past max_bytes
         self._max = max_bytes
@@ -78,7 +80,9 @@ class ConsoleLog:
         self._file = path.open("wb") if path else None  # one session's console per file
         self._masked = redact.Stream()  # the file gets the bytes as they came, secrets masked
         self.path = path
-        self.lost: str | None = None  # set when the transport died: waiters fail at once
+        self.rig = rig
+        self.down: str | None = None  # the connection dropped and is not back (yet)
+        self.lost: str | None = None  # it did not come back in time: waiters fail at once
         self.tally = WaitTally()  # time blocked in wait_for (and over SSH, see hil.os)
 
     # --- writer side (the reader thread) ----------------------------------------------------
@@ -116,15 +120,27 @@ class ConsoleLog:
             self._event_locked(self.end, time.time(), kind, text)
             self._cond.notify_all()
 
+    def mark_down(self, why: str) -> None:
+        """The connection dropped; the console is reopening it (``mark_alive``) or gives up
+        (``mark_lost``). Waiters go on meanwhile, within their own deadlines."""
+        with self._cond:
+            self.down = why
+            self._event_locked(self.end, time.time(), EventKind.CONSOLE_LOST, why)
+            self._cond.notify_all()
+
     def mark_lost(self, why: str) -> None:
         with self._cond:
-            self.lost = why
-            self._event_locked(self.end, time.time(), EventKind.CONSOLE_LOST, why)
+            if self.down is None:
+                self._event_locked(self.end, time.time(), EventKind.CONSOLE_LOST, why)
+            self.down = self.lost = why
             self._cond.notify_all()
 
     def mark_alive(self) -> None:
         with self._cond:
-            self.lost = None
+            if self.down is not None:
+                self._event_locked(self.end, time.time(), EventKind.CONSOLE_BACK, self.down)
+            self.down = self.lost = None
+            self._cond.notify_all()
 
     def _event_locked(self, offset: int, when: float, kind: EventKind, text: str) -> None:
         self.events.append(Event(offset, when, kind, text))
@@ -192,9 +208,17 @@ class ConsoleLog:
                 pos = max(s, limit - LOOKBACK)
                 if self.lost:
                     raise InfraError(f"console lost ({self.lost}) while waiting for {expected}",
-                                     part="console", tail=self.tail())
+                                     part="console", rig=self.rig, tail=self.tail())
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    drops = [e for e in self.events
+                             if e.offset >= start and e.kind == EventKind.CONSOLE_LOST]
+                    if drops:  # what the board printed while it was down never reached us
+                        raise InfraError(
+                            f"gave up waiting for {expected} after {timeout:.1f}s: the console "
+                            f"connection dropped during the wait ({drops[-1].text}); what the "
+                            "board printed until it was back is lost", part="console",
+                            rig=self.rig, tail=self.tail())
                     seen = self.text(max(start, self.end - 200)).replace("\r", "")
                     raise DeadlineError(expected, repr(seen[-200:]) if seen else "no output",
                                         timeout, tail=self.tail())

@@ -12,6 +12,7 @@ import logging
 import sys
 import termios
 import threading
+import time
 from typing import Any
 
 import serial
@@ -34,6 +35,10 @@ class SerialSettings(Settings):
         "file survives re-plugging; see `hil discover`")
     baud: int | None = Field(None, gt=0, description="default: the device type's console speed")
     rtscts: bool = Field(False, description="hardware flow control (RTS/CTS)")
+    reconnect: float = Field(
+        5.0, ge=0, le=600, description="seconds to keep reopening a console whose connection "
+        "dropped (ser2net restarted, an adapter re-plugged) before the session reports it lost "
+        "(an INFRA error naming the console); what the board printed meanwhile is lost")
 
     @model_validator(mode="after")
     def _one_source(self) -> SerialSettings:
@@ -64,12 +69,14 @@ class SerialConsole:
         self.ctx = ctx
         self._url = url or settings.url
         self.baud = settings.baud or (ctx.device_type.console.baud if ctx.device_type else 115200)
-        self.log = ConsoleLog(ctx.runtime / "console.log")
+        self.log = ConsoleLog(ctx.runtime / "console.log", rig=ctx.rig)
         self._port: Any = None
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._closing = False
         self._expect_eof = False
+        self._outage: Deadline | None = None  # the reopening's deadline, while one runs
+        self._back_at = 0.0  # monotonic time the console was last reopened after a drop
         self._thread = threading.Thread(target=self._reader, name=f"console-{ctx.rig}",
                                         daemon=True)
         self._thread.start()
@@ -87,25 +94,66 @@ class SerialConsole:
     def attach(self, timeout: float = 10.0) -> None:
         """Open the port (again), retrying until ``timeout`` while the far end comes up."""
         deadline = Deadline(timeout)
-        last: Exception | None = None
         while True:
             try:
-                port = serial.serial_for_url(self.url, baudrate=self.baud, timeout=0.2,
-                                             rtscts=self.settings.rtscts)
+                port = self._open()
                 break
             except (serial.SerialException, OSError, ValueError) as exc:
-                last = exc
                 if deadline.expired():
-                    raise InfraError(f"cannot open console {self.url}: {last}",
+                    raise InfraError(f"cannot open console {self.url}: {exc}",
                                      part="console", rig=self.ctx.rig) from None
                 # the far end (QEMU, ser2net) is starting; its socket has no event to await
                 threading.Event().wait(min(0.02, deadline.remaining()))
         with self._lock:
             self._port = port
             self._expect_eof = False
+            self._outage = None
             self.log.mark_alive()
             self._wake.notify_all()
         log.debug("console %s attached", self.url)
+
+    def _open(self) -> Any:
+        return serial.serial_for_url(self.url, baudrate=self.baud, timeout=0.2,
+                                     rtscts=self.settings.rtscts)
+
+    def _reopen(self, why: str) -> None:
+        """The connection dropped under us (ser2net restarted, an adapter re-plugged): reopen
+        it, as a lab wants, within ``reconnect`` seconds; else the console is lost and every
+        waiter fails at once. A connection that drops again within a second of coming back
+        (ser2net accepts, then cannot open its tty) stays the same outage."""
+        now = time.monotonic()
+        if self._outage is None or now - self._back_at > 1.0:
+            self._outage = Deadline(self.settings.reconnect)
+        outage = self._outage
+        self.log.mark_down(why)
+        log.warning("console %s dropped (%s): reopening for %.0fs", self.url, why,
+                    outage.remaining())
+        while True:
+            with self._lock:
+                if self._closing or self._expect_eof or self._port is not None:
+                    return  # closed, detached on purpose, or attached again by attach()
+            try:
+                port = self._open()
+            except (serial.SerialException, OSError, ValueError) as exc:
+                if outage.expired():
+                    self.log.mark_lost(f"{why}; not back within "
+                                       f"{self.settings.reconnect:.0f}s ({exc})")
+                    with self._lock:
+                        self._wake.notify_all()  # writers waiting for the console
+                    return
+                with self._lock:  # close() wakes us; the far end has no event to await
+                    self._wake.wait(min(0.1, outage.remaining()))
+                continue
+            with self._lock:
+                if self._closing or self._expect_eof or self._port is not None:
+                    port.close()
+                    return
+                self._port = port
+                self._back_at = time.monotonic()
+                self.log.mark_alive()
+                self._wake.notify_all()
+            log.warning("console %s back after %.1fs", self.url, time.monotonic() - now)
+            return
 
     def detach(self) -> None:
         """Close the port on purpose (power cut of a QEMU board): EOF is not a fault."""
@@ -131,8 +179,15 @@ class SerialConsole:
         return self._port is not None
 
     def write(self, data: bytes) -> None:
-        port = self._port
+        with self._lock:  # a console being reopened takes the write once it is back
+            while self._port is None and self.log.down and not self.log.lost and \
+                    not self._closing and not self._expect_eof:
+                self._wake.wait(1.0)
+            port = self._port
         if port is None:
+            if self.log.lost:
+                raise InfraError(f"console lost ({self.log.lost})", part="console",
+                                 rig=self.ctx.rig, tail=self.log.tail())
             raise InfraError("console is not attached (board powered off?)", part="console",
                              rig=self.ctx.rig, tail=self.log.tail())
         try:
@@ -161,8 +216,7 @@ class SerialConsole:
                     if self._port is port:
                         self._port = None
                 if not expected:
-                    self.log.mark_lost(f"{self.url}: {exc}")
-                    log.warning("console %s lost: %s", self.url, exc)
+                    self._reopen(f"{self.url}: {exc}")
                 continue
             if data:
                 self.log.append(data)

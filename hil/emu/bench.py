@@ -125,11 +125,8 @@ class Bench:
                                   key="emulator.relay.channels")
             self.relay = RelayBoard(_path(runtime, power.port), channels=s.relay.channels,
                                     status=s.relay.status, on_change=self._relay_changed)
-        # the control socket: pdudaemon's switches, and fault injection for tests
-        # (``relay mute``, ``relay unmute``)
-        sock = runtime / "emu.sock"
-        self.ctl: ControlServer | None = ControlServer(sock, self._control) \
-            if s.relay is not None or s.pdu is not None else None
+        # pdudaemon's outlet commands, and faults for the tests (`python -m hil.emu.ctl`)
+        self.ctl = ControlServer(runtime / "emu.sock", self._control)
         self.pdu: PduDaemonRunner | None = None
         self.pdu_outlet = ""
         if s.pdu is not None:
@@ -140,6 +137,7 @@ class Bench:
                                   file=str(rig.source), key="power.alias")
             url = urllib.parse.urlsplit(pdu_power.url)
             self.pdu_outlet = str(pdu_power.port)
+            sock = self.ctl.path
             self.pdu = PduDaemonRunner(runtime, {pdu_power.hostname: {
                 "cmd_on": ctl_command(sock, "outlet", "OUTLET", "on"),
                 "cmd_off": ctl_command(sock, "outlet", "OUTLET", "off")}},
@@ -164,12 +162,22 @@ class Bench:
                                                                      self.relay_normally))
 
     def _control(self, words: list[str]) -> str:
+        """``outlet N on|off`` (pdudaemon's commands); the faults a lab meets:
+        ``ser2net stop|start`` (the console's server vanishes, comes back), ``relay
+        mute|unmute`` (the relay board's MCU hangs: it ignores every command)."""
         if len(words) == 3 and words[0] == "outlet" and words[2] in ("on", "off"):
             if words[1] == self.pdu_outlet:
                 self.board.set_input("pdu", words[2] == "on")
             return "ok"  # other outlets of the PDU feed nothing
-        if self.relay is not None and words in (["relay", "mute"], ["relay", "unmute"]):
-            self.relay.mute = words[1] == "mute"  # its MCU hangs: commands go unanswered
+        if words == ["ser2net", "stop"] and self.ser2net is not None:
+            self.ser2net.stop()
+            return "ok"
+        if words == ["ser2net", "start"] and self.ser2net is not None:
+            self.ser2net.start()
+            return "ok"
+        if len(words) == 2 and words[0] == "relay" and words[1] in ("mute", "unmute") and \
+                self.relay is not None:
+            self.relay.mute = words[1] == "mute"
             return "ok"
         raise ValueError(f"unknown request {' '.join(words)!r}")
 
@@ -214,9 +222,8 @@ class Bench:
                                                                        self.relay_normally)
                 self._stack.callback(self.relay.stop)
                 self.relay.start()
-            if self.ctl is not None:
-                self._stack.callback(self.ctl.stop)
-                self.ctl.start()
+            self._stack.callback(self.ctl.stop)
+            self.ctl.start()
             if self.pdu is not None:
                 self.board.inputs["pdu"] = False
                 self._stack.callback(self.pdu.stop)

@@ -33,7 +33,7 @@ def ntp_server(rig: Rig) -> Iterator[NtpServer]:
         rig.network.host_address,
         port=int(os.environ.get("HIL_NTP_PORT", "123")),
         lock_wait=float(os.environ.get("HIL_NTP_LOCK_WAIT", "600")),
-        what=f"pytest-hil NTP suite, rig {rig.name}")
+        what=f"pytest-hil NTP suite, rig {rig.name}", rig=rig.name)
     with server:
         yield server
 

@@ -170,6 +170,7 @@ class NtpRig:
             return last[0]
 
         def probe() -> ChronyView | None:
+            self.server.check()  # a server that died is the rig's fault, not the device's
             if samples and time.monotonic() - asked[0] >= BURST_AGAIN:
                 refused[0] = self.burst(samples)
                 asked[0] = time.monotonic()

@@ -183,11 +183,12 @@ def test_console_busy_and_vanishing(make_rig: RigMaker, tmp_path: Path) -> None:
             assert time.monotonic() - t0 < 15
             # the adapter is unplugged mid-test: waiting on the console fails at once
             bench.board.uart.port.unplug()
-            wait_until(lambda: first.log.lost, 5, "the console to be reported lost")
+            wait_until(lambda: first.log.down, 5, "the console to be reported down")
             t0 = time.monotonic()
-            with pytest.raises(InfraError, match=r"console lost"):
+            with pytest.raises(InfraError, match=r"\[rig vbench console\] console lost"):
                 wait_text(first, r"never printed", first.log.end, 30)
-            assert time.monotonic() - t0 < 15  # at once, not at the wait's 30 s deadline
+            # once it has not come back within reconnect (5 s), not at the wait's 30 s deadline
+            assert time.monotonic() - t0 < 15
         finally:
             power.off()
             first.close()

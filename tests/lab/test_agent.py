@@ -109,7 +109,7 @@ def remote_session(dsn: str) -> Iterator[Rig]:
 
 
 def console_dropped(rig: Rig) -> None:
-    wait_until(lambda: rig.log.lost, 10, "the console session to be dropped",
+    wait_until(lambda: rig.log.down, 10, "the console session to be dropped",
                seen=lambda: "console still connected")
 
 
