@@ -262,7 +262,12 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     with conn:
         conn.settimeout(UNLOCK_TIMEOUT)
         _send(conn, op="unlock")
-        _answers(conn, TerminalUi(), cfg.name)
+        try:
+            _answers(conn, TerminalUi(), cfg.name)
+        except TimeoutError:
+            raise InfraError(f"the lock's holder did not close the rig in {UNLOCK_TIMEOUT:.0f}s "
+                             f"(its log: {runtime_dir('rigs', cfg.name) / 'bench-holder.log'})",
+                             part="lock", rig=cfg.name) from None
     if not lock.free():  # the holder has closed everything before its answer
         raise InfraError(f"the lock is still held after the unlock, by {lock.holder()}",
                          part="lock", rig=cfg.name)
