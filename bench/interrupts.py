@@ -80,13 +80,7 @@ class Session:
 
     def lock_free(self) -> bool:
         os.environ["HIL_LOCK_DIR"] = self.env["HIL_LOCK_DIR"]
-        lock = RigLock(self.name)
-        try:
-            lock.acquire(0)
-        except Exception:
-            return False
-        lock.release()
-        return True
+        return RigLock(self.name).free()
 
 
 def phases(timeline: str, total: float) -> list[tuple[float, str]]:

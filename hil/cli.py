@@ -13,6 +13,7 @@ from hil.errors import ConfigError, HilError, InfraError
 # Modules that add sub-commands; each defines add_commands(subparsers).
 COMMAND_MODULES = (
     "hil.rigcli",
+    "hil.bench.cli",
     "hil.refos.cli",
     "hil.flash.cli",
     "hil.discover",

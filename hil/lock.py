@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from hil.errors import InfraError
 
@@ -35,10 +36,17 @@ class HostLock:
         self.path = (directory or lock_dir()) / f"{name}.lock"
         self._fd: int | None = None
 
-    def holder(self) -> str:
+    def info(self) -> dict[str, Any]:
+        """The holder's record (pid, user, host, since, what); empty when free or unreadable."""
         try:
             info = json.loads(self.path.read_text() or "{}")
         except (OSError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def holder(self) -> str:
+        info = self.info()
+        if not info:
             return "unknown holder"
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", 0)))
         return (f"pid {info.get('pid')} of {info.get('user')}@{info.get('host')} since {since}"
@@ -77,6 +85,15 @@ class HostLock:
             os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+    def free(self) -> bool:
+        """Nobody holds it now: a look that takes it and gives it back at once."""
+        try:
+            self.acquire(0)
+        except InfraError:
+            return False
+        self.release()
+        return True
 
     @property
     def held(self) -> bool:

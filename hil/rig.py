@@ -1,8 +1,9 @@
 """Rig: one board and the hardware around it, composed from the parts in its rig file.
 
 ``state`` is a ``RigState``; every step is timed into ``timeline`` and noted in the console log.
-``close()`` always leaves the board powered off, the SD mux released and the lock free, whatever
-happened before (Ctrl-C included).
+``close()`` leaves the board powered off, the SD mux released and the lock free, whatever
+happened before (Ctrl-C included); only a bench command that ends well leaves the board as it
+set it (``close(power_off=False)``).
 """
 
 from __future__ import annotations
@@ -191,8 +192,9 @@ class Rig:
             self.sd_mux.off()
 
     # --- teardown -------------------------------------------------------------------------------
-    def close(self) -> None:
-        """Power off, release the mux, close everything. Never raises: it runs on the way out."""
+    def make_safe(self) -> None:
+        """Power off and release the mux, as a session's end or an interrupted command must
+        leave the rig. Never raises: it runs on the way out."""
         for what, action in (("power off", self.power.off),
                              ("sd mux off", self.sd_mux.off if self.sd_mux else None)):
             if action is None:
@@ -201,7 +203,17 @@ class Rig:
                 action()
             except Exception as exc:
                 log.error("rig %s: %s failed during teardown: %s", self.name, what, exc)
+        self.state = RigState.OFF
+
+    def close(self, *, power_off: bool = True) -> None:
+        """Power off, release the mux, close everything. Never raises: it runs on the way out.
+        ``power_off=False`` (a bench command that powered the board on or switched the mux)
+        closes the parts and leaves the board as it is, where its power outlives this process
+        (a relay, a PDU; a QEMU board is this process's child and stops with it)."""
+        if power_off:
+            self.make_safe()
         for obj in reversed(self._owned):
             with contextlib.suppress(Exception):
                 obj.close()
-        self.state = RigState.OFF
+        if power_off:
+            self.state = RigState.OFF

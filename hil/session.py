@@ -77,24 +77,32 @@ class HilSession:
         self.ready: Snapshot | None = None  # at the end of start(): the device is up
         # wall, device and hardware seconds by suite (and the session start)
         self.by_suite: dict[str, list[float]] = {}
+        self.leave_up = False  # close() leaves the board as it is (a bench command's end)
 
     # --- the whole bring-up ----------------------------------------------------------------------
+    def open(self, what: str = "") -> Dut:
+        """Lock the rig, start its emulated hardware, build its parts and the ``Dut``; touch
+        no switch. ``start`` goes on to flash and boot; a bench command (``hil power`` ...)
+        drives the parts itself."""
+        self.lock.acquire(self.options.rig_wait, what, on_wait=lambda m: log.warning("%s", m))
+        self.stack.callback(self.lock.release)
+        if self.config.emulator:
+            emu = importlib.import_module("hil.emu")
+            self.stack.enter_context(emu.start(self.config, self.runtime))
+        rig = self.rig = Rig(self.config, self.runtime)
+        self.stack.callback(lambda: rig.close(power_off=not self.leave_up))
+        builds = self.builds_reference_os
+        self.dut = Dut(self.rig, ssh_key=self.ssh_key,
+                       host_os=functools.partial(BalenaOS, reference=builds or None))
+        self.stack.callback(self.dut.os.close)
+        self.stack.callback(self.dut.ssh.close)
+        return self.dut
+
     def start(self, what: str = "") -> Dut:
         self.started = time.monotonic()
         try:
-            self.lock.acquire(self.options.rig_wait, what,
-                              on_wait=lambda m: log.warning("%s", m))
-            self.stack.callback(self.lock.release)
-            if self.config.emulator:
-                emu = importlib.import_module("hil.emu")
-                self.stack.enter_context(emu.start(self.config, self.runtime))
-            self.rig = Rig(self.config, self.runtime)
-            self.stack.callback(self.rig.close)
-            builds = self.builds_reference_os
-            self.dut = Dut(self.rig, ssh_key=self.ssh_key,
-                           host_os=functools.partial(BalenaOS, reference=builds or None))
-            self.stack.callback(self.dut.os.close)
-            self.stack.callback(self.dut.ssh.close)
+            self.open(what)
+            assert self.rig is not None and self.dut is not None
             if self.options.flash:
                 image, bmap = self.prepare_image()
                 self.rig.flash(image, bmap)
@@ -106,7 +114,11 @@ class HilSession:
             self.close()
             raise
 
-    def close(self) -> None:
+    def close(self, *, leave_up: bool = False) -> None:
+        """Undo everything ``open`` and ``start`` did: the board powered off, the mux released,
+        the lock free; ``leave_up`` (a bench command that ended well) leaves the board as it
+        is instead."""
+        self.leave_up = leave_up
         self.stack.close()
         if self.started is not None and self.ended is None:
             self.ended = time.monotonic()

@@ -156,6 +156,13 @@ class ConsoleLog:
             e = (self.end if end is None else min(end, self.end)) - self._base
             return bytes(self._buf[s:e])
 
+    def wait_beyond(self, offset: int, timeout: float) -> int:
+        """The log's end once it is past ``offset``, or after ``timeout`` seconds (an idle
+        console); for a reader that follows the stream as it comes (``hil console``)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.end > offset, timeout)
+            return self.end
+
     def text(self, start: int = 0, end: int | None = None) -> str:
         return self.read(start, end).decode("utf-8", errors="replace")
 

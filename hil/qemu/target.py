@@ -95,6 +95,9 @@ class QemuNetwork:
 
 
 class QemuPower:
+    # the board is this process's child: it cannot stay powered after the process ends
+    in_process = True
+
     def __init__(self, target: QemuTarget) -> None:
         self.t = target
 
