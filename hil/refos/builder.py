@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 FILES = Path(__file__).parent / "files"
 BUILD_LOCK_WAIT = 600.0  # another session building the same board's image
 EPOCH = 1704067200  # 2024-01-01: every timestamp in the image
-FLASHER_MARKER = "hil-flasher"  # on resin-boot: this image is an installer (rcS runs the flasher)
+FLASHER_MARKER = "hil-flasher"  # on resin-boot: this image is an installer (/sbin/init runs the flasher)
 MiB = 1 << 20
 
 # Partition layout, identical on both architectures (index: name, size). GRUB's core.img
@@ -120,7 +120,7 @@ ENABLED = {"systemd-journald.socket": "sockets.target",
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
 ROOTFS_MODULES = (*INITRD_MODULES, "overlay", "virtio_net", "vfat", "nls_cp437", "nls_ascii",
                   "nls_utf8", "i6300esb", "virtio_rng", "bridge", "veth")
-# loaded by rcS (overlay is loaded first, on its own); bridge and veth: the engine's network
+# loaded by /sbin/init (overlay is loaded first, on its own); bridge and veth: the engine's network
 MODULES_LOAD = ("virtio_net", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "i6300esb",
                 "virtio_rng", "bridge", "veth")
 HOST_TOOLS = ("e2fsprogs", "dosfstools", "mtools", "fdisk", "u-boot-tools", "grub-common",
@@ -210,7 +210,7 @@ class _Builder:
     def run(self) -> RefosImage:
         t0 = time.monotonic()
         kernel_pkg = debs.kernel_package(self.spec.deb_arch)
-        roots = [kernel_pkg, "busybox-static", *BINARIES, *PYTHON_STDLIB]
+        roots = [kernel_pkg, "busybox-static", "busybox", *BINARIES, *PYTHON_STDLIB]
         resolved = debs.resolve(roots, self.spec.deb_arch)
         libs = self._library_packages(resolved)
         resolved.update(debs.resolve(libs, self.spec.deb_arch))
@@ -362,8 +362,12 @@ class _Builder:
                             symlinks=True, dirs_exist_ok=True,
                             ignore=lambda _d, names: [n for n in names if n in PYTHON_SKIP])
         (root / "usr/lib/python3.11/lib-dynload").mkdir()  # python3 looks for it at start
-        # after the real binaries: an applet never shadows one (busybox has a mke2fs too)
-        fs.install_busybox(root, trees["busybox-static"])
+        # after the real binaries: an applet never shadows one (busybox has a mke2fs too).
+        # Debian's dynamic busybox, not busybox-static (the initramfs's): the static one's
+        # shell runs its own applets before any program on PATH, so `reboot` would be its
+        # applet, which signals init the way busybox init wants and systemd takes otherwise.
+        fs.install_busybox(root, trees["busybox"])
+        elfs.append(root / "bin/busybox")
         self._install_libraries(root, elfs, trees, interp_done)
 
         # kernel, modules (only those the OS loads, plus their dependencies)
