@@ -83,7 +83,7 @@ def test_first_boot_dev_mode(arch: str, images: Images, disk: Path, api: Registr
     assert api.api_key not in log and reg.device_api_key not in log
 
     # identity survives a reboot; registration is not repeated
-    g.run("reboot", check=False)
+    g.reboot()
     g.wait_boot()
     assert g.wait_ready() == ("1.0.0", uuid[:7])
     g.wait_prompt()
@@ -120,12 +120,12 @@ def test_production_mode_ssh_keys_and_runtime_config(
 def test_data_purge(disk: Path, guest_factory: GuestFactory) -> None:
     g = boot_dev(guest_factory, disk)
     g.run("echo keep > /data/app.txt && sync")
-    g.run("reboot", check=False)
+    g.reboot()
     g.wait_ready()
     g.wait_prompt()
     assert g.run("cat /data/app.txt") == "keep"
     g.run("rm /mnt/data/remove_me_to_reset && sync")
-    g.run("reboot", check=False)
+    g.reboot()
     g.wait_ready()
     g.wait_prompt()
     assert not g.exists("/data/app.txt")
