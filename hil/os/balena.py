@@ -65,14 +65,12 @@ UPDATE_BREAKS: dict[str, dict[bool, str]] = {
 ROOT_LABELS = ("resin-rootA", "resin-rootB")
 ENGINE = "balena-engine"  # balenaEngine's CLI on balenaOS (`balena` links to it)
 ENGINE_TCP_PORT = 2375  # the engine's API without TLS, in development mode only
-# balenaOS's units as the suites touch them, where the reference OS has no systemd: busybox
-# init restarts a unit's program when it exits, the engine's log is a file per run (the last
-# run's kept, with the watchdog's systemd lines), and its containerd is moby's own.
-RESTART = {"balena": "kill $(cat /var/run/balena-engine.pid)", "chronyd": "killall chronyd"}
-ENGINE_LOG = {False: "journalctl -u balena --no-pager -o cat",
-              True: "cat /var/log/balena-engine.log.1 /var/log/balena-engine.log 2>/dev/null"}
+# balena.service's log: the engine's own lines and systemd's about the unit
+ENGINE_LOG = "journalctl -u balena --no-pager -o cat"
+# the engine's containerd, by process name: balenaEngine's multi-call binary on balenaOS,
+# Debian's moby (the reference OS) runs containerd itself
 ENGINE_CONTAINERD = {False: "balena-engine-containerd", True: "containerd"}
-# the system log: journald's on balenaOS, busybox syslogd's file on the reference OS
+# the system log: journald's, or on an OS without it a syslog file or ring buffer
 SYSTEM_LOG = ("if command -v journalctl >/dev/null; then journalctl --no-pager -q -o short "
               "-n 5000; elif [ -f /var/log/messages ]; then cat /var/log/messages; "
               "else logread; fi")
@@ -95,13 +93,11 @@ class _Learned:
 # balenaOS applies config.json with config-json.service, started by a path unit on each write:
 # a write while it runs, or quick successive writes, hit systemd's start rate limit ("start
 # request repeated too quickly") and are not applied. As balenaOS's own tests do around each
-# write: wait until the unit is idle (30 s at most), then reset its failures. A no-op where
-# there is no systemd (the reference OS applies config.json with a watcher of its own).
+# write: wait until the unit is idle (30 s at most), then reset its failures.
 CONFIG_JSON_SETTLE = (
-    "if command -v systemctl >/dev/null 2>&1; then i=0; "
-    "while case $(systemctl is-active config-json.service) in active|activating) true;; "
+    "i=0; while case $(systemctl is-active config-json.service) in active|activating) true;; "
     "*) false;; esac && [ $i -lt 60 ]; do sleep 0.5; i=$((i+1)); done; "
-    "systemctl reset-failed config-json.service 2>/dev/null; fi; true")
+    "systemctl reset-failed config-json.service 2>/dev/null; true")
 
 
 class BalenaOS:
@@ -584,14 +580,8 @@ class BalenaOS:
 
     def restart_service(self, unit: str) -> None:
         """``systemctl restart UNIT`` (balena, chronyd), its drop-ins read again."""
-        if self.is_reference_os:
-            if unit not in RESTART:
-                raise ValueError(f"the reference OS restarts only {sorted(RESTART)}, not "
-                                 f"{unit!r}")
-            self.check(RESTART[unit], timeout=60)
-        else:
-            self.check(f"systemctl daemon-reload && systemctl restart {shlex.quote(unit)}",
-                       timeout=120)
+        self.check(f"systemctl daemon-reload && systemctl restart {shlex.quote(unit)}",
+                   timeout=120)
 
     def restart_engine(self) -> None:
         """Restart balena.service and wait until the new engine answers."""
@@ -600,7 +590,7 @@ class BalenaOS:
 
     def engine_log(self) -> str:
         """balena.service's log: the engine's own lines and systemd's about the unit."""
-        return self.check(ENGINE_LOG[self.is_reference_os], timeout=60, read_only=True)
+        return self.check(ENGINE_LOG, timeout=60, read_only=True)
 
     def hang_engine(self) -> None:
         """Stop (SIGSTOP) the engine's containerd: an engine that no longer answers, as

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 FILES = Path(__file__).parent / "files"
 BUILD_LOCK_WAIT = 600.0  # another session building the same board's image
 EPOCH = 1704067200  # 2024-01-01: every timestamp in the image
-FLASHER_MARKER = "hil-flasher"  # on resin-boot: this image is an installer (rcS runs the flasher)
+FLASHER_MARKER = "hil-flasher"  # on resin-boot: this image is an installer (/sbin/init runs the flasher)
 MiB = 1 << 20
 
 # Partition layout, identical on both architectures (index: name, size). GRUB's core.img
@@ -72,6 +72,10 @@ BINARIES: dict[str, dict[str, str]] = {
     "runc": {"usr/sbin/runc": f"{ENGINE_DIR}/runc"},
     "crun": {"usr/bin/crun": f"{ENGINE_DIR}/crun"},
     "tini": {"usr/bin/tini-static": f"{ENGINE_DIR}/docker-init"},
+    # init: Debian's systemd, its journal, and the programs units and scripts call
+    "systemd": {f"lib/systemd/{n}": f"lib/systemd/{n}"
+                for n in ("systemd", "systemd-journald", "systemd-shutdown")}
+    | {f"bin/{n}": f"bin/{n}" for n in ("systemctl", "journalctl", "systemd-notify")},
     # the supervisor stand-in (usr/lib/hil/supervisor.py) is a Python program
     "python3.11-minimal": {"usr/bin/python3.11": "usr/bin/python3"},
 }
@@ -86,12 +90,37 @@ PYTHON_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3
 # balenaEngine's commands are one program on balenaOS (usr/bin/balena-engine), so breaking it
 # breaks the daemon and containerd's CLI too, as a test of a broken engine expects
 LINKS = {"sbin/e2label": "tune2fs", "sbin/mkfs.ext4": "mke2fs",
+         **{f"sbin/{name}": "../bin/systemctl" for name in ("reboot", "poweroff", "halt",
+                                                             "shutdown")},
          **{f"usr/bin/{name}": "balena-engine"
             for name in ("balena", "balenad", "balena-engine-containerd-ctr")}}
+# systemd's own units the OS needs (its targets, journald, the shutdown path); the OS's units
+# are in files/rootfs/lib/systemd/system. Nothing else of Debian's: no udev, no logind.
+SYSTEMD_UNITS = (
+    "basic.target", "sysinit.target", "sockets.target", "timers.target", "paths.target",
+    "slices.target", "local-fs.target", "local-fs-pre.target", "multi-user.target",
+    "network.target", "network-pre.target", "network-online.target", "time-set.target",
+    "time-sync.target", "nss-lookup.target", "getty.target", "getty-pre.target",
+    "shutdown.target", "umount.target", "final.target", "reboot.target", "poweroff.target",
+    "halt.target", "systemd-reboot.service", "systemd-poweroff.service", "systemd-halt.service",
+    "systemd-journald.service", "systemd-journald.socket", "systemd-journald-dev-log.socket",
+    "systemd-journald-audit.socket", "systemd-journal-flush.service")
+# what starts at boot: unit -> the target that wants it (a template: its instance on the arch's
+# serial console)
+ENABLED = {"systemd-journald.socket": "sockets.target",
+           "systemd-journald-dev-log.socket": "sockets.target",
+           "systemd-journal-flush.service": "sysinit.target",
+           "rollback-altboot.service": "sysinit.target",
+           "getty.target": "multi-user.target",
+           "serial-getty@.service": "getty.target",
+           **{u: "multi-user.target" for u in (
+               "network-dhcp.service", "sshd.service", "dnsmasq.service", "chronyd.service",
+               "balena.service", "balena-supervisor.service", "config-json.path",
+               "rollback-health.service", "hil-provision.service", "hil-ready.service")}}
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
 ROOTFS_MODULES = (*INITRD_MODULES, "overlay", "virtio_net", "vfat", "nls_cp437", "nls_ascii",
                   "nls_utf8", "i6300esb", "virtio_rng", "bridge", "veth")
-# loaded by rcS (overlay is loaded first, on its own); bridge and veth: the engine's network
+# loaded by /sbin/init (overlay is loaded first, on its own); bridge and veth: the engine's network
 MODULES_LOAD = ("virtio_net", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "i6300esb",
                 "virtio_rng", "bridge", "veth")
 HOST_TOOLS = ("e2fsprogs", "dosfstools", "mtools", "fdisk", "u-boot-tools", "grub-common",
@@ -181,7 +210,7 @@ class _Builder:
     def run(self) -> RefosImage:
         t0 = time.monotonic()
         kernel_pkg = debs.kernel_package(self.spec.deb_arch)
-        roots = [kernel_pkg, "busybox-static", *BINARIES, *PYTHON_STDLIB]
+        roots = [kernel_pkg, "busybox-static", "busybox", *BINARIES, *PYTHON_STDLIB]
         resolved = debs.resolve(roots, self.spec.deb_arch)
         libs = self._library_packages(resolved)
         resolved.update(debs.resolve(libs, self.spec.deb_arch))
@@ -310,7 +339,8 @@ class _Builder:
                   "mnt/sysroot/active", "mnt/sysroot/inactive", "data", "home/root", "boot",
                   "var/lib", "etc/hil", "root"):
             (root / d).mkdir(parents=True, exist_ok=True)
-        for link, target in (("var/log", "../run/log"), ("var/run", "../run"),
+        for link, target in (("var/volatile", "../run/volatile"), ("var/log", "volatile/log"),
+                             ("var/run", "../run"),
                              ("var/lib/docker", "../../mnt/data/docker"),
                              ("var/tmp", "../tmp"), ("var/lock", "../run/lock"),
                              ("etc/mtab", "../proc/self/mounts")):
@@ -326,13 +356,18 @@ class _Builder:
                 elfs.append(dst)
         for link, target in LINKS.items():
             (root / link).symlink_to(target)
+        self._install_units(root / "lib/systemd/system", trees["systemd"])
         for pkg in PYTHON_STDLIB:
             shutil.copytree(trees[pkg] / "usr/lib/python3.11", root / "usr/lib/python3.11",
                             symlinks=True, dirs_exist_ok=True,
                             ignore=lambda _d, names: [n for n in names if n in PYTHON_SKIP])
         (root / "usr/lib/python3.11/lib-dynload").mkdir()  # python3 looks for it at start
-        # after the real binaries: an applet never shadows one (busybox has a mke2fs too)
-        fs.install_busybox(root, trees["busybox-static"])
+        # after the real binaries: an applet never shadows one (busybox has a mke2fs too).
+        # Debian's dynamic busybox, not busybox-static (the initramfs's): the static one's
+        # shell runs its own applets before any program on PATH, so `reboot` would be its
+        # applet, which signals init the way busybox init wants and systemd takes otherwise.
+        fs.install_busybox(root, trees["busybox"])
+        elfs.append(root / "bin/busybox")
         self._install_libraries(root, elfs, trees, interp_done)
 
         # kernel, modules (only those the OS loads, plus their dependencies)
@@ -366,6 +401,16 @@ class _Builder:
         (etc / "resolv.conf").write_text("")
         fs.normalize_modes(root)
         (root / "tmp").chmod(0o1777)
+
+    def _install_units(self, unitdir: Path, systemd_tree: Path) -> None:
+        for name in SYSTEMD_UNITS:
+            shutil.copy2(systemd_tree / "lib/systemd/system" / name, unitdir / name)
+        (unitdir / "default.target").symlink_to("multi-user.target")
+        for unit, target in ENABLED.items():
+            wants = unitdir / f"{target}.wants"
+            wants.mkdir(exist_ok=True)
+            instance = unit.replace("@.", f"@{self.spec.console}.")
+            (wants / instance).symlink_to(f"../{unit}")
 
     def _install_libraries(self, root: Path, elfs: list[Path], trees: dict[str, Path],
                            interp_done: set[str]) -> None:

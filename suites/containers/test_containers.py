@@ -31,6 +31,9 @@ VARIABLES = ("DEVICE_UUID", "DEVICE_TYPE", "DEVICE_NAME_AT_INIT", "APP_ID", "APP
 def test_engine_is_healthy_after_boot(host_os: HostOS, app_image: str) -> None:
     r = host_os.run("/usr/lib/balena/balena-healthcheck", timeout=300)
     assert r.ok, f"balena-healthcheck failed after boot (exit {r.exit_code}):\n{r.stdout[-2000:]}"
+    # and systemd's view, as balenaOS's own suite checks it
+    state = host_os.run("systemctl is-active balena.service").stdout.strip()
+    assert state == "active", f"balena.service is {state!r} after boot"
 
 
 def test_supervisor_is_healthy(host_os: HostOS, app_image: str) -> None:

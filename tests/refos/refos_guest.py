@@ -145,6 +145,11 @@ class Guest:
             raise AssertionError(f"`{cmd}` exited {rc}:\n{out}")
         return out
 
+    def reboot(self) -> None:
+        """``reboot`` at the console: systemd stops the shell before it could answer."""
+        assert self.proc is not None
+        self.proc.sendline("reboot")
+
     def exists(self, path: str) -> bool:
         return self.run(f"test -e {path} && echo yes || echo no") == "yes"
 

@@ -33,7 +33,7 @@ def wait_healthy(g: Guest, timeout: float = HEALTHY_TIMEOUT) -> float:
         g.run("sleep 1", check=False)
     raise AssertionError(f"balena-healthcheck did not pass within {timeout:.0f}s; last:\n"
                          f"{last}\n--- engine log ---\n"
-                         + g.run("tail -n 20 /var/log/balena-engine.log", check=False))
+                         + g.run("journalctl -u balena -n 20 --no-pager", check=False))
 
 
 def test_engine_runs_as_on_balenaos_and_its_health_check_sees_it_fail(
@@ -63,7 +63,7 @@ def test_engine_runs_as_on_balenaos_and_its_health_check_sees_it_fail(
     out = g.run("timeout 10 /usr/lib/balena/balena-healthcheck >/dev/null 2>&1; echo rc=$?",
                 timeout=30, check=False)
     assert out != "rc=0", "balena-healthcheck passed while the engine was stopped"
-    # killed, busybox init starts it again (balena.service's Restart=always)
+    # killed, systemd starts it again (balena.service's Restart=always)
     g.run("kill -CONT $(cat /var/run/balena-engine.pid); "
           "kill -KILL $(cat /var/run/balena-engine.pid)")
     wait_healthy(g)
@@ -72,15 +72,15 @@ def test_engine_runs_as_on_balenaos_and_its_health_check_sees_it_fail(
     # watchdog, shortened by a runtime drop-in as there, and comes back healthy
     g.run("mkdir -p /run/systemd/system/balena.service.d && printf '[Service]\\nWatchdogSec=20"
           "\\n' > /run/systemd/system/balena.service.d/watchdog.conf")
-    g.run("kill -TERM $(cat /var/run/balena-engine.pid)")  # the drop-in counts from a start
+    g.run("systemctl daemon-reload && systemctl restart balena")  # as balenaOS's test does
     wait_healthy(g)
     g.run("kill -STOP $(pidof containerd)")
     t0 = time.monotonic()
     fired = ""
     while not fired and time.monotonic() - t0 < WATCHDOG_TIMEOUT:
-        fired = g.run("grep -h 'Watchdog timeout (limit 20s)' /var/log/balena-engine.log "
-                      "/var/log/balena-engine.log.1 2>/dev/null; sleep 1", check=False)
+        fired = g.run("journalctl -u balena --no-pager | grep 'Watchdog timeout (limit 20s)'; "
+                      "sleep 1", check=False)
     assert fired, (f"the hung engine was not killed by its watchdog within "
                    f"{WATCHDOG_TIMEOUT:.0f}s:\n"
-                   + g.run("ps; tail -n 5 /var/log/balena-engine.log", check=False))
+                   + g.run("ps; journalctl -u balena -n 5 --no-pager", check=False))
     wait_healthy(g)

@@ -67,7 +67,7 @@ def test_good_update_commits(images: Images, disk: Path, guest_factory: GuestFac
     g = start_v1(guest_factory, disk, images.v2.rootfs)
     install(g, "2.0.0")
     g.run(shorten_health_check_command(count=15, timeout=5))  # its first wait only
-    g.run("reboot", check=False)
+    g.reboot()
 
     boot = g.wait_boot()
     assert boot == Boot(3, 3, 1, 1)
@@ -86,7 +86,7 @@ def test_good_update_commits(images: Images, disk: Path, guest_factory: GuestFac
     assert_data_intact(g)
 
     # committed: the next boot stays on the new root and does not count
-    g.run("reboot", check=False)
+    g.reboot()
     assert g.wait_boot() == Boot(3, 3, 0, 0)
     assert g.wait_ready()[0] == "2.0.0"
     g.wait_prompt()
@@ -98,7 +98,7 @@ def test_broken_init_rolls_back_through_bootcount(images: Images, disk: Path,
     g = start_v1(guest_factory, disk, images.v2.rootfs)
     install(g, "2.0.0")
     g.run(break_update_command("init", reference_os=True))  # as balenaOS's tests break it
-    g.run("reboot", check=False)
+    g.reboot()
 
     # the new root panics at init; each reset counts, the 4th boot (bootcount 4 > 3) falls back
     for count in (1, 2, 3):
@@ -128,7 +128,7 @@ def test_broken_health_rolls_back_through_health_check(images: Images, disk: Pat
     install(g, "2.0.0")
     g.run(break_update_command("health", reference_os=True))
     g.run(shorten_health_check_command(count=2, timeout=1))  # the new root's copy, as balenaOS's
-    g.run("reboot", check=False)
+    g.reboot()
 
     boot = g.wait_boot()
     assert boot == Boot(3, 3, 1, 1)

@@ -16,7 +16,11 @@ GRUBENV=$BOOT_MNT/grub/grubenv
 BOOTLIMIT=3
 
 is_mounted() { grep -q " $1 " /proc/mounts; }
-log() { echo "$(basename "$0"): $*" >&2; logger -t "$(basename "$0")" "$*" 2>/dev/null; }
+# to stderr, and to the journal: a unit's stderr is already there ($INVOCATION_ID: run by systemd)
+log() {
+    echo "$(basename "$0"): $*" >&2
+    [ -n "$INVOCATION_ID" ] || logger -t "$(basename "$0")" "$*" 2>/dev/null
+}
 # Messages for whoever watches the serial console (tests do).
 console() { echo "$*" > /dev/console 2>/dev/null || true; }
 
@@ -115,23 +119,17 @@ cfg_update() {
 os_version() { sed -n 's/^VERSION="\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "${1:-}/etc/os-release"; }
 
 # --- balenaEngine ---------------------------------------------------------------------------
-ENGINE_LOG=/var/log/balena-engine.log
-# engine_started SECONDS: wait until the engine's current run listens on its socket (what
-# systemd learns from balenad's READY=1), or give up after SECONDS.
+# engine_started SECONDS: wait until balena.service is active (balenad sent READY=1: its API
+# listens), or give up after SECONDS or when the unit failed (its start limit).
 engine_started() {
     i=0
     while [ "$i" -lt "$1" ]; do
-        grep -q 'API listen on /var/run/balena-engine.sock' "$ENGINE_LOG" 2>/dev/null && return 0
-        [ -e /run/hil/balena.failed ] && return 1  # the unit gave up (its start limit)
+        case $(systemctl is-active balena.service) in
+            active) return 0 ;;
+            failed) return 1 ;;
+        esac
         sleep 1
         i=$((i + 1))
     done
     return 1
-}
-
-# engine_restart: stop the engine (its containers stop with it); init starts it again, with
-# the settings of the moment (systemctl restart balena)
-engine_restart() {
-    [ -f /var/run/balena-engine.pid ] && kill "$(cat /var/run/balena-engine.pid)" 2>/dev/null
-    true
 }
