@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 FILES = Path(__file__).parent / "files"
 BUILD_LOCK_WAIT = 600.0  # another session building the same board's image
 EPOCH = 1704067200  # 2024-01-01: every timestamp in the image
-FLASHER_MARKER = "hil-flasher"  # on resin-boot: this image is an installer (/sbin/init runs the flasher)
+# on resin-boot: this image is an installer (/sbin/init runs the flasher)
+FLASHER_MARKER = "hil-flasher"
 MiB = 1 << 20
 
 # Partition layout, identical on both architectures (index: name, size). GRUB's core.img
