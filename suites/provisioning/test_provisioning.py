@@ -283,6 +283,25 @@ def test_dns_servers_reach_the_resolver(dut: Dut, host_os: HostOS) -> None:
 
 # --- identity over time ------------------------------------------------------------------------
 
+def test_persistent_logging_keeps_the_journal_across_a_reboot(dut: Dut,
+                                                              host_os: HostOS) -> None:
+    """balenaOS's own persistentLogging test: with the key true, the journal lives on
+    resin-state, and each reboot adds exactly one boot to ``journalctl --list-boots``."""
+    was = host_os.config_json().get("persistentLogging")
+    list_boots = "journalctl --list-boots --no-pager | wc -l"
+    host_os.set_config(persistentLogging=True)
+    try:
+        dut.reboot()  # the first boot that keeps its journal
+        before = int(host_os.check(list_boots, read_only=True))
+        dut.reboot()
+        after = int(host_os.check(list_boots, read_only=True))
+        assert after == before + 1, (
+            f"journalctl --list-boots went from {before} to {after} lines over one reboot "
+            "with persistentLogging true (the journal did not persist, or lost boots)")
+    finally:
+        host_os.set_config(persistentLogging=was)
+
+
 @pytest.fixture
 def before(dut: Dut, host_os: HostOS, hil_session: HilSession) -> Identity:
     wait_device_api_key(dut, host_os)
