@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 
 from hil import registry
 from hil.errors import ConfigError
+from hil.redact import is_secret_key
 from hil.registry import Settings
 
 if TYPE_CHECKING:
@@ -67,6 +68,17 @@ class SshSettings(Settings):
     user: str = Field("root", description="login on the console and over SSH")
     port: int = Field(22222, gt=0, lt=65536, description="the OS's SSH port")
     key: Path | None = Field(None, description="private key file; default: a generated one")
+    password: SecretStr | None = Field(None, description="the console login's password, typed "
+                                       "at `Password:` (never logged; prefer password_env)")
+    password_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                     description="the environment variable holding the console "
+                                     "login's password")
+
+    @model_validator(mode="after")
+    def _one_password(self) -> SshSettings:
+        if self.password is not None and self.password_env is not None:
+            raise ValueError("give password or password_env, not both")
+        return self
 
 
 class GpioLoopback(Settings):
@@ -100,6 +112,18 @@ class RigConfig:
 
     def has(self, feature: str) -> bool:
         return feature in self.features
+
+    def console_password(self) -> str | None:
+        """The console login's password (``ssh.password``, or the variable ``ssh.password_env``
+        names), None when the rig gives none."""
+        if self.ssh.password_env is not None:
+            value = os.environ.get(self.ssh.password_env)
+            if not value:
+                raise ConfigError(f"environment variable {self.ssh.password_env} (the console "
+                                  "password) is not set", file=str(self.source),
+                                  key="ssh.password_env")
+            return value
+        return self.ssh.password.get_secret_value() if self.ssh.password else None
 
 
 class _RigTop(Settings):
@@ -204,7 +228,8 @@ def _validation_error(exc: ValidationError, path: Path, lines: dict[tuple[Any, .
     elif err["type"] == "missing":
         msg = "required key is missing"
     given = err.get("input")
-    if err["type"] not in ("missing", "extra_forbidden") and not isinstance(given, dict | list):
+    if (err["type"] not in ("missing", "extra_forbidden") and not isinstance(given, dict | list)
+            and not any(is_secret_key(str(p)) for p in loc)):  # a bad password is not shown
         msg += f" (got {given!r})"
     more = len(exc.errors()) - 1
     if more:

@@ -71,7 +71,7 @@ def _summary(obj: Any) -> str:
 
 
 def reference() -> str:
-    from hil.config import Timeouts, _RigTop
+    from hil.config import SshSettings, Timeouts, _RigTop
     from hil.emu.bench import Bench
     from hil.emu.settings import ConsoleEmu, EmulatorSettings, PduEmu, RelayEmu
 
@@ -81,7 +81,7 @@ def reference() -> str:
            f"Besides these, each part ({parts}) is a mapping with a `driver:` key and that "
            "driver's settings (below).", "",
            *table(_RigTop, skip=registry.PARTS), "", "### `timeouts:`", "", *table(Timeouts),
-           ""]
+           "", "### `ssh:`", "", *table(SshSettings), ""]
     for part in registry.PARTS:
         names = [n for (p, n) in registry.BUILTIN if p == part]
         if not names:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from hil import redact
 from hil.config import Timeouts
 from hil.console.expect import ConsoleExpect
 from hil.console.log import PANIC_MARKER, RESTARTS, EventKind, StopEvent
@@ -33,7 +34,9 @@ class Dut:
                  host_os: Callable[[Dut], HostOS] = BalenaOS) -> None:
         """``host_os`` makes the OS adapter (``dut.os``) for this device."""
         self.rig = rig
-        self.shell = ConsoleShell(rig.console, user=rig.config.ssh.user)
+        password = rig.config.console_password()
+        redact.register(password)  # masked wherever it might show up (a console that echoes)
+        self.shell = ConsoleShell(rig.console, user=rig.config.ssh.user, password=password)
         # pexpect's expect/send on the console, for what the shell cannot do (a bootloader)
         self.console = ConsoleExpect(rig.console, timeout=rig.config.timeouts.command)
         self.ssh_key = ssh_key

@@ -70,6 +70,7 @@ class HilSession:
         self.dut: Dut | None = None
         self.image: Path | None = None
         self.device_config: dict[str, Any] = {}
+        self.as_is: str | None = None  # why the image was flashed unconfigured, if it was
         self.api: RegistrationServer | None = None  # when the session built the reference OS
         self.ssh_key, self.ssh_pub = ssh_keypair(self.runtime)
         self.started: float | None = None  # monotonic, at start()
@@ -180,9 +181,20 @@ class HilSession:
         return cfg
 
     def prepare_image(self) -> tuple[Path, Path | None]:
-        from hil.flash.configure import bmap_path, configure_image
+        from hil.flash.configure import bmap_path, boot_partition, configure_image
 
-        base, _ = self.base_image()
+        base, bmap = self.base_image()
+        if not self.builds_reference_os and self.options.config_json is None:
+            # Not a balenaOS image, and no config.json asked for: a porter's own image is
+            # flashed as it is (it gets no config.json, so no session SSH key either).
+            part, found = boot_partition(base)
+            if part is None:
+                self.as_is = (f"image {base} flashed as it is: no resin-boot or balena-boot "
+                              f"partition to configure (it is a {found}), and no --config-json "
+                              "asks for one; no config.json and no SSH key were put on it")
+                log.warning("%s", self.as_is)
+                self.image = base
+                return base, bmap
         self.device_config = self.device_config_for(self.builds_reference_os)
         extra_txt = list(self.config.device_type.config_txt)
         log.info("configuring %s with %s", base.name, redact.config(self.device_config))
@@ -196,6 +208,8 @@ class HilSession:
         if self.rig is None:
             return []
         lines = [f"rig {self.config.name} ({self.config.device_type.slug}) timeline:"]
+        if self.as_is:
+            lines.insert(0, self.as_is)
         for step in self.rig.timeline:
             lines.append(f"  {step.seconds:7.2f}s  {'ok ' if step.ok else 'ERR'} {step.name}"
                          + (f" — {redact.text(brief(step.detail))}" if step.detail else ""))

@@ -56,6 +56,8 @@ def write(tmp_path: Path, text: str) -> Path:
      "  bord: {}\n", 5, "emulator.bord", "unknown key"),
     ("device_type: generic-aarch64\ntarget: {driver: qemu}\nemulator:\n  relay:\n"
      "    channels: 9\n", 5, "emulator.relay.channels", "less than or equal to 8"),
+    ("device_type: generic-aarch64\ntarget: {driver: qemu}\nssh:\n  password: pw-123456\n"
+     "  password_env: PW\n", 3, "ssh", "give password or password_env, not both"),
     ("device_type: [\n", 2, None, "invalid YAML"),
     ("- a\n- b\n", 1, None, "expected a mapping"),
 ])
@@ -86,6 +88,26 @@ def test_emulator_section_loads_typed(tmp_path: Path) -> None:
     cfg = load_rig(str(write(tmp_path, rig + "emulator: {libvirtd: true}\n")))
     assert cfg.emulator is not None and cfg.emulator.libvirtd
     assert load_rig(str(write(tmp_path, rig + "emulator: {}\n"))).emulator is None  # starts nothing
+
+
+def test_the_console_password_comes_from_the_rig_file_or_its_variable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = "device_type: generic-aarch64\ntarget: {driver: qemu}\n"
+    assert load_rig(str(write(tmp_path, rig))).console_password() is None
+    inline = load_rig(str(write(tmp_path, rig + "ssh: {password: pw-in-file}\n")))
+    assert inline.console_password() == "pw-in-file"
+    assert "pw-in-file" not in repr(inline)  # a printed config shows no password
+    path = write(tmp_path, rig + "ssh: {user: porter, password_env: PORTER_PW}\n")
+    monkeypatch.setenv("PORTER_PW", "pw-in-env")
+    assert load_rig(str(path)).console_password() == "pw-in-env"
+    monkeypatch.delenv("PORTER_PW")
+    with pytest.raises(ConfigError, match=r"PORTER_PW \(the console password\) is not set") as err:
+        load_rig(str(path)).console_password()
+    assert str(err.value).startswith(f"{path}: ssh.password_env: ")
+    # a password the file gets wrong is named by its key, never shown
+    with pytest.raises(ConfigError, match=r"ssh\.password: Input should be a valid string") as err:
+        load_rig(str(write(tmp_path, rig + "ssh: {password: 73571337}\n")))
+    assert "73571337" not in str(err.value)
 
 
 def test_unknown_rig_name_lists_the_known_ones(tmp_path: Path,

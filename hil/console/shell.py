@@ -106,7 +106,7 @@ class ConsoleShell:
         end = t0 + timeout
         start = self.log.end
         nudged_at = -1
-        logged_in = False
+        logged_in = password_sent = False
         marker = re.escape(f"\x1eR{self._session}\x1f".encode())
         waiting = re.compile(PROMPT.pattern + b"|(" + marker + b")")
         # A shell we configured earlier in this boot has no prompt to show: resync it directly.
@@ -145,15 +145,21 @@ class ConsoleShell:
             if hit.groups[2]:  # a resync answered: the shell is configured
                 self._ready_at, self._configured_at, self._lost = self.log.end, self.log.end, None
                 return time.monotonic() - t0
+            if hit.groups[0] and password_sent:
+                raise InfraError(f"the console refused the login for {self.user!r} with the "
+                                 "rig's password (ssh.password or ssh.password_env in the rig "
+                                 "file)", part="console", tail=self.log.tail())
             if hit.groups[0] and not logged_in:
                 self.console.write(self.user.encode() + b"\n")
                 logged_in = True
             elif hit.groups[1]:
                 if self.password is None:
                     raise InfraError(f"console asks for a password for {self.user!r} and the rig "
-                                     "gives none (development images have none)", part="console",
-                                     tail=self.log.tail())
+                                     "gives none (development images have none; set "
+                                     "ssh.password_env or ssh.password in the rig file)",
+                                     part="console", tail=self.log.tail())
                 self.console.write(self.password.encode() + b"\n")
+                password_sent = True
             elif not hit.groups[0]:
                 break
         self._configure(end - time.monotonic())

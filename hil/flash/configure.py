@@ -23,7 +23,7 @@ from typing import Any
 from hil.cache import cache_dir
 from hil.errors import ConfigError, DeadlineError, InfraError
 from hil.flash.bmap import create_bmap, write_bmap
-from hil.flash.partitions import Partition, find_partition
+from hil.flash.partitions import Partition, find_partition, labelled
 from hil.flash.pipeline import CHUNK, nonzero_runs
 from hil.flash.source import open_source
 from hil.redact import redact, redact_text, secret_values
@@ -132,18 +132,20 @@ def _check_name(name: str) -> str:
 
 
 def _mtools(args: Sequence[str], image: Path, part: Partition, secrets: list[str],
-            check: bool = True) -> subprocess.CompletedProcess[bytes]:
+            shown: Path, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    """mtools on ``part`` of ``image`` (a copy of ``shown``, the file errors name)."""
     cmd = [args[0], "-i", f"{image}@@{part.start}", *args[1:]]
     env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
     try:
         result = subprocess.run(cmd, env=env, capture_output=True, timeout=MTOOLS_TIMEOUT)
     except subprocess.TimeoutExpired as exc:
-        raise DeadlineError(f"{args[0]} on {image}", "no exit", MTOOLS_TIMEOUT) from exc
+        raise DeadlineError(f"{args[0]} on a copy of {shown}", "no exit", MTOOLS_TIMEOUT
+                            ) from exc
     except FileNotFoundError as exc:
         raise InfraError(f"{args[0]} not found: install mtools", part="flash") from exc
     if check and result.returncode != 0:
         err = redact_text(result.stderr.decode(errors="replace").strip(), secrets)
-        raise InfraError(f"{' '.join(cmd[:1] + cmd[3:])} on {image} (partition "
+        raise InfraError(f"{' '.join(cmd[:1] + cmd[3:])} on a copy of {shown} (partition "
                          f"{part.number}) failed ({result.returncode}): {err}", part="flash")
     return result
 
@@ -163,25 +165,25 @@ def _merge_config_txt(old: str, lines: Sequence[str]) -> str:
 
 
 def _write_files(image: Path, part: Partition, files: Mapping[str, bytes],
-                 config_txt_lines: Sequence[str], secrets: list[str]) -> None:
+                 config_txt_lines: Sequence[str], secrets: list[str], *, shown: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="hil-configure-", dir=cache_dir("images")) as tmp:
         made: set[str] = set()
         for i, (name, data) in enumerate(sorted(files.items())):
             for parent in reversed(PurePosixPath(name).parents[:-1]):
                 if str(parent) not in made:
                     made.add(str(parent))
-                    if _mtools(["mdir", "-b", f"::{parent}"], image, part, secrets,
+                    if _mtools(["mdir", "-b", f"::{parent}"], image, part, secrets, shown,
                                check=False).returncode != 0:
-                        _mtools(["mmd", f"::{parent}"], image, part, secrets)
+                        _mtools(["mmd", f"::{parent}"], image, part, secrets, shown)
             local = Path(tmp) / str(i)
             _atomic_write(local, data, 0o600)  # may hold secrets: private to us, then gone
-            _mtools(["mcopy", "-o", str(local), f"::{name}"], image, part, secrets)
+            _mtools(["mcopy", "-o", str(local), f"::{name}"], image, part, secrets, shown)
         if config_txt_lines:
-            got = _mtools(["mtype", "::config.txt"], image, part, secrets, check=False)
+            got = _mtools(["mtype", "::config.txt"], image, part, secrets, shown, check=False)
             old = got.stdout.decode(errors="replace") if got.returncode == 0 else ""
             local = Path(tmp) / "config.txt"
             _atomic_write(local, _merge_config_txt(old, config_txt_lines).encode())
-            _mtools(["mcopy", "-o", str(local), "::config.txt"], image, part, secrets)
+            _mtools(["mcopy", "-o", str(local), "::config.txt"], image, part, secrets, shown)
 
 
 def _recipe_digest(config: Mapping[str, Any], files: Mapping[str, bytes],
@@ -218,14 +220,14 @@ def configure_image(image: str | os.PathLike[str], config: Mapping[str, Any], *,
         log.info("prepared image for %s is cached: %s", src, prepared)
     else:
         base = _base_image(src, digest)
+        part = find_partition(base, BOOT_LABELS, name=src)  # before copying: errors name src
         tmp = prepared.with_name(f".{prepared.name}.{os.getpid()}.tmp")
         try:
             copy_sparse(base, tmp)
-            part = find_partition(tmp, BOOT_LABELS)
             log.info("writing config.json (%s) and %d more files into %s of %s",
                      json.dumps(redact(dict(config)), sort_keys=True), len(files) - 1,
                      part.describe(), src)
-            _write_files(tmp, part, files, lines, secrets)
+            _write_files(tmp, part, files, lines, secrets, shown=src)
             # the base image's bmap no longer fits (the boot partition changed): make ours
             write_bmap(create_bmap(tmp), bmap_path(prepared))
             tmp.replace(prepared)
@@ -233,6 +235,16 @@ def configure_image(image: str | os.PathLike[str], config: Mapping[str, Any], *,
             tmp.unlink(missing_ok=True)
         prune_prepared(keep=KEEP_PREPARED)
     return _deliver(prepared, Path(out)) if out is not None else prepared
+
+
+def boot_partition(image: str | os.PathLike[str]) -> tuple[Partition | None, str]:
+    """The balena boot partition of ``image`` (any format the flasher reads), or None, and
+    what the image holds. A compressed image is decompressed into the cache, once: a
+    ``configure_image`` that follows starts from that copy."""
+    src = Path(image)
+    if not src.is_file():
+        raise ConfigError("image not found", file=str(src))
+    return labelled(_base_image(src, image_digest(src)), BOOT_LABELS, name=src)
 
 
 KEEP_PREPARED = 6  # each test session configures its own identity: keep the newest few

@@ -137,41 +137,56 @@ def _fat(fd: int, part: Partition) -> Partition:
                      "" if text == "NO NAME" else text)
 
 
-def read_partitions(image: str | os.PathLike[str]) -> tuple[str, list[Partition]]:
-    """("gpt" or "mbr", partitions with FAT labels) of a raw disk image."""
+def read_partitions(image: str | os.PathLike[str], *, name: str | os.PathLike[str] | None = None
+                    ) -> tuple[str, list[Partition]]:
+    """("gpt" or "mbr", partitions with FAT labels) of a raw disk image. Errors name ``name``
+    (the user's file, when ``image`` is its decompressed copy), else ``image``."""
     path = Path(image)
+    shown = Path(name) if name is not None else path
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         sector0 = _pread(fd, 512, 0)
         if len(sector0) < 512 or sector0[510:512] != b"\x55\xaa":
             raise ConfigError("no partition table (no MBR boot signature 55aa at byte 510)",
-                              file=str(path))
+                              file=str(shown))
         kind, parts = "gpt", None
         if any(t == 0xEE for t, _s, _n in _mbr_entries(sector0)):
             for sector in (512, 4096):
-                parts = _gpt(fd, sector, path)
+                parts = _gpt(fd, sector, shown)
                 if parts is not None:
                     break
             if parts is None:
                 raise ConfigError("protective MBR but no GPT header ('EFI PART')",
-                                  file=str(path))
+                                  file=str(shown))
         else:
-            kind, parts = "mbr", _mbr(fd, path, sector0)
+            kind, parts = "mbr", _mbr(fd, shown, sector0)
         return kind, [_fat(fd, p) for p in parts]
     finally:
         os.close(fd)
 
 
-def find_partition(image: str | os.PathLike[str], labels: tuple[str, ...]) -> Partition:
-    """The FAT partition whose GPT name or FAT label is one of ``labels`` (case-insensitive)."""
-    kind, parts = read_partitions(image)
+def labelled(image: str | os.PathLike[str], labels: tuple[str, ...], *,
+             name: str | os.PathLike[str] | None = None) -> tuple[Partition | None, str]:
+    """The partition whose GPT name or FAT label is one of ``labels`` (case-insensitive), or
+    None, and what the image holds (for messages). Errors name ``name``, else ``image``."""
+    kind, parts = read_partitions(image, name=name)
     wanted = {label.lower() for label in labels}
-    for p in parts:
-        if p.name.lower() in wanted or p.fs_label.lower() in wanted:
-            if not p.fs_type:
-                raise ConfigError(f"partition {p.describe()} is named like the boot partition "
-                                  "but holds no FAT filesystem", file=str(image))
-            return p
-    found = "; ".join(p.describe() for p in parts) or "no partitions"
-    raise ConfigError(f"no FAT partition named or labelled {' or '.join(labels)} in this "
-                      f"{kind.upper()} image; found: {found}", file=str(image))
+    found = (f"{kind.upper()} image with " + "; ".join(p.describe() for p in parts)
+             if parts else f"{kind.upper()} image with no partitions")
+    return next((p for p in parts if p.name.lower() in wanted or p.fs_label.lower() in wanted),
+                None), found
+
+
+def find_partition(image: str | os.PathLike[str], labels: tuple[str, ...], *,
+                   name: str | os.PathLike[str] | None = None) -> Partition:
+    """The FAT partition whose GPT name or FAT label is one of ``labels`` (case-insensitive).
+    Errors name ``name`` (the user's file), else ``image``."""
+    shown = str(name if name is not None else image)
+    part, found = labelled(image, labels, name=name)
+    if part is None:
+        raise ConfigError(f"no FAT partition named or labelled {' or '.join(labels)}; "
+                          f"found: {found}", file=shown)
+    if not part.fs_type:
+        raise ConfigError(f"partition {part.describe()} is named like the boot partition "
+                          "but holds no FAT filesystem", file=shown)
+    return part

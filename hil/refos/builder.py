@@ -244,40 +244,7 @@ class _Builder:
         return _image_from(json.loads(manifest.read_text()), out)
 
     def _library_packages(self, resolved: dict[str, debs.Deb]) -> list[str]:
-        """Packages that ship the shared libraries the binaries need (worked out once per set
-        of root package versions, then remembered)."""
-        ident = hashlib.sha256(json.dumps(
-            sorted((d.name, d.version) for d in resolved.values())).encode()).hexdigest()[:16]
-        memo = debs.debs_dir(self.spec.deb_arch) / f"closure-{ident}.json"
-        if memo.exists():
-            return list(json.loads(memo.read_text()))
-        arch = self.spec.deb_arch
-        paths = debs.fetch([resolved[n] for n in BINARIES], arch)
-        trees = {n: debs.extract(p) for n, p in paths.items()}
-        level = [trees[pkg] / rel for pkg, rels in BINARIES.items() for rel in rels]
-        pkgs: dict[str, Path] = {}
-        seen: set[str] = set()
-        while level:  # breadth first, so each level is one apt-get call
-            wanted: dict[str, str] = {}
-            for elf in level:
-                deps = debs.elf_deps(elf)
-                for soname in deps.needed if deps else ():
-                    if soname not in seen:
-                        seen.add(soname)
-                        wanted[soname] = debs.soname_package(soname)
-            new = sorted(set(wanted.values()) - set(pkgs))
-            if new:
-                got = debs.fetch(debs.resolve(new, arch).values(), arch)
-                pkgs.update({n: debs.extract(p) for n, p in got.items()})
-            level = []
-            for soname, pkg in sorted(wanted.items()):
-                lib = debs.find_in_tree(pkgs[pkg], soname)
-                if lib is None:
-                    raise RefosBuildError(f"{pkg} does not contain {soname}")
-                level.append(lib.resolve())
-        result = sorted(pkgs)
-        memo.write_text(json.dumps(result) + "\n")
-        return result
+        return library_packages(BINARIES, resolved, self.spec.deb_arch)
 
     def _key(self, resolved: dict[str, debs.Deb]) -> str:
         h = hashlib.sha256()
@@ -309,7 +276,7 @@ class _Builder:
 
         root = work / "root"
         self._stage_rootfs(root, trees, kernel_tree, kver)
-        initrd = self._initramfs(work / "initrd", trees["busybox-static"], kernel_tree, kver)
+        initrd = initramfs(work / "initrd", trees["busybox-static"], kernel_tree, kver)
         (root / "boot" / "initrd.img").write_bytes(initrd)
         (root / "boot" / "initrd.img").chmod(0o644)
         fs.clamp_times(root, EPOCH)
@@ -347,7 +314,6 @@ class _Builder:
                              ("etc/mtab", "../proc/self/mounts")):
             (root / link).symlink_to(target)
 
-        interp_done: set[str] = set()
         elfs: list[Path] = []
         for pkg, rels in BINARIES.items():
             for rel, dest in rels.items():
@@ -369,7 +335,7 @@ class _Builder:
         # applet, which signals init the way busybox init wants and systemd takes otherwise.
         fs.install_busybox(root, trees["busybox"])
         elfs.append(root / "bin/busybox")
-        self._install_libraries(root, elfs, trees, interp_done)
+        install_libraries(root, elfs, trees, self.spec.triplet)
 
         # kernel, modules (only those the OS loads, plus their dependencies)
         shutil.copy2(kernel_tree / "boot" / f"vmlinuz-{kver}",
@@ -412,61 +378,6 @@ class _Builder:
             wants.mkdir(exist_ok=True)
             instance = unit.replace("@.", f"@{self.spec.console}.")
             (wants / instance).symlink_to(f"../{unit}")
-
-    def _install_libraries(self, root: Path, elfs: list[Path], trees: dict[str, Path],
-                           interp_done: set[str]) -> None:
-        """Copy the dynamic loader and every needed shared library, transitively, to
-        /lib/<triplet>/<soname> (the loader's default search path on Debian)."""
-        libdir = root / "lib" / self.spec.triplet
-        libdir.mkdir(parents=True, exist_ok=True)
-        search = sorted(trees.items())
-        todo = list(elfs)
-        seen: set[str] = set()
-        while todo:
-            deps = debs.elf_deps(todo.pop())
-            if deps is None:
-                continue
-            if deps.interp and deps.interp not in interp_done:
-                interp_done.add(deps.interp)
-                src = _find_lib(search, Path(deps.interp).name)
-                target = libdir / Path(deps.interp).name
-                shutil.copy2(src.resolve(), target)
-                dst = root / deps.interp.lstrip("/")
-                if dst != target:
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    dst.symlink_to(os.path.relpath(target, dst.parent))
-            for soname in deps.needed:
-                if soname in seen:
-                    continue
-                seen.add(soname)
-                src = _find_lib(search, soname)
-                shutil.copy2(src.resolve(), libdir / soname)
-                todo.append(libdir / soname)
-
-    def _initramfs(self, work: Path, busybox_tree: Path, kernel_tree: Path, kver: str
-                   ) -> bytes:
-        work.mkdir(parents=True)
-        for d in ("bin", "sbin", "dev", "proc", "sys", "newroot", "etc", "lib/modules"):
-            (work / d).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(busybox_tree / "bin" / "busybox", work / "bin" / "busybox")
-        for applet in ("sh", "mount", "umount", "insmod", "sleep", "switch_root", "cat",
-                       "echo"):
-            (work / "bin" / applet).symlink_to("busybox")
-        shutil.copy2(FILES / "initramfs" / "init", work / "init")
-        (work / "init").chmod(0o755)
-        order = []
-        for rel in _module_closure(kernel_tree, kver, INITRD_MODULES):
-            if Path(rel).name.startswith("crc32c-intel"):
-                continue  # needs SSE4.2, which QEMU's default x86 CPU lacks; crc32c_generic does
-
-            name = Path(rel).name
-            shutil.copy2(kernel_tree / "lib" / "modules" / kver / rel,
-                         work / "lib" / "modules" / name)
-            order.append(name)
-        (work / "etc" / "modules.order").write_text("\n".join(order) + "\n")
-        fs.normalize_modes(work)
-        fs.clamp_times(work, EPOCH)
-        return fs.gzip_fixed(fs.cpio_newc(work, EPOCH, {"dev/console": (5, 1)}))
 
     def _disk(self, disk: Path, rootfs: Path, key: str, work: Path) -> None:
         parts = []
@@ -533,6 +444,104 @@ class _Builder:
 
             files.update(grub.boot_files(self.spec.console))
         return files
+
+
+def library_packages(binaries: dict[str, dict[str, str]], resolved: dict[str, debs.Deb],
+                     arch: str) -> list[str]:
+    """Packages that ship the shared libraries ``binaries`` (package -> {path in it: ...})
+    need (worked out once per set of root package versions, then remembered)."""
+    ident = hashlib.sha256(json.dumps(
+        [sorted((d.name, d.version) for d in resolved.values()),
+         sorted((k, sorted(v)) for k, v in binaries.items())]).encode()).hexdigest()[:16]
+    memo = debs.debs_dir(arch) / f"closure-{ident}.json"
+    if memo.exists():
+        return list(json.loads(memo.read_text()))
+    paths = debs.fetch([resolved[n] for n in binaries], arch)
+    trees = {n: debs.extract(p) for n, p in paths.items()}
+    level = [trees[pkg] / rel for pkg, rels in binaries.items() for rel in rels]
+    pkgs: dict[str, Path] = {}
+    seen: set[str] = set()
+    while level:  # breadth first, so each level is one apt-get call
+        wanted: dict[str, str] = {}
+        for elf in level:
+            deps = debs.elf_deps(elf)
+            for soname in deps.needed if deps else ():
+                if soname not in seen:
+                    seen.add(soname)
+                    wanted[soname] = debs.soname_package(soname)
+        new = sorted(set(wanted.values()) - set(pkgs))
+        if new:
+            got = debs.fetch(debs.resolve(new, arch).values(), arch)
+            pkgs.update({n: debs.extract(p) for n, p in got.items()})
+        level = []
+        for soname, pkg in sorted(wanted.items()):
+            lib = debs.find_in_tree(pkgs[pkg], soname)
+            if lib is None:
+                raise RefosBuildError(f"{pkg} does not contain {soname}")
+            level.append(lib.resolve())
+    result = sorted(pkgs)
+    memo.write_text(json.dumps(result) + "\n")
+    return result
+
+
+def install_libraries(root: Path, elfs: list[Path], trees: dict[str, Path],
+                      triplet: str) -> None:
+    """Copy the dynamic loader and every needed shared library, transitively, to
+    /lib/<triplet>/<soname> (the loader's default search path on Debian)."""
+    libdir = root / "lib" / triplet
+    interp_done: set[str] = set()
+    libdir.mkdir(parents=True, exist_ok=True)
+    search = sorted(trees.items())
+    todo = list(elfs)
+    seen: set[str] = set()
+    while todo:
+        deps = debs.elf_deps(todo.pop())
+        if deps is None:
+            continue
+        if deps.interp and deps.interp not in interp_done:
+            interp_done.add(deps.interp)
+            src = _find_lib(search, Path(deps.interp).name)
+            target = libdir / Path(deps.interp).name
+            shutil.copy2(src.resolve(), target)
+            dst = root / deps.interp.lstrip("/")
+            if dst != target:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.symlink_to(os.path.relpath(target, dst.parent))
+        for soname in deps.needed:
+            if soname in seen:
+                continue
+            seen.add(soname)
+            src = _find_lib(search, soname)
+            shutil.copy2(src.resolve(), libdir / soname)
+            todo.append(libdir / soname)
+
+
+def initramfs(work: Path, busybox_tree: Path, kernel_tree: Path, kver: str) -> bytes:
+    """The gzipped initramfs: busybox-static, the storage modules of ``INITRD_MODULES``, and
+    files/initramfs/init, which mounts ``root=`` read-only and runs its ``init=``."""
+    _depmod_once(kernel_tree, kver)
+    work.mkdir(parents=True)
+    for d in ("bin", "sbin", "dev", "proc", "sys", "newroot", "etc", "lib/modules"):
+        (work / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(busybox_tree / "bin" / "busybox", work / "bin" / "busybox")
+    for applet in ("sh", "mount", "umount", "insmod", "sleep", "switch_root", "cat",
+                   "echo"):
+        (work / "bin" / applet).symlink_to("busybox")
+    shutil.copy2(FILES / "initramfs" / "init", work / "init")
+    (work / "init").chmod(0o755)
+    order = []
+    for rel in _module_closure(kernel_tree, kver, INITRD_MODULES):
+        if Path(rel).name.startswith("crc32c-intel"):
+            continue  # needs SSE4.2, which QEMU's default x86 CPU lacks; crc32c_generic does
+
+        name = Path(rel).name
+        shutil.copy2(kernel_tree / "lib" / "modules" / kver / rel,
+                     work / "lib" / "modules" / name)
+        order.append(name)
+    (work / "etc" / "modules.order").write_text("\n".join(order) + "\n")
+    fs.normalize_modes(work)
+    fs.clamp_times(work, EPOCH)
+    return fs.gzip_fixed(fs.cpio_newc(work, EPOCH, {"dev/console": (5, 1)}))
 
 
 def _image_from(manifest: dict[str, object], out: Path) -> RefosImage:

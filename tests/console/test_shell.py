@@ -3,6 +3,7 @@ reboots and hangs."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -108,6 +109,37 @@ def test_logs_in_at_a_login_prompt(tmp_path: Path) -> None:
         sh = ConsoleShell(con)
         sh.wait_ready(10)
         assert sh.run("echo in").stdout == "in\n"
+    finally:
+        con.close()
+        line.close()
+
+
+# getty and login as a porter's image has them: the password typed without echo
+GETTY = ("while :; do printf 'porter login: '; read -r u; printf 'Password: '; stty -echo; "
+         "read -r p; stty echo; echo; [ \"$u\" = root ] && [ \"$p\" = pw-right ] && exec sh -i; "
+         "echo 'Login incorrect'; done")
+
+
+@pytest.mark.parametrize(("password", "error"), [
+    ("pw-right", None),
+    ("pw-wrong", "refused the login for 'root' with the rig's password"),
+    (None, "asks for a password for 'root' and the rig gives none"),
+])
+def test_logs_in_with_the_rigs_password(tmp_path: Path, password: str | None,
+                                        error: str | None) -> None:
+    line = ShellLine(tmp_path / "getty.sock", script=GETTY)
+    ctx = PartContext("fake", "console", tmp_path, load_device_type("generic-aarch64"))
+    con = SerialConsole(SerialSettings(url=f"unix://{line.path}"), ctx)
+    try:
+        con.attach(timeout=5)
+        sh = ConsoleShell(con, password=password)
+        if error is None:
+            sh.wait_ready(10)
+            assert sh.run("echo in").stdout == "in\n"
+        else:
+            with pytest.raises(InfraError, match=re.escape(error)):  # the rig's fault
+                sh.wait_ready(10)
+        assert b"pw-" not in con.log.read(0)  # typed at Password:, never echoed
     finally:
         con.close()
         line.close()

@@ -187,7 +187,7 @@ def test_secrets_stay_out_of_logs_and_errors(tmp_path: Path,
         f.truncate(8 * MiB)
     _run("sfdisk", "-q", str(no_boot), stdin="label: dos\nstart=2048, type=83\n")
     with pytest.raises(ConfigError, match=r"no FAT partition named or labelled resin-boot or "
-                       r"balena-boot.*found: p1 type 0x83") as err:
+                       r"balena-boot.*found: MBR image with p1 type 0x83") as err:
         configure_image(no_boot, CONFIG)
     for secret in SECRETS:
         assert secret not in caplog.text
@@ -212,3 +212,50 @@ def test_redact() -> None:
     assert shown["os"] == CONFIG["os"] and shown["uuid"] == CONFIG["uuid"]  # public stays
     text = redact_text(f"failed with {cfg['apiKey']} and K-77777 {pem}", secret_values(cfg))
     assert "SECRET" not in text and "K-77777" not in text and "b3BlbnNzaA" not in text
+
+
+def make_plain(path: Path) -> Path:
+    """A porter's image: one Linux partition, nothing balena about it."""
+    _tools()
+    with open(path, "wb") as f:
+        f.truncate(8 * MiB)
+    _run("sfdisk", "-q", str(path), stdin="label: dos\nstart=2048, type=83\n")
+    return path
+
+
+def test_an_image_without_a_boot_partition_is_named_as_the_user_gave_it(
+        tmp_path: Path, private_cache: Path) -> None:
+    raw = make_plain(tmp_path / "porter.img")
+    packed = tmp_path / "porter.img.zst"
+    packed.write_bytes(zstandard.ZstdCompressor().compress(raw.read_bytes()))
+    for image in (raw, packed):  # the compressed one is read from its copy in the cache
+        with pytest.raises(ConfigError, match="no FAT partition named") as err:
+            configure_image(image, CONFIG)
+        assert str(err.value).startswith(f"{image}: "), str(err.value)
+        assert str(private_cache) not in str(err.value)
+        part, found = configure.boot_partition(image)
+        assert part is None and found.startswith("MBR image with p1 type 0x83")
+    make_gpt(tmp_path / "gpt.img")
+    assert configure.boot_partition(tmp_path / "gpt.img")[0] is not None
+
+
+def test_a_session_flashes_an_image_without_a_boot_partition_as_it_is(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from hil.config import load_rig
+    from hil.session import HilSession, Options
+
+    monkeypatch.setenv("HIL_RUNTIME_DIR", str(tmp_path / "run"))
+    rig = load_rig(str(Path(__file__).resolve().parents[2] / "rigs" / "qemu-aarch64.yaml"))
+    image = make_plain(tmp_path / "porter.img")
+    session = HilSession(rig, Options(image=str(image)))
+    assert session.prepare_image() == (image, None)  # the user's file itself, untouched
+    assert session.as_is and session.as_is.startswith(f"image {image} flashed as it is")
+    assert session.as_is in caplog.text
+    # asking to configure it (a config.json) is an error naming the user's file
+    config_json = tmp_path / "config.json"
+    config_json.write_text(json.dumps({"deviceType": "generic-aarch64"}))
+    asked = HilSession(rig, Options(image=str(image), config_json=config_json))
+    with pytest.raises(ConfigError, match="no FAT partition named") as err:
+        asked.prepare_image()
+    assert str(err.value).startswith(f"{image}: ") and asked.as_is is None
