@@ -165,7 +165,7 @@ def _check_file_checksum(raw: bytes, expected: str, cs_type: str, source: str) -
                           "the file was edited or damaged", file=source)
 
 
-def _mapped_extents(fd: int, size: int, block_size: int) -> list[tuple[int, int]]:
+def data_extents(fd: int, size: int, block_size: int) -> list[tuple[int, int]]:
     """Allocated [first, last] block ranges from SEEK_DATA/SEEK_HOLE, rounded out to blocks."""
     blocks: list[tuple[int, int]] = []
     pos = 0
@@ -186,9 +186,39 @@ def _mapped_extents(fd: int, size: int, block_size: int) -> list[tuple[int, int]
     return blocks
 
 
+def _read(fd: int, view: memoryview, pos: int, end: int, path: Path) -> memoryview:
+    """The bytes at [pos, end), at most ``len(view)`` of them."""
+    n = os.preadv(fd, [view[: min(len(view), end - pos)]], pos)
+    if n <= 0:
+        raise InfraError(f"{path}: short read at offset {pos}", part="flash")
+    return view[:n]
+
+
+def _nonzero_blocks(fd: int, extent: tuple[int, int], block_size: int, size: int,
+                    view: memoryview, path: Path) -> list[tuple[int, int]]:
+    """The [first, last] block ranges of ``extent`` that hold a non-zero byte."""
+    from hil.flash.pipeline import nonzero_runs
+
+    spans: list[tuple[int, int]] = []
+    pos, end = extent[0] * block_size, min((extent[1] + 1) * block_size, size)
+    while pos < end:
+        data = _read(fd, view, pos, end, path)
+        for start, stop in nonzero_runs(data, pos, block_size):
+            first, last = start // block_size, (stop - 1) // block_size
+            if spans and spans[-1][1] + 1 == first:
+                spans[-1] = (spans[-1][0], last)
+            else:
+                spans.append((first, last))
+        pos += len(data)
+    return spans
+
+
 def create_bmap(image: str | os.PathLike[str], *, block_size: int = 4096,
-                checksum_type: str = "sha256") -> Bmap:
-    """Block map of a raw image file, from its holes; ranges carry checksums."""
+                checksum_type: str = "sha256", zero_blocks: bool = True) -> Bmap:
+    """Block map of a raw image file, from its holes; ranges carry checksums.
+    ``zero_blocks=False`` also leaves out allocated blocks that hold only zeros: the map then
+    depends on the content alone, not on how the host's filesystem stored the file (the same
+    map for the same bytes, as a reproducible build needs)."""
     path = Path(image)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -196,18 +226,18 @@ def create_bmap(image: str | os.PathLike[str], *, block_size: int = 4096,
         if size == 0:
             raise InfraError(f"{path}: empty image, nothing to map", part="flash")
         ranges: list[BmapRange] = []
-        buf = bytearray(4 << 20)
-        view = memoryview(buf)
-        for first, last in _mapped_extents(fd, size, block_size):
-            digest = hashlib.new(checksum_type)
-            pos, end = first * block_size, min((last + 1) * block_size, size)
-            while pos < end:
-                n = os.preadv(fd, [view[: min(len(buf), end - pos)]], pos)
-                if n <= 0:
-                    raise InfraError(f"{path}: short read at offset {pos}", part="flash")
-                digest.update(view[:n])
-                pos += n
-            ranges.append(BmapRange(first, last, digest.hexdigest()))
+        view = memoryview(bytearray(4 << 20))  # a multiple of any block size in use
+        for extent in data_extents(fd, size, block_size):
+            spans = ([extent] if zero_blocks
+                     else _nonzero_blocks(fd, extent, block_size, size, view, path))
+            for first, last in spans:
+                digest = hashlib.new(checksum_type)
+                pos, end = first * block_size, min((last + 1) * block_size, size)
+                while pos < end:
+                    data = _read(fd, view, pos, end, path)
+                    digest.update(data)
+                    pos += len(data)
+                ranges.append(BmapRange(first, last, digest.hexdigest()))
     finally:
         os.close(fd)
     return Bmap(size, block_size, tuple(ranges), checksum_type, "2.0", str(path))

@@ -1,7 +1,7 @@
 """Prepare a balenaOS image: put config.json (and friends) into its boot partition.
 
 No mounting and no root: the FAT boot partition is found by parsing the partition table
-(``partitions``) and written with mtools at its byte offset (``mcopy -i img@@offset``).
+(``partitions``) and written with mtools at its byte offset (``fat``).
 Results are cached by content: (image digest, configuration digest) -> prepared image, so a
 rerun does no work. The image digest is remembered per (path, size, mtime, inode), so an
 unchanged input is not even re-read. Compressed inputs are decompressed once into the cache.
@@ -14,24 +14,22 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from hil.cache import cache_dir
-from hil.errors import ConfigError, DeadlineError, InfraError
+from hil.errors import ConfigError, InfraError
+from hil.flash import fat
 from hil.flash.bmap import create_bmap, write_bmap
 from hil.flash.partitions import Partition, find_partition, labelled
 from hil.flash.pipeline import CHUNK, nonzero_runs
 from hil.flash.source import open_source
-from hil.redact import redact, redact_text, secret_values
+from hil.redact import redact, secret_values
 
 log = logging.getLogger(__name__)
 
 BOOT_LABELS = ("resin-boot", "balena-boot")
-MTOOLS_TIMEOUT = 60.0
 RECIPE_VERSION = 1  # bump when the preparation changes, so old cache entries are not reused
 
 
@@ -131,25 +129,6 @@ def _check_name(name: str) -> str:
     return str(p)
 
 
-def _mtools(args: Sequence[str], image: Path, part: Partition, secrets: list[str],
-            shown: Path, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-    """mtools on ``part`` of ``image`` (a copy of ``shown``, the file errors name)."""
-    cmd = [args[0], "-i", f"{image}@@{part.start}", *args[1:]]
-    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
-    try:
-        result = subprocess.run(cmd, env=env, capture_output=True, timeout=MTOOLS_TIMEOUT)
-    except subprocess.TimeoutExpired as exc:
-        raise DeadlineError(f"{args[0]} on a copy of {shown}", "no exit", MTOOLS_TIMEOUT
-                            ) from exc
-    except FileNotFoundError as exc:
-        raise InfraError(f"{args[0]} not found: install mtools", part="flash") from exc
-    if check and result.returncode != 0:
-        err = redact_text(result.stderr.decode(errors="replace").strip(), secrets)
-        raise InfraError(f"{' '.join(cmd[:1] + cmd[3:])} on a copy of {shown} (partition "
-                         f"{part.number}) failed ({result.returncode}): {err}", part="flash")
-    return result
-
-
 def _merge_config_txt(old: str, lines: Sequence[str]) -> str:
     """Append missing lines under an [all] section, so a preceding [pi4] filter cannot scope
     them; later settings override earlier ones in config.txt."""
@@ -166,24 +145,18 @@ def _merge_config_txt(old: str, lines: Sequence[str]) -> str:
 
 def _write_files(image: Path, part: Partition, files: Mapping[str, bytes],
                  config_txt_lines: Sequence[str], secrets: list[str], *, shown: Path) -> None:
-    with tempfile.TemporaryDirectory(prefix="hil-configure-", dir=cache_dir("images")) as tmp:
-        made: set[str] = set()
-        for i, (name, data) in enumerate(sorted(files.items())):
-            for parent in reversed(PurePosixPath(name).parents[:-1]):
-                if str(parent) not in made:
-                    made.add(str(parent))
-                    if _mtools(["mdir", "-b", f"::{parent}"], image, part, secrets, shown,
-                               check=False).returncode != 0:
-                        _mtools(["mmd", f"::{parent}"], image, part, secrets, shown)
-            local = Path(tmp) / str(i)
-            _atomic_write(local, data, 0o600)  # may hold secrets: private to us, then gone
-            _mtools(["mcopy", "-o", str(local), f"::{name}"], image, part, secrets, shown)
+    files = dict(files)
+    try:
         if config_txt_lines:
-            got = _mtools(["mtype", "::config.txt"], image, part, secrets, shown, check=False)
-            old = got.stdout.decode(errors="replace") if got.returncode == 0 else ""
-            local = Path(tmp) / "config.txt"
-            _atomic_write(local, _merge_config_txt(old, config_txt_lines).encode())
-            _mtools(["mcopy", "-o", str(local), "::config.txt"], image, part, secrets, shown)
+            # over an extra config.txt if one is given, else over the image's own
+            old = (files["config.txt"] if "config.txt" in files
+                   else fat.read_file(image, part, "config.txt"))
+            text = old.decode(errors="replace") if old is not None else ""
+            files["config.txt"] = _merge_config_txt(text, config_txt_lines).encode()
+        fat.write_files(image, part, files, secrets=secrets, scratch=cache_dir("images"))
+    except InfraError as exc:
+        raise InfraError(f"{exc.message} (the configured copy of {shown})", part="flash",
+                         tail=exc.tail) from exc
 
 
 def _recipe_digest(config: Mapping[str, Any], files: Mapping[str, bytes],

@@ -1,4 +1,5 @@
-"""Partition tables (MBR with logical partitions, GPT) and FAT volume labels, in pure Python.
+"""Partition tables (MBR with logical partitions, GPT) and FAT volume labels, read in pure
+Python; a GPT written with sfdisk (``write_gpt``, for the images we build).
 
 Enough to find a balenaOS boot partition (``resin-boot``/``balena-boot``: the GPT partition name
 or the FAT label) inside an image file without loop devices, root or kernel partition support.
@@ -8,11 +9,13 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hil.errors import ConfigError
+from hil.errors import ConfigError, InfraError
 
 EXTENDED_TYPES = {0x05, 0x0F, 0x85}
 
@@ -190,3 +193,53 @@ def find_partition(image: str | os.PathLike[str], labels: tuple[str, ...], *,
         raise ConfigError(f"partition {part.describe()} is named like the boot partition "
                           "but holds no FAT filesystem", file=shown)
     return part
+
+
+@dataclass(frozen=True)
+class GptEntry:
+    """One partition to create: sizes and offsets in bytes, multiples of 512."""
+
+    name: str
+    size: int | None  # None: the rest of the disk
+    type_guid: str
+    uuid: str
+    start: int | None = None  # None: after the previous one
+    attrs: str = ""  # sfdisk's names, e.g. "LegacyBIOSBootable"
+
+
+SFDISK_TIMEOUT = 60.0
+
+
+def write_gpt(disk: Path, size: int, disk_guid: str, entries: Sequence[GptEntry]
+              ) -> list[Partition]:
+    """Create ``disk`` (a sparse file of ``size`` bytes) holding a GPT with ``entries``; the
+    same bytes for the same arguments. Returns the partitions as ``read_partitions`` sees them.
+    """
+    disk.unlink(missing_ok=True)
+    with disk.open("wb") as f:
+        f.truncate(size)
+    lines = ["label: gpt", f"label-id: {disk_guid}", "unit: sectors", "first-lba: 34", ""]
+    for e in entries:
+        fields = []
+        if e.start is not None:
+            fields.append(f"start={e.start // 512}")
+        if e.size is not None:
+            fields.append(f"size={e.size // 512}")
+        fields += [f"type={e.type_guid}", f"uuid={e.uuid}", f'name="{e.name}"']
+        if e.attrs:
+            fields.append(f'attrs="{e.attrs}"')
+        lines.append(", ".join(fields))
+    try:
+        proc = subprocess.run(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", str(disk)],
+                              input=("\n".join(lines) + "\n").encode(), capture_output=True,
+                              timeout=SFDISK_TIMEOUT, check=False)
+    except FileNotFoundError as exc:
+        raise InfraError("sfdisk not found: install fdisk", part="flash") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise InfraError(f"sfdisk on {disk} did not end in {SFDISK_TIMEOUT:.0f} s",
+                         part="flash") from exc
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip()[-800:]
+        raise InfraError(f"sfdisk could not write the GPT of {disk} ({proc.returncode}): {err}",
+                         part="flash")
+    return read_partitions(disk)[1]

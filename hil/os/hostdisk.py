@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from hil.os import parse
 
 if TYPE_CHECKING:
+    from hil.flash.partitions import Partition
     from hil.rig import Rig
 
 EXT4_MAGIC = 0xEF53
@@ -111,11 +112,17 @@ def partition(disk: Path, *labels: str) -> DiskPartition:
                             f"(partitions: {found})")
 
 
-def read_boot_file(disk: Path, name: str) -> bytes | None:
-    from hil.refos.fs import read_fat_file
+def _boot(disk: Path) -> Partition:
+    from hil.flash.partitions import read_partitions
 
-    boot = partition(disk, "resin-boot", "balena-boot")
-    return read_fat_file(disk, boot.offset, name)
+    number = partition(disk, "resin-boot", "balena-boot").number
+    return next(p for p in read_partitions(disk)[1] if p.number == number)
+
+
+def read_boot_file(disk: Path, name: str) -> bytes | None:
+    from hil.flash import fat
+
+    return fat.read_file(disk, _boot(disk), name)
 
 
 def boot_state(disk: Path, bootloader: str) -> parse.BootState:
@@ -138,10 +145,9 @@ def boot_state(disk: Path, bootloader: str) -> parse.BootState:
 def write_boot_file(disk: Path, name: str, data: bytes) -> None:
     import time
 
-    from hil.refos.fs import write_fat_files
+    from hil.flash import fat
 
-    boot = partition(disk, "resin-boot", "balena-boot")
-    write_fat_files(disk, boot.offset, {name: data}, epoch=int(time.time()))
+    fat.write_files(disk, _boot(disk), {name: data}, epoch=int(time.time()))
 
 
 def _copy_range(src: Path, offset: int, size: int, dst: Path) -> None:

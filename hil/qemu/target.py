@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -77,6 +78,49 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def board_firmware(s: QemuSettings, arch: str) -> Path | None:
+    """The ``-bios`` file: the rig's, else the default one (none for a direct kernel boot)."""
+    return s.firmware or (None if s.kernel else default_firmware(arch, bootdelay=s.bootdelay))
+
+
+def disk_drive(path: Path, node: str) -> list[str]:
+    """A disk file QEMU writes into the host's page cache (``write_cache: host``)."""
+    # nothing is lost at a power cut either way: flushes to the page cache buy nothing
+    return ["-drive", f"file={path},format=raw,if=none,id={node},cache=unsafe"]
+
+
+def qemu_command(s: QemuSettings, arch: str, *, binary: str, firmware: Path | None,
+                 drive: Sequence[str], console: Sequence[str], ssh_port: int | None,
+                 monitor: Sequence[str] = ()) -> list[str]:
+    """The QEMU command line of a board with settings ``s``: the one place it is made, for
+    the rigs and for booting an image by hand (``hil refos qemu-cmd``). ``drive`` defines the
+    block node ``disk0`` (the board's disk), ``console`` the serial port, ``monitor`` QMP;
+    ``ssh_port`` is forwarded from 127.0.0.1 to the guest's SSH (None: no forward)."""
+    aarch64 = arch == "aarch64"
+    tcg = f"tcg,tb-size={s.tb_size}" if s.tb_size else "tcg"
+    fwd = f",hostfwd=tcp:127.0.0.1:{ssh_port}-:{s.ssh_port}" if ssh_port else ""
+    cmd = [binary, "-accel", tcg, "-nodefaults", "-no-user-config",
+           "-display", "none", "-m", str(s.memory), "-smp", str(s.smp),
+           # acpi=off: with a device tree QEMU's virt board also gets its pl061 GPIO
+           "-M", s.machine or ("virt,acpi=off" if aarch64 else "pc"),
+           "-cpu", s.cpu or ("cortex-a53" if aarch64 else "qemu64"),
+           *monitor, *console,
+           "-netdev", f"user,id=net0{fwd}",
+           "-device", "virtio-net-pci,netdev=net0",
+           *drive, "-device", "virtio-blk-pci,drive=disk0",
+           "-device", "virtio-rng-pci"]
+    if firmware:
+        cmd += ["-bios", str(firmware)]
+    if s.kernel:
+        cmd += ["-kernel", str(s.kernel)]
+        if s.initrd:
+            cmd += ["-initrd", str(s.initrd)]
+        cmd += ["-append", s.append or ("console=ttyAMA0" if aarch64 else "console=ttyS0")]
+    for dev in s.devices:
+        cmd += ["-device", dev]
+    return cmd + s.extra_args
 
 
 class QemuNetwork:
@@ -155,41 +199,21 @@ class QemuTarget:
             raise InfraError(f"qemu-system-{self.arch} is not installed (apt package "
                              f"qemu-system-{'arm' if self.arch == 'aarch64' else 'x86'})",
                              part="target", rig=self.ctx.rig)
-        aarch64 = self.arch == "aarch64"
-        tcg = f"tcg,tb-size={s.tb_size}" if s.tb_size else "tcg"
-        cmd = [self.binary, "-accel", tcg, "-nodefaults", "-no-user-config",
-               "-display", "none", "-m", str(s.memory), "-smp", str(s.smp),
-               # acpi=off: with a device tree QEMU's virt board also gets its pl061 GPIO
-               "-M", s.machine or ("virt,acpi=off" if aarch64 else "pc"),
-               "-cpu", s.cpu or ("cortex-a53" if aarch64 else "qemu64"),
-               "-qmp", f"unix:{self.qmp_sock},server=on,wait=off",
-               "-chardev", f"socket,id=con0,path={self.console_sock},server=on,wait=on",
-               "-serial", "chardev:con0",
-               "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:{s.ssh_port}",
-               "-device", "virtio-net-pci,netdev=net0",
-               *self._drive("disk0"), "-device", "virtio-blk-pci,drive=disk0",
-               "-device", "virtio-rng-pci"]
-        firmware = s.firmware or (None if s.kernel else
-                                   default_firmware(self.arch, bootdelay=s.bootdelay))
-        if firmware:
-            if not firmware.is_file():
-                raise InfraError(f"firmware {firmware} not found (apt package u-boot-qemu)",
-                                 part="target", rig=self.ctx.rig)
-            cmd += ["-bios", str(firmware)]
-        if s.kernel:
-            cmd += ["-kernel", str(s.kernel)]
-            if s.initrd:
-                cmd += ["-initrd", str(s.initrd)]
-            cmd += ["-append", s.append or ("console=ttyAMA0" if aarch64 else "console=ttyS0")]
-        for dev in s.devices:
-            cmd += ["-device", dev]
-        return cmd + s.extra_args
+        firmware = board_firmware(s, self.arch)
+        if firmware and not firmware.is_file():
+            raise InfraError(f"firmware {firmware} not found (apt package u-boot-qemu)",
+                             part="target", rig=self.ctx.rig)
+        return qemu_command(
+            s, self.arch, binary=self.binary, firmware=firmware, drive=self._drive("disk0"),
+            ssh_port=self.ssh_port,
+            console=["-chardev", f"socket,id=con0,path={self.console_sock},server=on,wait=on",
+                     "-serial", "chardev:con0"],
+            monitor=["-qmp", f"unix:{self.qmp_sock},server=on,wait=off"])
 
     def _drive(self, node: str) -> list[str]:
         if self.write_cache is not None:
             return self.write_cache.drive(node)
-        # nothing is lost at a power cut either way: flushes to the page cache buy nothing
-        return ["-drive", f"file={self.storage.path},format=raw,if=none,id={node},cache=unsafe"]
+        return disk_drive(self.storage.path, node)
 
     # --- power ----------------------------------------------------------------------------------
     @property

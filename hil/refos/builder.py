@@ -25,6 +25,9 @@ from pathlib import Path
 
 from hil.cache import cache_dir
 from hil.errors import HilError
+from hil.flash import fat
+from hil.flash.bmap import create_bmap, write_bmap
+from hil.flash.partitions import GptEntry, write_gpt
 from hil.lock import HostLock
 from hil.refos import debs, fs
 
@@ -253,12 +256,15 @@ class _Builder:
             "packages": sorted((d.name, d.version, d.arch) for d in resolved.values()),
             "host": _host_tool_versions(),
         }, sort_keys=True).encode())
-        here = Path(__file__).parent
+        package = Path(__file__).parent.parent  # hil/
         sources = [*sorted(p for p in FILES.rglob("*") if p.is_file()),
-                   *(here / n for n in ("builder.py", "fs.py", "debs.py", "grub.py",
-                                        "appimage.py"))]
+                   *(package / "refos" / n for n in ("builder.py", "fs.py", "debs.py",
+                                                     "grub.py", "appimage.py")),
+                   # the image's partition table, boot partition and bmap are written there
+                   *(package / "flash" / n for n in ("partitions.py", "fat.py", "bmap.py",
+                                                     "pipeline.py"))]
         for path in sources:
-            h.update(str(path.relative_to(Path(__file__).parent)).encode() + b"\0")
+            h.update(str(path.relative_to(package)).encode() + b"\0")
             h.update(path.read_bytes() + b"\0")
         return h.hexdigest()
 
@@ -287,7 +293,7 @@ class _Builder:
         disk = stage / "disk.img"
         self._disk(disk, rootfs, key, work)
         bmap = stage / "disk.img.bmap"
-        fs.write_bmap(disk, bmap)
+        write_bmap(create_bmap(disk, zero_blocks=False), bmap)
         uboot_env = None
         if self.spec.bootloader == "uboot":
             uboot_env = stage / "uboot-env.bin"
@@ -380,23 +386,22 @@ class _Builder:
             (wants / instance).symlink_to(f"../{unit}")
 
     def _disk(self, disk: Path, rootfs: Path, key: str, work: Path) -> None:
-        parts = []
+        entries = []
         start = BOOT_START
         for i, (name, size) in enumerate(LAYOUT, start=1):
             ptype = GPT_FAT if name == "resin-boot" else GPT_LINUX
-            parts.append(fs.Partition(name, size, ptype, self._uuid(key, f"part{i}"), start,
-                                      "LegacyBIOSBootable" if i == 1 else ""))
+            entries.append(GptEntry(name, size, ptype, self._uuid(key, f"part{i}"), start,
+                                    "LegacyBIOSBootable" if i == 1 else ""))
             start += size or 0
         if self.spec.bootloader == "grub":
-            parts.append(fs.Partition("bios_grub", BIOS_GRUB[1], GPT_BIOS_GRUB,
-                                      self._uuid(key, "part6"), BIOS_GRUB[0]))
-        placed = {p.index: p for p in fs.write_gpt(disk, DISK_SIZE, self._uuid(key, "disk"),
-                                                   parts)}
+            entries.append(GptEntry("bios_grub", BIOS_GRUB[1], GPT_BIOS_GRUB,
+                                    self._uuid(key, "part6"), BIOS_GRUB[0]))
+        placed = {p.number: p for p in write_gpt(disk, DISK_SIZE, self._uuid(key, "disk"),
+                                                 entries)}
         boot = placed[1]
-        fs.mkfat(disk, boot.offset, boot.size, label="resin-boot",
-                 volid=self._uuid(key, "boot")[:8], epoch=EPOCH,
-                 files=self._boot_files(work))
-        fs.copy_into(rootfs, disk, placed[2].offset)
+        fat.make_fat(disk, boot, label="resin-boot", volume_id=self._uuid(key, "boot")[:8])
+        fat.write_files(disk, boot, self._boot_files(work), epoch=EPOCH)
+        fs.copy_into(rootfs, disk, placed[2].start)
         for index, label, journal in ((3, "resin-rootB", False), (4, "resin-state", True),
                                       (5, "resin-data", True)):
             img = work / f"p{index}.img"
@@ -410,12 +415,12 @@ class _Builder:
                 fs.clamp_times(src, EPOCH)
             fs.mkext4(img, placed[index].size, label=label, uuid=self._uuid(key, label),
                       epoch=EPOCH, src=src, journal=journal)
-            fs.copy_into(img, disk, placed[index].offset)
+            fs.copy_into(img, disk, placed[index].start)
             img.unlink()
         if self.spec.bootloader == "grub":
             from hil.refos import grub
 
-            grub.install(disk, core_offset=placed[6].offset, core_size=placed[6].size,
+            grub.install(disk, core_offset=placed[6].start, core_size=placed[6].size,
                          work=work)
 
     def _boot_files(self, work: Path) -> dict[str, bytes]:

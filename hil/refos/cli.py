@@ -51,7 +51,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                    help="provisioning key: read from this file, or created (mode 600)")
     p.set_defaults(func=_serve_api)
 
-    p = cmds.add_parser("qemu-cmd", help="print the QEMU command line that boots an image")
+    p = cmds.add_parser("qemu-cmd", help="print the QEMU command line that boots an image on "
+                          "the qemu-<arch> rig's board")
     p.add_argument("disk", type=Path)
     p.add_argument("--arch", choices=sorted(ARCHES), default="aarch64")
     p.add_argument("--ssh-port", type=int, default=None,

@@ -1,23 +1,22 @@
-"""Filesystem and disk writers that need neither root nor loop devices, and give the same bytes
-for the same inputs (fixed timestamps, UUIDs and hash seeds; sorted file lists)."""
+"""Filesystem writers of the reference OS builder (ext4, the initramfs's cpio) that need neither
+root nor loop devices, and give the same bytes for the same inputs (fixed timestamps, UUIDs and
+hash seeds; sorted file lists). The partition table, the FAT boot partition and the bmap are
+written by hil.flash (partitions, fat, bmap), as for any image."""
 
 from __future__ import annotations
 
 import gzip
-import hashlib
-import json
 import os
 import shutil
 import stat
 import subprocess
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from hil.errors import HilError
+from hil.flash.bmap import data_extents
+from hil.flash.pipeline import nonzero_runs
 
-SECTOR = 512
 BLOCK = 4096
 
 
@@ -137,190 +136,23 @@ def mkext4(img: Path, size: int, *, label: str, uuid: str, epoch: int, src: Path
             input=("\n".join(cmds) + "\n").encode())
 
 
-# --- FAT -----------------------------------------------------------------------------------
-
-def mkfat(disk: Path, offset: int, size: int, *, label: str, volid: str, epoch: int,
-          files: Mapping[str, bytes]) -> None:
-    """FAT16 at byte ``offset`` inside ``disk``, holding ``files`` (path -> content)."""
-    run(["mkfs.fat", "-F", "16", "-n", label, "-i", volid, "--invariant",
-         f"--offset={offset // SECTOR}", str(disk), str(size // 1024)])
-    write_fat_files(disk, offset, files, epoch=epoch)
-
-
-def _mtools_env(epoch: int) -> dict[str, str]:
-    return {"MTOOLS_SKIP_CHECK": "1", "SOURCE_DATE_EPOCH": str(epoch), "TZ": "UTC",
-            "MTOOLS_NO_VFAT": "0"}
-
-
-def write_fat_files(disk: Path, offset: int, files: Mapping[str, bytes], *, epoch: int,
-                    scratch: Path | None = None) -> None:
-    """Create or replace files on the FAT at ``offset`` (directories made as needed)."""
-    env = _mtools_env(epoch)
-    target = f"{disk}@@{offset}"
-    made: set[str] = set()
-    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-        for i, (name, content) in enumerate(sorted(files.items())):
-            parts = name.strip("/").split("/")
-            for depth in range(1, len(parts)):
-                d = "/".join(parts[:depth])
-                if d not in made:
-                    made.add(d)
-                    subprocess.run(["mmd", "-D", "s", "-i", target, f"::/{d}"], env={
-                        **os.environ, **env}, capture_output=True, check=False)
-            local = Path(tmp) / str(i)
-            local.write_bytes(content)
-            os.utime(local, (epoch, epoch))
-            run(["mcopy", "-o", "-m", "-i", target, str(local), f"::/{name.strip('/')}"],
-                env=env)
-
-
-def read_fat_file(disk: Path, offset: int, name: str) -> bytes | None:
-    proc = subprocess.run(["mtype", "-i", f"{disk}@@{offset}", f"::/{name.strip('/')}"],
-                          capture_output=True, env={**os.environ, **_mtools_env(0)},
-                          check=False)
-    if proc.returncode != 0:
-        return None
-    return proc.stdout
-
-
-# --- GPT -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Partition:
-    name: str
-    size: int | None  # bytes; None = the rest of the disk
-    type_guid: str
-    uuid: str
-    start: int | None = None  # bytes; None = after the previous one
-    attrs: str = ""
-
-
-@dataclass(frozen=True)
-class Placed:
-    index: int
-    name: str
-    offset: int
-    size: int
-
-
-def write_gpt(disk: Path, size: int, disk_guid: str, parts: Sequence[Partition]) -> list[Placed]:
-    """Create ``disk`` (sparse) of ``size`` bytes with a GPT; return where each partition is."""
-    disk.unlink(missing_ok=True)
-    with disk.open("wb") as f:
-        f.truncate(size)
-    lines = ["label: gpt", f"label-id: {disk_guid}", "unit: sectors", "first-lba: 34", ""]
-    for p in parts:
-        fields = []
-        if p.start is not None:
-            fields.append(f"start={p.start // SECTOR}")
-        if p.size is not None:
-            fields.append(f"size={p.size // SECTOR}")
-        fields += [f"type={p.type_guid}", f"uuid={p.uuid}", f'name="{p.name}"']
-        if p.attrs:
-            fields.append(f'attrs="{p.attrs}"')
-        lines.append(", ".join(fields))
-    run(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", str(disk)],
-        input=("\n".join(lines) + "\n").encode())
-    return read_gpt(disk)
-
-
-def read_gpt(disk: Path) -> list[Placed]:
-    table = json.loads(run(["sfdisk", "-J", str(disk)]))["partitiontable"]
-    placed = []
-    for p in table["partitions"]:
-        index = int(p["node"][len(str(disk)):].lstrip("p"))
-        placed.append(Placed(index, p.get("name", ""), p["start"] * SECTOR, p["size"] * SECTOR))
-    return placed
-
-
-# --- sparse copy and bmap ------------------------------------------------------------------
-
-def _data_extents(f: int, size: int) -> Iterator[tuple[int, int]]:
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(f, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: only a hole is left
-            return
-        end = os.lseek(f, start, os.SEEK_HOLE)
-        yield start, min(end, size)
-        pos = end
-
+# --- placing a filesystem image inside the disk ---------------------------------------------
 
 def copy_into(src: Path, disk: Path, offset: int) -> None:
-    """Write ``src`` into ``disk`` at ``offset``, skipping holes and zero blocks."""
+    """Write ``src`` into ``disk`` at ``offset``: only its non-zero blocks, so the disk's holes
+    (and its bmap, which maps content) do not depend on how the host stored ``src``."""
     size = src.stat().st_size
-    zero = bytes(BLOCK)
+    view = memoryview(bytearray(1 << 20))
     with src.open("rb") as fi, disk.open("r+b") as fo:
-        for start, end in _data_extents(fi.fileno(), size):
-            fi.seek(start)
-            pos = start
+        for first, last in data_extents(fi.fileno(), size, BLOCK):
+            pos, end = first * BLOCK, min((last + 1) * BLOCK, size)
             while pos < end:
-                chunk = fi.read(min(1 << 20, end - pos))
-                for i in range(0, len(chunk), BLOCK):
-                    block = chunk[i:i + BLOCK]
-                    if block != zero[:len(block)]:
-                        fo.seek(offset + pos + i)
-                        fo.write(block)
-                pos += len(chunk)
-
-
-def mapped_ranges(img: Path) -> list[tuple[int, int]]:
-    """Inclusive block ranges that hold any non-zero byte: holes and zero blocks are unmapped,
-    so the map depends on the content only, not on how the host filesystem stored it."""
-    size = img.stat().st_size
-    ranges: list[tuple[int, int]] = []
-    with img.open("rb") as f:
-        for start, end in _data_extents(f.fileno(), size):
-            first = start // BLOCK
-            f.seek(first * BLOCK)
-            for blk in range(first, (end + BLOCK - 1) // BLOCK):
-                if not f.read(BLOCK).rstrip(b"\0"):
-                    continue
-                if ranges and ranges[-1][1] == blk - 1:
-                    ranges[-1] = (ranges[-1][0], blk)
-                else:
-                    ranges.append((blk, blk))
-    return ranges
-
-
-def write_bmap(img: Path, bmap: Path) -> None:
-    """bmaptool's XML format 2.0 with a SHA256 per range and over the file itself."""
-    size = img.stat().st_size
-    blocks = (size + BLOCK - 1) // BLOCK
-    ranges = mapped_ranges(img)
-    mapped = sum(b - a + 1 for a, b in ranges)
-    body = []
-    with img.open("rb") as f:
-        for a, b in ranges:
-            h = hashlib.sha256()
-            f.seek(a * BLOCK)
-            left = (b - a + 1) * BLOCK
-            while left > 0:
-                chunk = f.read(min(left, 1 << 20))
-                if not chunk:
-                    break
-                h.update(chunk)
-                left -= len(chunk)
-            rng = f"{a}-{b}" if a != b else f"{a}"
-            body.append(f'        <Range chksum="{h.hexdigest()}"> {rng} </Range>\n')
-    head = (
-        '<?xml version="1.0" ?>\n'
-        "<!-- Block map of a pytest-hil reference OS image: the blocks that hold data.\n"
-        "     Copy with `bmaptool copy IMAGE DEVICE`. -->\n"
-        '<bmap version="2.0">\n'
-        f"    <ImageSize> {size} </ImageSize>\n"
-        f"    <BlockSize> {BLOCK} </BlockSize>\n"
-        f"    <BlocksCount> {blocks} </BlocksCount>\n"
-        f"    <MappedBlocksCount> {mapped} </MappedBlocksCount>\n"
-        "    <ChecksumType> sha256 </ChecksumType>\n"
-        "    <BmapFileChecksum> {chk} </BmapFileChecksum>\n"
-        "    <BlockMap>\n"
-    )
-    tail = "    </BlockMap>\n</bmap>\n"
-    draft = head.replace("{chk}", "0" * 64) + "".join(body) + tail
-    chk = hashlib.sha256(draft.encode()).hexdigest()
-    bmap.write_text(head.replace("{chk}", chk) + "".join(body) + tail)
+                n = os.preadv(fi.fileno(), [view[:min(len(view), end - pos)]], pos)
+                if n <= 0:
+                    raise ImageBuildError(f"{src}: short read at offset {pos}")
+                for a, b in nonzero_runs(view[:n], pos, BLOCK):
+                    os.pwrite(fo.fileno(), view[a - pos:b - pos], offset + a)
+                pos += n
 
 
 def install_busybox(root: Path, tree: Path) -> None:

@@ -36,7 +36,7 @@ def install(disk: Path, *, core_offset: int, core_size: int, work: Path) -> None
     boot = bytearray((GRUB_DIR / "boot.img").read_bytes())
     if len(core) > core_size:
         raise fs.ImageBuildError(f"core.img ({len(core)} bytes) exceeds bios_grub")
-    lba = core_offset // fs.SECTOR
+    lba = core_offset // 512
     struct.pack_into("<Q", boot, 0x5C, lba)  # GRUB_BOOT_MACHINE_KERNEL_SECTOR
     boot[0x66:0x68] = b"\x90\x90"  # skip the drive check, as grub-bios-setup does for disks
     struct.pack_into("<Q", core, 0x200 - 12, lba + 1)  # diskboot's blocklist start

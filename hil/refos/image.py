@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from hil.errors import HilError
-from hil.refos import fs
+from hil.flash import fat
+from hil.flash.partitions import Partition, read_partitions
+from hil.redact import secret_values
 from hil.refos.builder import EPOCH
 
 
@@ -17,22 +19,23 @@ class ImageError(HilError):
     """The disk image file does not look like a reference OS image."""
 
 
-def _boot_offset(disk: Path) -> int:
-    for part in fs.read_gpt(disk):
-        if part.index == 1:
+def _boot(disk: Path) -> Partition:
+    for part in read_partitions(disk)[1]:
+        if part.number == 1:
             if part.name != "resin-boot":
                 raise ImageError(f"{disk}: partition 1 is {part.name!r}, not resin-boot")
-            return part.offset
+            return part
     raise ImageError(f"{disk}: no partition 1 (resin-boot)")
 
 
 def read_boot_file(disk: Path, name: str) -> bytes | None:
     """A file from resin-boot, or None if it does not exist."""
-    return fs.read_fat_file(disk, _boot_offset(disk), name)
+    return fat.read_file(disk, _boot(disk), name)
 
 
-def write_boot_file(disk: Path, name: str, data: bytes) -> None:
-    fs.write_fat_files(disk, _boot_offset(disk), {name: data}, epoch=EPOCH)
+def write_boot_file(disk: Path, name: str, data: bytes, *, secrets: Sequence[str] = ()) -> None:
+    """Create or replace a file on resin-boot; ``secrets`` are masked in errors."""
+    fat.write_files(disk, _boot(disk), {name: data}, epoch=EPOCH, secrets=secrets)
 
 
 def configure(disk: Path, config: Mapping[str, Any], *, replace: bool = False) -> dict[str, Any]:
@@ -44,7 +47,8 @@ def configure(disk: Path, config: Mapping[str, Any], *, replace: bool = False) -
         if raw:
             current = json.loads(raw)
     current.update(config)
-    write_boot_file(disk, "config.json", (json.dumps(current, indent=1) + "\n").encode())
+    write_boot_file(disk, "config.json", (json.dumps(current, indent=1) + "\n").encode(),
+                    secrets=secret_values(current))
     return current
 
 

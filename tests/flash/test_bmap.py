@@ -97,3 +97,26 @@ def test_ranges_must_be_ordered_and_inside(tmp_path: Path) -> None:
     path.write_text(bmap_xml(bmap))
     with pytest.raises(ConfigError, match="out of order"):
         parse_bmap(path)
+
+
+def test_without_zero_blocks_the_map_follows_the_content_alone(tmp_path: Path) -> None:
+    bs = 4096
+    data = bytearray(64 * bs)
+    data[3 * bs + 100:3 * bs + 110] = b"x" * 10
+    data[10 * bs:12 * bs] = b"y" * (2 * bs)
+    data[-1] = 1
+    dense = tmp_path / "dense.img"
+    dense.write_bytes(data)  # every block allocated, the zero ones too
+    sparse = tmp_path / "sparse.img"
+    with sparse.open("wb") as f:  # only the non-zero blocks allocated
+        f.truncate(len(data))
+        for first, last in ((3, 3), (10, 11), (63, 63)):
+            f.seek(first * bs)
+            f.write(data[first * bs:(last + 1) * bs])
+    assert [(r.first, r.last) for r in create_bmap(dense).ranges] == [(0, 63)]
+    for image in (dense, sparse):
+        bmap = create_bmap(image, zero_blocks=False)
+        assert [(r.first, r.last) for r in bmap.ranges] == [(3, 3), (10, 11), (63, 63)]
+        for r in bmap.ranges:
+            start, end = bmap.byte_range(r)
+            assert r.checksum == hashlib.sha256(data[start:end]).hexdigest()

@@ -14,7 +14,7 @@ import pytest
 import zstandard
 
 from hil.errors import ConfigError
-from hil.flash import configure
+from hil.flash import configure, fat
 from hil.flash.bmap import parse_bmap
 from hil.flash.configure import bmap_path, configure_image
 from hil.flash.partitions import read_partitions
@@ -153,7 +153,7 @@ def test_rerun_is_a_cache_hit_that_does_no_work(tmp_path: Path,
         raise AssertionError("a cache hit must not hash, copy or run mtools")
 
     monkeypatch.setattr(configure, "_sha256_file", no_work)
-    monkeypatch.setattr(configure, "_mtools", no_work)
+    monkeypatch.setattr(fat, "_run", no_work)
     monkeypatch.setattr(configure, "copy_sparse", no_work)
     assert configure_image(src, CONFIG, config_txt_lines=["enable_uart=1"]) == first
     assert configure_image(src, CONFIG, config_txt_lines=["enable_uart=1"],

@@ -108,3 +108,22 @@ def test_rig_side_partition_labels_and_fsck(tmp_path: Path) -> None:
     assert not hostdisk.fsck(disk, "resin-data", workdir=tmp_path).clean
     with pytest.raises(FileNotFoundError, match="resin-boot"):
         hostdisk.partition(disk, "resin-boot")
+
+
+def test_rig_side_boot_files_and_bootloader_state(tmp_path: Path) -> None:
+    from hil.flash import fat
+    from hil.flash.partitions import GptEntry, write_gpt
+
+    disk = tmp_path / "disk.img"
+    linux = "0FC63DAF-8483-4772-8E79-3D69E4C7984D"
+    boot = write_gpt(disk, 64 << 20, "01234567-89ab-cdef-0123-456789abcdef", [
+        GptEntry("resin-rootA", 16 << 20, linux, "11111111-2222-3333-4444-555555555555"),
+        GptEntry("resin-boot", 40 << 20, "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7",
+                 "66666666-7777-8888-9999-aaaaaaaaaaaa")])[1]
+    fat.make_fat(disk, boot, label="resin-boot", volume_id="0000abcd")
+    assert hostdisk.read_boot_file(disk, "resinOS_uEnv.txt") is None
+    hostdisk.write_boot_file(disk, "resinOS_uEnv.txt", b"resin_root_part=3\nupgrade_available=1\n")
+    hostdisk.write_boot_file(disk, "bootcount.env", b"bootcount=2\n")
+    assert hostdisk.read_boot_file(disk, "bootcount.env") == b"bootcount=2\n"
+    state = hostdisk.boot_state(disk, "uboot")
+    assert (state.resin_root_part, state.upgrade_available, state.bootcount) == (3, 1, 2)

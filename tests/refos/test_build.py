@@ -260,3 +260,31 @@ def test_json_flattener_agrees_with_jq(tmp_path: Path) -> None:
     assert got[".hostname"] == 'we"ird\\name'
     assert got[".os.sshKeys[1]"] == "ssh-rsa B/C k2"
     assert got[".developmentMode"] == "true" and got[".z"] == "null"
+
+
+@pytest.mark.parametrize("arch", ["aarch64", "x86_64"])
+def test_qemu_argv_boots_the_rigs_board(arch: str, tmp_path: Path) -> None:
+    # the boot by hand and these tests run the qemu-<arch> rig's board: the same command line
+    # but for the console (stdio here, the rig's socket and QMP there) and the disk's cache
+    from hil.config import load_rig
+    from hil.qemu.target import QemuTarget
+    from hil.refos.qemu import board_settings, qemu_argv
+    from hil.registry import PartContext
+
+    rig = load_rig(str(Path(__file__).parents[2] / "rigs" / f"qemu-{arch}.yaml"))
+    settings = rig.parts["target"].settings
+    assert settings == board_settings(arch)
+    disk = tmp_path / "disk.img"
+    target = QemuTarget(settings.model_copy(update={"write_cache": "host", "disk": disk}),
+                        PartContext(rig.name, "target", tmp_path, rig.device_type))
+    target.binary = f"qemu-system-{arch}"  # whether or not this host has it
+    target.ssh_port = 2222
+    rigs = target.command()
+    for option in ("-qmp", "-chardev", "-serial"):
+        i = rigs.index(option)
+        del rigs[i:i + 2]
+    ours = qemu_argv(arch, disk, ssh_port=2222)
+    i = ours.index("-serial")
+    assert ours[i:i + 2] == ["-serial", "stdio"]
+    del ours[i:i + 2]
+    assert ours == rigs
