@@ -36,7 +36,6 @@ def test_first_boot_dev_mode(arch: str, images: Images, disk: Path, api: Registr
     shell_s = time.monotonic() - g.started
     record_property("boot_to_shell_s", round(shell_s, 2))
     print(f"{arch}: QEMU start -> root shell {shell_s:.1f}s")
-    assert shell_s < {"aarch64": 20, "x86_64": 30}[arch]
     assert (version, host) == ("1.0.0", uuid[:7])
 
     # hostname, os-release, partitions and mounts of the contract
