@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from hil.flash.partitions import GptEntry, write_gpt
 from hil.refos import debs, fs
 from hil.refos.builder import (
     EPOCH,
@@ -91,12 +92,12 @@ def build(out: Path, password: str) -> Path:
     fs.clamp_times(root, EPOCH)
 
     disk = out / "porter.img"
-    placed = fs.write_gpt(disk, DISK_SIZE, "5e1f0a2b-0d4c-4b7e-9a55-0a7e2f3c4d5e", [
-        fs.Partition(LABEL, ROOT_SIZE, GPT_LINUX, "6a0b1c2d-3e4f-4a5b-8c6d-7e8f9a0b1c2d",
-                     ROOT_START, "LegacyBIOSBootable")])
+    placed = write_gpt(disk, DISK_SIZE, "5e1f0a2b-0d4c-4b7e-9a55-0a7e2f3c4d5e", [
+        GptEntry(LABEL, ROOT_SIZE, GPT_LINUX, "6a0b1c2d-3e4f-4a5b-8c6d-7e8f9a0b1c2d",
+                 ROOT_START, "LegacyBIOSBootable")])
     rootfs = work / "root.ext4"
     fs.mkext4(rootfs, ROOT_SIZE, label=LABEL, uuid="7b1c2d3e-4f5a-4b6c-9d7e-8f9a0b1c2d3e",
               epoch=EPOCH, src=root, journal=True)
-    fs.copy_into(rootfs, disk, placed[0].offset)
+    fs.copy_into(rootfs, disk, placed[0].start)
     shutil.rmtree(work)
     return disk
