@@ -11,14 +11,17 @@ suites)."""
 
 from __future__ import annotations
 
+import secrets
 import shlex
 
 import pytest
 from apps import APP_ID, APP_NAME, SERVICE, Apps, release_service, service, target
 from ssh_access import login, passwordless
 
+from hil.appregistry import AppRegistry
 from hil.dut import Dut
 from hil.os import HostOS
+from hil.refos import appimage
 
 # label -> file inside the app's container
 DATA = {"data": "/data/hil-mark", "volume": "/vol/hil-mark"}
@@ -146,6 +149,26 @@ def test_services_get_only_the_devices_they_are_granted(
         assert "OPENED" in opened, f"the granted {granted} does not open: {opened}"
     finally:
         apps.deploy(target({"main": release_service(app_image)}))
+
+
+def test_release_image_is_pulled_from_the_rig_registry(
+        host_os: HostOS, apps: Apps, app_registry: AppRegistry | None, app_image: str) -> None:
+    """A release whose image the device lacks: the supervisor pulls it from the rig host's
+    registry, over TLS whose CA the device trusts only through config.json's balenaRootCA."""
+    if app_registry is None:
+        pytest.skip("no registry the device can pull from (no rig network, or a config.json "
+                    "without the session's CA): app images go over SSH")
+    image = appimage.busybox(host_os.check("uname -m").strip())
+    ref = app_registry.push(image.path, f"hil/registry-check:{secrets.token_hex(4)}")
+    fresh = target({"main": service(ref)}, app_id="1004", name="hil-registry")
+    try:
+        ids = apps.deploy(fresh)
+        got = apps.inspect(ids[SERVICE], "{{.Image}}")
+        assert got == image.id, (f"the service runs image {got}, not the {image.id} pushed to "
+                                 f"the registry as {ref}")
+    finally:
+        apps.deploy(target({"main": release_service(app_image)}))
+        host_os.run(f"balena-engine rmi {shlex.quote(ref)} >/dev/null 2>&1", timeout=120)
 
 
 def test_restart_request_recreates_the_container_and_keeps_its_volumes(
