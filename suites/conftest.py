@@ -13,7 +13,8 @@ driver, so each runs unchanged on a bench board and on a QEMU board.
   free one).
 - ``app_image``: busybox as an app container image on the device, its name there: pushed to
   ``app_registry`` and pulled by the device's engine, or where there is no registry sent with
-  ``balena-engine load`` over SSH; a skip where the OS runs no containers.
+  ``balena-engine load`` over SSH; a skip where the OS runs no containers. ``gpiod_image``:
+  the same with libgpiod's tools (Debian's gpiod).
 - ``apps``: the supervisor's local-mode API and the engine's CLI on the device (apps.py);
   ``app``: the suites' single-container app running (deployed when it is not), service name
   -> container ID.
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from apps import Apps, release_service, target
@@ -93,17 +94,29 @@ def app_registry(hil_session: HilSession, rig: Rig) -> Iterator[AppRegistry | No
         yield registry
 
 
-@pytest.fixture
-def app_image(host_os: HostOS, app_registry: AppRegistry | None) -> str:
-    """busybox-static from Debian, for the device's architecture, as an image the engine holds
-    (built reproducibly, so a device that has it is sent nothing): its name there."""
+def deliver(host_os: HostOS, registry: AppRegistry | None,
+            build: Callable[[str], appimage.AppImage]) -> str:
+    """The image ``build`` makes for the device's architecture, held by its engine (built
+    reproducibly, so a device that has it is sent nothing): its name there."""
     if not host_os.has_engine():
         pytest.skip("the OS runs no containers: it has no balena-engine")
     host_os.wait_engine()
-    image = appimage.busybox(host_os.check("uname -m").strip())
-    if app_registry is None:
+    image = build(host_os.check("uname -m").strip())
+    if registry is None:
         return host_os.load_image(image)
-    return host_os.pull_image(app_registry.push(image.path, image.tag), image)
+    return host_os.pull_image(registry.push(image.path, image.tag), image)
+
+
+@pytest.fixture
+def app_image(host_os: HostOS, app_registry: AppRegistry | None) -> str:
+    """busybox-static from Debian, for the device's architecture."""
+    return deliver(host_os, app_registry, appimage.busybox)
+
+
+@pytest.fixture
+def gpiod_image(host_os: HostOS, app_registry: AppRegistry | None) -> str:
+    """libgpiod's tools (Debian's gpiod) and busybox, for the device's architecture."""
+    return deliver(host_os, app_registry, appimage.gpiod)
 
 
 @pytest.fixture
