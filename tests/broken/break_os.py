@@ -81,6 +81,11 @@ BREAKS: dict[str, str] = {
     # the OS mounts /data without write barriers (ext4 barrier=0): fsync returns once the
     # records reached the disk's write cache, never flushed from there; a power cut loses them
     "no-disk-flush": "mount -o remount,barrier=0 /mnt/data",
+    # the OS ignores config.json's balenaRootCA: its trust store lacks the CA (the engine
+    # restarted, so it reads the store again)
+    "root-ca-ignored": ("[ ! -e /etc/ssl/certs/ca-certificates.crt ] || "
+                        "{ rm /etc/ssl/certs/ca-certificates.crt && "
+                        "systemctl restart balena.service; }"),
     # a device node the device type promises disappears
     "no-gpiochip0": "rm -f /dev/gpiochip0",
     # the supervisor lets any caller in on a production device (an API without its key check):
