@@ -20,6 +20,7 @@ from ssh_access import login, passwordless
 
 from hil.appregistry import AppRegistry
 from hil.dut import Dut
+from hil.errors import OSContractError
 from hil.os import HostOS
 from hil.refos import appimage
 
@@ -258,16 +259,25 @@ def test_production_mode_at_runtime_closes_the_engine_api_and_asks_for_keys(
     key = apps.env(app[SERVICE])["BALENA_SUPERVISOR_API_KEY"]
     host_os.set_config(developmentMode=False)
     try:
+        last = ["nothing yet"]
+
         def refused() -> bool:
-            return apps.api.request("GET", "/v2/applications/state").status == 401
-        dut.poll(refused, 60, "the supervisor to ask for a key on a production device",
-                 lambda: "it answered without one")
+            try:
+                status = apps.api.request("GET", "/v2/applications/state").status
+            except OSContractError as exc:  # restarted with the engine it requires
+                last[0] = str(exc)
+                return False
+            last[0] = f"it answered {status} without one"
+            return status == 401
+        dut.poll(refused, 120, "the supervisor to ask for a key on a production device",
+                 lambda: last[0])
         dut.poll(lambda: host_os.engine_tcp_api() is None, 300,
                  "the engine to stop its API on TCP 2375 (production)",
                  lambda: f"GET /_ping on 2375 answered {host_os.engine_tcp_api()!r}")
         host_os.wait_engine()  # restarted
         assert host_os.engine_tcp_api() is None, (
             "the engine restarted in production with its API open on TCP 2375")
+        apps.api.wait_healthy()  # and the supervisor after it
         dut.poll(lambda: not passwordless(dut), 60,
                  "root SSH without a key to be refused on a production device",
                  lambda: "a login with no key and no password still succeeds")
