@@ -11,7 +11,7 @@ APT_PACKAGES := qemu-system-arm qemu-system-x86 qemu-utils u-boot-qemu u-boot-to
   bmap-tools ser2net socat zstd xz-utils jq cpio kmod udev openssh-client iproute2 \
   binutils-aarch64-linux-gnu libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
   libvirt-dev libsystemd-dev libhidapi-hidraw0 pkg-config gcc python3-dev \
-  postgresql libpq5 nbdkit
+  postgresql libpq5 nbdkit docker-registry skopeo
 STAMP := $(VENV)/.installed
 RIG ?= qemu-aarch64
 SUITES ?= suites

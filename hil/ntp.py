@@ -164,6 +164,19 @@ def _describe(holders: list[tuple[int, str]]) -> str:
 
 # --- the server ---------------------------------------------------------------------------------
 
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """End a daemon we started in the foreground: SIGTERM, then SIGKILL after ``grace``
+    seconds; reaped either way."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=grace)
+
+
 def bind_address_for(host_address: str, port: int = 123) -> str:
     """Where to listen so that the DUT reaches us at ``host_address`` (the rig network's view of
     this host): QEMU user networking maps 10.0.2.2 to our loopback; on a bench, the address
@@ -436,13 +449,7 @@ class NtpServer:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_process(proc)
         if self._workdir and (self._workdir / "chronyd.log").exists():
             path = self._workdir / "chronyd.log"
             self._logs.append(path.read_text(errors="replace"))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hil import redact
+from hil.appregistry import SessionCA
 from hil.cache import runtime_dir
 from hil.config import RigConfig
 from hil.dut import Dut
@@ -73,6 +74,8 @@ class HilSession:
         self.as_is: str | None = None  # why the image was flashed unconfigured, if it was
         self.api: RegistrationServer | None = None  # when the session built the reference OS
         self.ssh_key, self.ssh_pub = ssh_keypair(self.runtime)
+        # the CA the device trusts (config.json's balenaRootCA): the app registry's TLS
+        self.ca = SessionCA(self.runtime / "ca")
         self.started: float | None = None  # monotonic, at start()
         self.ended: float | None = None  # monotonic, at the first close()
         self.ready: Snapshot | None = None  # at the end of start(): the device is up
@@ -169,6 +172,7 @@ class HilSession:
         cfg.setdefault("os", {}).setdefault("sshKeys", [])
         if self.ssh_pub not in cfg["os"]["sshKeys"]:
             cfg["os"]["sshKeys"].append(self.ssh_pub)
+        cfg["balenaRootCA"] = self.ca.config_value(cfg.get("balenaRootCA"))
         if using_refos and "apiEndpoint" not in cfg:
             from hil.refos.api import RegistrationServer
 

@@ -6,8 +6,15 @@ driver, so each runs unchanged on a bench board and on a QEMU board.
 - ``updates``: host OS update images for the session (``--update-image``; built on the
   reference OS), shared by every test that updates; ``update_image``: one for the OS the
   device runs now, or a skip.
-- ``app_image``: busybox as an app container image on the device (``balena-engine load``
-  over SSH when the device lacks it), its tag; a skip where the OS runs no containers.
+- ``app_registry``: a container registry on the rig host (hil/appregistry.py) serving TLS
+  with a certificate of the session's CA, which the device trusts through config.json's
+  ``balenaRootCA``; None where the device cannot use it (no rig network, a config.json without
+  the CA, ``HIL_APP_REGISTRY=off``). ``HIL_APP_REGISTRY_PORT`` picks its port (default: a
+  free one).
+- ``app_image``: busybox as an app container image on the device, its name there: pushed to
+  ``app_registry`` and pulled by the device's engine, or where there is no registry sent with
+  ``balena-engine load`` over SSH; a skip where the OS runs no containers. ``gpiod_image``:
+  the same with libgpiod's tools (Debian's gpiod).
 - ``apps``: the supervisor's local-mode API and the engine's CLI on the device (apps.py);
   ``app``: the suites' single-container app running (deployed when it is not), service name
   -> container ID.
@@ -17,12 +24,18 @@ driver, so each runs unchanged on a bench board and on a QEMU board.
 
 from __future__ import annotations
 
+import base64
+import os
+from collections.abc import Callable, Iterator
+
 import pytest
 from apps import Apps, release_service, target
 
+from hil.appregistry import AppRegistry
 from hil.dut import Dut
 from hil.os import HostOS, UpdateImage, UpdateSet
 from hil.refos import appimage
+from hil.rig import Rig
 from hil.session import HilSession
 
 
@@ -64,14 +77,46 @@ def update_image(updates: UpdateSet, host_os: HostOS) -> UpdateImage:
     return image
 
 
-@pytest.fixture
-def app_image(host_os: HostOS) -> str:
-    """busybox-static from Debian, for the device's architecture, as an image the engine holds
-    (built reproducibly, so a device that has it is sent nothing): its tag."""
+@pytest.fixture(scope="session")
+def app_registry(hil_session: HilSession, rig: Rig) -> Iterator[AppRegistry | None]:
+    """The rig host's registry for app images, or None where the device cannot pull from it
+    (then images go over SSH)."""
+    dut = hil_session.dut
+    assert dut is not None
+    trusted = base64.b64decode(dut.os.config_json().get("balenaRootCA") or "")
+    if (rig.network is None or hil_session.ca.pem not in trusted
+            or os.environ.get("HIL_APP_REGISTRY", "on") == "off"):
+        yield None
+        return
+    with AppRegistry(hil_session.ca, hil_session.runtime / "registry",
+                     rig.network.host_address, rig=rig.name,
+                     port=int(os.environ.get("HIL_APP_REGISTRY_PORT", "0"))) as registry:
+        yield registry
+
+
+def deliver(host_os: HostOS, registry: AppRegistry | None,
+            build: Callable[[str], appimage.AppImage]) -> str:
+    """The image ``build`` makes for the device's architecture, held by its engine (built
+    reproducibly, so a device that has it is sent nothing): its name there."""
     if not host_os.has_engine():
         pytest.skip("the OS runs no containers: it has no balena-engine")
     host_os.wait_engine()
-    return host_os.load_image(appimage.busybox(host_os.check("uname -m").strip()))
+    image = build(host_os.check("uname -m").strip())
+    if registry is None:
+        return host_os.load_image(image)
+    return host_os.pull_image(registry.push(image.path, image.tag), image)
+
+
+@pytest.fixture
+def app_image(host_os: HostOS, app_registry: AppRegistry | None) -> str:
+    """busybox-static from Debian, for the device's architecture."""
+    return deliver(host_os, app_registry, appimage.busybox)
+
+
+@pytest.fixture
+def gpiod_image(host_os: HostOS, app_registry: AppRegistry | None) -> str:
+    """libgpiod's tools (Debian's gpiod) and busybox, for the device's architecture."""
+    return deliver(host_os, app_registry, appimage.gpiod)
 
 
 @pytest.fixture

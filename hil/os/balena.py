@@ -554,9 +554,7 @@ class BalenaOS:
         """Make sure the engine holds ``image`` (same image ID) and return its tag. The archive
         goes over SSH into ``balena-engine load``, as a bench with no registry delivers one;
         nothing is sent when the device already has it."""
-        have = self.run(f"{ENGINE} image inspect --format '{{{{.Id}}}}' {shlex.quote(image.tag)}"
-                        " 2>/dev/null", timeout=120, read_only=True)
-        if have.ok and have.stdout.strip() == image.id:
+        if self._image_id(image.tag) == image.id:
             return image.tag
         if not self.dut.ssh.available:
             raise InfraError(f"cannot send app image {image.tag} to the device: the rig has no "
@@ -566,6 +564,25 @@ class BalenaOS:
                          f"({image.path.stat().st_size} bytes, `{ENGINE} load` exit "
                          f"{result.exit_code}):\n{result.stdout[-2000:]}")
         return image.tag
+
+    def pull_image(self, reference: str, image: AppImage, timeout: float = 600.0) -> str:
+        """Make sure the engine holds ``image`` as ``reference`` (a registry's name for it,
+        hil/appregistry.py), pulling it as a fleet device does; nothing is fetched when the
+        device already has it. The pulled image must be ``image`` (same image ID)."""
+        if self._image_id(reference) == image.id:
+            return reference
+        r = self.run(f"{ENGINE} pull {shlex.quote(reference)} 2>&1", timeout=timeout)
+        check(r.ok, f"balenaEngine did not pull app image {reference} from the rig's "
+                    f"registry (`{ENGINE} pull` exit {r.exit_code}):\n{r.stdout[-2000:]}")
+        got = self._image_id(reference)
+        check(got == image.id, f"balenaEngine pulled {reference} as image {got or 'nothing'}, "
+                               f"not the pushed {image.id}")
+        return reference
+
+    def _image_id(self, reference: str) -> str:
+        r = self.run(f"{ENGINE} image inspect --format '{{{{.Id}}}}' {shlex.quote(reference)}"
+                     " 2>/dev/null", timeout=120, read_only=True)
+        return r.stdout.strip() if r.ok else ""
 
     def log_mark(self) -> str:
         """Write a unique line to the system log; ``log_since`` returns what came after it."""

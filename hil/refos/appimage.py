@@ -1,9 +1,10 @@
 """App container images built from Debian packages, without an engine or the internet.
 
 The suites' containers run these on any device (the reference OS or a real balenaOS board of
-the same architecture): ``busybox`` is busybox-static alone. An image is a ``docker save``
+the same architecture): ``busybox`` is busybox-static alone, ``gpiod`` adds libgpiod's tools
+to it. An image is a ``docker save``
 archive (``manifest.json``, the config and one layer), which ``balena-engine load`` takes;
-the bytes depend only on the package version and this file, so the image ID is stable and a
+the bytes depend only on the package versions and this file, so the image ID is stable and a
 device that already holds it needs nothing sent.
 """
 
@@ -12,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,8 @@ EPOCH = 1704067200  # 2024-01-01, as the OS image
 MACHINES = {"aarch64": "arm64", "arm64": "arm64", "x86_64": "amd64", "amd64": "amd64",
             "armv7l": "armhf", "armhf": "armhf"}
 PATH_ENV = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
+# Debian architecture -> the loader's library directory (64-bit only: debs.elf_deps)
+TRIPLETS = {"arm64": "aarch64-linux-gnu", "amd64": "x86_64-linux-gnu"}
 
 
 class AppImageError(HilError):
@@ -54,27 +59,59 @@ def deb_arch(machine: str) -> str:
 def busybox(machine: str) -> AppImage:
     """busybox-static for ``machine`` (``uname -m`` or a Debian architecture) as an image
     tagged ``hil/busybox:<Debian version>``, running ``sh``."""
+    return _build("busybox", "busybox-static", [], machine, lambda root, trees: None)
+
+
+def gpiod(machine: str) -> AppImage:
+    """libgpiod's tools (Debian's ``gpiod``: gpiodetect, gpioinfo, gpioget, gpioset,
+    gpiomon, gpiofind) with their libraries and busybox's shell, tagged
+    ``hil/gpiod:<Debian version of gpiod>``."""
     arch = deb_arch(machine)
-    deb = debs.resolve(["busybox-static"], arch)["busybox-static"]
-    tree = debs.extract(debs.fetch([deb], arch)["busybox-static"])
-    name = f"hil/busybox:{_tag_safe(deb.version)}"
+    if arch not in TRIPLETS:
+        raise AppImageError(f"no gpiod image for {arch}: its libraries are not worked out for "
+                            "32-bit programs")
+
+    def add_tools(root: Path, trees: dict[str, Path]) -> None:
+        tools = sorted((trees["gpiod"] / "usr/bin").glob("gpio*"))
+        if not tools:
+            raise AppImageError("Debian's gpiod package has no /usr/bin/gpio* tools")
+        (root / "usr/bin").mkdir(parents=True, exist_ok=True)
+        for tool in tools:
+            shutil.copy2(tool, root / "usr/bin" / tool.name)
+        fs.install_libraries(root, TRIPLETS[arch], [root / "usr/bin" / t.name for t in tools],
+                             trees)
+
+    return _build("gpiod", "gpiod", ["libgpiod2", "libc6"], machine, add_tools)
+
+
+def _build(name: str, main: str, others: list[str], machine: str,
+           populate: Callable[[Path, dict[str, Path]], None]) -> AppImage:
+    """An image of busybox-static's shell and applets plus what ``populate`` adds to its root
+    from the extracted packages (``main`` and ``others``), tagged ``hil/<name>:<main's
+    version>``; built once per package versions and this file."""
+    arch = deb_arch(machine)
+    resolved = debs.resolve(["busybox-static", main, *others], arch)
+    tag = f"hil/{name}:{_tag_safe(resolved[main].version)}"
     cmd = ["sh"]
+    versions = sorted((d.name, d.version) for d in resolved.values())
     src = Path(__file__).read_bytes()
-    key = hashlib.sha256(json.dumps([name, arch, deb.version, cmd]).encode() + src).hexdigest()
-    out = cache_dir("apps") / f"busybox-{arch}-{key[:16]}.tar"
+    key = hashlib.sha256(json.dumps([tag, arch, versions, cmd]).encode() + src).hexdigest()
+    out = cache_dir("apps") / f"{name}-{arch}-{key[:16]}.tar"
     if not out.exists():
+        trees = {n: debs.extract(p) for n, p in debs.fetch(resolved.values(), arch).items()}
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".stage.") as tmp:
             root = Path(tmp) / "root"
             for d in ("bin", "etc", "tmp", "data", "proc", "sys", "dev"):
                 (root / d).mkdir(parents=True)
-            fs.install_busybox(root, tree)
+            fs.install_busybox(root, trees["busybox-static"])
+            populate(root, trees)
             fs.normalize_modes(root)
             (root / "tmp").chmod(0o1777)
             archive = Path(tmp) / "image.tar"
-            archive.write_bytes(docker_archive(
-                root, name, arch, created_by=f"busybox-static {deb.version}", cmd=cmd))
+            made_of = ", ".join(f"{n} {v}" for n, v in versions)
+            archive.write_bytes(docker_archive(root, tag, arch, created_by=made_of, cmd=cmd))
             archive.rename(out)
-    return AppImage(name, out, arch, image_id(out))
+    return AppImage(tag, out, arch, image_id(out))
 
 
 def docker_archive(root: Path, tag: str, arch: str, *, created_by: str,

@@ -341,7 +341,7 @@ class _Builder:
         # applet, which signals init the way busybox init wants and systemd takes otherwise.
         fs.install_busybox(root, trees["busybox"])
         elfs.append(root / "bin/busybox")
-        install_libraries(root, elfs, trees, self.spec.triplet)
+        fs.install_libraries(root, self.spec.triplet, elfs, trees)
 
         # kernel, modules (only those the OS loads, plus their dependencies)
         shutil.copy2(kernel_tree / "boot" / f"vmlinuz-{kver}",
@@ -489,38 +489,6 @@ def library_packages(binaries: dict[str, dict[str, str]], resolved: dict[str, de
     return result
 
 
-def install_libraries(root: Path, elfs: list[Path], trees: dict[str, Path],
-                      triplet: str) -> None:
-    """Copy the dynamic loader and every needed shared library, transitively, to
-    /lib/<triplet>/<soname> (the loader's default search path on Debian)."""
-    libdir = root / "lib" / triplet
-    interp_done: set[str] = set()
-    libdir.mkdir(parents=True, exist_ok=True)
-    search = sorted(trees.items())
-    todo = list(elfs)
-    seen: set[str] = set()
-    while todo:
-        deps = debs.elf_deps(todo.pop())
-        if deps is None:
-            continue
-        if deps.interp and deps.interp not in interp_done:
-            interp_done.add(deps.interp)
-            src = _find_lib(search, Path(deps.interp).name)
-            target = libdir / Path(deps.interp).name
-            shutil.copy2(src.resolve(), target)
-            dst = root / deps.interp.lstrip("/")
-            if dst != target:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                dst.symlink_to(os.path.relpath(target, dst.parent))
-        for soname in deps.needed:
-            if soname in seen:
-                continue
-            seen.add(soname)
-            src = _find_lib(search, soname)
-            shutil.copy2(src.resolve(), libdir / soname)
-            todo.append(libdir / soname)
-
-
 def initramfs(work: Path, busybox_tree: Path, kernel_tree: Path, kver: str) -> bytes:
     """The gzipped initramfs: busybox-static, the storage modules of ``INITRD_MODULES``, and
     files/initramfs/init, which mounts ``root=`` read-only and runs its ``init=``."""
@@ -602,14 +570,6 @@ def _host_tool_versions() -> dict[str, str]:
     proc = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Version}\n", *HOST_TOOLS],
                           capture_output=True, text=True, check=False)
     return dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
-
-
-def _find_lib(search: Iterable[tuple[str, Path]], soname: str) -> Path:
-    for _, tree in search:
-        found = debs.find_in_tree(tree, soname)
-        if found is not None:
-            return found
-    raise RefosBuildError(f"no extracted package contains {soname}")
 
 
 def _depmod_once(kernel_tree: Path, kver: str) -> None:

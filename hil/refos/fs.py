@@ -16,6 +16,7 @@ from pathlib import Path
 from hil.errors import HilError
 from hil.flash.bmap import data_extents
 from hil.flash.pipeline import nonzero_runs
+from hil.refos import debs
 
 BLOCK = 4096
 
@@ -177,3 +178,44 @@ def install_busybox(root: Path, tree: Path) -> None:
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.symlink_to(os.path.relpath(binary, dst.parent))
+
+
+def install_libraries(root: Path, triplet: str, elfs: list[Path], trees: Mapping[str, Path],
+                      interp_done: set[str] | None = None) -> None:
+    """Copy the dynamic loader and every shared library ``elfs`` need, transitively, from the
+    extracted packages ``trees`` to /lib/<triplet>/<soname> (the loader's default search path
+    on Debian). ``interp_done``: loaders already installed."""
+    interp_done = set() if interp_done is None else interp_done
+    libdir = root / "lib" / triplet
+    libdir.mkdir(parents=True, exist_ok=True)
+    search = sorted(trees.items())
+    todo = list(elfs)
+    seen: set[str] = set()
+    while todo:
+        deps = debs.elf_deps(todo.pop())
+        if deps is None:
+            continue
+        if deps.interp and deps.interp not in interp_done:
+            interp_done.add(deps.interp)
+            src = _find_lib(search, Path(deps.interp).name)
+            target = libdir / Path(deps.interp).name
+            shutil.copy2(src.resolve(), target)
+            dst = root / deps.interp.lstrip("/")
+            if dst != target:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.symlink_to(os.path.relpath(target, dst.parent))
+        for soname in deps.needed:
+            if soname in seen:
+                continue
+            seen.add(soname)
+            src = _find_lib(search, soname)
+            shutil.copy2(src.resolve(), libdir / soname)
+            todo.append(libdir / soname)
+
+
+def _find_lib(search: Sequence[tuple[str, Path]], soname: str) -> Path:
+    for _, tree in search:
+        found = debs.find_in_tree(tree, soname)
+        if found is not None:
+            return found
+    raise ImageBuildError(f"no extracted package contains {soname}")

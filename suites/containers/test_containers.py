@@ -11,14 +11,18 @@ suites)."""
 
 from __future__ import annotations
 
+import secrets
 import shlex
 
 import pytest
 from apps import APP_ID, APP_NAME, SERVICE, Apps, release_service, service, target
 from ssh_access import login, passwordless
 
+from hil.appregistry import AppRegistry
 from hil.dut import Dut
+from hil.errors import OSContractError
 from hil.os import HostOS
+from hil.refos import appimage
 
 # label -> file inside the app's container
 DATA = {"data": "/data/hil-mark", "volume": "/vol/hil-mark"}
@@ -148,6 +152,26 @@ def test_services_get_only_the_devices_they_are_granted(
         apps.deploy(target({"main": release_service(app_image)}))
 
 
+def test_release_image_is_pulled_from_the_rig_registry(
+        host_os: HostOS, apps: Apps, app_registry: AppRegistry | None, app_image: str) -> None:
+    """A release whose image the device lacks: the supervisor pulls it from the rig host's
+    registry, over TLS whose CA the device trusts only through config.json's balenaRootCA."""
+    if app_registry is None:
+        pytest.skip("no registry the device can pull from (no rig network, or a config.json "
+                    "without the session's CA): app images go over SSH")
+    image = appimage.busybox(host_os.check("uname -m").strip())
+    ref = app_registry.push(image.path, f"hil/registry-check:{secrets.token_hex(4)}")
+    fresh = target({"main": service(ref)}, app_id="1004", name="hil-registry")
+    try:
+        ids = apps.deploy(fresh)
+        got = apps.inspect(ids[SERVICE], "{{.Image}}")
+        assert got == image.id, (f"the service runs image {got}, not the {image.id} pushed to "
+                                 f"the registry as {ref}")
+    finally:
+        apps.deploy(target({"main": release_service(app_image)}))
+        host_os.run(f"balena-engine rmi {shlex.quote(ref)} >/dev/null 2>&1", timeout=120)
+
+
 def test_restart_request_recreates_the_container_and_keeps_its_volumes(
         host_os: HostOS, apps: Apps, app: dict[str, str]) -> None:
     apps.write_marks(app[SERVICE], {**DATA, **OWN}, "before-restart")
@@ -235,16 +259,25 @@ def test_production_mode_at_runtime_closes_the_engine_api_and_asks_for_keys(
     key = apps.env(app[SERVICE])["BALENA_SUPERVISOR_API_KEY"]
     host_os.set_config(developmentMode=False)
     try:
+        last = ["nothing yet"]
+
         def refused() -> bool:
-            return apps.api.request("GET", "/v2/applications/state").status == 401
-        dut.poll(refused, 60, "the supervisor to ask for a key on a production device",
-                 lambda: "it answered without one")
+            try:
+                status = apps.api.request("GET", "/v2/applications/state").status
+            except OSContractError as exc:  # restarted with the engine it requires
+                last[0] = str(exc)
+                return False
+            last[0] = f"it answered {status} without one"
+            return status == 401
+        dut.poll(refused, 120, "the supervisor to ask for a key on a production device",
+                 lambda: last[0])
         dut.poll(lambda: host_os.engine_tcp_api() is None, 300,
                  "the engine to stop its API on TCP 2375 (production)",
                  lambda: f"GET /_ping on 2375 answered {host_os.engine_tcp_api()!r}")
         host_os.wait_engine()  # restarted
         assert host_os.engine_tcp_api() is None, (
             "the engine restarted in production with its API open on TCP 2375")
+        apps.api.wait_healthy()  # and the supervisor after it
         dut.poll(lambda: not passwordless(dut), 60,
                  "root SSH without a key to be refused on a production device",
                  lambda: "a login with no key and no password still succeeds")

@@ -9,6 +9,7 @@ import shlex
 
 import pytest
 from devices_probe import (
+    ChipResult,
     chip_script,
     loopback_script,
     node_script,
@@ -49,10 +50,15 @@ def test_dev_node_exists_and_opens(dut: Dut, dev_node: str) -> None:
 # --- GPIO -----------------------------------------------------------------------------------------
 
 def test_gpio_chip_has_its_lines(dut: Dut, gpio_chip: str) -> None:
+    check_chip(dut, gpio_chip, dut.run(chip_script([gpio_chip]), timeout=120).stdout)
+
+
+def check_chip(dut: Dut, gpio_chip: str, out: str) -> ChipResult:
+    """``chip_script``'s output ``out`` shows ``gpio_chip`` with the lines the device type
+    gives it, each line's info read."""
     want = dtype(dut).gpio_chips[gpio_chip]
-    r = dut.run(chip_script([gpio_chip]), timeout=120)
-    chip = parse_chips(r.stdout).get(gpio_chip)
-    assert chip is not None, f"probe of {gpio_chip} printed nothing useful:\n{r.stdout}"
+    chip = parse_chips(out).get(gpio_chip)
+    assert chip is not None, f"probe of {gpio_chip} printed nothing useful:\n{out}"
     assert chip.state != "missing", (
         f"GPIO chip /dev/{gpio_chip} is missing: device type {dtype(dut).slug} promises it "
         f"with {want} lines ({where(dut)})")
@@ -64,9 +70,10 @@ def test_gpio_chip_has_its_lines(dut: Dut, gpio_chip: str) -> None:
         f"{gpio_chip} ({chip.label}) has {chip.lines} lines; device type {dtype(dut).slug} "
         f"says {want}")
     missing = [i for i in range(want) if i not in chip.line_info]
-    assert not missing, f"no line info for {gpio_chip} lines {missing}:\n{r.stdout}"
+    assert not missing, f"no line info for {gpio_chip} lines {missing}:\n{out}"
     broken = {i: v for i, v in chip.line_info.items() if v.startswith("error")}
     assert not broken, f"reading line info of {gpio_chip} failed for lines {broken}"
+    return chip
 
 
 def test_free_gpio_line_drives_and_reads_back(dut: Dut, gpio_free_line: str) -> None:
@@ -165,3 +172,18 @@ def test_same_from_a_privileged_container(dut: Dut, app_image: str) -> None:
                  if c not in chips or chips[c].lines != want]
     assert not problems, (f"inside a privileged container ({app_image}) the device type's nodes "
                           "are not all usable:\n" + "\n".join(problems))
+
+
+def test_gpio_chip_read_with_libgpiod_in_a_privileged_container(
+        dut: Dut, gpiod_image: str, gpio_chip: str) -> None:
+    """An app shipping libgpiod's tools (Debian's gpiod), privileged as balena's builder makes a
+    single-container release: gpiodetect lists the chip and gpioinfo reads every line's info
+    through the GPIO character device."""
+    script = chip_script([gpio_chip])
+    r = dut.run(f"balena-engine run --rm --privileged {gpiod_image} sh -c "
+                f"{shlex.quote(script)} 2>&1", timeout=300)
+    chip = check_chip(dut, gpio_chip, r.stdout)
+    assert chip.state == "gpiod", (
+        f"{gpio_chip} was not read with libgpiod's tools in {gpiod_image} (probe: "
+        f"{chip.state}):\n{r.stdout[-1500:]}")
+    assert chip.label, f"gpiodetect in {gpiod_image} does not list {gpio_chip}:\n{r.stdout}"

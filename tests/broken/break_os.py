@@ -81,6 +81,16 @@ BREAKS: dict[str, str] = {
     # the OS mounts /data without write barriers (ext4 barrier=0): fsync returns once the
     # records reached the disk's write cache, never flushed from there; a power cut loses them
     "no-disk-flush": "mount -o remount,barrier=0 /mnt/data",
+    # the OS ignores config.json's balenaRootCA: a config-apply that never reads the key is
+    # bound over it and run (so the trust store loses the CA, now and at every later change
+    # of config.json), and the engine restarted to read the store again
+    "root-ca-ignored": (
+        "grep -q '^c_ca=$' /usr/lib/hil/config-apply || "
+        "{ sed 's/^c_ca=.*/c_ca=/' /usr/lib/hil/config-apply > /run/config-apply-broken && "
+        "chmod 755 /run/config-apply-broken && "
+        "mount --bind /run/config-apply-broken /usr/lib/hil/config-apply && "
+        "/usr/lib/hil/config-apply runtime && systemctl stop balena.service && "
+        "systemctl start --no-block balena.service balena-supervisor.service; }"),
     # a device node the device type promises disappears
     "no-gpiochip0": "rm -f /dev/gpiochip0",
     # the supervisor lets any caller in on a production device (an API without its key check):

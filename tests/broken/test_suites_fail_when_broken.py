@@ -155,6 +155,16 @@ def test_containers_suite_fails_when_the_engine_has_no_watchdog(tmp_path: Path) 
             "the watchdog (30 s) to kill the hung engine") in failed, out[-6000:]
 
 
+def test_containers_suite_fails_when_the_os_ignores_balena_root_ca(tmp_path: Path) -> None:
+    code, out, failed = run_broken(tmp_path, "root-ca-ignored", [
+        "suites/containers", "-k", "registry"])
+    assert code == 1 and "1 error" in out, out[-6000:]
+    assert re.search(r"ERROR .*test_release_image_is_pulled_from_the_rig_registry - "
+                     r"hil.errors.OSContractError: balenaEngine did not pull app image "
+                     r"10\.0\.2\.2:\d+/hil/busybox", failed), out[-6000:]
+    assert "x509: certificate signed by unknown authority" in out, out[-6000:]
+
+
 def test_ntp_suite_fails_when_chrony_drops_the_configured_server(tmp_path: Path) -> None:
     code, out, failed = run_broken(tmp_path, "chrony-no-servers",
                                    ["suites/ntp", "-k", "synchronises_to_the_rig"])

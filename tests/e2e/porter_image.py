@@ -19,7 +19,6 @@ from hil.refos.builder import (
     GPT_LINUX,
     MiB,
     initramfs,
-    install_libraries,
     library_packages,
 )
 
@@ -79,7 +78,7 @@ def build(out: Path, password: str) -> Path:
         (root / d).mkdir(parents=True, exist_ok=True)
     fs.install_busybox(root, trees["busybox"])
     (root / "sbin/blkid").symlink_to("../bin/busybox")  # an applet the host's list lacks
-    install_libraries(root, [root / "bin/busybox"], trees, TRIPLET)
+    fs.install_libraries(root, TRIPLET, [root / "bin/busybox"], trees)
     for rel, text in {**FILES, "etc/shadow": shadow_line(password)}.items():
         (root / rel).write_text(text)
     (root / "etc/init.d/rcS").chmod(0o755)

@@ -148,3 +148,35 @@ def test_a_connection_to_itself_is_let_go_at_once(device: Device) -> None:
     with pytest.raises(OSContractError, match=r"does not listen on port 48484.*reached itself"):
         device.api.request("GET", "/v1/healthy", timeout=30)
     assert time.monotonic() - started < 5, "the self-connected channel was held until timeout"
+
+
+def test_a_pull_is_read_as_the_engine_streams_it(device: Device, tmp_path: Path) -> None:
+    """``POST /images/create`` answers 200 and streams one JSON message a line: progress, then
+    either the end or an error. The stand-in reads every line, and a message with ``error`` is a
+    failed pull (an ``EngineError``), not a 200 taken for success."""
+    import socketserver
+
+    answers = [b'{"status":"Pulling from hil/busybox"}\n{"status":"Download complete"}\n',
+               b'{"status":"Pulling from hil/busybox"}\n'
+               b'{"errorDetail":{"message":"x509: unknown authority"},'
+               b'"error":"x509: unknown authority"}\n']
+
+    class Engine(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            body = answers.pop(0)
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    sock = str(tmp_path / "engine.sock")
+    server = socketserver.UnixStreamServer(sock, Engine)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    device.mod.ENGINE_SOCKET = sock
+    try:
+        device.mod.pull("10.0.2.2:5000/hil/busybox:1")
+        with pytest.raises(device.mod.EngineError, match="x509: unknown authority"):
+            device.mod.pull("10.0.2.2:5000/hil/busybox:1")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -73,6 +73,21 @@ class EngineError(Exception):
 
 
 def engine(method: str, path: str, body: Any = None, timeout: float = 120.0) -> Any:
+    raw = _engine_raw(method, path, body, timeout)
+    return json.loads(raw) if raw and raw[:1] in (b"{", b"[") else raw.decode(errors="replace")
+
+
+def pull(image: str) -> None:
+    """``POST /images/create`` answers 200 and then streams JSON messages, one a line; a pull
+    that fails says so in a message with ``error``."""
+    path = "/images/create?fromImage=" + urllib.parse.quote(image, safe="")
+    for line in _engine_raw("POST", path, None, 1800).splitlines():
+        msg = json.loads(line) if line.strip() else {}
+        if msg.get("error"):
+            raise EngineError(f"pulling {image}: {msg['error']}")
+
+
+def _engine_raw(method: str, path: str, body: Any, timeout: float) -> bytes:
     conn = _UnixConnection(timeout)
     try:
         data = json.dumps(body).encode() if body is not None else None
@@ -86,7 +101,7 @@ def engine(method: str, path: str, body: Any = None, timeout: float = 120.0) -> 
         conn.close()
     if resp.status >= 400:
         raise EngineError(f"{method} {path}: {resp.status} {raw.decode(errors='replace')[:300]}")
-    return json.loads(raw) if raw and raw[:1] in (b"{", b"[") else raw.decode(errors="replace")
+    return raw
 
 
 def engine_alive() -> bool:
@@ -331,8 +346,7 @@ class Supervisor:
             engine("GET", f"/images/{urllib.parse.quote(image, safe='')}/json")
         except EngineError:
             log(f"pulling {image}")
-            engine("POST", "/images/create?fromImage=" + urllib.parse.quote(image, safe=""),
-                   timeout=1800)
+            pull(image)
 
     def ensure_volume(self, app_id: str, name: str) -> None:
         engine("POST", "/volumes/create", {
