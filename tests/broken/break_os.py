@@ -24,9 +24,9 @@ _STUB = "printf '#!/bin/sh\\nexit 0 # broken\\n' | dd of={path} conv=notrunc 2>/
 
 
 def _restart_chrony_without(word: str) -> str:
-    # init starts chronyd again (chronyd.service's Restart=always), with the config as it is
+    # chronyd restarted with the config as it is now
     return (f"if grep -q {word} /run/chrony/chrony.conf; then "
-            f"sed -i /{word}/d /run/chrony/chrony.conf && killall chronyd; fi")
+            f"sed -i /{word}/d /run/chrony/chrony.conf && systemctl restart chronyd.service; fi")
 
 
 BREAKS: dict[str, str] = {
@@ -73,11 +73,13 @@ BREAKS: dict[str, str] = {
         "for f in /mnt/state/remove_me_to_reset /mnt/data/remove_me_to_reset; do "
         "[ -e $f ] || { touch $f; sync; }; done; sleep 0.2; done ) "
         "</dev/null >/dev/null 2>&1 & }"),
-    # the engine's watchdog never fires (healthdog does nothing): on the root, made writable
+    # the engine's watchdog never fires: healthdog pets it whatever the engine's health (its
+    # check is /bin/true), from the engine's next start on (a drop-in, as balenaOS's own test
+    # disables the check, which the suite's restart reads)
     "no-engine-watchdog": (
-        "grep -q '^exit 0 # broken' /usr/lib/hil/healthdog || "
-        "{ mount -o remount,rw / && " + _STUB.format(path="/usr/lib/hil/healthdog") +
-        " && sync && mount -o remount,ro /; }"),
+        "d=/run/systemd/system/balena.service.d; [ -e $d/zz-broken.conf ] || "
+        "{ mkdir -p $d && printf '[Service]\\nEnvironment=BALENAD_HEALTHDOG_HEALTHCHECK=/bin/true"
+        "\\n' > $d/zz-broken.conf && systemctl daemon-reload; }"),
     # the OS mounts /data without write barriers (ext4 barrier=0): fsync returns once the
     # records reached the disk's write cache, never flushed from there; a power cut loses them
     "no-disk-flush": "mount -o remount,barrier=0 /mnt/data",
@@ -94,13 +96,13 @@ BREAKS: dict[str, str] = {
     # a device node the device type promises disappears
     "no-gpiochip0": "rm -f /dev/gpiochip0",
     # the supervisor lets any caller in on a production device (an API without its key check):
-    # a copy that never asks for a key is bound over it, and init restarts it from there
+    # a copy that never asks for a key is bound over it, and the unit restarted from there
     "supervisor-ignores-key": (
         "grep -q 'return False  # broken' /usr/lib/hil/supervisor.py || "
         "{ sed 's/return config().get(\"developmentMode\") is not True/return False  # broken/' "
         "/usr/lib/hil/supervisor.py > /run/supervisor-broken.py && "
         "mount --bind /run/supervisor-broken.py /usr/lib/hil/supervisor.py && "
-        "killall python3; }"),
+        "systemctl restart --no-block balena-supervisor.service; }"),
 }
 
 # (hostapp-update leaves the new root mounted read-write, as balenaOS does)
