@@ -139,7 +139,9 @@ class ServedRig:
         out["power"] = {"driver": "pdudaemon", "port": 1,
                         "url": f"http://{self.ports.address}:{self.pdu_port}",
                         "hostname": self.pdu_name(LEASE_EPOCH)}
-        out["console"] = {"driver": "serial", "baud": self.baud, "url":
+        # reconnect 0: a served console drops when its lease ends, and the next lease's
+        # ser2net listens on the same port; a stale session must not reopen into it
+        out["console"] = {"driver": "serial", "baud": self.baud, "reconnect": 0, "url":
                           f"rfc2217://{self.ports.address}:{self.console_port}?ign_set_control"}
         if self.network is not None:
             out["network"] = {"driver": "ssh", "host": self.ports.address, "port": self.ssh_port,
