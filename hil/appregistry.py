@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hil.deadline import wait_until
-from hil.errors import InfraError
+from hil.errors import InfraError, log_tail
 from hil.ntp import bind_address_for, stop_process
 
 log = logging.getLogger(__name__)
@@ -160,11 +160,8 @@ class AppRegistry:
     def log_path(self) -> Path:
         return self.folder / "registry.log"
 
-    def log_tail(self, size: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-size:]
-        except OSError:
-            return ""
+    def log_tail(self) -> str:
+        return log_tail(self.log_path, 40)
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)

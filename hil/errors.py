@@ -7,6 +7,8 @@ shows it apart, so a reader can tell "the OS is wrong" from "the rig is wrong".
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class HilError(Exception):
     """Base of all framework errors."""
@@ -35,6 +37,15 @@ TAIL_HEADER = "\n--- console tail ---\n"
 def with_tail(text: str, tail: str) -> str:
     """``text`` followed by what the console showed last, in the one format every error uses."""
     return f"{text}{TAIL_HEADER}{tail}" if tail else text
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The end of a helper's log (QEMU's, nbdkit's, a daemon's), for the error that says why it
+    stopped."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no {path.name})"
 
 
 def brief(text: str, width: int = 200) -> str:

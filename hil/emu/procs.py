@@ -18,7 +18,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from hil.errors import InfraError
+from hil.errors import InfraError, log_tail
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,7 @@ class Daemon:
                 os.killpg(proc.pid, signal.SIGKILL)
 
     def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_file.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_file, lines)
 
 
 def tcp_listening(port: int) -> bool:

@@ -47,9 +47,3 @@ def board_processes(runtime: Path) -> list[tuple[int, str]]:
     return found
 
 
-def log_tail(path: Path, lines: int = 15) -> str:
-    """The end of a helper's log (QEMU's, nbdkit's), for the error that says why it stopped."""
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"(no {path.name})"

@@ -24,8 +24,8 @@ from pydantic import Field
 
 from hil.console.serial import SerialConsole, SerialSettings
 from hil.deadline import Deadline, wait_until
-from hil.errors import InfraError
-from hil.qemu import TB_SIZE_MIB, kill_session, log_tail
+from hil.errors import InfraError, log_tail
+from hil.qemu import TB_SIZE_MIB, kill_session
 from hil.qemu.firmware import default_firmware
 from hil.qemu.writecache import VolatileWriteCache
 from hil.registry import PartContext, Settings

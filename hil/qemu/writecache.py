@@ -15,8 +15,8 @@ import subprocess
 from pathlib import Path
 
 from hil.deadline import wait_until
-from hil.errors import InfraError
-from hil.qemu import kill_session, log_tail
+from hil.errors import InfraError, log_tail
+from hil.qemu import kill_session
 
 
 class VolatileWriteCache:
