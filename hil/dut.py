@@ -36,6 +36,10 @@ class Dut:
         self.rig = rig
         password = rig.config.console_password()
         redact.register(password)  # masked wherever it might show up (a console that echoes)
+        if password and len(password) < redact.MIN_SECRET:
+            log.warning("rig %s: the console password is shorter than %d characters: logs and "
+                        "reports cannot mask it without masking ordinary words; use a longer one",
+                        rig.name, redact.MIN_SECRET)
         self.shell = ConsoleShell(rig.console, user=rig.config.ssh.user, password=password)
         # pexpect's expect/send on the console, for what the shell cannot do (a bootloader)
         self.console = ConsoleExpect(rig.console, timeout=rig.config.timeouts.command)

@@ -81,11 +81,14 @@ def redact_text(value: str, secrets: Iterable[str]) -> str:
 _KEY_BODY_LINE = re.compile(r"^[A-Za-z0-9+/=]{16,}$", re.M)
 
 
+MIN_SECRET = 6  # a shorter value would mask ordinary words ("root") out of every log line
+
+
 def register(secret: str | None) -> None:
     """Remember a secret value so ``text`` masks it wherever it shows up this session. A
     private key's body lines are remembered one by one too: a console that interleaves other
     output may show a line of it alone, without the BEGIN line that marks it."""
-    if secret and len(secret) >= 6:
+    if secret and len(secret) >= MIN_SECRET:
         lines = _KEY_BODY_LINE.findall(secret) if _PRIVATE_KEY.search(secret) else []
         with _lock:
             _known.add(secret)

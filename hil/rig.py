@@ -166,6 +166,14 @@ class Rig:
         self.state = RigState.FLASHED
         return self.flash_report
 
+    def medium_to_board(self) -> None:
+        """Give the card to the board without writing it (a session with ``--no-flash``): the
+        last session's end left the mux off. A flasher board's card is its installer, which
+        must stay away so that the installed OS boots."""
+        if self.sd_mux is not None and not self.config.device_type.flasher:
+            with self.step("sd mux → board", "sd_mux"):
+                self.sd_mux.to_dut()
+
     def install(self) -> None:
         """Flasher boards (NUC, BeagleBone Black): the medium just written holds an installer.
         Boot it, wait until it has written the internal disk and powered the board off, then

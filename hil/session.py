@@ -110,6 +110,8 @@ class HilSession:
             if self.options.flash:
                 image, bmap = self.prepare_image()
                 self.rig.flash(image, bmap)
+            else:
+                self.rig.medium_to_board()
             self.dut.power_on()
             self.ready = self.snapshot()
             self.add_time("session start", Snapshot(self.started, 0.0, 0.0), self.ready)

@@ -196,3 +196,18 @@ def test_damaged_rig_file_gives_a_config_error_naming_file_and_line(
         if exc.line is not None:  # the line named is one of the file's
             assert 1 <= exc.line <= content.count(b"\n") + 1, message
     assert path.read_bytes() == content
+
+
+def test_a_console_password_too_short_to_mask_is_warned_about(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from hil import redact
+    from hil.dut import Dut
+    from hil.rig import Rig
+
+    rig = "device_type: generic-aarch64\ntarget: {driver: qemu}\n"
+    for password, warned in (("root", True), ("long-enough", False)):
+        caplog.clear()
+        cfg = load_rig(str(write(tmp_path, rig + f"ssh: {{password: {password}}}\n")))
+        Dut(Rig(cfg, runtime=tmp_path))
+        assert ("cannot mask it" in caplog.text) is warned, caplog.text
+        assert (redact.text(f"login {password}") == f"login {password}") is warned

@@ -126,6 +126,7 @@ def boot(session: HilSession, image: str | None, flash: bool, ui: Ui) -> int:
     else:
         with step(ui, "power cycle, wait for the boot and a shell"):
             cut_power(session)
+            rig.medium_to_board()
             session.dut.power_on()
     # The framework's console shell runs without echo or prompt; give a person theirs back
     # (the framework sets its shell up again when it next needs it).

@@ -113,3 +113,14 @@ def test_ctrl_c_leaves_the_rig_off_released_and_free(rig: tuple[str, dict[str, s
     assert "rig virtual-rpi3: power off" in ok(env, "power", path, "status")
     assert "rig virtual-rpi3: sd mux off" in ok(env, "mux", path, "status")
     assert lock_is_free(env, "virtual-rpi3")
+
+
+def test_boot_without_flashing_gives_the_card_back_to_the_board(
+        rig: tuple[str, dict[str, str]]) -> None:
+    """A session's end leaves the mux off; the next one that does not flash must switch it to
+    the board before power on, or the board has no card to boot."""
+    path, env = rig
+    ok(env, "mux", path, "host", timeout=60)
+    assert "is up" in ok(env, "boot", path, "--no-flash", timeout=300)
+    assert "rig virtual-rpi3: sd mux dut" in ok(env, "mux", path, "status")
+    ok(env, "power", path, "off", timeout=60)
