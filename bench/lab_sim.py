@@ -16,11 +16,17 @@ rigs of three device types on ``--hosts`` bench hosts (each served by the real b
   that fails before its health check quarantines it (bad).
 
     .venv/bin/python bench/lab_sim.py [--jobs 500 --rigs 100 --hosts 5 --holders 40 --ttl 1.5]
+                                      [--store-rtt 20]
+
+``--store-rtt MS`` puts the store that far away: every connection goes through a relay on
+loopback that holds each chunk, in each direction, for half the round trip (a lab whose
+database is in another building or cloud region), in order, as a slow network does.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import random
 import statistics
@@ -233,6 +239,8 @@ def run(args: argparse.Namespace, dsn: str) -> int:
         time.sleep(0.1)
     for h in hosts:
         stops[h].set()
+    for h in hosts:  # before the server stops under them
+        host_threads[h].join()
     checker.join()
     with db.connect(dsn) as conn:
         row = conn.execute("""
@@ -285,6 +293,63 @@ def run(args: argparse.Namespace, dsn: str) -> int:
     return 0 if ok else 1
 
 
+class Distance:
+    """A TCP relay on loopback in front of the store that delays every chunk, each way, by
+    half of ``rtt`` seconds, keeping the byte order (a chunk waits for the one before it)."""
+
+    def __init__(self, dsn: str, rtt: float) -> None:
+        fields = dict(kv.split("=", 1) for kv in dsn.split())
+        self.upstream = (fields["host"], int(fields["port"]))
+        self.delay = rtt / 2
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.port = 0
+
+        async def start() -> None:
+            server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+            self.port = server.sockets[0].getsockname()[1]
+            ready.set()
+            await server.serve_forever()
+
+        threading.Thread(target=self.loop.run_until_complete, args=(start(),),
+                         daemon=True).start()
+        if not ready.wait(10):
+            raise RuntimeError("the store's relay did not start")
+        fields["port"] = str(self.port)
+        self.dsn = " ".join(f"{k}={v}" for k, v in fields.items())
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, data = await queue.get()
+                if not data:
+                    break
+                await asyncio.sleep(max(0.0, due - self.loop.time()))
+                writer.write(data)
+                await writer.drain()
+
+        sender = asyncio.ensure_future(deliver())
+        try:
+            while data := await reader.read(65536):
+                queue.put_nowait((self.loop.time() + self.delay, data))
+        except OSError:
+            pass
+        queue.put_nowait((0.0, b""))
+        with contextlib.suppress(OSError):
+            await sender
+            writer.close()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--db", help="a lab database to use (default: a throwaway server)")
@@ -297,11 +362,17 @@ def main() -> int:
     p.add_argument("--death-rate", type=float, default=0.05)
     p.add_argument("--flaky", type=int, default=3)
     p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--store-rtt", type=float, default=0.0, metavar="MS",
+                   help="round trip to the store, added by a relay on loopback")
     args = p.parse_args()
+
+    def far(dsn: str) -> str:
+        return Distance(dsn, args.store_rtt / 1000).dsn if args.store_rtt > 0 else dsn
+
     if args.db:
-        return run(args, args.db)
+        return run(args, far(args.db))
     with scratch.server(max_connections=args.holders * 3 + 50) as server:
-        return run(args, scratch.database(server, "lab_sim"))
+        return run(args, far(scratch.database(server, "lab_sim")))
 
 
 if __name__ == "__main__":
