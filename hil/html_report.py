@@ -79,11 +79,12 @@ def _test(i: int, t: TestRecord) -> str:
     return "".join(out)
 
 
-def write(folder: Path, info: SessionInfo, tests: Sequence[TestRecord], seconds: float
-          ) -> Path:
-    """The page, as ``folder/<rig>-<date>-<time>.html``; returns its path."""
+def write(folder: Path, info: SessionInfo, tests: Sequence[TestRecord], seconds: float,
+          worker: str = "") -> Path:
+    """The page, as ``folder/<rig>-<date>-<time>[-<worker>].html`` (``worker``: a pytest-xdist
+    worker's id, each writing its own); returns its path."""
     folder.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S") + (f"-{worker}" if worker else "")
     path = folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', info.rig)}-{stamp}.html"
     path.write_text(render(info, tests, seconds), encoding="utf-8")
     return path

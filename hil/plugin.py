@@ -347,6 +347,9 @@ def _session_info(config: pytest.Config) -> record.SessionInfo:
 
 
 def _write_reports(config: pytest.Config) -> None:
+    worker = getattr(config, "workerinput", {}).get("workerid", "")
+    if not worker and config.getoption("numprocesses", None):
+        return  # pytest-xdist's controller: its workers ran the sessions, and report them
     info = _session_info(config)
     allure_dir = config.getoption("allure_report_dir", None)
     if allure_dir:
@@ -354,8 +357,8 @@ def _write_reports(config: pytest.Config) -> None:
     folder = config.getoption("--hil-report")
     if folder:
         tests: list[record.TestRecord] = config.stash[RECORDS]
-        config.stash[REPORT_PAGE] = html_report.write(Path(folder), info, tests,
-                                                      time.time() - config.stash[STARTED])
+        config.stash[REPORT_PAGE] = html_report.write(
+            Path(folder), info, tests, time.time() - config.stash[STARTED], worker)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -30,7 +30,10 @@ BOOT_STEPS: tuple[tuple[str, re.Pattern[bytes]], ...] = (
     ("shell", re.compile(rb"\x1eR[0-9a-f]+\x1f")),
     ("services healthy", re.compile(rb"HIL-READY ")),  # the reference OS's health signal
 )
-BOOT_ORIGINS = {EventKind.POWER_ON: "power on", EventKind.RESET: "restart"}
+# where a boot starts: the board got power, its kernel restarted it, or panicked (a kernel
+# that restarts after a panic says so only with its banner)
+BOOT_ORIGINS = {EventKind.POWER_ON: "power on", EventKind.RESET: "restart",
+                EventKind.PANIC: "panic"}
 CONSOLE_EVENTS = (EventKind.CONSOLE_LOST, EventKind.CONSOLE_BACK)
 
 
@@ -61,7 +64,7 @@ class BootStep:
 
 @dataclass(frozen=True)
 class Boot:
-    origin: str  # "power on" or "restart"
+    origin: str  # "power on", "restart" or "panic"
     steps: tuple[BootStep, ...]
 
     @property
@@ -123,7 +126,7 @@ def rig_events(log: ConsoleLog, timeline: Sequence[Step], start: int, end: int
 
 
 def boots(log: ConsoleLog, start: int, end: int) -> list[Boot]:
-    """Each boot that began in ``start..end`` (a power-on or a restart), with the steps its
+    """Each boot that began in ``start..end`` (a power-on, a restart, a panic), with the steps its
     console showed up to the next boot, timed from the console's arrival times."""
     origins = [e for e in log.events_since(start, tuple(BOOT_ORIGINS)) if e.offset < end]
     found = []

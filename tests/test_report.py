@@ -50,6 +50,16 @@ def test_boot_steps_come_in_order_timed_from_the_console() -> None:
     assert sum(s.took for s in boot.steps) == pytest.approx(boot.seconds)
 
 
+def test_a_panic_starts_the_next_boot() -> None:
+    log = booted_log()
+    log.append(b"Kernel panic - not syncing: Attempted to kill init!\r\n")
+    time.sleep(0.02)
+    log.append(b"U-Boot 2023.01\r\nStarting kernel ...\r\n")
+    first, second = record.boots(log, 0, log.end)
+    assert len(first.steps) == 6 and second.origin == "panic"
+    assert [s.name for s in second.steps] == ["firmware", "kernel"]
+
+
 def test_no_boot_without_a_start_in_the_span() -> None:
     log = booted_log()
     assert record.boots(log, 1, log.end) == []  # the power-on was before the span
