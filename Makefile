@@ -5,13 +5,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 # QEMU boards, the reference OS builder, flashing, emulated bench hardware, libvirt, the lab
-# database (PostgreSQL; its tests start a throwaway server).
+# database (PostgreSQL; its tests start a throwaway server), chromium (headless: renders the
+# --hil-report page in its test).
 APT_PACKAGES := qemu-system-arm qemu-system-x86 qemu-utils u-boot-qemu u-boot-tools \
   busybox-static chrony dropbear-bin mtools dosfstools e2fsprogs fdisk grub-pc-bin grub-common \
   bmap-tools ser2net socat zstd xz-utils jq cpio kmod udev openssh-client iproute2 \
   binutils-aarch64-linux-gnu libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
   libvirt-dev libsystemd-dev libhidapi-hidraw0 pkg-config gcc python3-dev \
-  postgresql libpq5 nbdkit docker-registry skopeo
+  postgresql libpq5 nbdkit docker-registry skopeo chromium
 STAMP := $(VENV)/.installed
 RIG ?= qemu-aarch64
 SUITES ?= suites

@@ -1,24 +1,57 @@
 """allure-pytest, when it is installed and the run has ``--alluredir``: the console slice as
-each test's attachment, and every result and fixture container masked (``hil.redact``) just
+each test's attachment, its commands and rig events (``hil.record``), each boot's timeline as
+an SVG picture, the session's rig, image, device type and OS version as allure's
+environment.properties, and every result and fixture container masked (``hil.redact``) just
 before allure writes it. allure takes a failure's message from the exception itself, not from
 the report the plugin has already masked."""
 
 from __future__ import annotations
 
 import contextlib
+import re
+from pathlib import Path
 from typing import Any
 
-from hil import redact
+from hil import redact, timeline_svg
+from hil.record import SessionInfo, TestRecord, clean, command_lines
 
 
 def attach_console(text: str) -> None:
     """Attach ``text`` (masked already) as the running test's console."""
+    _attach(text, "console", "TEXT")
+
+
+def attach_record(record: TestRecord) -> None:
+    """The running test's commands and rig events (one text, with durations and exit codes),
+    and a picture of each boot in it."""
+    lines = command_lines(record)
+    if lines:
+        _attach(lines, "commands", "TEXT")
+    for i, boot in enumerate(record.boots, 1):
+        _attach(timeline_svg.render(boot), f"boot timeline {i}", "SVG")
+
+
+def _attach(body: str, name: str, kind: str) -> None:
     try:
         import allure
     except ImportError:
         return
     with contextlib.suppress(Exception):  # allure installed but not active in this run
-        allure.attach(text, name="console", attachment_type=allure.attachment_type.TEXT)
+        allure.attach(body, name=name, attachment_type=getattr(allure.attachment_type, kind))
+
+
+def write_environment(folder: Path, info: SessionInfo) -> None:
+    """allure's environment.properties: the session's rig, device type, image, OS version."""
+    values = {"rig": info.rig, "device.type": info.device_type, "image": info.image,
+              "os.version": info.os_version}
+    lines = [f"{key}={_property(value)}" for key, value in values.items()]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "environment.properties").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _property(value: str) -> str:
+    """A value for a properties file: one line, its ``\\``, ``=`` and ``:`` escaped."""
+    return re.sub(r"([\\=:])", r"\\\1", clean(" ".join(value.split())))
 
 
 def _masked(obj: Any, depth: int = 0) -> Any:

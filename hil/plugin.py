@@ -6,17 +6,18 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from hil import allure_report, infra_report, redact
+from hil import allure_report, html_report, infra_report, record, redact
 from hil.config import RigConfig, load_rig
 from hil.console.log import EventKind, readable
 from hil.dut import Dut
-from hil.errors import ConfigError, InfraError
+from hil.errors import ConfigError, HilError, InfraError, brief
 from hil.rig import Rig
 from hil.session import HilSession, Options
 
@@ -32,6 +33,12 @@ EXIT_STATUS = pytest.StashKey[int]()  # config: the session's, once it finished
 ALLURE_MASK = pytest.StashKey[object | None]()  # config: masks what allure writes
 UNMASK_LOGS = pytest.StashKey[Callable[[], None]]()  # config: ends the masking of log records
 NEEDS_RECOVERY = pytest.StashKey[bool]()  # config: the last test failed or lost the shell
+RECORDS = pytest.StashKey[list[record.TestRecord]]()  # config: each test's, for the reports
+STARTED = pytest.StashKey[float]()  # config: time.time() at configure
+OS_VERSION = pytest.StashKey[str]()  # config: the device's, read once the session is up
+REPORT_PAGE = pytest.StashKey[Path]()  # config: the --hil-report page written
+RECORD = pytest.StashKey[record.TestRecord]()  # item: its record
+RECORD_FROM = pytest.StashKey[int]()  # item: console offset at its setup (0: it starts the rig)
 log = logging.getLogger(__name__)
 INFRA = ("hil", "infra")  # in a report's user_properties: the failure is a rig fault
 
@@ -68,6 +75,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      "`hil lab matrix RELEASE` [env HIL_LAB_RELEASE]")
     g.addoption("--no-flash", action="store_true",
                 help="boot what is on the board's storage now (skip image preparation and flash)")
+    g.addoption("--hil-report", default=None, metavar="DIR",
+                help="write one self-contained HTML page for the session into DIR: each "
+                     "test's outcome, error, console, commands and boot timelines")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -77,6 +87,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[RIG_CONFIG] = None
     config.stash[NEEDS_RECOVERY] = False
     config.stash[LAB] = None
+    config.stash[RECORDS] = []
+    config.stash[STARTED] = time.time()
     config.stash[ALLURE_MASK] = allure_report.start()
     config.stash[UNMASK_LOGS] = redact.mask_log_records()
     rig = config.getoption("--rig")
@@ -145,10 +157,26 @@ def hil_session(pytestconfig: pytest.Config, rig_config: RigConfig) -> Iterator[
     session = HilSession(rig_config, options)
     pytestconfig.stash[SESSION] = session
     session.start(what=f"pytest {' '.join(pytestconfig.invocation_params.args)}"[:200])
+    if _reporting(pytestconfig):
+        pytestconfig.stash[OS_VERSION] = _os_version(session)
     try:
         yield session
     finally:
         session.close()  # the object stays stashed for the terminal summary
+
+
+def _reporting(config: pytest.Config) -> bool:
+    return bool(config.getoption("--hil-report") or config.getoption("allure_report_dir", None))
+
+
+def _os_version(session: HilSession) -> str:
+    """The device's OS as its os-release names it, for the reports' headers."""
+    assert session.dut is not None
+    try:
+        release = session.dut.os.os_release()
+    except (HilError, AssertionError) as exc:
+        return f"unknown (os-release unreadable: {brief(str(exc))})"
+    return release.get("PRETTY_NAME") or release.get("VERSION") or "unknown (no PRETTY_NAME)"
 
 
 @pytest.fixture(scope="session")
@@ -202,8 +230,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         if cfg is not None and missing:
             pytest.skip(f"rig {cfg.name} lacks {', '.join(missing)}")
     session = item.config.stash.get(SESSION, None)
+    item.stash[RECORD_FROM] = 0  # the session starts in this test's setup: its boot included
     if session is not None and session.rig is not None:
-        item.stash[CONSOLE_AT] = session.rig.log.end
+        item.stash[CONSOLE_AT] = item.stash[RECORD_FROM] = session.rig.log.end
         session.rig.log.note(EventKind.TEST, item.nodeid)
 
 
@@ -234,6 +263,7 @@ def pytest_runtest_makereport(
     # captured output and logs too: a test may print what it read from the device
     report.sections = [(name, redact.text(content)) for name, content in report.sections]
     session = item.config.stash.get(SESSION, None)
+    _record(item, report, session)
     if session is None or session.rig is None:
         return
     start = item.stash.get(CONSOLE_AT, None)
@@ -248,6 +278,33 @@ def pytest_runtest_makereport(
         text = redact.text(readable(session.rig.log.text(start)))
         report.sections.append(("Captured console", text[-50000:] or "(no console output)"))
         allure_report.attach_console(text)
+        if item.config.getoption("--hil-report"):  # allure has it as an attachment already
+            item.stash[RECORD].console = text[-50000:]
+
+
+def _record(item: pytest.Item, report: pytest.TestReport, session: HilSession | None) -> None:
+    """Keep what the test did for the reports, once: its outcome and error as its phases end;
+    its commands, rig events and boots when its run ends (the call, or a setup that did not
+    pass)."""
+    rec = item.stash.get(RECORD, None)
+    if rec is None:
+        rec = item.stash[RECORD] = record.TestRecord(item.nodeid, "passed")
+        item.config.stash[RECORDS].append(rec)
+    rec.seconds += report.duration
+    if report.failed:
+        infra = any(tuple(prop) == INFRA for prop in report.user_properties)
+        rec.outcome = "infra" if infra else "failed" if report.when == "call" else "error"
+        rec.error = "\n\n".join(filter(None, (rec.error, record.clean(report.longreprtext))))
+    elif report.skipped:
+        rec.outcome = "skipped"
+        longrepr = report.longrepr
+        rec.error = record.clean(str(longrepr[2] if isinstance(longrepr, tuple) else longrepr))
+    if not (report.when == "call" or (report.when == "setup" and not report.passed)):
+        return
+    if session is not None and session.rig is not None:
+        rig = session.rig
+        record.of_span(rec, rig.log, rig.timeline, item.stash.get(RECORD_FROM, 0), rig.log.end)
+    allure_report.attach_record(rec)
 
 
 def pytest_report_teststatus(report: pytest.TestReport,
@@ -274,11 +331,40 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
         terminalreporter.section("pytest-hil rig")
         for line in session.report_lines():
             terminalreporter.line(line)
+    page = config.stash.get(REPORT_PAGE, None)
+    if page is not None:
+        terminalreporter.line(f"pytest-hil report: {page}")
+
+
+def _session_info(config: pytest.Config) -> record.SessionInfo:
+    cfg = config.stash.get(RIG_CONFIG, None)
+    if cfg is None:
+        return record.SessionInfo("(no rig)", "-", "-", "-")
+    image = "(as on the board: --no-flash)" if config.getoption("--no-flash") else \
+        str(config.getoption("--image") or cfg.image or "-")
+    return record.SessionInfo(cfg.name, cfg.device_type.slug, image,
+                              config.stash.get(OS_VERSION, "unknown (the device never came up)"))
+
+
+def _write_reports(config: pytest.Config) -> None:
+    worker = getattr(config, "workerinput", {}).get("workerid", "")
+    if not worker and config.getoption("numprocesses", None):
+        return  # pytest-xdist's controller: its workers ran the sessions, and report them
+    info = _session_info(config)
+    allure_dir = config.getoption("allure_report_dir", None)
+    if allure_dir:
+        allure_report.write_environment(Path(allure_dir), info)
+    folder = config.getoption("--hil-report")
+    if folder:
+        tests: list[record.TestRecord] = config.stash[RECORDS]
+        config.stash[REPORT_PAGE] = html_report.write(
+            Path(folder), info, tests, time.time() - config.stash[STARTED], worker)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # Infra errors are failures for the exit code: a green run must mean the rig worked too.
     session.config.stash[EXIT_STATUS] = exitstatus
+    _write_reports(session.config)
     if session.config.stash.get(RIG_CONFIG, None) is None:
         return
     tr = session.config.pluginmanager.get_plugin("terminalreporter")

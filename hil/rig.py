@@ -49,6 +49,9 @@ class Step:
     ok: bool
     detail: str = ""  # a failed step's whole error (the summary shows ``errors.brief`` of it)
     device_wait: bool = False  # waiting on the device (a shell, an installer), not hardware
+    at: int = 0  # console offset at its start: which test's span it is in
+    began: float = 0.0  # time.time() at its start
+    note: str = ""  # what a step that went well reports (a flash: throughput, verify)
 
 
 class Rig:
@@ -97,17 +100,20 @@ class Rig:
         return self.console.log
 
     @contextlib.contextmanager
-    def step(self, name: str, part: str, *, device_wait: bool = False) -> Iterator[None]:
-        """Time a step; a non-framework exception from a driver becomes an InfraError."""
+    def step(self, name: str, part: str, *, device_wait: bool = False) -> Iterator[Step]:
+        """Time a step (the caller may set its ``note``); a non-framework exception from a
+        driver becomes an InfraError."""
         t0 = time.monotonic()
+        step = Step(name, part, 0.0, True, device_wait=device_wait, at=self.log.end,
+                    began=time.time())
         self.log.note(EventKind.STEP, name)
 
         def record(ok: bool, detail: str = "") -> None:
-            self.timeline.append(Step(name, part, time.monotonic() - t0, ok, detail,
-                                      device_wait))
+            step.seconds, step.ok, step.detail = time.monotonic() - t0, ok, detail
+            self.timeline.append(step)
 
         try:
-            yield
+            yield step
         except HilError as exc:
             record(False, str(exc))
             raise
@@ -155,9 +161,10 @@ class Rig:
                 self.sd_mux.to_host()
         with self.step("wait for storage", "storage"):
             target = self.storage.target(self.config.timeouts.mux)
-        with self.step(f"flash {image.name} → {target}", "flash"):
+        with self.step(f"flash {image.name} → {target}", "flash") as step:
             self.flash_report = write_image(image, target, bmap=bmap,
                                             allow_fixed=self.storage.fixed)
+            step.note = self.flash_report.summary()
         if self.sd_mux is not None:
             with self.step("sd mux → board", "sd_mux"):
                 self.sd_mux.to_dut()

@@ -96,8 +96,10 @@ class SshShell:
         """Run ``command``: stdout and stderr merged like the console's, or apart
         (``merge=False``). A command whose channel could not be opened is retried once on a
         fresh connection; one that started is never re-run."""
-        with self.rig.log.tally.timing("ssh"):
-            return self._run(command, timeout, stdin, connect_timeout, merge)
+        with self.rig.log.tally.timing("ssh"), self.rig.log.command("ssh", command) as record:
+            result = self._run(command, timeout, stdin, connect_timeout, merge)
+            record.exit_code = result.exit_code
+            return result
 
     def _run(self, command: str, timeout: float, stdin: bytes | None,
              connect_timeout: float, merge: bool) -> Result:

@@ -7,9 +7,13 @@ board rebooted under me".
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import re
 import threading
 import time
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -19,7 +23,7 @@ from pexpect.expect import searcher_re
 
 from hil import redact
 from hil.deadline import WaitTally
-from hil.errors import DeadlineError, InfraError
+from hil.errors import DeadlineError, InfraError, brief
 
 # Lines that mean "the board (re)started" or "the kernel died", across bootloaders.
 BOOT_MARKERS = re.compile(
@@ -28,6 +32,9 @@ PANIC_MARKER = re.compile(rb"Kernel panic - not syncing[^\r\n]*")
 # The kernel prints these at emergency level, so they show even with ``quiet``.
 RESET_MARKER = re.compile(rb"reboot: (?:Restarting system|Power down|System halted)")
 SCAN_OVERLAP = 64  # bytes re-scanned across chunk borders so a marker split in two is found
+# a chunk's arrival is kept when it came this long after the last one kept: a boot's steps are
+# timed to that, and a long session's index stays small
+TIME_RESOLUTION = 0.005
 # Terminal control sequences (colours, cursor moves, queries such as ESC[6n, window titles),
 # which a systemd boot and line editors print a lot, and the other control characters bar
 # newline and tab: noise for a reader of a report, and invalid in XML.
@@ -69,6 +76,20 @@ class Event:
     text: str
 
 
+@dataclass
+class CommandRun:
+    """A command run on the device (over the console's shell or SSH), for the reports. The
+    command is kept as typed; the reports mask it (``hil.record``)."""
+
+    transport: str  # "console" or "ssh"
+    command: str
+    at: int  # console offset when it was sent
+    began: float  # time.time()
+    seconds: float = 0.0
+    exit_code: int | None = None  # None: it did not finish (``error`` says why)
+    error: str = ""
+
+
 class ConsoleLog:
     def __init__(self, path: Path | None = None, max_bytes: int = 64 * 1024 * 1024, *,
                  rig: str = "") -> None:
@@ -84,6 +105,10 @@ class ConsoleLog:
         self.down: str | None = None  # the connection dropped and is not back (yet)
         self.lost: str | None = None  # it did not come back in time: waiters fail at once
         self.tally = WaitTally()  # time blocked in wait_for (and over SSH, see hil.os)
+        self.commands: list[CommandRun] = []  # every command run on the device, in order
+        # when each chunk arrived: (offset, time.time()), at TIME_RESOLUTION
+        self._chunk_at = array("q")
+        self._chunk_when = array("d")
 
     # --- writer side (the reader thread) ----------------------------------------------------
     def append(self, data: bytes) -> None:
@@ -91,6 +116,9 @@ class ConsoleLog:
         with self._cond:
             start = self.end
             scan_from = max(self._base, start - SCAN_OVERLAP)
+            if not self._chunk_when or now - self._chunk_when[-1] >= TIME_RESOLUTION:
+                self._chunk_at.append(start)
+                self._chunk_when.append(now)
             self._buf += data
             if self._file:
                 self._file.write(self._masked.feed(data))
@@ -144,6 +172,29 @@ class ConsoleLog:
 
     def _event_locked(self, offset: int, when: float, kind: EventKind, text: str) -> None:
         self.events.append(Event(offset, when, kind, text))
+
+    @contextlib.contextmanager
+    def command(self, transport: str, command: str) -> Iterator[CommandRun]:
+        """Record a command run on the device; the caller sets ``exit_code`` once it has it.
+        One that raises is recorded with the error's first line."""
+        run = CommandRun(transport, command, self.end, time.time())
+        t0 = time.monotonic()
+        try:
+            yield run
+        except BaseException as exc:
+            run.error = brief(str(exc)) or type(exc).__name__
+            raise
+        finally:
+            run.seconds = time.monotonic() - t0
+            with self._cond:
+                self.commands.append(run)
+
+    def time_at(self, offset: int) -> float | None:
+        """When the byte at ``offset`` arrived (time.time(), to ``TIME_RESOLUTION``); None
+        before the first byte."""
+        with self._cond:
+            i = bisect.bisect_right(self._chunk_at, offset) - 1
+            return self._chunk_when[i] if i >= 0 else None
 
     # --- reader side --------------------------------------------------------------------------
     @property

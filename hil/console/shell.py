@@ -212,6 +212,12 @@ class ConsoleShell:
 
     # --- commands -------------------------------------------------------------------------------
     def run(self, command: str, timeout: float = 60.0) -> Result:
+        with self.log.command("console", command) as record:
+            result = self._run(command, timeout)
+            record.exit_code = result.exit_code
+            return result
+
+    def _run(self, command: str, timeout: float) -> Result:
         if self._ready_at is not None:
             booted = self.log.events_since(self._ready_at)
             if booted:

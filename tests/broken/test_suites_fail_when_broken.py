@@ -8,21 +8,14 @@ lock on :123.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from hil.cache import runtime_dir
-from hil.lock import lock_dir
+from tests.own_rig import run_on_own_rig
 
 pytestmark = pytest.mark.qemu
-REPO = Path(__file__).resolve().parents[2]
 
 
 def run_broken(tmp_path: Path, breaks: str, args: list[str], *, boot_timeout: int = 0,
@@ -31,31 +24,11 @@ def run_broken(tmp_path: Path, breaks: str, args: list[str], *, boot_timeout: in
     """(exit code, whole output, the FAILED/ERROR summary lines) of the suite run broken.
     ``boot_timeout``: a short boot deadline, so a missing reboot is reported in a minute;
     ``target``: settings of the QEMU board that differ from the rig's."""
-    if shutil.which("qemu-system-aarch64") is None:
-        pytest.skip("no qemu-system-aarch64")
-    rigs = tmp_path / "rigs"
-    rigs.mkdir(parents=True)
-    name = f"neg-{os.getpid()}-{tmp_path.name}"[:60]  # a rig of its own: no queue, no reuse
-    rig = yaml.safe_load((REPO / "rigs" / "qemu-aarch64.yaml").read_text())
-    if boot_timeout:
-        rig["timeouts"] = {"boot": boot_timeout}
-    rig["target"].update(target or {})
-    (rigs / f"{name}.yaml").write_text(yaml.safe_dump(rig))
-    # (the default runtime directory: QEMU's socket paths under tmp_path get too long)
-    env = {**os.environ, "HIL_BREAK": breaks, "COLUMNS": "400"}  # untruncated summary
-    env.pop("HIL_RIG", None)
-    try:
-        run = subprocess.run(
-            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p",
-             "tests.broken.break_os", f"--rigs-dir={rigs}", f"--rig={name}", "-rfE", "-v",
-             *args],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    finally:
-        (lock_dir() / f"{name}.lock").unlink(missing_ok=True)
-        shutil.rmtree(runtime_dir("rigs", name), ignore_errors=True)
-    out = run.stdout + run.stderr
+    code, out = run_on_own_rig(tmp_path, ["-p", "tests.broken.break_os", *args],
+                               env={"HIL_BREAK": breaks}, boot_timeout=boot_timeout,
+                               timeout=timeout, target=target)
     failed = "\n".join(ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR")))
-    return run.returncode, out, failed
+    return code, out, failed
 
 
 def test_provisioning_suite_fails_on_a_leaked_key_a_wrong_hostname_and_ignored_dns(

@@ -71,11 +71,11 @@ def test_no_secret_in_any_artifact_of_a_session(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     env = dict(os.environ, HIL_LOCK_DIR=str(tmp_path / "locks"), HIL_RUNTIME_DIR=str(run_dir))
     env.pop("HIL_RIG", None)
-    junit, allure = tmp_path / "junit.xml", tmp_path / "allure"
+    junit, allure, pages = tmp_path / "junit.xml", tmp_path / "allure", tmp_path / "report"
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "--rig=qemu-aarch64",
          f"--config-json={config_json}", f"--junitxml={junit}", "-o", "junit_logging=all",
-         f"--alluredir={allure}", f"--log-file={tmp_path / 'run.log'}",
+         f"--alluredir={allure}", f"--hil-report={pages}", f"--log-file={tmp_path / 'run.log'}",
          "--log-file-level=DEBUG", "--log-cli-level=WARNING", str(REPO / "suites" / "smoke"),
          str(tmp_path / "test_leaky.py")],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -95,6 +95,8 @@ def test_no_secret_in_any_artifact_of_a_session(tmp_path: Path) -> None:
     assert sorted(allure.iterdir()), "allure wrote no results"
     for path in sorted(allure.iterdir()):
         artifacts[f"allure's {path.name}"] = path.read_bytes()
+    [page] = pages.iterdir()
+    artifacts["the --hil-report page"] = page.read_bytes()
     # the rest the session left (sockets apart); not the board's disk, whose config.json holds
     # the keys by design, nor the session's own key pair
     for path in sorted(run_dir.rglob("*")):
