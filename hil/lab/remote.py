@@ -12,6 +12,7 @@ import base64
 import binascii
 import contextlib
 import json
+import logging
 import os
 import shlex
 import time
@@ -24,6 +25,7 @@ from hil.deadline import Deadline
 from hil.flash.writer import FlashReport
 from hil.registry import PartContext, Settings
 
+log = logging.getLogger(__name__)
 KEY_ENV = "HIL_LAB_SSH_KEY"
 
 
@@ -187,9 +189,11 @@ class BenchStorage:
         except (ValueError, TypeError, IndexError) as exc:
             raise self.ctx.error(f"the bench host's flash report is unreadable ({exc}): "
                                  f"{out[-300:]!r}") from None
-        return remote._replace(image=str(image),
-                               target=f"{self.link.settings.host}:{remote.target}",
-                               seconds=max(remote.seconds, time.monotonic() - t0))
+        report = remote._replace(image=str(image),
+                                 target=f"{self.link.settings.host}:{remote.target}",
+                                 seconds=max(remote.seconds, time.monotonic() - t0))
+        log.info("%s", report.summary())
+        return report
 
     def close(self) -> None:
         self.link.close()
