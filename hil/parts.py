@@ -5,7 +5,7 @@ console is a pyserial URL), so there is no protocol for them."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -41,6 +41,18 @@ class Storage(Protocol):
         """The file or block device to write the image to, once it is there."""
         ...
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class RemoteStorage(Protocol):
+    """A medium that another host writes (a lab bench host): ``Rig.flash`` hands it the image
+    instead of writing a local ``target``."""
+
+    where: str  # the medium, as the timeline names it
+
+    def write(self, image: Path, bmap: Path | None, timeout: float) -> Any:
+        """Write and verify; the writer's ``FlashReport``."""
+        ...
 
 
 @runtime_checkable

@@ -34,9 +34,11 @@ BUILTIN: dict[tuple[str, str], str] = {
     ("sd_mux", "usbsdmux"): "hil.mux.usbsdmux:UsbSdMux",
     ("sd_mux", "sdwire"): "hil.mux.sdwire:SdWire",
     ("sd_mux", "virtual"): "hil.mux.virtual:VirtualMux",
+    ("sd_mux", "lab"): "hil.lab.remote:BenchMux",
     ("console", "serial"): "hil.console.serial:SerialConsole",
     ("storage", "block"): "hil.storage:BlockStorage",
     ("storage", "file"): "hil.storage:FileStorage",
+    ("storage", "lab"): "hil.lab.remote:BenchStorage",
     ("network", "ssh"): "hil.network:SshNetwork",
 }
 

@@ -24,7 +24,7 @@ from hil.config import RigConfig
 from hil.console.log import ConsoleLog, EventKind, StopEvent
 from hil.console.serial import SerialConsole
 from hil.errors import DeviceError, HilError, InfraError
-from hil.parts import Network, Power, SdMux, Storage
+from hil.parts import Network, Power, RemoteStorage, SdMux, Storage
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +159,17 @@ class Rig:
         if self.sd_mux is not None:
             with self.step("sd mux → host", "sd_mux"):
                 self.sd_mux.to_host()
-        with self.step("wait for storage", "storage"):
-            target = self.storage.target(self.config.timeouts.mux)
-        with self.step(f"flash {image.name} → {target}", "flash") as step:
-            self.flash_report = write_image(image, target, bmap=bmap,
-                                            allow_fixed=self.storage.fixed)
-            step.note = self.flash_report.summary()
+        if isinstance(self.storage, RemoteStorage):  # written where it is wired
+            with self.step(f"flash {image.name} → {self.storage.where}", "storage") as step:
+                self.flash_report = self.storage.write(image, bmap, self.config.timeouts.flash)
+                step.note = self.flash_report.summary()
+        else:
+            with self.step("wait for storage", "storage"):
+                target = self.storage.target(self.config.timeouts.mux)
+            with self.step(f"flash {image.name} → {target}", "flash") as step:
+                self.flash_report = write_image(image, target, bmap=bmap,
+                                                allow_fixed=self.storage.fixed)
+                step.note = self.flash_report.summary()
         if self.sd_mux is not None:
             with self.step("sd mux → board", "sd_mux"):
                 self.sd_mux.to_dut()

@@ -71,6 +71,7 @@ class ImageSource:
 
     format = "raw"
     seekable = False
+    local = True  # ``path`` is a file here (a streamed image only names where it comes from)
 
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -416,7 +416,7 @@ def flash(source: str | os.PathLike[str] | ImageSource, target: str | os.PathLik
                               file=bm.source)
         expected = bm.image_size if bm else (src.size or src.min_size or None)
         t = check_target(target, image_size=expected, allow_fixed=allow_fixed,
-                         source=src.path)
+                         source=src.path if src.local else None)
         tio = TargetIO(t)
         try:
             return _run(src, bm, t, tio, expected or 0, verify, zero_fill, progress, display,

@@ -9,15 +9,18 @@ daemons the drivers already speak:
   (``RIG.leaseN``, outlet 1): a request with a stale epoch names a PDU that does not exist
   and is refused (HTTP 500); each switch runs the rig's own power driver here, after the lab
   database confirmed that epoch is the rig's live lease,
-- SSH to the board: a TCP forward to the rig's ``network:`` address.
+- SSH to the board: a TCP forward to the rig's ``network:`` address,
+- the SD mux and flashing: through this host's SSH server, where a session runs ``hil lab mux``
+  and ``hil lab flash`` (``hil.lab.benchops``), which ask this agent (its control socket) to
+  check the lease's epoch against the lab database and to drive the rig's own mux and storage;
+  the image is written here by ``hil.flash.writer``.
 
 What it registers for each rig is an ordinary rig file pointing at those endpoints (written to
 ``$HIL_RUNTIME_DIR/lab/served/RIG.yaml``), so a session runs the same drivers remotely as
 locally. The endpoints exist only while a lease on the rig is live: when it ends (released,
 expired, kicked) the agent stops the rig's ser2net, pdudaemon and forward, which cuts the
-session's connections, then cleans the rig through its local drivers. SD mux and flashing
-are not served: the board boots what its card holds (sessions run with ``--no-flash``), and
-cleaning leaves the card in the board.
+session's connections, then cleans the rig through its local drivers (power off, the mux
+off, as a session's end).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
+import shlex
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -42,6 +48,7 @@ from hil.emu.pdu import PduDaemonRunner, ctl_command
 from hil.emu.ser2net import Ser2Net
 from hil.errors import ConfigError, InfraError
 from hil.lab import db, host
+from hil.lab.benchops import AGENT_ENV
 from hil.lab.checks import Checker, Policy
 from hil.lab.forward import Forward
 from hil.lab.leases import Grant
@@ -65,6 +72,29 @@ class Ports:
 
     def of(self, index: int) -> tuple[int, int, int]:
         return self.base + 3 * index, self.base + 3 * index + 1, self.base + 3 * index + 2
+
+
+@dataclass(frozen=True)
+class SshAccess:
+    """How sessions reach this host's SSH server, to switch a rig's SD mux and flash it: the
+    lab's login here, the port, and the host's public key line (sessions check it)."""
+
+    user: str
+    port: int = 22
+    host_key: str | None = None
+
+    def part(self, address: str, rig: str, control: Path) -> dict[str, Any]:
+        """The ``{driver: lab}`` settings of a served rig's sd_mux and storage. Their command
+        runs this agent's ``hil lab`` (its Python, its import path) with its control socket."""
+        env = [f"{AGENT_ENV}={control}"] + (
+            [f"PYTHONPATH={os.environ['PYTHONPATH']}"] if os.environ.get("PYTHONPATH") else [])
+        out: dict[str, Any] = {
+            "driver": "lab", "host": address, "port": self.port, "user": self.user,
+            "command": shlex.join(["env", *env, sys.executable, "-m", "hil.cli", "lab"]),
+            "rig": rig, "epoch": LEASE_EPOCH}
+        if self.host_key:
+            out["host_key"] = self.host_key
+        return out
 
 
 def _console_tty(cfg: RigConfig, runtime: Path) -> Path | None:
@@ -107,7 +137,7 @@ class ServedRig:
     """One rig of this host: its local parts, its endpoints while a lease is live."""
 
     def __init__(self, cfg: RigConfig, index: int, ports: Ports, host_name: str,
-                 control: Path) -> None:
+                 control: Path, ssh: SshAccess | None = None) -> None:
         _check(cfg)
         self.cfg, self.name = cfg, cfg.name
         self.runtime = runtime_dir("rigs", cfg.name)  # the local drivers' (as a session's)
@@ -118,6 +148,8 @@ class ServedRig:
             net.settings, SshNetworkSettings) else None
         self.console_port, self.pdu_port, self.ssh_port = ports.of(index)
         self.ports, self.host_name, self.control = ports, host_name, control
+        # the SD mux and flashing: served over SSH when the rig has both here
+        self.ssh = ssh if {"sd_mux", "storage"} <= set(cfg.parts) else None
         self.rig: Rig | None = None  # the local parts, once started
         self.epoch: int | None = None  # the lease whose endpoints are open
         self.expires: float = 0.0  # monotonic: when that lease runs out unless renewed
@@ -146,6 +178,9 @@ class ServedRig:
         if self.network is not None:
             out["network"] = {"driver": "ssh", "host": self.ports.address, "port": self.ssh_port,
                               "host_address": self.network.host_address}
+        if self.ssh is not None:
+            out["sd_mux"] = out["storage"] = self.ssh.part(self.ports.address, self.name,
+                                                           self.control)
         head = (f"# {self.name} as the lab reaches it: served by `hil lab agent "
                 f"{self.host_name}` (generated; edit {self.cfg.source.name} on the bench host)\n")
         return head + yaml.safe_dump(out, sort_keys=False)
@@ -229,23 +264,41 @@ class ServedRig:
             (self.rig.power.on if on else self.rig.power.off)()
 
     def clean(self) -> None:
-        """After a lease: power off; the card stays in the board (it is not flashed remotely)."""
+        """After a lease: power off and the mux off, as a session's end leaves a local rig (the
+        next session gives the card to the board, flashed or not)."""
         assert self.rig is not None
         with self.lock:
             self.rig.power.off()
             if self.rig.sd_mux is not None:
-                self.rig.sd_mux.to_dut()
+                self.rig.sd_mux.off()
+
+    def mux(self, position: str) -> None:
+        assert self.rig is not None
+        if self.rig.sd_mux is None:
+            raise ValueError(f"{self.name} has no sd_mux")
+        with self.lock:
+            {"host": self.rig.sd_mux.to_host, "dut": self.rig.sd_mux.to_dut,
+             "off": self.rig.sd_mux.off}[position]()
+
+    def storage(self) -> str:
+        """The card's block device or file, once the host sees it: "fixed|removable PATH"."""
+        assert self.rig is not None
+        if self.rig.storage is None:
+            raise ValueError(f"{self.name} has no storage")
+        with self.lock:
+            target = self.rig.storage.target(self.cfg.timeouts.mux)
+        return f"{'fixed' if self.rig.storage.fixed else 'removable'} {target}"
 
 
 class Agent:
     def __init__(self, dsn: str, name: str, rig_files: Sequence[str], ports: Ports, *,
                  labels: Sequence[str] = (), interval: float = 10.0,
-                 checks: Policy | None = None) -> None:
+                 checks: Policy | None = None, ssh: SshAccess | None = None) -> None:
         self.dsn, self.name, self.ports = dsn, name, ports
         self.labels, self.interval, self.checks = list(labels), interval, checks
         configs = sorted((load_rig(f) for f in rig_files), key=lambda c: c.name)
         self.sock = runtime_dir("lab") / f"agent-{name}.sock"
-        self.rigs = {c.name: ServedRig(c, i, ports, name, self.sock)
+        self.rigs = {c.name: ServedRig(c, i, ports, name, self.sock, ssh)
                      for i, c in enumerate(configs)}
         self.stack = contextlib.ExitStack()
 
@@ -332,22 +385,40 @@ class Agent:
         served.close()  # never clean a rig a session still reaches
         served.clean()
 
-    # --- pdudaemon's switches -------------------------------------------------------------------
+    # --- the control socket: pdudaemon's switches, ``hil lab mux|flash`` ----------------------
     def _control(self, words: list[str]) -> str:
-        """``power RIG EPOCH 1 on|off`` from pdudaemon: switch if EPOCH is the rig's live lease
-        (pdudaemon ignores a command's exit status: a refusal here only prevents the switch,
-        and is logged; what refuses a stale request to its face is pdudaemon's unknown PDU)."""
-        if len(words) != 5 or words[0] != "power" or words[3] != "1" or \
-                words[4] not in ("on", "off"):
+        """``power RIG EPOCH 1 on|off`` from pdudaemon, ``mux RIG EPOCH host|dut|off``,
+        ``storage RIG EPOCH`` and ``flashed RIG EPOCH MB/S`` from ``hil lab mux|flash``: done
+        only if EPOCH is the rig's live lease (the lab database's word)."""
+        shapes = {"power": 5, "mux": 4, "storage": 3, "flashed": 4}
+        if len(words) < 3 or shapes.get(words[0]) != len(words) or (
+                words[0] == "power" and (words[3] != "1" or words[4] not in ("on", "off"))) or (
+                words[0] == "mux" and words[3] not in ("host", "dut", "off")):
             raise ValueError(f"unknown request {' '.join(words)!r}")
-        rig, epoch, action = words[1], words[2], words[4]
+        what, rig, epoch = words[0], words[1], words[2]
         served = self.rigs.get(rig)
         if served is None:
             raise ValueError(f"{rig} is not served here")
         refused = self.stale(rig, epoch)
         if refused:
-            log.warning("%s: power %s refused: %s", rig, action, refused)
+            log.warning("%s: %s refused: %s", rig, " ".join([what, *words[3:]]), refused)
             raise ValueError(refused)
+        if what == "mux":
+            served.mux(words[3])
+            log.info("%s: sd mux %s (lease epoch %s)", rig, words[3], epoch)
+            return "ok"
+        if what == "storage":
+            return "ok " + served.storage()
+        if what == "flashed":
+            log.info("%s: flashed and verified at %s MB/s (lease epoch %s)", rig, words[3],
+                     epoch)
+            return "ok"
+        return self._power(served, epoch, words[4])
+
+    def _power(self, served: ServedRig, epoch: str, action: str) -> str:
+        """pdudaemon ignores a command's exit status: a refusal only prevents the switch, and is
+        logged; what refuses a stale power request to its face is pdudaemon's unknown PDU."""
+        rig = served.name
         try:
             served.power(action == "on")
         except Exception as exc:
@@ -378,10 +449,10 @@ class Agent:
 
 def serve(dsn: str, name: str, rig_files: Sequence[str], ports: Ports, *,
           labels: Sequence[str] = (), interval: float = 10.0, checks: Policy | None = None,
-          stop: threading.Event | None = None) -> None:
+          ssh: SshAccess | None = None, stop: threading.Event | None = None) -> None:
     """Run the agent until ``stop`` is set (or SIGTERM/Ctrl-C); everything it started stops."""
     agent = Agent(dsn, name, rig_files, ports, labels=labels, interval=interval,
-                  checks=checks).start()
+                  checks=checks, ssh=ssh).start()
     try:
         agent.run(stop)
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from pathlib import Path
 from typing import Any
 
 from hil.errors import ConfigError
@@ -66,7 +67,25 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--label", action="append", default=[], help="an extra label (repeatable)")
     p.add_argument("rigs", nargs="*", help="rig names or files, right after NAME (default: "
                    "every rig in ./rigs that can be served)")
+    p.add_argument("--ssh-user", help="serve each rig's SD mux and flashing over this host's "
+                   "SSH server: the lab's login here (sessions need its key)")
+    p.add_argument("--ssh-port", type=int, default=22, help="this host's SSH port")
+    p.add_argument("--ssh-host-key", metavar="FILE", help="this host's public key file "
+                   "(/etc/ssh/ssh_host_ed25519_key.pub): sessions check it; else they check "
+                   "their known_hosts")
     _check_options(p)
+    for name, help in (("mux", "switch a served rig's SD mux (host, dut, off)"),
+                       ("flash", "write the image on stdin to a served rig's card")):
+        p = command(name, f"on a bench host, run by a session over SSH: {help}; refused "
+                    "unless EPOCH is the rig's live lease", cmd_bench)
+        p.add_argument("rig")
+        p.add_argument("--epoch", type=int, required=True, help="the session's lease")
+        if name == "mux":
+            p.add_argument("position", choices=("host", "dut", "off"))
+        p.add_argument("--agent", metavar="SOCKET", help="the agent's control socket "
+                       "[env HIL_LAB_AGENT]")
+        p.add_argument("--timeout", type=float, default=120.0, help="seconds for the agent "
+                       "to switch the mux or find the card")
 
 
 def _check_options(p: argparse.ArgumentParser) -> None:
@@ -229,7 +248,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     import signal
 
     from hil.config import list_rigs
-    from hil.lab.agent import Ports, servable, serve
+    from hil.lab.agent import Ports, SshAccess, servable, serve
 
     rigs = args.rigs or [str(p) for p in list_rigs() if servable(p)]
     if not rigs:
@@ -239,9 +258,28 @@ def cmd_agent(args: argparse.Namespace) -> int:
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt("SIGTERM")
 
+    ssh = None
+    if args.ssh_user:
+        key = None
+        if args.ssh_host_key:
+            try:
+                key = " ".join(Path(args.ssh_host_key).read_text().split()[:2])
+            except OSError as exc:
+                raise ConfigError(f"cannot read it: {exc.strerror}", file=args.ssh_host_key,
+                                  key="--ssh-host-key") from None
+        ssh = SshAccess(args.ssh_user, args.ssh_port, key)
     signal.signal(signal.SIGTERM, stop)  # a service stop ends as Ctrl-C: rigs off, daemons gone
     with contextlib.suppress(KeyboardInterrupt):
         serve(db.dsn_from(args.db), args.name, rigs,
               Ports(args.address, args.port_base), labels=args.label,
-              interval=args.interval, checks=_policy(args))
+              interval=args.interval, checks=_policy(args), ssh=ssh)
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import os
+
+    from hil.lab.benchops import AGENT_ENV, run
+
+    return run(args.agent or os.environ.get(AGENT_ENV), args.rig, args.epoch,
+               getattr(args, "position", None), args.timeout)

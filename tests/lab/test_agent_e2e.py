@@ -1,16 +1,19 @@
 """The lab end to end: a throwaway PostgreSQL, two bench hosts as network namespaces (veth pairs,
 addresses of their own), each running ``hil lab agent`` with one emulated RPi 3 bench (a QEMU
 board behind a relay board on a pty, its UART on a pty, a virtual SD mux holding the reference
-OS), and a CI side that reaches them only over the network. The agents check their new rigs
-by themselves (power on, U-Boot's banner) before the pool gives them jobs. ``pytest
---rig=pool:... -n 2 suites/smoke`` passes across both, then a lease ended by ``hil lab release``
+OS) and an SSH server (dropbear) for the SD mux and flashing, and a CI side that reaches them
+only over the network. The agents check their new rigs by themselves (power on, U-Boot's
+banner) before the pool gives them jobs. ``pytest --rig=pool:... -n 2 suites/smoke`` flashes
+the reference OS onto both over SSH and passes, then a lease ended by ``hil lab release``
 while a session holds it closes that rig's endpoints and the session stops with an INFRA error;
-and a session whose rig's relay goes silent continues on the other rig, while the silent one
-fails its health check and ends *bad*."""
+a flash and a mux switch with a stale epoch are refused without touching the card; and a
+session whose rig's relay goes silent continues on the other rig, while the silent one fails
+its health check and ends *bad*."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -26,8 +29,12 @@ from pathlib import Path
 import pytest
 
 from hil.deadline import wait_until
-from hil.lab import db, scratch
-from tests.lab.helpers import rig_row
+from hil.errors import InfraError
+from hil.lab import db, leases, scratch
+from hil.lab.rigs import rig_config
+from hil.parts import RemoteStorage
+from hil.rig import Rig
+from tests.lab.helpers import done, rig_row
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVICE_TYPE = "generic-aarch64"
@@ -35,8 +42,10 @@ CARD_SIZE = 2 * 1024**3
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or scratch.binaries() is None or not all(
-        shutil.which(b) for b in ("ip", "ser2net", "qemu-system-aarch64")),
-    reason="needs root (network namespaces), PostgreSQL, ser2net and qemu-system-aarch64")
+        shutil.which(b) for b in ("ip", "ser2net", "qemu-system-aarch64", "dropbear",
+                                  "unshare")),
+    reason="needs root (network namespaces), PostgreSQL, ser2net, dropbear and "
+           "qemu-system-aarch64")
 
 # A bench host's rig file: the parts as wired on the bench (relay on a tty, the UART's tty,
 # an SD mux), the hardware behind them emulated (hil.emu).
@@ -46,7 +55,8 @@ image: refos
 power_off_time: 0.5
 power: {{driver: serial-relay, port: relay-tty, channel: 1, normally: open, status: query}}
 console: {{driver: serial, url: console-tty}}
-sd_mux: {{driver: virtual, image: card.img, size: {size}, host_side: loop}}
+sd_mux: {{driver: virtual, image: {rig}-card.img, size: {size}, host_side: loop}}
+storage: {{driver: block, match: {{"ATTR{{loop/backing_file}}": "*/{rig}-card.img"}}, fixed: true}}
 network: {{driver: ssh, host: 127.0.0.1, port: 22301, host_address: 10.0.2.2}}
 emulator:
   board: {{memory: 512}}
@@ -115,6 +125,7 @@ class BenchHost:
     subnet: str  # 10.x.y
     dir: Path
     agent: subprocess.Popen[bytes] | None = None
+    dropbear: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
@@ -145,7 +156,38 @@ class BenchHost:
                 raise AssertionError(f"the agent of {self.name} ignored SIGTERM for 30s"
                                      ) from None
 
+    def sshd(self, client_pub: str) -> None:
+        """dropbear on the host's address, root's logins checked against ``client_pub``: in a
+        mount namespace of its own whose /etc/passwd gives root a home in the test's
+        directory (the machine's own root account is not touched)."""
+        home = self.dir / "home"
+        (home / ".ssh").mkdir(parents=True, mode=0o700)
+        (home / ".ssh" / "authorized_keys").write_text(client_pub + "\n")
+        passwd = self.dir / "passwd"
+        passwd.write_text("".join(
+            f"root:x:0:0:root:{home}:/bin/sh\n" if line.startswith("root:") else line
+            for line in Path("/etc/passwd").read_text().splitlines(keepends=True)))
+        subprocess.run(["dropbearkey", "-t", "ed25519", "-f", str(self.dir / "host_key")],
+                       check=True, capture_output=True, timeout=30)
+        pub = subprocess.run(["dropbearkey", "-y", "-f", str(self.dir / "host_key")],
+                             check=True, capture_output=True, text=True, timeout=30).stdout
+        self.host_key.write_text(next(ln for ln in pub.splitlines() if ln.startswith("ssh-")))
+        with (self.dir / "sshd.log").open("wb") as out:
+            self.dropbear = subprocess.Popen(
+                ["ip", "netns", "exec", self.netns, "unshare", "-m", "sh", "-c",
+                 'mount --bind "$0" /etc/passwd && exec dropbear -F -E -s -m -r "$1" -p "$2" '
+                 '-P "$3"', str(passwd), str(self.dir / "host_key"), f"{self.address}:22",
+                 str(self.dir / "sshd.pid")],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def host_key(self) -> Path:
+        return self.dir / "host_key.pub"
+
     def down(self) -> None:
+        if self.dropbear is not None:
+            self.dropbear.terminate()
+            self.dropbear.wait(10)
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, timeout=30)
         subprocess.run(["ip", "link", "del", self.veth], capture_output=True, timeout=30)
 
@@ -153,27 +195,32 @@ class BenchHost:
         """The rig file, and the reference OS on the rig's card, in the board."""
         runtime = self.dir / "run" / "rigs" / self.rig
         runtime.mkdir(parents=True)
-        subprocess.run(["cp", "--sparse=always", str(card), str(runtime / "card.img")],
-                       check=True, timeout=120)
-        os.truncate(runtime / "card.img", CARD_SIZE)
-        (runtime / "card.img.mux").write_text("dut\n")
+        subprocess.run(["cp", "--sparse=always", str(card), str(self.card)], check=True,
+                       timeout=120)
+        os.truncate(self.card, CARD_SIZE)
         rig = self.dir / f"{self.rig}.yaml"
-        rig.write_text(BENCH_RIG.format(host=self.name, size=CARD_SIZE))
+        rig.write_text(BENCH_RIG.format(host=self.name, size=CARD_SIZE, rig=self.rig))
         return rig
+
+    @property
+    def card(self) -> Path:
+        return self.dir / "run" / "rigs" / self.rig / f"{self.rig}-card.img"
 
     @property
     def emu_socket(self) -> Path:
         """The emulated bench's control socket (``relay mute``)."""
         return self.dir / "run" / "rigs" / self.rig / "emu.sock"
 
-    def start(self, dsn: str, rig: Path, check: Path) -> None:
+    def start(self, dsn: str, rig: Path, check: Path, key: Path) -> None:
         env = {**os.environ, "HIL_LAB_DB": dsn, "HIL_RUNTIME_DIR": str(self.dir / "run"),
-               "HIL_LOCK_DIR": str(self.dir / "locks"), "PYTHONPATH": str(ROOT)}
+               "HIL_LOCK_DIR": str(self.dir / "locks"), "PYTHONPATH": str(ROOT),
+               "HIL_LAB_SSH_KEY": str(key)}  # its health checks switch the mux over SSH too
         with self.log.open("wb") as out:
             self.agent = subprocess.Popen(
                 ["ip", "netns", "exec", self.netns, sys.executable, "-m", "hil.cli", "lab",
                  "agent", self.name, str(rig), "--address", self.address, "--interval", "2",
-                 "--health-check", f"{sys.executable} {check}"],
+                 "--health-check", f"{sys.executable} {check}", "--ssh-user", "root",
+                 "--ssh-host-key", str(self.host_key)],
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def check(self) -> None:
@@ -184,10 +231,10 @@ class BenchHost:
 
 @pytest.fixture(scope="module")
 def lab_hosts(tmp_path_factory: pytest.TempPathFactory
-              ) -> Iterator[tuple[str, list[BenchHost]]]:
+              ) -> Iterator[tuple[str, list[BenchHost], Path]]:
     """Two bench hosts in namespaces, a database they reach over their veths; yields the CI
-    side's DSN and the hosts, their agents running with the rigs registered and made good by
-    the agents' own health checks."""
+    side's DSN, the hosts and the CI side's SSH key for them, their agents running with the
+    rigs registered and made good by the agents' own health checks."""
     tmp_path = tmp_path_factory.mktemp("lab")
     check = tmp_path / "health_check.py"
     check.write_text(HEALTH_CHECK)
@@ -202,11 +249,15 @@ def lab_hosts(tmp_path_factory: pytest.TempPathFactory
         server = stack.enter_context(scratch.server(listen=[f"{h.subnet}.1/24" for h in hosts]))
         dsn = scratch.database(server, f"lab_{uuid.uuid4().hex[:12]}")
         card = _reference_os_card(tmp_path)
+        key = tmp_path / "ci_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                       check=True, timeout=30)
         for h in hosts:
             h.dir.mkdir()
             rig = h.prepare(card)
+            h.sshd(key.with_suffix(".pub").read_text().strip())
             stack.callback(h.stop)
-            h.start(dsn.replace("host=127.0.0.1", f"host={h.subnet}.1"), rig, check)
+            h.start(dsn.replace("host=127.0.0.1", f"host={h.subnet}.1"), rig, check, key)
         card.unlink()
         with db.connect(dsn, autocommit=True) as conn:
             def registered() -> bool:
@@ -225,7 +276,7 @@ def lab_hosts(tmp_path_factory: pytest.TempPathFactory
 
             wait_until(checked, 180, "both rigs' first health checks to pass",
                        seen=lambda: "; ".join(h.log.read_text()[-800:] for h in hosts))
-        yield dsn, hosts
+        yield dsn, hosts, key
 
 
 def _reference_os_card(tmp_path: Path) -> Path:
@@ -238,13 +289,18 @@ def _reference_os_card(tmp_path: Path) -> Path:
     return configure_image(build(arch="aarch64").disk, cfg, out=tmp_path / "card.img")
 
 
-def ci_pytest(dsn: str, tmp_path: Path, *args: str, timeout: float,
+def ci_env(dsn: str, tmp_path: Path, key: Path) -> dict[str, str]:
+    return {**os.environ, "HIL_LAB_DB": dsn, "HIL_RUNTIME_DIR": str(tmp_path / "ci"),
+            "HIL_LOCK_DIR": str(tmp_path / "ci-locks"), "PYTHONPATH": str(ROOT),
+            "HIL_LAB_SSH_KEY": str(key)}
+
+
+def ci_pytest(dsn: str, tmp_path: Path, key: Path, *args: str, timeout: float,
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full = {**os.environ, "HIL_LAB_DB": dsn, "HIL_RUNTIME_DIR": str(tmp_path / "ci"),
-            "HIL_LOCK_DIR": str(tmp_path / "ci-locks"), "PYTHONPATH": str(ROOT), **(env or {})}
+    full = {**ci_env(dsn, tmp_path, key), **(env or {})}
     full.pop("HIL_RIG", None)
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
-                           "-rA", "--no-flash", *args], cwd=ROOT, env=full, text=True,
+                           "-rA", *args], cwd=ROOT, env=full, text=True,
                           capture_output=True, timeout=timeout)
 
 
@@ -256,13 +312,19 @@ def closed(address: str, port: int) -> bool:
     return False
 
 
-def test_two_bench_hosts_serve_a_pooled_smoke_run_and_a_kicked_session_stops(
-        lab_hosts: tuple[str, list[BenchHost]], tmp_path: Path) -> None:
-    dsn, hosts = lab_hosts
-    smoke = ci_pytest(dsn, tmp_path, f"--rig=pool:{DEVICE_TYPE}", "-n", "2", "suites/smoke",
-                      timeout=300)
+def test_two_bench_hosts_flash_and_serve_a_pooled_smoke_run_and_a_kicked_session_stops(
+        lab_hosts: tuple[str, list[BenchHost], Path], tmp_path: Path) -> None:
+    dsn, hosts, key = lab_hosts
+    cards = {h.rig: h.card.stat().st_mtime_ns for h in hosts}
+    smoke = ci_pytest(dsn, tmp_path, key, f"--rig=pool:{DEVICE_TYPE}", "-n", "2",
+                      "suites/smoke", timeout=400)
     assert smoke.returncode == 0, smoke.stdout[-5000:] + smoke.stderr[-2000:]
     assert "5 passed" in smoke.stdout, smoke.stdout[-3000:]  # every smoke test ran, none skipped
+    for h in hosts:  # each worker flashed its rig's card on its bench host, then booted it
+        assert h.card.stat().st_mtime_ns != cards[h.rig], f"{h.rig}'s card was not written"
+        log = h.log.read_text()
+        assert re.search(rf"{h.rig}: flashed and verified at [\d.]+ MB/s", log), log[-3000:]
+        assert f"{h.rig}: sd mux dut" in log, log[-3000:]
     with db.connect(dsn, autocommit=True) as conn:
         jobs = conn.execute("SELECT rig, outcome FROM jobs WHERE purpose = 'job' "
                             "ORDER BY rig").fetchall()
@@ -273,8 +335,7 @@ def test_two_bench_hosts_serve_a_pooled_smoke_run_and_a_kicked_session_stops(
         a = hosts[0]
         test = tmp_path / "test_kicked.py"
         test.write_text(KICKED_TEST)
-        env = {**os.environ, "HIL_LAB_DB": dsn, "HIL_RUNTIME_DIR": str(tmp_path / "ci"),
-               "HIL_LOCK_DIR": str(tmp_path / "ci-locks"), "PYTHONPATH": str(ROOT)}
+        env = ci_env(dsn, tmp_path, key)
         with (tmp_path / "kicked.log").open("w") as out:
             kicked = subprocess.Popen(
                 [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA",
@@ -309,12 +370,46 @@ def test_two_bench_hosts_serve_a_pooled_smoke_run_and_a_kicked_session_stops(
         assert f"lab-rpi3-a: lease epoch {epoch} ended" in a.log.read_text()
 
 
+def test_a_stale_epoch_flash_and_mux_switch_are_refused_without_touching_the_card(
+        lab_hosts: tuple[str, list[BenchHost], Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    dsn, hosts, key = lab_hosts
+    b = hosts[1]
+    monkeypatch.setenv("HIL_LAB_SSH_KEY", str(key))
+    monkeypatch.setenv("HIL_RUNTIME_DIR", str(tmp_path / "ci"))
+    image = tmp_path / "new.img"
+    image.write_bytes(b"\x5a" * (1 << 20))
+    lease = leases.acquire(dsn, leases.Selector(DEVICE_TYPE, rig=b.rig), queue_timeout=60)
+    try:
+        grant = lease.grants[0]
+        mux_file = b.card.with_name(b.card.name + ".mux")
+        card, position = b.card.stat().st_mtime_ns, mux_file.read_text()
+        rig = Rig(rig_config(dataclasses.replace(grant, epoch=grant.epoch - 1)))
+        try:
+            assert isinstance(rig.storage, RemoteStorage) and rig.sd_mux is not None
+            with pytest.raises(InfraError, match=rf"\[rig {b.rig} storage\] .*lease epoch "
+                               rf"{grant.epoch - 1} of {b.rig} is stale .*live lease epoch "
+                               rf"{grant.epoch}"):
+                rig.storage.write(image, None, 60)
+            with pytest.raises(InfraError, match=rf"\[rig {b.rig} sd_mux\] .*is stale"):
+                rig.sd_mux.to_host()
+        finally:
+            rig.close(power_off=False)
+        assert b.card.stat().st_mtime_ns == card
+        assert mux_file.read_text() == position
+        assert f"{b.rig}: storage refused: lease epoch {grant.epoch - 1}" in b.log.read_text()
+    finally:
+        with db.connect(dsn) as conn:
+            done(lease, conn)
+
+
 def test_a_rig_whose_relay_goes_silent_ends_bad_while_the_job_finishes_on_the_other(
-        lab_hosts: tuple[str, list[BenchHost]], tmp_path: Path) -> None:
-    dsn, hosts = lab_hosts
+        lab_hosts: tuple[str, list[BenchHost], Path], tmp_path: Path) -> None:
+    dsn, hosts, key = lab_hosts
     test = tmp_path / "test_relay_goes_silent.py"
     test.write_text(RELAY_GOES_SILENT)
-    run = ci_pytest(dsn, tmp_path, f"--rig=pool:{DEVICE_TYPE}", "--lab-release=e2e-1",
+    run = ci_pytest(dsn, tmp_path, key, f"--rig=pool:{DEVICE_TYPE}", "--no-flash",
+                    "--lab-release=e2e-1",
                     str(test), timeout=400, env={
                         "SEEN_DIR": str(tmp_path),
                         "BENCH_SOCKETS": ",".join(f"{h.rig}={h.emu_socket}" for h in hosts)})
