@@ -553,9 +553,11 @@ class BalenaOS:
     def load_image(self, image: AppImage, timeout: float = 600.0) -> str:
         """Make sure the engine holds ``image`` (same image ID) and return its tag. The archive
         goes over SSH into ``balena-engine load``, as a bench with no registry delivers one;
-        nothing is sent when the device already has it."""
-        if self._image_id(image.tag) == image.id:
+        nothing is sent when the device already has it. Waits for the engine where it
+        does not answer yet."""
+        if self._image_id(image.tag) == image.id:  # the engine answered, with the image
             return image.tag
+        self.wait_engine()
         if not self.dut.ssh.available:
             raise InfraError(f"cannot send app image {image.tag} to the device: the rig has no "
                              "network path to its SSH", part="container", rig=self.dut.rig.name)
@@ -568,9 +570,11 @@ class BalenaOS:
     def pull_image(self, reference: str, image: AppImage, timeout: float = 600.0) -> str:
         """Make sure the engine holds ``image`` as ``reference`` (a registry's name for it,
         hil/appregistry.py), pulling it as a fleet device does; nothing is fetched when the
-        device already has it. The pulled image must be ``image`` (same image ID)."""
-        if self._image_id(reference) == image.id:
+        device already has it. The pulled image must be ``image`` (same image ID). Waits for
+        the engine where it does not answer yet."""
+        if self._image_id(reference) == image.id:  # the engine answered, with the image
             return reference
+        self.wait_engine()
         r = self.run(f"{ENGINE} pull {shlex.quote(reference)} 2>&1", timeout=timeout)
         check(r.ok, f"balenaEngine did not pull app image {reference} from the rig's "
                     f"registry (`{ENGINE} pull` exit {r.exit_code}):\n{r.stdout[-2000:]}")
