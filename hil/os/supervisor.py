@@ -109,7 +109,7 @@ class SupervisorAPI:
             return r.status == 200
 
         self.dut.poll(probe, timeout, f"the supervisor healthy (GET :{PORT}/v1/healthy)",
-                      lambda: seen[0])
+                      lambda: seen[0], interval=2.0)
 
     def set_target_state(self, state: dict[str, Any]) -> None:
         """Local mode: the apps to run (``POST /v2/local/target-state``)."""
@@ -150,7 +150,7 @@ class SupervisorAPI:
             return ids if running and fresh else None
 
         return self.dut.poll(probe, timeout, f"app {app}'s services {services} running",
-                             lambda: seen[0])
+                             lambda: seen[0], interval=3.0)
 
 
 def _expect(condition: bool, message: str) -> None:
