@@ -140,6 +140,7 @@ def test_rollback_suite_fails_when_rollbacks_are_disabled(tmp_path: Path) -> Non
                      r"\(VERSION [0-9.]+\) was not rolled back", failed), out[-6000:]
 
 
+@pytest.mark.timeout(1260)  # two tests' waits (the child's own deadline: 1200 s)
 def test_containers_suite_fails_when_the_supervisor_ignores_its_key_or_the_engine_has_no_watchdog(
         tmp_path: Path) -> None:
     """Two breaks of different promises in one session (one boot, one delivery of the app
@@ -149,7 +150,7 @@ def test_containers_suite_fails_when_the_supervisor_ignores_its_key_or_the_engin
     suite = "suites/containers/test_containers.py::"
     code, out, failed = run_broken(tmp_path, "supervisor-ignores-key,no-engine-watchdog", [
         f"{suite}test_production_mode_at_runtime_closes_the_engine_api_and_asks_for_keys",
-        f"{suite}test_hung_engine_is_killed_by_its_watchdog_and_comes_back"])
+        f"{suite}test_hung_engine_is_killed_by_its_watchdog_and_comes_back"], timeout=1200)
     assert code == 1 and "2 failed" in out, out[-6000:]
     assert ("test_production_mode_at_runtime_closes_the_engine_api_and_asks_for_keys - "
             "hil.errors.NotReached: the supervisor to ask for a key on a production device"
