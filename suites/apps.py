@@ -17,8 +17,11 @@ APP_ID = "1001"
 APP_NAME = "hil-app"
 SERVICE = "main"
 SUPERVISOR_API = {"io.balena.features.supervisor-api": "1"}
-# what a service runs: nothing but staying up (busybox's sleep takes no "infinity")
-KEEP_RUNNING = ["sleep", "2147483647"]
+# what a service runs: nothing but staying up (busybox's sleep takes no "infinity"), ending at
+# once on SIGTERM as a well-behaved app does: PID 1 of a container has no default handlers, so a
+# bare sleep would hold every engine stop (each reboot, each restart of the engine) for the
+# engine's 10 s stop timeout until it is killed
+KEEP_RUNNING = ["sh", "-c", "trap 'exit 0' TERM; sleep 2147483647 & wait"]
 
 
 def service(image: str, **fields: Any) -> dict[str, Any]:

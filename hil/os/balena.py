@@ -20,7 +20,7 @@ import secrets
 import shlex
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -88,6 +88,8 @@ class _Learned:
     data_dir: str | None = None
     file_server: FileServer | None = None
     last_update_seconds: float | None = None
+    # app image reference -> (the boot, by Dut.boots, and the image ID) the engine held it at
+    images: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 # balenaOS applies config.json with config-json.service, started by a path unit on each write:
@@ -553,9 +555,11 @@ class BalenaOS:
     def load_image(self, image: AppImage, timeout: float = 600.0) -> str:
         """Make sure the engine holds ``image`` (same image ID) and return its tag. The archive
         goes over SSH into ``balena-engine load``, as a bench with no registry delivers one;
-        nothing is sent when the device already has it."""
-        if self._image_id(image.tag) == image.id:
+        nothing is sent when the device already has it. Waits for the engine where it
+        does not answer yet."""
+        if self._holds(image.tag, image):
             return image.tag
+        self.wait_engine()
         if not self.dut.ssh.available:
             raise InfraError(f"cannot send app image {image.tag} to the device: the rig has no "
                              "network path to its SSH", part="container", rig=self.dut.rig.name)
@@ -563,21 +567,36 @@ class BalenaOS:
         check(result.ok, f"balenaEngine did not load app image {image.tag} "
                          f"({image.path.stat().st_size} bytes, `{ENGINE} load` exit "
                          f"{result.exit_code}):\n{result.stdout[-2000:]}")
+        self._learned.images[image.tag] = (self.dut.boots, image.id)
         return image.tag
 
     def pull_image(self, reference: str, image: AppImage, timeout: float = 600.0) -> str:
         """Make sure the engine holds ``image`` as ``reference`` (a registry's name for it,
         hil/appregistry.py), pulling it as a fleet device does; nothing is fetched when the
-        device already has it. The pulled image must be ``image`` (same image ID)."""
-        if self._image_id(reference) == image.id:
+        device already has it. The pulled image must be ``image`` (same image ID). Waits for
+        the engine where it does not answer yet."""
+        if self._holds(reference, image):
             return reference
+        self.wait_engine()
         r = self.run(f"{ENGINE} pull {shlex.quote(reference)} 2>&1", timeout=timeout)
         check(r.ok, f"balenaEngine did not pull app image {reference} from the rig's "
                     f"registry (`{ENGINE} pull` exit {r.exit_code}):\n{r.stdout[-2000:]}")
         got = self._image_id(reference)
         check(got == image.id, f"balenaEngine pulled {reference} as image {got or 'nothing'}, "
                                f"not the pushed {image.id}")
+        self._learned.images[reference] = (self.dut.boots, image.id)
         return reference
+
+    def _holds(self, reference: str, image: AppImage) -> bool:
+        """Whether the engine holds ``image`` as ``reference``. Asked once per boot: the
+        suites remove no app image they were given, and the engine's CLI takes seconds to
+        start under QEMU's emulation. Its answer also says the engine answers."""
+        if self._learned.images.get(reference) == (self.dut.boots, image.id):
+            return True
+        if self._image_id(reference) != image.id:
+            return False
+        self._learned.images[reference] = (self.dut.boots, image.id)
+        return True
 
     def _image_id(self, reference: str) -> str:
         r = self.run(f"{ENGINE} image inspect --format '{{{{.Id}}}}' {shlex.quote(reference)}"

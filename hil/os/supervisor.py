@@ -149,6 +149,8 @@ class SupervisorAPI:
             fresh = other_than is None or all(ids[s] != other_than.get(s) for s in services)
             return ids if running and fresh else None
 
+        # not faster: each look costs the device's CPU about a second (the supervisor asks the
+        # engine), which slows the container starts waited for (docs/benchmarks.md)
         return self.dut.poll(probe, timeout, f"app {app}'s services {services} running",
                              lambda: seen[0], interval=3.0)
 

@@ -117,3 +117,44 @@ def test_listening_ports_and_data_dir() -> None:
     assert adapter({"findmnt": mounts}).data_dir == "/data"
     assert adapter({"findmnt": "/dev/sda6 /mnt/data ext4 rw\n"}).data_dir == \
         "/mnt/data/resin-data"
+
+
+class EngineDut(FakeDut):
+    """A device whose engine holds ``held`` (image IDs by reference) and answers ``info``."""
+
+    def __init__(self, held: dict[str, str]) -> None:
+        def inspect(command: str) -> str:
+            return next((i for ref, i in held.items() if ref in command), "")
+
+        super().__init__({"image inspect": inspect, "info": "24.0.5", "pull": "pulled"})
+        self.boots = 1
+
+    def poll(self, probe: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+        return probe()  # the engine answers at the first look
+
+
+def test_an_app_image_held_is_asked_for_once_per_boot() -> None:
+    ref, image_id = "reg/hil/busybox:1", "sha256:" + "a" * 64
+    image = SimpleNamespace(id=image_id, tag="hil/busybox:1")
+    dut = EngineDut({ref: image_id})
+    host_os = BalenaOS(dut)  # type: ignore[arg-type]
+    assert host_os.pull_image(ref, image) == ref  # type: ignore[arg-type]
+    assert host_os.via_ssh()._holds(ref, image)  # type: ignore[arg-type]  # the twin knows
+    assert host_os.pull_image(ref, image) == ref  # type: ignore[arg-type]
+    assert [c for c in dut.commands if "balena-engine" in c] == [
+        f"(\nbalena-engine image inspect --format '{{{{.Id}}}}' {ref} 2>/dev/null\n)"]
+    dut.boots += 1  # a new boot: asked again (a data reset may have emptied the engine)
+    host_os.pull_image(ref, image)  # type: ignore[arg-type]
+    assert sum("image inspect" in c for c in dut.commands) == 2
+    assert not any("pull" in c or "info" in c for c in dut.commands)
+
+
+def test_an_app_image_missing_is_pulled_once_the_engine_answers() -> None:
+    ref, image_id = "reg/hil/busybox:1", "sha256:" + "b" * 64
+    held: dict[str, str] = {}
+    dut = EngineDut(held)
+    dut.answers["pull"] = lambda command: held.update({ref: image_id}) or "pulled"
+    host_os = BalenaOS(dut)  # type: ignore[arg-type]
+    host_os.pull_image(ref, SimpleNamespace(id=image_id, tag="t"))  # type: ignore[arg-type]
+    engine = [c.split()[2] for c in dut.commands if "balena-engine" in c]
+    assert engine == ["image", "info", "pull", "image"], dut.commands
