@@ -121,7 +121,8 @@ ENABLED = {"systemd-journald.socket": "sockets.target",
            "serial-getty@.service": "getty.target",
            **{u: "multi-user.target" for u in (
                "network-dhcp.service", "sshdgenkeys.service", "os-sshkeys.service",
-               "recover-sshd-socket.timer", "dnsmasq.service", "chronyd.service",
+               "recover-sshd-socket.timer", "os-config.service", "os-config.timer",
+               "dnsmasq.service", "chronyd.service",
                "balena.service", "balena-supervisor.service", "config-json.path",
                "rollback-health.service", "hil-provision.service", "hil-ready.service")}}
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")

@@ -143,6 +143,24 @@ def test_registered_under_its_uuid_and_holds_a_device_api_key(
         "the promise")
 
 
+OS_CONFIG_RETRIEVED = "Service configuration retrieved"
+
+
+def test_os_config_fetched_the_service_configuration_at_boot(
+        dut: Dut, host_os: HostOS, hil_session: HilSession) -> None:
+    """balenaOS's A14: os-config.service fetched the service configuration from the API."""
+    if not host_os.config_json().get("apiEndpoint"):
+        pytest.skip("an unmanaged device (no apiEndpoint): os-config has nothing to fetch")
+    dut.poll(lambda: OS_CONFIG_RETRIEVED in host_os.unit_log("os-config.service"),
+             REGISTER_TIMEOUT, f"os-config.service to log {OS_CONFIG_RETRIEVED!r}",
+             lambda: host_os.unit_log("os-config.service")[-800:], interval=2.0)
+    if hil_session.api is not None:
+        uuid = str(host_os.config_json()["uuid"])
+        assert uuid in hil_session.api.config_fetches, (
+            f"os-config logged {OS_CONFIG_RETRIEVED!r}, yet the session's API served no "
+            f"configuration to {uuid} (it served {hil_session.api.config_fetches})")
+
+
 # --- SSH -------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -268,7 +286,7 @@ def ssh_socket_tripwire(host_os: HostOS) -> Iterator[None]:
 
 
 def test_sshd_socket_recovery_timer_is_active(dut: Dut, host_os: HostOS) -> None:
-    dut.poll(lambda: host_os.unit_property(f"{RECOVERY}.timer", "ActiveState") == "active", 60,
+    dut.poll(lambda: host_os.unit_property(f"{RECOVERY}.timer", "ActiveState") == "active", 30,
              f"{RECOVERY}.timer active",
              lambda: host_os.unit_property(f"{RECOVERY}.timer", "ActiveState"))
 
@@ -334,11 +352,12 @@ def _login_or_why(dut: Dut, last: list[str], **how: Any) -> bool:
         return False
 
 
-def test_production_at_runtime_lets_in_only_the_os_ssh_keys(dut: Dut, host_os: HostOS,
-                                                            network: None) -> None:
+def test_production_at_runtime_lets_in_only_the_os_ssh_keys(
+        dut: Dut, host_os: HostOS, hil_session: HilSession, network: None) -> None:
     """developmentMode switched off and a key added to os.sshKeys at runtime, as balenaOS's
     test does it: once os-sshkeys.service has applied them, the added key lets root in,
-    passwordless root and a foreign key are refused; the key removed again is refused."""
+    passwordless root and a foreign key are refused; the key removed again is refused. Where
+    the session runs the API, the balenaCloud account's key it serves lets root in too."""
     keys = list(host_os.config_json()["os"]["sshKeys"])
     added = foreign_key()
     added_line = f"{added.get_name()} {added.get_base64()} pytest-hil-runtime"
@@ -362,6 +381,9 @@ def test_production_at_runtime_lets_in_only_the_os_ssh_keys(dut: Dut, host_os: H
                  lambda: "a login with no key and no password still succeeds")
         assert not login(dut, pkey=foreign_key()), (
             "a production device accepted a key that is not in os.sshKeys")
+        if hil_session.api is not None:
+            assert _login_or_why(dut, last, pkey=hil_session.api.cloud_key), (
+                f"a production device refused the balenaCloud account's key: {last[0]}")
         since = host_os.unit_property("os-sshkeys.service", "ActiveEnterTimestampMonotonic")
         host_os.set_config(**{"os.sshKeys": keys})
         dut.poll(applied_after(since), APPLY_TIMEOUT,
