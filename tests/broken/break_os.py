@@ -115,6 +115,10 @@ BREAKS: dict[str, str] = {
         "rate limit, restarting; systemctl restart sshd.socket\""),
     # os.sshKeys changed at runtime are never applied: os-sshkeys.service does nothing
     "os-sshkeys-ignored": _unit_does_nothing("os-sshkeys.service"),
+    # os-config never fetched its configuration (as if it had not run): stopped, and the
+    # journal holding its lines rotated away
+    "os-config-never-ran": ("systemctl stop os-config.service && journalctl --rotate -q && "
+                            "journalctl --vacuum-time=1s -q"),
     "supervisor-ignores-key": (
         "grep -q 'return False  # broken' /usr/lib/hil/supervisor.py || "
         "{ sed 's/return config().get(\"developmentMode\") is not True/return False  # broken/' "
