@@ -396,7 +396,9 @@ def test_production_at_runtime_lets_in_only_the_os_ssh_keys(
         assert login(dut, key_file=str(dut.ssh_key)), (
             "a production device refused the key from os.sshKeys")
     finally:
-        host_os.via_ssh().set_config(developmentMode=True, **{"os.sshKeys": keys})
+        # not over SSH: a change of os.sshKeys restarts os-sshkeys.service, and with it (its
+        # Requires=) every sshd@ instance, the one running the command too
+        host_os.set_config(developmentMode=True, **{"os.sshKeys": keys})
 
 
 def test_hostname_change_at_runtime_is_applied(dut: Dut, host_os: HostOS) -> None:
