@@ -59,10 +59,14 @@ class SshShell:
         deadline = time.monotonic() + timeout
         while True:
             try:
+                # sshd starts per connection (balenaOS's sshd.socket): on a busy board its
+                # banner and key exchange (paramiko's `timeout`) can take many seconds, and a
+                # client that gives up and retries only adds sshd instances that compete for
+                # the same CPU
                 client.connect(host, port=port, username=self.rig.config.ssh.user,
                                key_filename=str(key_file) if key_file else None,
-                               look_for_keys=False, allow_agent=False, timeout=5,
-                               banner_timeout=5, auth_timeout=5)
+                               look_for_keys=False, allow_agent=False, timeout=30,
+                               banner_timeout=30, auth_timeout=30)
                 return client
             except paramiko.AuthenticationException:
                 client.close()

@@ -65,8 +65,6 @@ UPDATE_BREAKS: dict[str, dict[bool, str]] = {
 ROOT_LABELS = ("resin-rootA", "resin-rootB")
 ENGINE = "balena-engine"  # balenaEngine's CLI on balenaOS (`balena` links to it)
 ENGINE_TCP_PORT = 2375  # the engine's API without TLS, in development mode only
-# balena.service's log: the engine's own lines and systemd's about the unit
-ENGINE_LOG = "journalctl -u balena --no-pager -o cat"
 # the engine's containerd, by process name: balenaEngine's multi-call binary on balenaOS,
 # Debian's moby (the reference OS) runs containerd itself
 ENGINE_CONTAINERD = {False: "balena-engine-containerd", True: "containerd"}
@@ -626,7 +624,18 @@ class BalenaOS:
 
     def engine_log(self) -> str:
         """balena.service's log: the engine's own lines and systemd's about the unit."""
-        return self.check(ENGINE_LOG, timeout=60, read_only=True)
+        return self.unit_log("balena.service")
+
+    def unit_log(self, unit: str) -> str:
+        """A systemd unit's log (``journalctl -u``): its own lines and systemd's about it."""
+        return self.check(f"journalctl -u {shlex.quote(unit)} --no-pager -o cat", timeout=60,
+                          read_only=True)
+
+    def unit_property(self, unit: str, name: str) -> str:
+        """One property of a systemd unit (``systemctl show -p NAME --value``): ActiveState,
+        Result, ActiveEnterTimestampMonotonic..."""
+        return self.check(f"systemctl show --no-pager -p {shlex.quote(name)} --value "
+                          f"{shlex.quote(unit)}", read_only=True).strip()
 
     def hang_engine(self) -> None:
         """Stop (SIGSTOP) the engine's containerd: an engine that no longer answers, as

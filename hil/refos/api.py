@@ -1,4 +1,5 @@
-"""The host side of first-boot provisioning: a tiny registration endpoint on loopback.
+"""The host side of first-boot provisioning: a tiny registration endpoint on loopback, which
+also serves os-config its service configuration.
 
 The guest reaches the host's loopback through QEMU user networking as 10.0.2.2, so a server on
 127.0.0.1:<port> is ``http://10.0.2.2:<port>`` for the guest. Keys are never logged.
@@ -40,6 +41,11 @@ class RegistrationServer:
     body ``{"uuid", "deviceType", ...}``; answers 201 ``{"id", "uuid", "deviceApiKey"}``, or
     401 for a wrong key, 400 for a body without uuid. ``GET /ping`` answers ``OK``.
 
+    ``GET /os/v1/config`` with ``Authorization: Bearer <a device key it issued>`` answers
+    os-config's service configuration (401 otherwise): the ssh service's ``authorized_keys``
+    hold ``cloud_key``, a balenaCloud account's key in balena's API; its private half stays in
+    this process, for a test to log in with. ``config_fetches``: the uuids that fetched it.
+
     Use as a context manager; ``port=0`` takes an ephemeral port.
     """
 
@@ -47,6 +53,10 @@ class RegistrationServer:
                  port: int = 0) -> None:
         self.api_key = api_key or secrets.token_hex(16)
         self.registrations: list[Registration] = []
+        self.config_fetches: list[str] = []
+        import paramiko
+
+        self.cloud_key: paramiko.PKey = paramiko.ECDSAKey.generate()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         server = self
@@ -68,6 +78,14 @@ class RegistrationServer:
             def do_GET(self) -> None:
                 if self.path.rstrip("/") == "/ping":
                     self._reply(200, "OK")
+                elif self.path.rstrip("/") == "/os/v1/config":
+                    uuid = server._device(self.headers.get("Authorization", ""))
+                    if uuid is None:
+                        self._reply(401, {"error": "unauthorized"})
+                        return
+                    with server._lock:
+                        server.config_fetches.append(uuid)
+                    self._reply(200, server.os_config())
                 else:
                     self._reply(404, {"error": "not found"})
 
@@ -101,6 +119,18 @@ class RegistrationServer:
         self._httpd = ThreadingHTTPServer((host, port), Handler)
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
+
+    def os_config(self) -> dict[str, Any]:
+        """What ``GET /os/v1/config`` answers: os-config's schema 1.0.0."""
+        key = f"{self.cloud_key.get_name()} {self.cloud_key.get_base64()} balena-cloud-account"
+        return {"services": {"ssh": {"authorized_keys": key}}, "schema_version": "1.0.0"}
+
+    def _device(self, authorization: str) -> str | None:
+        """The uuid of the device whose key (one this server issued) authorises a request."""
+        with self._lock:
+            return next((r.uuid for r in self.registrations if r.device_api_key
+                         and secrets.compare_digest(authorization,
+                                                    f"Bearer {r.device_api_key}")), None)
 
     def _record(self, reg: Registration) -> None:
         with self._cond:

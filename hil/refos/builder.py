@@ -113,12 +113,16 @@ SYSTEMD_UNITS = (
 # serial console)
 ENABLED = {"systemd-journald.socket": "sockets.target",
            "systemd-journald-dev-log.socket": "sockets.target",
+           "sshd.socket": "sockets.target",
+           "os-sshkeys-conf.path": "basic.target",
            "systemd-journal-flush.service": "sysinit.target",
            "rollback-altboot.service": "sysinit.target",
            "getty.target": "multi-user.target",
            "serial-getty@.service": "getty.target",
            **{u: "multi-user.target" for u in (
-               "network-dhcp.service", "sshd.service", "dnsmasq.service", "chronyd.service",
+               "network-dhcp.service", "sshdgenkeys.service", "os-sshkeys.service",
+               "recover-sshd-socket.timer", "os-config.service", "os-config.timer",
+               "dnsmasq.service", "chronyd.service",
                "balena.service", "balena-supervisor.service", "config-json.path",
                "rollback-health.service", "hil-provision.service", "hil-ready.service")}}
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")

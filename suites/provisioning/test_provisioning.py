@@ -8,6 +8,7 @@ Tests run in file order; the last one checks the console of the whole session fo
 from __future__ import annotations
 
 import contextlib
+import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from ssh_access import foreign_key, login, passwordless
 
 from hil import redact
 from hil.dut import Dut
+from hil.errors import HilError
 from hil.os import HostOS, Secret, UpdateImage
 from hil.os.balena import secrets_in
 from hil.os.flows import GOOD_HEALTH_CHECK
@@ -141,6 +143,24 @@ def test_registered_under_its_uuid_and_holds_a_device_api_key(
         "the promise")
 
 
+OS_CONFIG_RETRIEVED = "Service configuration retrieved"
+
+
+def test_os_config_fetched_the_service_configuration_at_boot(
+        dut: Dut, host_os: HostOS, hil_session: HilSession) -> None:
+    """balenaOS's A14: os-config.service fetched the service configuration from the API."""
+    if not host_os.config_json().get("apiEndpoint"):
+        pytest.skip("an unmanaged device (no apiEndpoint): os-config has nothing to fetch")
+    dut.poll(lambda: OS_CONFIG_RETRIEVED in host_os.unit_log("os-config.service"),
+             REGISTER_TIMEOUT, f"os-config.service to log {OS_CONFIG_RETRIEVED!r}",
+             lambda: host_os.unit_log("os-config.service")[-800:], interval=2.0)
+    if hil_session.api is not None:
+        uuid = str(host_os.config_json()["uuid"])
+        assert uuid in hil_session.api.config_fetches, (
+            f"os-config logged {OS_CONFIG_RETRIEVED!r}, yet the session's API served no "
+            f"configuration to {uuid} (it served {hil_session.api.config_fetches})")
+
+
 # --- SSH -------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -209,8 +229,6 @@ def test_production_device_refuses_root_ssh_without_the_key(
     assert not login(dut, pkey=foreign_key()), (
         "a production device accepted a key that is not in os.sshKeys")
     # and its console gives no root shell: a shell would answer with the sum
-    import re
-
     probe_at = dut.rig.log.end
     dut.rig.console.write(b"echo HIL-PROBE-$((6*7))\n")
     try:
@@ -224,6 +242,163 @@ def test_production_device_refuses_root_ssh_without_the_key(
             raise  # silence is fine: balenaOS production images have no console login
     with contextlib.suppress(Exception):
         dut.rig.console.write(b"\n")  # end the login attempt
+
+
+# --- SSH at runtime: os.sshKeys, the socket and its recovery (balenaOS's A8, A10-A12) ---------
+
+SSH_SOCKET = "sshd.socket"
+RECOVERY = "recover-sshd-socket"
+RECOVERED = re.compile(r"trigger rate limit.*restarting")
+# balenaOS's own test trips the socket with these drop-ins (2 connections in 5 s) and checks
+# for it every 10 s instead of every 15 minutes
+SSH_DROPINS = {f"/run/systemd/system/{SSH_SOCKET}.d/override.conf":
+               "[Socket]\\nTriggerLimitBurst=2\\nTriggerLimitIntervalSec=5s\\n",
+               f"/run/systemd/system/{RECOVERY}.timer.d/override.conf":
+               "[Timer]\\nOnCalendar=\\nOnCalendar=*:*:0/10\\n"}
+# connections at once, each held open 10 s (theirs: five; ten, so that more than two fall in
+# 5 s even where starting each nc takes a second, as under emulation on a busy host); then the
+# socket's result (it takes systemd a moment to count them)
+SSH_BURST = ("for i in 1 2 3 4 5 6 7 8 9 10; do "
+             "(sleep 10 2>/dev/null | nc 127.0.0.1 22222 >/dev/null 2>&1 &); done; i=0; "
+             "while [ \"$(systemctl show -p Result --value sshd.socket)\" != trigger-limit-hit ] "
+             "&& [ $i -lt 60 ]; do sleep 0.5; i=$((i+1)); done; "
+             "systemctl show -p Result --value sshd.socket")
+# a timer's default accuracy (1 min) lets its 10 s elapse late
+RECOVERY_TIMEOUT = 120.0
+
+
+def _restart_ssh_socket(host_os: HostOS) -> None:
+    host_os.check(f"systemctl daemon-reload && systemctl reset-failed {SSH_SOCKET}; "
+                  f"systemctl restart {SSH_SOCKET} {RECOVERY}.timer")
+
+
+@pytest.fixture
+def ssh_socket_tripwire(host_os: HostOS) -> Iterator[None]:
+    """The drop-ins of balenaOS's own test in /run, and whatever the test leaves of the socket
+    put back as shipped: drop-ins removed, the socket listening again."""
+    host_os.check(" && ".join(f"mkdir -p {path.rsplit('/', 1)[0]} && printf '{text}' > {path}"
+                              for path, text in SSH_DROPINS.items()))
+    try:
+        _restart_ssh_socket(host_os)
+        yield
+    finally:
+        host_os.check("rm -f " + " ".join(SSH_DROPINS))
+        _restart_ssh_socket(host_os)
+
+
+def test_sshd_socket_recovery_timer_is_active(dut: Dut, host_os: HostOS) -> None:
+    dut.poll(lambda: host_os.unit_property(f"{RECOVERY}.timer", "ActiveState") == "active", 30,
+             f"{RECOVERY}.timer active",
+             lambda: host_os.unit_property(f"{RECOVERY}.timer", "ActiveState"))
+
+
+def test_sshd_socket_recovers_after_its_trigger_limit(
+        dut: Dut, host_os: HostOS, network: None, ssh_socket_tripwire: None) -> None:
+    """A burst of connections stops sshd.socket (its trigger limit); the recovery timer starts
+    it again and says so. An SSH connection open before the burst lives on throughout: each
+    accepted connection has its own sshd@ instance."""
+    recovered_before = len(RECOVERED.findall(host_os.unit_log(f"{RECOVERY}.service")))
+    framework = dut.ssh.run("echo $SSH_CONNECTION")
+    assert framework.ok, f"SSH before the burst: {framework}"
+    result = host_os.check(SSH_BURST, timeout=60).strip()
+    assert result.endswith("trigger-limit-hit"), (
+        f"a burst of 10 connections with TriggerLimitBurst=2 should stop {SSH_SOCKET} with "
+        f"Result=trigger-limit-hit; its result is {result!r}")
+    # a new connection is refused now: only the open one can answer, and it must
+    try:
+        during = dut.ssh.run("echo $SSH_CONNECTION", connect_timeout=5)
+    except HilError as exc:
+        raise AssertionError(f"the SSH connection open before the burst "
+                             f"({framework.stdout.strip()}) died with the socket: {exc}"
+                             ) from None
+    assert during.ok and during.stdout == framework.stdout, (
+        f"the SSH connection open before the burst ({framework.stdout.strip()}) did not survive "
+        f"the socket's stop: {during}")
+    dut.poll(lambda: host_os.unit_property(SSH_SOCKET, "ActiveState") == "active",
+             RECOVERY_TIMEOUT, f"{RECOVERY}.timer to start {SSH_SOCKET} again",
+             lambda: f"{SSH_SOCKET}: " + host_os.unit_property(SSH_SOCKET, "ActiveState"),
+             interval=2.0)
+    log = host_os.unit_log(f"{RECOVERY}.service")
+    assert len(RECOVERED.findall(log)) > recovered_before, (
+        f"{SSH_SOCKET} came back, but {RECOVERY}.service did not log "
+        f"{RECOVERED.pattern!r}: {log[-1000:]}")
+    assert login(dut, key_file=str(dut.ssh_key)), "no new SSH connection after the recovery"
+
+
+def test_sshd_socket_recovery_leaves_a_healthy_socket_alone(dut: Dut, host_os: HostOS) -> None:
+    assert host_os.unit_property(SSH_SOCKET, "Result") == "success", (
+        f"{SSH_SOCKET} should be healthy (Result=success) before the check")
+    since = host_os.unit_property(SSH_SOCKET, "ActiveEnterTimestampMonotonic")
+    recovered_before = len(RECOVERED.findall(host_os.unit_log(f"{RECOVERY}.service")))
+    host_os.check(f"systemctl start {RECOVERY}.service", timeout=60)
+    dut.poll(lambda: host_os.unit_property(f"{RECOVERY}.service", "ActiveState")
+             not in ("active", "activating"), 60, f"{RECOVERY}.service to finish",
+             lambda: host_os.unit_property(f"{RECOVERY}.service", "ActiveState"))
+    assert host_os.unit_property(SSH_SOCKET, "ActiveState") == "active", (
+        f"{RECOVERY}.service stopped a healthy {SSH_SOCKET}")
+    assert host_os.unit_property(SSH_SOCKET, "ActiveEnterTimestampMonotonic") == since, (
+        f"{RECOVERY}.service restarted a healthy {SSH_SOCKET}")
+    assert len(RECOVERED.findall(host_os.unit_log(f"{RECOVERY}.service"))) == recovered_before, (
+        f"{RECOVERY}.service logged a restart of a healthy {SSH_SOCKET}")
+
+
+def _login_or_why(dut: Dut, last: list[str], **how: Any) -> bool:
+    """``login``, where a connection cut while os-sshkeys.service restarts counts as no."""
+    import paramiko
+
+    try:
+        return login(dut, **how)
+    except (OSError, paramiko.SSHException) as exc:
+        last[0] = f"the connection failed: {exc}"
+        return False
+
+
+def test_production_at_runtime_lets_in_only_the_os_ssh_keys(
+        dut: Dut, host_os: HostOS, hil_session: HilSession, network: None) -> None:
+    """developmentMode switched off and a key added to os.sshKeys at runtime, as balenaOS's
+    test does it: once os-sshkeys.service has applied them, the added key lets root in,
+    passwordless root and a foreign key are refused; the key removed again is refused. Where
+    the session runs the API, the balenaCloud account's key it serves lets root in too."""
+    keys = list(host_os.config_json()["os"]["sshKeys"])
+    added = foreign_key()
+    added_line = f"{added.get_name()} {added.get_base64()} pytest-hil-runtime"
+
+    def applied_after(since: str) -> Any:
+        return lambda: (host_os.unit_property("os-sshkeys.service", "ActiveState") == "active"
+                        and host_os.unit_property("os-sshkeys.service",
+                                                  "ActiveEnterTimestampMonotonic") != since)
+
+    since = host_os.unit_property("os-sshkeys.service", "ActiveEnterTimestampMonotonic")
+    host_os.set_config(developmentMode=False, **{"os.sshKeys": [*keys, added_line]})
+    try:
+        dut.poll(applied_after(since), APPLY_TIMEOUT, "os-sshkeys.service to apply os.sshKeys",
+                 lambda: host_os.unit_log("os-sshkeys.service")[-500:])
+        last = ["nothing yet"]
+        dut.poll(lambda: _login_or_why(dut, last, pkey=added), APPLY_TIMEOUT,
+                 "the key added to os.sshKeys at runtime to let root in",
+                 lambda: last[0] if last[0] != "nothing yet" else "refused")
+        dut.poll(lambda: not passwordless(dut), APPLY_TIMEOUT,
+                 "root SSH without a key to be refused on a production device",
+                 lambda: "a login with no key and no password still succeeds")
+        assert not login(dut, pkey=foreign_key()), (
+            "a production device accepted a key that is not in os.sshKeys")
+        if hil_session.api is not None:
+            assert _login_or_why(dut, last, pkey=hil_session.api.cloud_key), (
+                f"a production device refused the balenaCloud account's key: {last[0]}")
+        since = host_os.unit_property("os-sshkeys.service", "ActiveEnterTimestampMonotonic")
+        host_os.set_config(**{"os.sshKeys": keys})
+        dut.poll(applied_after(since), APPLY_TIMEOUT,
+                 "os-sshkeys.service to apply os.sshKeys again",
+                 lambda: host_os.unit_log("os-sshkeys.service")[-500:])
+        dut.poll(lambda: not _login_or_why(dut, last, pkey=added), APPLY_TIMEOUT,
+                 "the key removed from os.sshKeys to be refused",
+                 lambda: "it still lets root in")
+        assert login(dut, key_file=str(dut.ssh_key)), (
+            "a production device refused the key from os.sshKeys")
+    finally:
+        # not over SSH: a change of os.sshKeys restarts os-sshkeys.service, and with it (its
+        # Requires=) every sshd@ instance, the one running the command too
+        host_os.set_config(developmentMode=True, **{"os.sshKeys": keys})
 
 
 def test_hostname_change_at_runtime_is_applied(dut: Dut, host_os: HostOS) -> None:

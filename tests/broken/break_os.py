@@ -23,6 +23,14 @@ from hil.os import BalenaOS
 _STUB = "printf '#!/bin/sh\\nexit 0 # broken\\n' | dd of={path} conv=notrunc 2>/dev/null"
 
 
+def _unit_does_nothing(unit: str, command: str = "/bin/true") -> str:
+    # a runtime drop-in replaces the unit's program, as a broken OS would ship it
+    path = f"/run/systemd/system/{unit}.d/broken.conf"
+    return (f"[ -f {path} ] || {{ mkdir -p /run/systemd/system/{unit}.d && "
+            f"printf '[Service]\\nExecStart=\\nExecStart={command}\\n' > {path} && "
+            "systemctl daemon-reload; }")
+
+
 def _restart_chrony_without(word: str) -> str:
     # chronyd restarted with the config as it is now
     return (f"if grep -q {word} /run/chrony/chrony.conf; then "
@@ -97,6 +105,20 @@ BREAKS: dict[str, str] = {
     "no-gpiochip0": "rm -f /dev/gpiochip0",
     # the supervisor lets any caller in on a production device (an API without its key check):
     # a copy that never asks for a key is bound over it, and the unit restarted from there
+    # sshd.socket is never recovered after its trigger limit stopped it: the recovery timer is
+    # stopped and its service does nothing
+    "no-sshd-socket-recovery": (_unit_does_nothing("recover-sshd-socket.service") +
+                                " && systemctl stop recover-sshd-socket.timer"),
+    # the recovery restarts sshd.socket whatever its state (and says it was tripped)
+    "recovery-restarts-healthy-socket": _unit_does_nothing(
+        "recover-sshd-socket.service", "/bin/sh -c \"echo sshd.socket was stopped by trigger "
+        "rate limit, restarting; systemctl restart sshd.socket\""),
+    # os.sshKeys changed at runtime are never applied: os-sshkeys.service does nothing
+    "os-sshkeys-ignored": _unit_does_nothing("os-sshkeys.service"),
+    # os-config never fetched its configuration (as if it had not run): stopped, and the
+    # journal holding its lines rotated away
+    "os-config-never-ran": ("systemctl stop os-config.service && journalctl --rotate -q && "
+                            "journalctl --vacuum-time=1s -q"),
     "supervisor-ignores-key": (
         "grep -q 'return False  # broken' /usr/lib/hil/supervisor.py || "
         "{ sed 's/return config().get(\"developmentMode\") is not True/return False  # broken/' "

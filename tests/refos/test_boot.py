@@ -69,6 +69,17 @@ def test_first_boot_dev_mode(arch: str, images: Images, disk: Path, api: Registr
                              " | sha256sum | cut -d' ' -f1") == want,
                30, "deviceApiKey stored in config.json", interval=0.5)
 
+    # os-config fetched its service configuration with the device key, and installed the
+    # cloud account's key it holds as root's authorized_keys_remote
+    wait_until(lambda: uuid in api.config_fetches, 60, "os-config's GET /os/v1/config",
+               interval=0.5)
+    wait_until(lambda: "Service configuration retrieved" in g.run(
+        "journalctl -u os-config --no-pager -o cat"), 30, "os-config's log", interval=0.5)
+    cloud = f"{api.cloud_key.get_name()} {api.cloud_key.get_base64()}"
+    wait_until(lambda: cloud in g.run("cat /home/root/.ssh/authorized_keys_remote 2>/dev/null;"
+                                      " true"), 30,
+               "the cloud key installed", interval=0.5)
+
     # chrony is the NTP client and carries the configured server
     assert "10.0.2.2" in g.run("chronyc -n sources")
     assert "Reference ID" in g.run("chronyc tracking")

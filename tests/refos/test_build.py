@@ -186,8 +186,11 @@ def test_cli_rejects_bad_version() -> None:
 
 # --- units: registration server, cpio, ELF reader --------------------------------------------
 
-def _post(url: str, body: dict[str, object], key: str | None) -> tuple[int, dict[str, object]]:
-    req = urllib.request.Request(url + "/device/register", data=json.dumps(body).encode(),
+def _post(url: str, body: dict[str, object] | None, key: str | None,
+          path: str = "/device/register") -> tuple[int, dict[str, object]]:
+    """POST ``body`` (GET without one) to ``path``, authorised by ``key``."""
+    req = urllib.request.Request(url + path,
+                                 data=None if body is None else json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json",
                                           **({"Authorization": f"Bearer {key}"} if key else {})})
     try:
@@ -213,6 +216,13 @@ def test_registration_server() -> None:
             api.wait_for("u9", timeout=0.3)  # a device that never registers fails the test
         with urllib.request.urlopen(api.url + "/ping", timeout=5) as resp:
             assert resp.read() == b"OK"
+        # os-config's service configuration, for the devices it issued a key to
+        assert _post(api.url, None, "wrong", "/os/v1/config")[0] == 401
+        code, config = _post(api.url, None, str(body["deviceApiKey"]), "/os/v1/config")
+        cloud = f"{api.cloud_key.get_name()} {api.cloud_key.get_base64()}"
+        assert code == 200 and config["schema_version"] == "1.0.0"
+        assert str(config["services"]).count(cloud) == 1
+        assert api.config_fetches == ["u1"]
 
 
 def test_cpio_is_sorted_and_fixed(tmp_path: Path) -> None:

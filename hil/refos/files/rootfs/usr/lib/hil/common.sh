@@ -116,6 +116,46 @@ cfg_update() {
         fat_sync "$CONFIG_JSON"  # on resin-boot
 }
 
+# --- the API (config.json's apiEndpoint) -------------------------------------------------------
+# api_target: API_HOST, API_PORT, API_HOSTPORT and API_PREFIX from apiEndpoint; returns 2 when
+# there is none or it is not http:// (the only scheme this OS speaks).
+api_target() {
+    endpoint=$(cfg .apiEndpoint)
+    case $endpoint in
+        http://*) ;;
+        "") return 2 ;;
+        *) log "only http:// endpoints are supported (got a ${endpoint%%:*} URL)"; return 2 ;;
+    esac
+    rest=${endpoint#http://}
+    API_HOSTPORT=${rest%%/*}
+    API_PREFIX=
+    [ "$API_HOSTPORT" != "$rest" ] && API_PREFIX=/${rest#*/}
+    API_PREFIX=${API_PREFIX%/}
+    API_HOST=${API_HOSTPORT%%:*}
+    API_PORT=80
+    [ "$API_HOSTPORT" != "$API_HOST" ] && API_PORT=${API_HOSTPORT#*:}
+    return 0
+}
+
+# api_request METHOD PATH KEY [BODY]: the HTTP/1.0 exchange with the API (after api_target) on
+# stdout, authorised by config.json's KEY (apiKey, deviceApiKey); 2 when config.json has no
+# KEY. The key is never printed or put on a command line: the request is built by the shell's
+# printf builtin into a private file and sent with nc.
+api_request() {
+    key=$(cfg ".$3")
+    [ -n "$key" ] || return 2
+    request=$(umask 077; mktemp /run/hil/request.XXXXXX) || return 1
+    printf '%s %s%s HTTP/1.0\r\nHost: %s\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s' \
+        "$1" "$API_PREFIX" "$2" "$API_HOSTPORT" "$key" "${#4}" "$4" > "$request"
+    timeout 15 nc "$API_HOST" "$API_PORT" < "$request" 2>/dev/null
+    rc=$?
+    rm -f "$request"
+    return $rc
+}
+http_status() { head -n 1 "$1" | cut -d' ' -f2; }
+# the body: after the first empty line
+http_body() { sed '1,/^\r\{0,1\}$/d' "$1"; }
+
 os_version() { sed -n 's/^VERSION="\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "${1:-}/etc/os-release"; }
 
 # --- balenaEngine ---------------------------------------------------------------------------
