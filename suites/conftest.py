@@ -20,6 +20,7 @@ driver, so each runs unchanged on a bench board and on a QEMU board.
   -> container ID.
 - ``--power-cuts N`` / ``--power-cut-seed S``: how many random power cuts the persistence
   suite's fault injection makes, and the seed that picks their moments.
+- ``--update-from-registry``: the rollback suite's good update through the rig host's registry.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="an OS image for host OS update and rollback tests: a hostapp bundle, an "
                      "image reference or an ext4 rootfs (built on the reference OS). The "
                      "rollback tests break it in place once installed, as balenaOS's do")
+    g.addoption("--update-from-registry", action="store_true",
+                help="the rollback suite's good update comes as a hostapp image from the rig "
+                     "host's registry (`hostapp-update -i`, as a fleet gets it) where the "
+                     "device can pull from it; default: the file, served on the rig's network "
+                     "(`-f`), which under QEMU's emulation takes minutes less")
 
 
 @pytest.fixture

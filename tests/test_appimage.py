@@ -4,6 +4,8 @@ every build, and the gpiod one holding libgpiod's tools with every library they 
 from __future__ import annotations
 
 import io
+import json
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -50,3 +52,45 @@ def test_gpiod_image_is_reproducible_and_complete(machine: str, tmp_path: Path) 
 def test_no_gpiod_image_for_32_bit() -> None:
     with pytest.raises(appimage.AppImageError, match="armhf"):
         appimage.gpiod("armv7l")
+
+
+def test_hostapp_archive_carries_the_shrunk_root_filesystem(tmp_path: Path) -> None:
+    """The OS update as a container image (``hostapp-update -i``): one layer holding
+    ``rootfs.img``, the root filesystem as ``-f`` gets it (shrunk), tagged by VERSION, for
+    the build's architecture; made once, beside the build."""
+    from hil.os.transfer import shrink_rootfs
+    from hil.refos.builder import RefosImage
+    from hil.refos.hostapp import NAME, hostapp_archive
+
+    build = tmp_path / "build"
+    tree = tmp_path / "tree" / "etc"
+    tree.mkdir(parents=True)
+    (tree / "os-release").write_text('VERSION="9.9.9"\n')
+    rootfs = build / "rootfs.img"
+    build.mkdir()
+    env = {"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"}
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "resin-rootA", "-d", str(tree.parent),
+                    str(rootfs), "32M"], check=True, env=env)
+    img = RefosImage("aarch64", "9.9.9", build / "disk.img", build / "disk.img.bmap", rootfs,
+                     "0" * 64, "generic-aarch64", "", {})
+    out = hostapp_archive(img)
+    assert out == build / "hostapp.tar"
+    with tarfile.open(out) as outer:
+        manifest = json.loads(outer.extractfile("manifest.json").read())  # type: ignore[union-attr]
+        config = json.loads(outer.extractfile(manifest[0]["Config"]).read())  # type: ignore[union-attr]
+        layer = outer.extractfile(manifest[0]["Layers"][0])
+        assert layer is not None
+        with tarfile.open(fileobj=layer) as inner:
+            assert inner.getnames() == ["rootfs.img"]
+            carried = inner.extractfile("rootfs.img").read()  # type: ignore[union-attr]
+    assert manifest[0]["RepoTags"] == [f"{NAME}:9.9.9"] and config["architecture"] == "arm64"
+    # the same filesystem (the tools stamp their own run into the superblock)
+    shrunk = shrink_rootfs(rootfs, tmp_path / "shrunk")
+    assert len(carried) == shrunk.stat().st_size, (
+        "the hostapp's rootfs.img is not the root filesystem as hostapp-update -f gets it")
+    (tmp_path / "carried.img").write_bytes(carried)
+    read = subprocess.run(["debugfs", "-R", "cat /etc/os-release", str(tmp_path / "carried.img")],
+                          capture_output=True, text=True, check=True, env=env)
+    assert read.stdout == 'VERSION="9.9.9"\n', f"rootfs.img holds {read.stdout!r}"
+    stamp = out.stat().st_mtime_ns
+    assert hostapp_archive(img) == out and out.stat().st_mtime_ns == stamp, "made twice"

@@ -7,9 +7,13 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from hil.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hil.appregistry import AppRegistry
+    from hil.refos import RefosImage
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,7 @@ class UpdateSet:
         self.refos_arch = refos_arch
         self.given = given
         self._built: dict[str, UpdateImage] = {}
+        self._images: dict[str, RefosImage] = {}
         self._lock = threading.Lock()
 
     def _refos(self, version: str) -> UpdateImage:
@@ -85,8 +90,20 @@ class UpdateSet:
         with self._lock:
             if version not in self._built:
                 img = build(self.refos_arch, version)
+                self._images[version] = img
                 self._built[version] = UpdateImage("rootfs", str(img.rootfs), img.version)
             return self._built[version]
+
+    def from_registry(self, image: UpdateImage, registry: AppRegistry | None) -> UpdateImage:
+        """``image`` as a hostapp image in ``registry``, for ``hostapp-update -i``, where it
+        is a reference OS build and the device can pull from the registry; else ``image``."""
+        version = next((v for v, b in self._built.items() if b == image), None)
+        if registry is None or version is None:
+            return image
+        from hil.refos.hostapp import NAME, hostapp_archive
+
+        ref = registry.push(hostapp_archive(self._images[version]), f"{NAME}:{version}")
+        return UpdateImage("ref", ref, version)
 
     def good(self, running_version: str | None = None) -> UpdateImage | None:
         """A good update, preferably one whose VERSION differs from ``running_version`` (so

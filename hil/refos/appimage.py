@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from hil.cache import cache_dir
 from hil.errors import HilError
@@ -109,16 +110,22 @@ def _build(name: str, main: str, others: list[str], machine: str,
             (root / "tmp").chmod(0o1777)
             archive = Path(tmp) / "image.tar"
             made_of = ", ".join(f"{n} {v}" for n, v in versions)
-            archive.write_bytes(docker_archive(root, tag, arch, created_by=made_of, cmd=cmd))
+            docker_archive(root, tag, arch, archive, created_by=made_of, cmd=cmd)
             archive.rename(out)
     return AppImage(tag, out, arch, image_id(out))
 
 
-def docker_archive(root: Path, tag: str, arch: str, *, created_by: str,
-                   cmd: list[str]) -> bytes:
-    """``root`` as a one-layer ``docker save`` archive, byte for byte reproducible."""
-    layer = _layer(root)
-    diff_id = hashlib.sha256(layer).hexdigest()
+def docker_archive(root: Path, tag: str, arch: str, out: Path, *, created_by: str,
+                   cmd: list[str]) -> None:
+    """``root`` as a one-layer ``docker save`` archive ``out``, byte for byte reproducible.
+    The layer is staged beside ``out``, not in memory: a hostapp's is an OS's root."""
+    layer = out.with_name(out.name + ".layer")
+    _layer(root, layer)
+    digest = hashlib.sha256()
+    with layer.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    diff_id = digest.hexdigest()
     created = "2024-01-01T00:00:00Z"
     config = json.dumps({
         "architecture": arch, "os": "linux", "created": created,
@@ -129,13 +136,13 @@ def docker_archive(root: Path, tag: str, arch: str, *, created_by: str,
     config_name = hashlib.sha256(config).hexdigest() + ".json"
     manifest = json.dumps([{"Config": config_name, "RepoTags": [tag],
                             "Layers": [f"{diff_id}/layer.tar"]}]).encode()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with tarfile.open(out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         _add_dir(tar, diff_id)
-        for name, data in ((f"{diff_id}/layer.tar", layer), (config_name, config),
-                           ("manifest.json", manifest)):
-            _add_file(tar, name, data)
-    return buf.getvalue()
+        with layer.open("rb") as f:
+            _add_file(tar, f"{diff_id}/layer.tar", f, layer.stat().st_size)
+        for name, data in ((config_name, config), ("manifest.json", manifest)):
+            _add_file(tar, name, io.BytesIO(data), len(data))
+    layer.unlink()
 
 
 def image_id(archive: Path) -> str:
@@ -148,9 +155,8 @@ def image_id(archive: Path) -> str:
     return "sha256:" + Path(config).stem
 
 
-def _layer(root: Path) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+def _layer(root: Path, out: Path) -> None:
+    with tarfile.open(out, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for path in fs.walk_sorted(root):
             rel = path.relative_to(root).as_posix()
             info = tar.gettarinfo(str(path), arcname=rel)
@@ -160,7 +166,6 @@ def _layer(root: Path) -> bytes:
                     tar.addfile(info, f)
             else:
                 tar.addfile(info)
-    return buf.getvalue()
 
 
 def _add_dir(tar: tarfile.TarFile, name: str) -> None:
@@ -169,10 +174,10 @@ def _add_dir(tar: tarfile.TarFile, name: str) -> None:
     tar.addfile(info)
 
 
-def _add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _add_file(tar: tarfile.TarFile, name: str, data: BinaryIO, size: int) -> None:
     info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o644, EPOCH
-    tar.addfile(info, io.BytesIO(data))
+    info.size, info.mode, info.mtime = size, 0o644, EPOCH
+    tar.addfile(info, data)
 
 
 def _tag_safe(version: str) -> str:

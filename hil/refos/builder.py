@@ -124,7 +124,8 @@ ENABLED = {"systemd-journald.socket": "sockets.target",
                "recover-sshd-socket.timer", "os-config.service", "os-config.timer",
                "dnsmasq.service", "chronyd.service",
                "balena.service", "balena-supervisor.service", "config-json.path",
-               "rollback-health.service", "hil-provision.service", "hil-ready.service")}}
+               "rollback-health.service", "hil-provision.service", "hil-ready.service",
+               "update-balena-supervisor.timer")}}
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
 ROOTFS_MODULES = (*INITRD_MODULES, "overlay", "virtio_net", "vfat", "nls_cp437", "nls_ascii",
                   "nls_utf8", "i6300esb", "virtio_rng", "bridge", "veth")

@@ -14,6 +14,7 @@ from typing import Any
 from hil.errors import ConfigError
 from hil.refos.api import RegistrationServer
 from hil.refos.builder import ARCHES, build
+from hil.refos.hostapp import hostapp_archive
 from hil.refos.image import configure
 from hil.refos.qemu import qemu_argv
 
@@ -27,6 +28,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--version", default="1.0.0", help="VERSION in /etc/os-release")
     p.add_argument("--flasher", action="store_true",
                    help="an installer for flasher boards: installs itself to the internal disk")
+    p.add_argument("--hostapp", action="store_true",
+                   help="also the update as a container image (a `docker save` archive) "
+                        "for `hostapp-update -i`")
     p.add_argument("--json", action="store_true", help="print a JSON object instead")
     p.set_defaults(func=_build)
 
@@ -62,12 +66,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 def _build(args: argparse.Namespace) -> int:
     img = build(args.arch, args.version, flasher=args.flasher)
+    paths = {"disk": str(img.disk), "bmap": str(img.bmap), "rootfs": str(img.rootfs)}
+    if args.hostapp:
+        paths["hostapp"] = str(hostapp_archive(img))
     if args.json:
         print(json.dumps({"arch": img.arch, "version": img.version, "flasher": img.flasher,
-                          "disk": str(img.disk), "bmap": str(img.bmap),
-                          "rootfs": str(img.rootfs), "key": img.key}, indent=1))
+                          **paths, "key": img.key}, indent=1))
     else:
-        print(f"disk:   {img.disk}\nbmap:   {img.bmap}\nrootfs: {img.rootfs}")
+        print("\n".join(f"{k + ':':9}{v}" for k, v in paths.items()))
     return 0
 
 

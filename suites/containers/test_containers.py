@@ -11,8 +11,10 @@ suites)."""
 
 from __future__ import annotations
 
+import re
 import secrets
 import shlex
+from typing import Any
 
 import pytest
 from apps import APP_ID, APP_NAME, SERVICE, Apps, release_service, service, target
@@ -45,6 +47,49 @@ def test_supervisor_is_healthy(host_os: HostOS, app_image: str) -> None:
     api.wait_healthy()
     ping = api.request("GET", "/ping")
     assert (ping.status, ping.text) == (200, "OK"), f"GET /ping answered {ping}"
+
+
+SUPERVISOR_TIMER = "update-balena-supervisor.timer"
+_SPAN_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1, "min": 60, "h": 3600, "d": 86400,
+               "w": 604800, "month": 2629800, "y": 31557600}
+
+
+def _timespan(text: str) -> float | None:
+    """Seconds in a systemd timespan as `systemctl show` prints one ("1d 15min 3.5s")."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(us|ms|min|month|s|h|d|w|y)\b", text)
+    return sum(float(n) * _SPAN_UNITS[u] for n, u in parts) if parts else None
+
+
+def test_supervisor_update_timer_is_randomized(dut: Dut, host_os: HostOS) -> None:
+    """balenaOS's supervisor update check runs from a timer with a random delay of up to an
+    hour, so that a fleet does not ask at once: each time the timer is armed, its next
+    trigger moves within that hour. (balenaOS's own test moves the clock by hours to re-arm
+    it; restarting the timer re-arms it without touching the clock.)"""
+    props = host_os.check(f"systemctl show -p ActiveState -p RandomizedDelayUSec "
+                          f"{SUPERVISOR_TIMER}")
+    assert "ActiveState=active" in props and "RandomizedDelayUSec=1h" in props, (
+        f"{SUPERVISOR_TIMER} must be active with RandomizedDelaySec=3600; it shows {props!r}")
+
+    def next_trigger() -> float:
+        seen = [""]
+
+        def probe() -> float | None:  # empty while the timer elapses or starts
+            seen[0] = host_os.check(f"systemctl show -p NextElapseUSecMonotonic --value "
+                                    f"{SUPERVISOR_TIMER}").strip()
+            return _timespan(seen[0])
+        return dut.poll(probe, 30, f"{SUPERVISOR_TIMER}'s next trigger",
+                        lambda: repr(seen[0]), interval=1.0)
+
+    triggers = []
+    for _ in range(3):
+        host_os.check(f"systemctl restart {SUPERVISOR_TIMER}")
+        triggers.append(next_trigger())
+    assert len(set(triggers)) == 3, (
+        f"re-armed three times, {SUPERVISOR_TIMER} chose next triggers (s after boot) "
+        f"{triggers}: not randomized")
+    assert max(triggers) - min(triggers) <= 3600, (
+        f"the next triggers {triggers} (s after boot) spread over more than the hour of "
+        "RandomizedDelaySec")
 
 
 def test_service_gets_the_balena_variables(host_os: HostOS, apps: Apps,
@@ -202,6 +247,39 @@ def test_app_update_recreates_the_container_and_keeps_its_volumes(
             f"got {got}")
     finally:
         apps.api.set_target_state(target({"main": release_service(app_image)}))
+
+
+def test_device_and_service_variables_reach_their_services(
+        apps: Apps, app_image: str) -> None:
+    """A device variable reaches every service of the app, a service variable only its own;
+    a change recreates only the services whose environment changed. In local mode there is no
+    cloud to merge the two levels: the target state carries each service's resulting
+    `environment`, as the cloud's target state does."""
+    device = {"HIL_DEVICE_VAR": secrets.token_hex(4)}
+    only_a = {"HIL_SERVICE_VAR": secrets.token_hex(4)}
+
+    def two(a_env: dict[str, str]) -> dict[str, Any]:
+        return target({"a": service(app_image, environment=a_env),
+                       "b": service(app_image, environment=dict(device))},
+                      app_id="1005", name="hil-variables")
+    try:
+        first = apps.deploy(two(dict(device)))
+        seen = {s: {k: apps.env(first[s]).get(k) for k in (*device, *only_a)} for s in first}
+        want = {s: {**device, **dict.fromkeys(only_a)} for s in first}
+        assert seen == want, f"a device variable must reach both services: {seen}"
+        apps.api.set_target_state(two({**device, **only_a}))
+        changed = apps.api.wait_running("hil-variables", ["a"], other_than={"a": first["a"]})
+        state = apps.api.apps_state()["hil-variables"]["services"]
+        kept = {s: (state[s]["containerId"], state[s]["status"]) for s in ("a", "b")}
+        assert kept["b"] == (first["b"], "Running"), (
+            f"service b's environment did not change, yet its container did (was "
+            f"{first['b'][:12]}, now {str(kept['b'][0])[:12]} {kept['b'][1]})")
+        seen = {s: {k: apps.env(c).get(k) for k in (*device, *only_a)}
+                for s, c in (("a", changed["a"]), ("b", first["b"]))}
+        want = {"a": {**device, **only_a}, "b": {**device, **dict.fromkeys(only_a)}}
+        assert seen == want, f"a service variable must reach only its own service: {seen}"
+    finally:
+        apps.deploy(target({"main": release_service(app_image)}))
 
 
 # balena.service's watchdog, shortened as balenaOS's own test does it: a runtime drop-in. (30 s,
@@ -403,6 +481,53 @@ def test_safe_reboot_goes_through_the_lock_with_the_override(
     finally:
         apps.api.wait_healthy()
         apps.api.set_target_state(target({"main": release_service(app_image)}))
+
+
+def _release_the_apps_lock(host_os: HostOS, lock: str) -> None:
+    """The holder killed and the file removed: what a lockfile's unlock does (the supervisor
+    counts the file, whoever holds it; safe_reboot the flock)."""
+    host_os.check(f"kill $(cat {HOLDER}) 2>/dev/null; rm -f {lock}")
+
+
+def test_update_lock_holds_back_a_new_release_until_released_or_overridden(
+        dut: Dut, host_os: HostOS, apps: Apps, app: dict[str, str], app_image: str) -> None:
+    """A new release while the app holds its update lock: the old container keeps running and
+    the supervisor logs that updates are locked; released, the release goes through; held
+    again, `BALENA_SUPERVISOR_OVERRIDE_LOCK=1` in the device's config lets the next one
+    through the lock."""
+    def release(value: str, config: dict[str, str] | None = None) -> dict[str, Any]:
+        return target({"main": release_service(app_image, environment={"HIL_RELEASE": value})},
+                      commit=f"c-{value}", config=config)
+    lock = _hold_the_apps_lock(dut, host_os)
+    mark = host_os.log_mark()
+    try:
+        apps.api.set_target_state(release("locked"))
+        last = [""]
+
+        def says_locked() -> bool:
+            last[0] = host_os.log_since(mark)
+            return "Updates are locked" in last[0]
+        dut.poll(says_locked, 120, "the supervisor to log that updates are locked",
+                 lambda: last[0][-2000:] or "(nothing logged)", interval=5.0)
+        running = apps.inspect(app[SERVICE], "{{.State.Running}}")
+        assert running == "true", (
+            f"the app's container is no longer running ({running}) while it holds its lock")
+        assert "HIL_RELEASE" not in apps.env(app[SERVICE]), "the old container changed"
+        _release_the_apps_lock(host_os, lock)
+        second = apps.api.wait_running(APP_NAME, [SERVICE], other_than=app)
+        assert apps.env(second[SERVICE]).get("HIL_RELEASE") == "locked", (
+            "once the lock was released the held-back release did not run")
+        _hold_the_apps_lock(dut, host_os)
+        apps.api.set_target_state(
+            release("override", config={"BALENA_SUPERVISOR_OVERRIDE_LOCK": "1"}))
+        third = apps.api.wait_running(APP_NAME, [SERVICE], other_than=second)
+        assert apps.env(third[SERVICE]).get("HIL_RELEASE") == "override", (
+            "with BALENA_SUPERVISOR_OVERRIDE_LOCK=1 the new release did not run")
+        assert not host_os.run(f"flock -n -x {lock} true").ok, (
+            "the test's holder lost the lock: the override did not go through a held lock")
+    finally:
+        _release_the_apps_lock(host_os, lock)
+        apps.deploy(target({"main": release_service(app_image)}))
 
 
 def test_moving_to_another_app_purges_the_volumes(

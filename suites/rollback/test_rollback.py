@@ -13,11 +13,13 @@ import time
 
 import pytest
 
+from hil.appregistry import AppRegistry
 from hil.dut import Dut
 from hil.errors import DeadlineError, DeviceError
 from hil.os import BootRecord, HostOS, UpdateImage
 from hil.os.flows import boot_broken_health, boot_broken_init, boot_good, install
 from hil.os.parse import BootState
+from hil.os.updates import UpdateSet
 
 DATA_FILE = "rollback-suite"
 
@@ -35,7 +37,13 @@ def _data_survived(host_os: HostOS, name: str, after: str) -> None:
 
 
 def test_good_update_switches_root_commits_and_leaves_no_markers(
-        dut: Dut, host_os: HostOS, update_image: UpdateImage, data_file: str) -> None:
+        dut: Dut, host_os: HostOS, update_image: UpdateImage, updates: UpdateSet,
+        app_registry: AppRegistry | None, data_file: str, pytestconfig: pytest.Config) -> None:
+    """With ``--update-from-registry``, where the device can pull from the rig host's
+    registry, the update is a hostapp image there (`hostapp-update -i`), as a fleet gets its
+    host OS updates."""
+    if pytestconfig.getoption("--update-from-registry"):
+        update_image = updates.from_registry(update_image, app_registry)
     inst = install(host_os, update_image)
     boot_good(dut, host_os, inst)
     _data_survived(host_os, data_file, "a good update")

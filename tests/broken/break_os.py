@@ -37,6 +37,14 @@ def _restart_chrony_without(word: str) -> str:
             f"sed -i /{word}/d /run/chrony/chrony.conf && systemctl restart chronyd.service; fi")
 
 
+def _supervisor_copy(sed: str) -> str:
+    """A copy of the supervisor changed by ``sed`` bound over it, and the unit restarted."""
+    return ("grep -q '# broken' /usr/lib/hil/supervisor.py || "
+            f"{{ sed '{sed}' /usr/lib/hil/supervisor.py > /run/supervisor-broken.py && "
+            "mount --bind /run/supervisor-broken.py /usr/lib/hil/supervisor.py && "
+            "systemctl restart --no-block balena-supervisor.service; }")
+
+
 BREAKS: dict[str, str] = {
     # /data is not persisted: a tmpfs hides the resin-data partition (an OS that forgot to
     # mount it). Re-applied before each test; a reboot inside a test brings the real one back,
@@ -103,8 +111,6 @@ BREAKS: dict[str, str] = {
         "systemctl start --no-block balena.service balena-supervisor.service; }"),
     # a device node the device type promises disappears
     "no-gpiochip0": "rm -f /dev/gpiochip0",
-    # the supervisor lets any caller in on a production device (an API without its key check):
-    # a copy that never asks for a key is bound over it, and the unit restarted from there
     # sshd.socket is never recovered after its trigger limit stopped it: the recovery timer is
     # stopped and its service does nothing
     "no-sshd-socket-recovery": (_unit_does_nothing("recover-sshd-socket.service") +
@@ -119,12 +125,23 @@ BREAKS: dict[str, str] = {
     # journal holding its lines rotated away
     "os-config-never-ran": ("systemctl stop os-config.service && journalctl --rotate -q && "
                             "journalctl --vacuum-time=1s -q"),
-    "supervisor-ignores-key": (
-        "grep -q 'return False  # broken' /usr/lib/hil/supervisor.py || "
-        "{ sed 's/return config().get(\"developmentMode\") is not True/return False  # broken/' "
-        "/usr/lib/hil/supervisor.py > /run/supervisor-broken.py && "
-        "mount --bind /run/supervisor-broken.py /usr/lib/hil/supervisor.py && "
-        "systemctl restart --no-block balena-supervisor.service; }"),
+    # the supervisor lets any caller in on a production device (an API without its key check):
+    # a copy that never asks for a key is bound over it, and the unit restarted from there
+    "supervisor-ignores-key": _supervisor_copy(
+        's/return config().get("developmentMode") is not True/return False  # broken/'),
+    # the supervisor ignores the apps' update locks (it finds none)
+    "supervisor-ignores-lock": _supervisor_copy(
+        "s/^        return held$/        return []  # broken/"),
+    # the supervisor recreates every service of an app when one service changes (the
+    # container's name digests the whole app, not the service)
+    "supervisor-recreates-all": _supervisor_copy(
+        r"s/json.dumps(spec, sort_keys=True)\(.*\)$/json.dumps(app, sort_keys=True)\1  # broken/"),
+    # the supervisor's update timer fires at fixed times (no random delay): a drop-in, the
+    # timer re-armed
+    "timer-not-randomized": (
+        "d=/run/systemd/system/update-balena-supervisor.timer.d; [ -e $d/zz-broken.conf ] || "
+        "{ mkdir -p $d && printf '[Timer]\\nRandomizedDelaySec=0\\n' > $d/zz-broken.conf && "
+        "systemctl daemon-reload && systemctl restart update-balena-supervisor.timer; }"),
 }
 
 # (hostapp-update leaves the new root mounted read-write, as balenaOS does)

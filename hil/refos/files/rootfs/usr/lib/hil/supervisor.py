@@ -212,8 +212,12 @@ class Supervisor:
         os.replace(CONFIG_DUMP + ".new", CONFIG_DUMP)
 
     def override_lock(self) -> bool:
+        """The config's keys are read without their namespace, as the real supervisor reads
+        them: ``BALENA_SUPERVISOR_OVERRIDE_LOCK`` (as balenaCloud names the variable),
+        ``RESIN_...`` or bare."""
         cfg = self.target.get("local", {}).get("config", {})
-        return str(cfg.get("SUPERVISOR_OVERRIDE_LOCK", "0")) in ("1", "true")
+        bare = {k.removeprefix("BALENA_").removeprefix("RESIN_"): v for k, v in cfg.items()}
+        return str(bare.get("SUPERVISOR_OVERRIDE_LOCK", "0")) in ("1", "true")
 
     # --- containers ----------------------------------------------------------------------------
     def containers(self) -> list[dict[str, Any]]:
