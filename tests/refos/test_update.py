@@ -74,9 +74,11 @@ def test_good_update_commits(images: Images, disk: Path, guest_factory: GuestFac
     assert boot_env(disk) == env_of(boot)
     assert g.wait_ready()[0] == "2.0.0"
     g.wait_prompt()
-    # rollback-health waits for the engine, sees a healthy OS (engine included) and commits
-    wait_until(lambda: g.run("hil-bootenv get upgrade_available") == "0", ENGINE_CHECK,
-               "the health check to commit the update", interval=2)
+    # rollback-health waits for the engine, sees a healthy OS (engine included) and commits,
+    # then says so on the console: awaited there with no command in flight, so that the line
+    # does not land in a command's output
+    g.expect(r"HIL: rollback-health: healthy, update to 2\.0\.0 committed", ENGINE_CHECK)
+    g.wait_prompt()
     assert g.run("hil-bootenv").split() == ["resin_root_part=3", "upgrade_available=0",
                                             "bootcount=0"]
     assert markers(g) == set()
