@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from html import escape
 
 from hil import redact
-from hil.console.log import ConsoleLog, EventKind, readable
+from hil.console.log import CommandRun, ConsoleLog, EventKind, readable
 from hil.errors import brief
 from hil.rig import Step
 
@@ -35,15 +35,6 @@ BOOT_STEPS: tuple[tuple[str, re.Pattern[bytes]], ...] = (
 BOOT_ORIGINS = {EventKind.POWER_ON: "power on", EventKind.RESET: "restart",
                 EventKind.PANIC: "panic"}
 CONSOLE_EVENTS = (EventKind.CONSOLE_LOST, EventKind.CONSOLE_BACK)
-
-
-@dataclass(frozen=True)
-class Command:
-    transport: str  # console or ssh
-    command: str
-    seconds: float
-    exit_code: int | None  # None: it did not finish
-    error: str = ""  # why it did not
 
 
 @dataclass(frozen=True)
@@ -79,7 +70,7 @@ class TestRecord:
     seconds: float = 0.0
     error: str = ""
     console: str = ""
-    commands: list[Command] = field(default_factory=list)
+    commands: list[CommandRun] = field(default_factory=list)  # masked copies
     events: list[RigEvent] = field(default_factory=list)
     boots: list[Boot] = field(default_factory=list)
 
@@ -109,8 +100,9 @@ def _shown(command: str) -> str:
     return clean(command)
 
 
-def commands(log: ConsoleLog, start: int, end: int) -> list[Command]:
-    return [Command(c.transport, _shown(c.command), c.seconds, c.exit_code, clean(c.error))
+def commands(log: ConsoleLog, start: int, end: int) -> list[CommandRun]:
+    """The commands sent in ``[start, end)`` of the console, as masked copies."""
+    return [replace(c, command=_shown(c.command), error=clean(c.error))
             for c in list(log.commands) if start <= c.at < end]
 
 
@@ -166,10 +158,10 @@ def command_lines(record: TestRecord) -> str:
     return "\n".join(lines)
 
 
-def _exit(c: Command) -> str:
+def _exit(c: CommandRun) -> str:
     return str(c.exit_code) if c.exit_code is not None else "-"
 
 
-def exit_text(c: Command) -> str:
+def exit_text(c: CommandRun) -> str:
     """A command's exit code, or why there is none."""
     return _exit(c) if c.exit_code is not None or not c.error else f"- ({c.error})"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from hil import allure_report, html_report, record, redact, timeline_svg
-from hil.console.log import ConsoleLog, EventKind
+from hil.console.log import CommandRun, ConsoleLog, EventKind
 from hil.rig import Step
 
 SECRET = "sekrit-0123456789abcdef"
@@ -83,7 +83,7 @@ def hostile_record() -> record.TestRecord:
                                     record.BootStep("kernel", 3.5, 2.5)))
     rec = record.TestRecord(f"test_x[{HOSTILE}]", "failed", 2.0, record.clean(HOSTILE),
                             record.clean(HOSTILE))
-    rec.commands = [record.Command("console", record.clean(HOSTILE), 0.5, 1)]
+    rec.commands = [CommandRun("console", record.clean(HOSTILE), 0, 0.0, 0.5, 1)]
     rec.events = [record.RigEvent("flash", "flash", 1.0, True, record.clean(HOSTILE))]
     rec.boots = [boot]
     return rec

@@ -262,7 +262,10 @@ class _Builder:
             "host": _host_tool_versions(),
         }, sort_keys=True).encode())
         package = Path(__file__).parent.parent  # hil/
-        sources = [*sorted(p for p in FILES.rglob("*") if p.is_file()),
+        # bytecode a host-side test left beside the supervisor's source is neither an input
+        # nor part of the image (a clean clone has none)
+        sources = [*sorted(p for p in FILES.rglob("*")
+                           if p.is_file() and "__pycache__" not in p.parts),
                    *(package / "refos" / n for n in ("builder.py", "fs.py", "debs.py",
                                                      "grub.py", "appimage.py")),
                    # the image's partition table, boot partition and bmap are written there
@@ -313,7 +316,8 @@ class _Builder:
 
     def _stage_rootfs(self, root: Path, trees: dict[str, Path], kernel_tree: Path,
                       kver: str) -> None:
-        shutil.copytree(FILES / "rootfs", root, symlinks=True)
+        shutil.copytree(FILES / "rootfs", root, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
         for d in ("dev", "proc", "sys", "run", "tmp", "mnt/boot", "mnt/state", "mnt/data",
                   "mnt/sysroot/active", "mnt/sysroot/inactive", "data", "home/root", "boot",
                   "var/lib", "etc/hil", "root"):

@@ -65,17 +65,16 @@ def test_supervisor_update_timer_is_randomized(dut: Dut, host_os: HostOS) -> Non
     hour, so that a fleet does not ask at once: each time the timer is armed, its next
     trigger moves within that hour. (balenaOS's own test moves the clock by hours to re-arm
     it; restarting the timer re-arms it without touching the clock.)"""
-    props = host_os.check(f"systemctl show -p ActiveState -p RandomizedDelayUSec "
-                          f"{SUPERVISOR_TIMER}")
-    assert "ActiveState=active" in props and "RandomizedDelayUSec=1h" in props, (
-        f"{SUPERVISOR_TIMER} must be active with RandomizedDelaySec=3600; it shows {props!r}")
+    props = {p: host_os.unit_property(SUPERVISOR_TIMER, p)
+             for p in ("ActiveState", "RandomizedDelayUSec")}
+    assert props == {"ActiveState": "active", "RandomizedDelayUSec": "1h"}, (
+        f"{SUPERVISOR_TIMER} must be active with RandomizedDelaySec=3600; it shows {props}")
 
     def next_trigger() -> float:
         seen = [""]
 
         def probe() -> float | None:  # empty while the timer elapses or starts
-            seen[0] = host_os.check(f"systemctl show -p NextElapseUSecMonotonic --value "
-                                    f"{SUPERVISOR_TIMER}").strip()
+            seen[0] = host_os.unit_property(SUPERVISOR_TIMER, "NextElapseUSecMonotonic")
             return _timespan(seen[0])
         return dut.poll(probe, 30, f"{SUPERVISOR_TIMER}'s next trigger",
                         lambda: repr(seen[0]), interval=1.0)
