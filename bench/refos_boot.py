@@ -14,9 +14,14 @@ Boots a fresh copy of the reference OS image (built or taken from the cache, dev
 - app: busybox loaded, then ``POST /v2/local/target-state`` with one service, until
   ``/v2/applications/state`` says Running.
 
+``--analyze`` also records, once the boot has finished (``systemctl is-system-running
+--wait``), systemd's own account of it: ``systemd-analyze time``, the units' costs
+(``blame``) and the chain to ``multi-user.target`` (``critical-chain``), in
+``bench/results/refos_boot_units.md``.
+
 Writes ``bench/results/refos_boot.md`` with the command and the load.
 
-    .venv/bin/python bench/refos_boot.py [--arches aarch64 x86_64] [--runs 2]
+    .venv/bin/python bench/refos_boot.py [--arches aarch64 x86_64] [--runs 2] [--analyze]
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "refos"))
 RESULTS = REPO / "bench" / "results" / "refos_boot.md"
+UNITS = REPO / "bench" / "results" / "refos_boot_units.md"
+ANALYZE = ("systemd-analyze time", "systemd-analyze blame --no-pager | head -n 25",
+           "systemd-analyze critical-chain --no-pager multi-user.target")
 STEPS = ("shell", "healthy", "healthcheck", "app")
 
 
@@ -51,7 +59,18 @@ def _until(guest: Any, command: str, timeout: float, expect: str) -> None:
     raise SystemExit(f"{command!r} did not give {expect!r} within {timeout:.0f}s; last: {out}")
 
 
-def one_boot(arch: str, work: Path) -> dict[str, float]:
+def analyze(guest: Any) -> str:
+    """systemd's account of the boot, once it has finished (every unit started)."""
+    state = guest.run("timeout 300 systemctl is-system-running --wait", timeout=320,
+                      check=False)
+    out = [f"`systemctl is-system-running --wait`: {state.strip()}"]
+    for command in ANALYZE:
+        out += ["", f"`{command}`", "```", guest.run(command, timeout=60, check=False).rstrip(),
+                "```"]
+    return "\n".join(out)
+
+
+def one_boot(arch: str, work: Path, units: list[str] | None = None) -> dict[str, float]:
     import refos_guest as rg
 
     from hil.refos import appimage, build
@@ -71,6 +90,8 @@ def one_boot(arch: str, work: Path) -> dict[str, float]:
         guest.wait_prompt()
         _until(guest, "wget -q -O- http://127.0.0.1:48484/v1/healthy 2>&1", 600, "OK")
         t["healthy"] = time.monotonic() - t0
+        if units is not None:
+            units.append(f"## {arch}\n\n{analyze(guest)}\n")
         guest.run("/usr/lib/balena/balena-healthcheck", timeout=600)
         t["healthcheck"] = time.monotonic() - t0
         rc, out = rg.ssh_run(guest.ssh_port, "balena-engine load",
@@ -98,12 +119,15 @@ def main() -> None:
     ap.add_argument("--arches", nargs="+", default=["aarch64", "x86_64"])
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--analyze", action="store_true",
+                    help="also systemd-analyze time, blame and critical-chain")
     args = ap.parse_args()
     load0 = os.getloadavg()[0]
     rows = []
+    units: list[str] | None = [] if args.analyze else None
     with tempfile.TemporaryDirectory(prefix="hil-bench-") as tmp:
         for arch in args.arches:
-            runs = [one_boot(arch, Path(tmp)) for _ in range(args.runs)]
+            runs = [one_boot(arch, Path(tmp), units) for _ in range(args.runs)]
             for step in STEPS:
                 values = [r[step] for r in runs]
                 rows.append(f"| {arch} | {step} | {statistics.median(values):.1f} s | "
@@ -119,6 +143,13 @@ def main() -> None:
     if not args.no_write:
         RESULTS.write_text(report)
     print(report)
+    if units is not None:
+        text = "\n".join(["# Reference OS start-up: systemd's account", "",
+                           f"`{' '.join(['python', 'bench/refos_boot.py', *sys.argv[1:]])}`",
+                           "", *units])
+        if not args.no_write:
+            UNITS.write_text(text)
+        print(text)
 
 
 if __name__ == "__main__":

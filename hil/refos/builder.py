@@ -79,7 +79,10 @@ BINARIES: dict[str, dict[str, str]] = {
     # init: Debian's systemd, its journal, and the programs units and scripts call
     "systemd": {f"lib/systemd/{n}": f"lib/systemd/{n}"
                 for n in ("systemd", "systemd-journald", "systemd-shutdown")}
-    | {f"bin/{n}": f"bin/{n}" for n in ("systemctl", "journalctl", "systemd-notify")},
+    | {f"bin/{n}": f"bin/{n}" for n in ("systemctl", "journalctl", "systemd-notify")}
+    | {"usr/bin/systemd-analyze": "usr/bin/systemd-analyze"},
+    # udev: one program, systemd-udevd and udevadm (with the builtins: blkid, path_id)
+    "udev": {"bin/udevadm": "bin/udevadm"},
     # the supervisor stand-in (usr/lib/hil/supervisor.py) is a Python program
     "python3.11-minimal": {"usr/bin/python3.11": "usr/bin/python3"},
 }
@@ -96,10 +99,12 @@ PYTHON_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3
 LINKS = {"sbin/e2label": "tune2fs", "sbin/mkfs.ext4": "mke2fs",
          **{f"sbin/{name}": "../bin/systemctl" for name in ("reboot", "poweroff", "halt",
                                                              "shutdown")},
+         "lib/systemd/systemd-udevd": "../../bin/udevadm",
          **{f"usr/bin/{name}": "balena-engine"
             for name in ("balena", "balenad", "balena-engine-containerd-ctr")}}
-# systemd's own units the OS needs (its targets, journald, the shutdown path); the OS's units
-# are in files/rootfs/lib/systemd/system. Nothing else of Debian's: no udev, no logind.
+# Debian's units the OS needs, by package: systemd's targets, journald and the shutdown path,
+# and udev's daemon, coldplug and settle (as balenaOS starts udev). The OS's own units are in
+# files/rootfs/lib/systemd/system. Nothing else of Debian's: no logind, no tmpfiles.
 SYSTEMD_UNITS = (
     "basic.target", "sysinit.target", "sockets.target", "timers.target", "paths.target",
     "slices.target", "local-fs.target", "local-fs-pre.target", "multi-user.target",
@@ -109,12 +114,24 @@ SYSTEMD_UNITS = (
     "halt.target", "systemd-reboot.service", "systemd-poweroff.service", "systemd-halt.service",
     "systemd-journald.service", "systemd-journald.socket", "systemd-journald-dev-log.socket",
     "systemd-journald-audit.socket", "systemd-journal-flush.service")
+UDEV_UNITS = ("systemd-udevd.service", "systemd-udevd-control.socket",
+              "systemd-udevd-kernel.socket", "systemd-udev-trigger.service",
+              "systemd-udev-settle.service")
+# udev's rules: only those balenaOS's mechanisms need (/dev/disk/by-label and by-partlabel;
+# by-state is balenaOS's own rule, in files/rootfs/lib/udev/rules.d)
+UDEV_RULES = ("60-persistent-storage.rules",)
 # what starts at boot: unit -> the target that wants it (a template: its instance on the arch's
 # serial console)
 ENABLED = {"systemd-journald.socket": "sockets.target",
            "systemd-journald-dev-log.socket": "sockets.target",
            "sshd.socket": "sockets.target",
            "os-sshkeys-conf.path": "basic.target",
+           "systemd-udevd-control.socket": "sockets.target",
+           "systemd-udevd-kernel.socket": "sockets.target",
+           "systemd-udevd.service": "sysinit.target",
+           "systemd-udev-trigger.service": "sysinit.target",
+           "config-json.path": "basic.target",
+           "os-udevrules-conf.path": "basic.target",
            "systemd-journal-flush.service": "sysinit.target",
            "rollback-altboot.service": "sysinit.target",
            "getty.target": "multi-user.target",
@@ -123,7 +140,7 @@ ENABLED = {"systemd-journald.socket": "sockets.target",
                "network-dhcp.service", "sshdgenkeys.service", "os-sshkeys.service",
                "recover-sshd-socket.timer", "os-config.service", "os-config.timer",
                "dnsmasq.service", "chronyd.service",
-               "balena.service", "balena-supervisor.service", "config-json.path",
+               "balena.service", "balena-supervisor.service", "os-udevrules.service",
                "rollback-health.service", "hil-provision.service", "hil-ready.service",
                "update-balena-supervisor.timer")}}
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
@@ -320,7 +337,7 @@ class _Builder:
                         ignore=shutil.ignore_patterns("__pycache__"))
         for d in ("dev", "proc", "sys", "run", "tmp", "mnt/boot", "mnt/state", "mnt/data",
                   "mnt/sysroot/active", "mnt/sysroot/inactive", "data", "home/root", "boot",
-                  "var/lib", "etc/hil", "root"):
+                  "var/lib", "etc/hil", "etc/udev/rules.d", "lib/udev/rules.d", "root"):
             (root / d).mkdir(parents=True, exist_ok=True)
         for link, target in (("var/volatile", "../run/volatile"), ("var/log", "volatile/log"),
                              ("var/run", "../run"),
@@ -338,7 +355,10 @@ class _Builder:
                 elfs.append(dst)
         for link, target in LINKS.items():
             (root / link).symlink_to(target)
-        self._install_units(root / "lib/systemd/system", trees["systemd"])
+        self._install_units(root / "lib/systemd/system", trees)
+        for rule in UDEV_RULES:
+            shutil.copy2(trees["udev"] / "lib/udev/rules.d" / rule,
+                         root / "lib/udev/rules.d" / rule)
         for pkg in PYTHON_STDLIB:
             shutil.copytree(trees[pkg] / "usr/lib/python3.11", root / "usr/lib/python3.11",
                             symlinks=True, dirs_exist_ok=True,
@@ -384,9 +404,10 @@ class _Builder:
         fs.normalize_modes(root)
         (root / "tmp").chmod(0o1777)
 
-    def _install_units(self, unitdir: Path, systemd_tree: Path) -> None:
-        for name in SYSTEMD_UNITS:
-            shutil.copy2(systemd_tree / "lib/systemd/system" / name, unitdir / name)
+    def _install_units(self, unitdir: Path, trees: dict[str, Path]) -> None:
+        for pkg, names in (("systemd", SYSTEMD_UNITS), ("udev", UDEV_UNITS)):
+            for name in names:
+                shutil.copy2(trees[pkg] / "lib/systemd/system" / name, unitdir / name)
         (unitdir / "default.target").symlink_to("multi-user.target")
         for unit, target in ENABLED.items():
             wants = unitdir / f"{target}.wants"

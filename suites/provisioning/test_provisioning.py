@@ -467,6 +467,69 @@ def test_dns_servers_reach_the_resolver(dut: Dut, host_os: HostOS) -> None:
         host_os.set_config(dnsServers=original)
 
 
+# balenaOS's config-json udevRules test (A6): its rule, under a key of ours. os-udevrules
+# writes each key KEY of os.udevRules to /etc/udev/rules.d/KEY.rules.
+UDEV_RULE_KEY = "99-hil-test"
+UDEV_RULE = 'ENV{ID_FS_LABEL_ENC}=="resin-boot", SYMLINK+="disk/test"'
+UDEV_RULE_FILE = f"/etc/udev/rules.d/{UDEV_RULE_KEY}.rules"
+UDEV_LINK = "/dev/disk/test"
+UDEV_LINK_TIMEOUT = 30.0  # theirs: 120 x 250 ms
+# balenaOS's os-udevrules sleeps 60 s before it reloads a new rule, and its path unit does not
+# watch while it runs: a change of the key before it is done would be lost
+OS_UDEVRULES_IDLE = 120.0
+# udevd notices changed rule files by itself, but at most every 3 s: the explicit reload makes
+# the next event see them. The rule is a block device's, so only those are triggered again.
+UDEV_RETRIGGER = ("udevadm control --reload && "
+                  "udevadm trigger --subsystem-match=block --action=change && udevadm settle")
+
+
+def _readlink(host_os: HostOS, path: str) -> str:
+    """The device a link names, or "" when there is no link (theirs: ``readlink -e``, which
+    busybox lacks)."""
+    return host_os.run(f"[ -L {path} ] && readlink -f {path}", read_only=True).stdout.strip()
+
+
+def test_udev_rules_from_config_json_are_installed_and_act(dut: Dut, host_os: HostOS) -> None:
+    """balenaOS's config-json udevRules test: a rule written to os.udevRules at runtime is
+    installed as /etc/udev/rules.d/<key>.rules and acts (the link it makes names the device
+    its match names); with the key removed the rule file goes, and so does its link."""
+    original = host_os.config_json().get("os", {}).get("udevRules")
+    host_os.set_config(**{f"os.udevRules.{UDEV_RULE_KEY}": UDEV_RULE})
+    try:
+        dut.poll(lambda: host_os.run(f"cat {UDEV_RULE_FILE}", read_only=True
+                                     ).stdout.strip() == UDEV_RULE,
+                 APPLY_TIMEOUT, f"os.udevRules.{UDEV_RULE_KEY} to be installed as "
+                 f"{UDEV_RULE_FILE} holding {UDEV_RULE!r}",
+                 lambda: host_os.run(f"ls -l /etc/udev/rules.d; cat {UDEV_RULE_FILE}").stdout)
+        host_os.check(UDEV_RETRIGGER, timeout=120)
+        boot = _readlink(host_os, "/dev/disk/by-label/resin-boot")
+        assert boot, "/dev/disk/by-label/resin-boot names no device"
+        dut.poll(lambda: _readlink(host_os, UDEV_LINK) == boot, UDEV_LINK_TIMEOUT,
+                 f"the rule's link {UDEV_LINK} to name resin-boot's device {boot}",
+                 lambda: f"{UDEV_LINK} -> {_readlink(host_os, UDEV_LINK) or 'nothing'}")
+        dut.poll(lambda: host_os.run("systemctl is-active os-udevrules.service",
+                                     read_only=True).stdout.strip() != "activating",
+                 OS_UDEVRULES_IDLE, "os-udevrules.service to be done with the new rule",
+                 lambda: host_os.run("systemctl status --no-pager os-udevrules.service").stdout)
+    finally:
+        host_os.set_config(**{"os.udevRules": original})
+    dut.poll(lambda: not host_os.run(f"test -e {UDEV_RULE_FILE}").ok, APPLY_TIMEOUT,
+             f"{UDEV_RULE_FILE} to be removed with the key os.udevRules.{UDEV_RULE_KEY}",
+             lambda: host_os.run("ls -l /etc/udev/rules.d").stdout)
+    host_os.check(UDEV_RETRIGGER, timeout=120)
+    dut.poll(lambda: not _readlink(host_os, UDEV_LINK), UDEV_LINK_TIMEOUT,
+             f"the removed rule's link {UDEV_LINK} to go",
+             lambda: f"{UDEV_LINK} -> {_readlink(host_os, UDEV_LINK)}")
+
+
+def test_udevd_substitutes_every_variable(host_os: HostOS) -> None:
+    """balenaOS's udev test: udevd's log has no "Failed to substitute variable" (its by-state
+    rule must not probe ramdisks, zram or loop devices, which have no parent disk)."""
+    failed = host_os.check("journalctl -u systemd-udevd.service --no-pager -o cat | "
+                           "grep 'Failed to substitute variable'; true", read_only=True)
+    assert not failed.strip(), f"systemd-udevd.service logged:\n{failed[-1500:]}"
+
+
 # --- identity over time ------------------------------------------------------------------------
 
 def test_persistent_logging_keeps_the_journal_across_a_reboot(dut: Dut,

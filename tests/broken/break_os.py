@@ -59,6 +59,9 @@ BREAKS: dict[str, str] = {
     # the OS ignores config.json's dnsServers: the script that hands them to dnsmasq is gone
     "dns-servers-ignored": ("grep -q ' /usr/bin/balena-net-config ' /proc/mounts || "
                             "mount --bind /dev/null /usr/bin/balena-net-config"),
+    # the OS ignores config.json's os.udevRules: os-udevrules, which installs them, is gone
+    "udev-rules-ignored": ("grep -q ' /usr/sbin/os-udevrules ' /proc/mounts || "
+                           "mount --bind /dev/null /usr/sbin/os-udevrules"),
     # the OS ignores config.json's hostname / uuid and keeps a fixed one
     "hostname-ignored": "hostname balena && echo balena > /etc/hostname",
     # the running OS's rollback-altboot does nothing (so after a failed update the bootloader

@@ -35,13 +35,17 @@ def test_provisioning_suite_fails_on_a_leaked_key_a_wrong_hostname_and_ignored_d
         tmp_path: Path) -> None:
     code, out, failed = run_broken(
         tmp_path, "console-leaks-key,hostname-ignored,dns-servers-ignored,"
-        "no-sshd-socket-recovery",
+        "no-sshd-socket-recovery,udev-rules-ignored",
         ["suites/provisioning", "-k",
-         "hostname_is_config or no_key_in or dns_servers or recovery_timer_is_active"],
+         "hostname_is_config or no_key_in or dns_servers or recovery_timer_is_active "
+         "or udev_rules"],
         boot_timeout=60)
-    assert code == 1 and "4 failed" in out, out[-6000:]
+    assert code == 1 and "5 failed" in out, out[-6000:]
     assert ("test_sshd_socket_recovery_timer_is_active - hil.errors.NotReached: "
             "recover-sshd-socket.timer active") in failed, out[-6000:]
+    assert ("test_udev_rules_from_config_json_are_installed_and_act - hil.errors.NotReached: "
+            "os.udevRules.99-hil-test to be installed as /etc/udev/rules.d/99-hil-test.rules"
+            ) in failed, out[-6000:]
     assert ("test_dns_servers_reach_the_resolver - hil.errors.NotReached: dnsServers="
             "'1.1.1.1 9.9.9.9' to give dnsmasq the upstream servers") in failed, out[-6000:]
     assert ("test_hostname_is_config_hostname_or_uuid_prefix - AssertionError: /etc/hostname "
