@@ -11,7 +11,6 @@ suites)."""
 
 from __future__ import annotations
 
-import re
 import secrets
 import shlex
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 from apps import APP_ID, APP_NAME, SERVICE, Apps, release_service, service, target
 from ssh_access import login, passwordless
+from timers import randomized_triggers
 
 from hil.appregistry import AppRegistry
 from hil.dut import Dut
@@ -50,14 +50,6 @@ def test_supervisor_is_healthy(host_os: HostOS, app_image: str) -> None:
 
 
 SUPERVISOR_TIMER = "update-balena-supervisor.timer"
-_SPAN_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1, "min": 60, "h": 3600, "d": 86400,
-               "w": 604800, "month": 2629800, "y": 31557600}
-
-
-def _timespan(text: str) -> float | None:
-    """Seconds in a systemd timespan as `systemctl show` prints one ("1d 15min 3.5s")."""
-    parts = re.findall(r"(\d+(?:\.\d+)?)(us|ms|min|month|s|h|d|w|y)\b", text)
-    return sum(float(n) * _SPAN_UNITS[u] for n, u in parts) if parts else None
 
 
 def test_supervisor_update_timer_is_randomized(dut: Dut, host_os: HostOS) -> None:
@@ -65,27 +57,7 @@ def test_supervisor_update_timer_is_randomized(dut: Dut, host_os: HostOS) -> Non
     hour, so that a fleet does not ask at once: each time the timer is armed, its next
     trigger moves within that hour. (balenaOS's own test moves the clock by hours to re-arm
     it; restarting the timer re-arms it without touching the clock.)"""
-    props = {p: host_os.unit_property(SUPERVISOR_TIMER, p)
-             for p in ("ActiveState", "RandomizedDelayUSec")}
-    assert props == {"ActiveState": "active", "RandomizedDelayUSec": "1h"}, (
-        f"{SUPERVISOR_TIMER} must be active with RandomizedDelaySec=3600; it shows {props}")
-
-    def next_trigger() -> float:
-        seen = [""]
-
-        def probe() -> float | None:  # empty while the timer elapses or starts
-            seen[0] = host_os.unit_property(SUPERVISOR_TIMER, "NextElapseUSecMonotonic")
-            return _timespan(seen[0])
-        return dut.poll(probe, 30, f"{SUPERVISOR_TIMER}'s next trigger",
-                        lambda: repr(seen[0]), interval=1.0)
-
-    triggers = []
-    for _ in range(3):
-        host_os.check(f"systemctl restart {SUPERVISOR_TIMER}")
-        triggers.append(next_trigger())
-    assert len(set(triggers)) == 3, (
-        f"re-armed three times, {SUPERVISOR_TIMER} chose next triggers (s after boot) "
-        f"{triggers}: not randomized")
+    triggers = randomized_triggers(dut, host_os, SUPERVISOR_TIMER, "1h")
     assert max(triggers) - min(triggers) <= 3600, (
         f"the next triggers {triggers} (s after boot) spread over more than the hour of "
         "RandomizedDelaySec")

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from ssh_access import foreign_key, login, passwordless
+from timers import randomized_triggers
 
 from hil import redact
 from hil.dut import Dut
@@ -159,6 +160,15 @@ def test_os_config_fetched_the_service_configuration_at_boot(
         assert uuid in hil_session.api.config_fetches, (
             f"os-config logged {OS_CONFIG_RETRIEVED!r}, yet the session's API served no "
             f"configuration to {uuid} (it served {hil_session.api.config_fetches})")
+
+
+def test_os_config_timer_is_randomized(dut: Dut, host_os: HostOS) -> None:
+    """balenaOS's A15: os-config asks the API daily at a random moment within six hours, so that
+    a fleet does not ask at once: each time the timer is armed, its next trigger moves."""
+    triggers = randomized_triggers(dut, host_os, "os-config.timer", "6h", realtime=True)
+    assert max(triggers) - min(triggers) <= 6 * 3600, (
+        f"the next triggers {triggers} (s since the epoch) spread over more than the six hours "
+        "of RandomizedDelaySec")
 
 
 # --- SSH -------------------------------------------------------------------------------------
