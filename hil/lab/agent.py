@@ -280,6 +280,14 @@ class ServedRig:
             {"host": self.rig.sd_mux.to_host, "dut": self.rig.sd_mux.to_dut,
              "off": self.rig.sd_mux.off}[position]()
 
+    def mux_state(self) -> str:
+        """"host", "dut", "off", or "unknown" where the mux cannot report."""
+        assert self.rig is not None
+        if self.rig.sd_mux is None:
+            raise ValueError(f"{self.name} has no sd_mux")
+        with self.lock:
+            return self.rig.sd_mux.state() or "unknown"
+
     def storage(self) -> str:
         """The card's block device or file, once the host sees it: "fixed|removable PATH"."""
         assert self.rig is not None
@@ -387,13 +395,14 @@ class Agent:
 
     # --- the control socket: pdudaemon's switches, ``hil lab mux|flash`` ----------------------
     def _control(self, words: list[str]) -> str:
-        """``power RIG EPOCH 1 on|off`` from pdudaemon, ``mux RIG EPOCH host|dut|off``,
-        ``storage RIG EPOCH`` and ``flashed RIG EPOCH MB/S`` from ``hil lab mux|flash``: done
-        only if EPOCH is the rig's live lease (the lab database's word)."""
-        shapes = {"power": 5, "mux": 4, "storage": 3, "flashed": 4}
+        """``power RIG EPOCH 1 on|off`` from pdudaemon, ``mux RIG EPOCH host|dut|off|status``,
+        ``storage RIG EPOCH``, ``lease RIG EPOCH`` (a flash under way asks again and again) and
+        ``flashed RIG EPOCH MB/S`` from ``hil lab mux|flash``: done only if EPOCH is the rig's
+        live lease (the lab database's word)."""
+        shapes = {"power": 5, "mux": 4, "storage": 3, "lease": 3, "flashed": 4}
         if len(words) < 3 or shapes.get(words[0]) != len(words) or (
                 words[0] == "power" and (words[3] != "1" or words[4] not in ("on", "off"))) or (
-                words[0] == "mux" and words[3] not in ("host", "dut", "off")):
+                words[0] == "mux" and words[3] not in ("host", "dut", "off", "status")):
             raise ValueError(f"unknown request {' '.join(words)!r}")
         what, rig, epoch = words[0], words[1], words[2]
         served = self.rigs.get(rig)
@@ -403,6 +412,10 @@ class Agent:
         if refused:
             log.warning("%s: %s refused: %s", rig, " ".join([what, *words[3:]]), refused)
             raise ValueError(refused)
+        if what == "lease":
+            return "ok"
+        if what == "mux" and words[3] == "status":
+            return f"ok {served.mux_state()}"
         if what == "mux":
             served.mux(words[3])
             log.info("%s: sd mux %s (lease epoch %s)", rig, words[3], epoch)

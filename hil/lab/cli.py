@@ -74,14 +74,15 @@ def add_commands(sub: Any) -> None:
                    "(/etc/ssh/ssh_host_ed25519_key.pub): sessions check it; else they check "
                    "their known_hosts")
     _check_options(p)
-    for name, help in (("mux", "switch a served rig's SD mux (host, dut, off)"),
+    for name, help in (("mux", "switch a served rig's SD mux (host, dut, off) or print its "
+                        "position (status)"),
                        ("flash", "write the image on stdin to a served rig's card")):
         p = command(name, f"on a bench host, run by a session over SSH: {help}; refused "
                     "unless EPOCH is the rig's live lease", cmd_bench)
         p.add_argument("rig")
         p.add_argument("--epoch", type=int, required=True, help="the session's lease")
         if name == "mux":
-            p.add_argument("position", choices=("host", "dut", "off"))
+            p.add_argument("position", choices=("host", "dut", "off", "status"))
         p.add_argument("--agent", metavar="SOCKET", help="the agent's control socket "
                        "[env HIL_LAB_AGENT]")
         p.add_argument("--timeout", type=float, default=120.0, help="seconds for the agent "

@@ -154,7 +154,8 @@ class BenchMux:
         self.link.run(["mux", "off"])
 
     def state(self) -> str | None:
-        return None
+        position = self.link.run(["mux", "status"]).strip()
+        return None if position == "unknown" else position
 
     def close(self) -> None:
         self.link.close()

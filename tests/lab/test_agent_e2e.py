@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import pytest
 from hil.deadline import wait_until
 from hil.errors import InfraError
 from hil.lab import db, leases, scratch
+from hil.lab.benchops import LEASE_CHECK_INTERVAL
 from hil.lab.rigs import rig_config
 from hil.parts import RemoteStorage
 from hil.rig import Rig
@@ -401,6 +403,59 @@ def test_a_stale_epoch_flash_and_mux_switch_are_refused_without_touching_the_car
     finally:
         with db.connect(dsn) as conn:
             done(lease, conn)
+
+
+def test_a_flash_under_way_stops_when_its_lease_ends(
+        lab_hosts: tuple[str, list[BenchHost], Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator ends the lease while the session streams an image to the card: the bench
+    host's writer stops within a lease check and a chunk, the session's flash fails naming the
+    stale lease, and the mux reports its position through the bench host."""
+    dsn, hosts, key = lab_hosts
+    b = hosts[1]
+    monkeypatch.setenv("HIL_LAB_SSH_KEY", str(key))
+    monkeypatch.setenv("HIL_RUNTIME_DIR", str(tmp_path / "ci"))
+    image = tmp_path / "big.img"
+    block = os.urandom(1 << 20)
+    with image.open("wb") as f:  # no zero block: all of it crosses the wire and is written
+        for _ in range(768):
+            f.write(block)
+    lease = leases.acquire(dsn, leases.Selector(DEVICE_TYPE, rig=b.rig), queue_timeout=60)
+    grant = lease.grants[0]
+    rig = Rig(rig_config(grant))
+    outcome: list[BaseException | None] = []
+    try:
+        assert isinstance(rig.storage, RemoteStorage) and rig.sd_mux is not None
+        rig.sd_mux.to_host()
+        assert rig.sd_mux.state() == "host"
+        before = b.card.stat().st_mtime_ns
+
+        def write() -> None:
+            assert isinstance(rig.storage, RemoteStorage)
+            try:
+                rig.storage.write(image, None, 300)
+                outcome.append(None)
+            except BaseException as exc:  # handed to the test's thread
+                outcome.append(exc)
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        wait_until(lambda: b.card.stat().st_mtime_ns != before or bool(outcome), 60,
+                   "the bench host to start writing the card")
+        assert not outcome, f"the flash ended before the lease did: {outcome}"
+        with db.connect(dsn) as conn:
+            leases.release(conn, b.rig, grant.epoch, by="an operator")
+        writer.join(LEASE_CHECK_INTERVAL + 30)
+        assert not writer.is_alive(), "the flash went on after its lease ended"
+        assert isinstance(outcome[0], InfraError), f"the flash ended with {outcome[0]!r}"
+        assert re.search(rf"the flash was stopped: lease epoch {grant.epoch} of {b.rig} is "
+                         r"stale", str(outcome[0])), str(outcome[0])
+    finally:
+        lease.stop_heartbeat()
+        rig.close(power_off=False)
+    with db.connect(dsn) as conn:
+        wait_until(lambda: rig_row(conn, b.rig)["state"] == "idle", 30,
+                   f"{b.name}'s agent to clean the rig", seen=lambda: b.log.read_text()[-500:])
 
 
 def test_a_rig_whose_relay_goes_silent_ends_bad_while_the_job_finishes_on_the_other(
