@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hil import timeline_svg
-from hil.record import SessionInfo, TestRecord, exit_text, markup
+from hil.record import SessionInfo, TestRecord, exit_text, failed, markup
 
 STYLE = """
 body{font-family:sans-serif;margin:1.5em;color:#222}
@@ -61,7 +61,7 @@ def _test(i: int, t: TestRecord) -> str:
                    "<th>seconds</th><th>exit</th></tr>")
         out += [f'<tr class="cmd"><td>{c.transport}</td><td>{markup(c.command)}</td>'
                 f"<td class=num>{c.seconds:.3f}</td>"
-                f'<td{" class=bad" if c.exit_code != 0 else ""}>{markup(exit_text(c))}</td></tr>'
+                f'<td{" class=bad" if failed(c) else ""}>{markup(exit_text(c))}</td></tr>'
                 for c in t.commands]
         out.append("</table>")
     if t.events:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from html import escape
 
 from hil import redact
-from hil.console.log import CommandRun, ConsoleLog, EventKind, readable
+from hil.console.log import NO_REPLY, CommandRun, ConsoleLog, EventKind, readable
 from hil.errors import brief
 from hil.rig import Step
 
@@ -160,6 +160,11 @@ def command_lines(record: TestRecord) -> str:
 
 def _exit(c: CommandRun) -> str:
     return str(c.exit_code) if c.exit_code is not None else "-"
+
+
+def failed(c: CommandRun) -> bool:
+    """A command that failed or did not finish; one sent without waiting (``reboot``) did not."""
+    return c.exit_code != 0 and c.error != NO_REPLY
 
 
 def exit_text(c: CommandRun) -> str:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hil.console.log import EventKind
+from hil.console.log import NO_REPLY, EventKind
 from hil.console.shell import Result
 from hil.errors import DeadlineError, DeviceError, HilError, InfraError
 
@@ -161,9 +161,11 @@ class SshShell:
         transport = client.get_transport()
         if transport is None:
             raise InfraError("SSH transport closed", part="network", rig=self.rig.name)
-        channel = transport.open_session(timeout=10)
-        channel.set_combine_stderr(True)
-        channel.exec_command(PATH_PREFIX + command)
+        with self.rig.log.command("ssh", command) as record:
+            channel = transport.open_session(timeout=10)
+            channel.set_combine_stderr(True)
+            channel.exec_command(PATH_PREFIX + command)
+            record.error = NO_REPLY
         return channel
 
     def _send(self, channel: Any, data: bytes, command: str, deadline: float,

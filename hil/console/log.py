@@ -76,6 +76,10 @@ class Event:
     text: str
 
 
+# a CommandRun's ``error`` for a command typed or started without waiting for it (``reboot``)
+NO_REPLY = "sent; no reply awaited"
+
+
 @dataclass
 class CommandRun:
     """A command run on the device (over the console's shell or SSH), for the reports. The

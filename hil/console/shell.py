@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from hil.console.log import BOOT_MARKERS as BOOT_BANNER
-from hil.console.log import RESTARTS, ConsoleLog, EventKind, StopEvent
+from hil.console.log import NO_REPLY, RESTARTS, ConsoleLog, EventKind, StopEvent
 from hil.console.serial import SerialConsole
 from hil.errors import DeadlineError, DeviceError, InfraError
 
@@ -270,9 +270,10 @@ class ConsoleShell:
 
     def send(self, command: str) -> int:
         """Type a command whose reply we will not wait for (``reboot``). Returns the offset."""
-        at = self.log.end
-        self.console.write(command.encode() + b"\n")
-        return at
+        with self.log.command("console", command) as record:
+            self.console.write(command.encode() + b"\n")
+            record.error = NO_REPLY
+        return record.at
 
 
 def _last_line(log: ConsoleLog) -> str:

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from hil import record
 from hil.config import load_device_type
+from hil.console.log import NO_REPLY
 from hil.console.serial import SerialConsole, SerialSettings
 from hil.console.shell import CONFIGURE_RETRY, ConsoleShell
+from hil.deadline import wait_until
 from hil.errors import DeadlineError, DeviceError, InfraError
 from hil.registry import PartContext
 
@@ -194,3 +197,15 @@ def test_console_vanishing_is_a_rig_error(shell: ConsoleShell, line: ShellLine) 
     threading.Timer(0.3, line.close).start()
     with pytest.raises(InfraError, match="console lost"):
         shell.run("sleep 5", timeout=10)
+
+
+def test_a_command_sent_without_waiting_is_recorded_as_such(shell: ConsoleShell,
+                                                             tmp_path: Path) -> None:
+    marker = tmp_path / "sent"
+    at = shell.send(f"touch {marker}")
+    wait_until(marker.exists, 10, "the shell to run the sent command")
+    sent = shell.log.commands[-1]
+    assert (sent.transport, sent.command, sent.at, sent.exit_code) == (
+        "console", f"touch {marker}", at, None)
+    assert sent.error == NO_REPLY
+    assert not record.failed(sent) and record.exit_text(sent) == f"- ({NO_REPLY})"
