@@ -120,8 +120,11 @@ class BenchLink:
                                  f"{deadline.timeout:.0f}s: {exc or type(exc).__name__}"
                                  ) from None
         if status != 0 or broken is not None:
+            # the command's reason is its last line; the lines before are its log
+            log.debug("%s on %s: stderr:\n%s", what, self.where, err)
+            reason = err.splitlines()[-1] if err else broken or "(no message)"
             raise self.ctx.error(f"the bench host {s.host} refused or failed `{what}` "
-                                 f"(exit status {status}): {err or broken or '(no message)'}")
+                                 f"(exit status {status}): {reason}")
         return out
 
     def close(self) -> None:

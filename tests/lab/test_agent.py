@@ -5,10 +5,14 @@ switch a command, the board's SSH server a TCP echo server. No board boots."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +23,9 @@ from hil.emu.pty import PtyPort
 from hil.errors import ConfigError, InfraError
 from hil.lab import db, leases, scratch
 from hil.lab.agent import Agent, Ports
+from hil.lab.benchops import LEASE_CHECK_INTERVAL
 from hil.lab.db import Connection
+from hil.lab.imagestream import send
 from hil.lab.leases import Selector
 from hil.lab.rigs import rig_config
 from hil.qemu.target import free_port
@@ -49,10 +55,11 @@ def echo_server() -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def serving(dsn: str, folder: Path, switch_on: str | None = None
+def serving(dsn: str, folder: Path, switch_on: str | None = None, storage: str = ""
             ) -> Iterator[tuple[Agent, PtyPort, Path]]:
     """An agent serving one rig (bench-pi), running its loop in a thread. Its power switch
-    records to a file, unless ``switch_on`` says otherwise."""
+    records to a file, unless ``switch_on`` says otherwise; ``storage``: its storage part's
+    settings, if it has one."""
     uart = PtyPort(folder / "uart")
     uart.plug()
     power = folder / "power"
@@ -62,7 +69,7 @@ def serving(dsn: str, folder: Path, switch_on: str | None = None
 power: {{driver: command, on: "{switch_on or f'echo on >> {power}'}", off: "echo off >> {power}"}}
 console: {{driver: serial, url: {uart.link}}}
 network: {{driver: ssh, host: 127.0.0.1, port: {ssh_port}, host_address: 10.0.2.2}}
-""")
+""" + (f"storage: {storage}\n" if storage else ""))
         agent = Agent(dsn, "bench1", [str(rig)], Ports("127.0.0.1", free_port()),
                       interval=0.5).start()
         stop = threading.Event()
@@ -218,3 +225,69 @@ def test_without_the_database_a_lease_is_served_until_its_known_expiry(
             assert tcp_listening(served.console_port)  # the lease has seconds left
             wait_until(lambda: not tcp_listening(served.console_port), 6 + 10,
                        "the agent to close the endpoints at the lease's expiry")
+
+
+def test_a_flash_on_the_rigs_own_disk_stops_when_its_lease_ends(
+        lab_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rig whose disk the bench host writes in place (no mux for the cleaning to switch away):
+    an operator ends the lease while ``hil lab flash`` writes it, and the writer stops at its
+    next lease check. The session's side is the image stream, sent slowly, as over a slow link."""
+    monkeypatch.setenv("HIL_RUNTIME_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("HIL_LOCK_DIR", str(tmp_path / "locks"))
+    disk = tmp_path / "disk.img"
+    image = tmp_path / "new.img"
+    block = os.urandom(1 << 20)
+    with image.open("wb") as f:
+        for _ in range(64):
+            f.write(block)
+    with serving(lab_dsn, tmp_path, storage=f"{{driver: file, path: {disk}, size: 268435456}}"
+                 ) as (agent, _, _):
+        lease = leases.acquire(lab_dsn, Selector("raspberrypi3"), holder="ci job 1", ttl=30)
+        epoch = lease.grants[0].epoch
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("hil")), "lab", "flash", "bench-pi", "--epoch",
+             str(epoch), "--agent", str(agent.sock)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdin is not None
+        sent = [0]
+
+        def write(data: bytes) -> None:
+            assert proc.stdin is not None
+            proc.stdin.write(data)
+            proc.stdin.flush()
+            sent[0] += len(data)
+            if sent[0] > 8 << 20:
+                time.sleep(0.2)  # a few MB/s after the first 8 MiB: 64 MiB take over 10 s
+
+        feeder = threading.Thread(target=_feed, args=(image, write), daemon=True)
+        feeder.start()
+        try:
+            wait_until(lambda: disk.exists() and disk.stat().st_blocks > 0, 30,
+                       "the bench host to start writing the disk")
+            with db.connect(lab_dsn) as conn:
+                leases.release(conn, "bench-pi", epoch, by="an operator")
+            released = time.monotonic()
+            proc.wait(timeout=LEASE_CHECK_INTERVAL + 30)  # the stream goes on meanwhile
+        finally:
+            lease.stop_heartbeat()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        stopped_after = time.monotonic() - released
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        assert proc.returncode == 1, err.decode()
+        reason = err.decode().strip().splitlines()[-1]
+        assert reason.startswith(f"the flash was stopped: lease epoch {epoch} of bench-pi is "
+                                 "stale"), reason
+        assert "the lease check refused to go on" in reason, reason  # the writer's own check
+        assert "holds an incomplete or unverified image" in reason, reason
+        assert sent[0] < image.stat().st_size, "the whole image went through"
+        assert stopped_after < LEASE_CHECK_INTERVAL + 10, stopped_after
+
+
+def _feed(image: Path, write: Callable[[bytes], None]) -> None:
+    """The session's side of ``hil lab flash``: the image stream, until the writer stops
+    reading."""
+    with contextlib.suppress(OSError, ValueError):  # ValueError: the test closed the pipe
+        send(image, None, write)

@@ -408,9 +408,10 @@ def test_a_stale_epoch_flash_and_mux_switch_are_refused_without_touching_the_car
 def test_a_flash_under_way_stops_when_its_lease_ends(
         lab_hosts: tuple[str, list[BenchHost], Path], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """An operator ends the lease while the session streams an image to the card: the bench
-    host's writer stops within a lease check and a chunk, the session's flash fails naming the
-    stale lease, and the mux reports its position through the bench host."""
+    """An operator ends the lease while the session streams an image to the card: the write
+    stops (here the agent's cleaning switches the mux away under it first; the writer's own
+    lease check, for a disk no mux can take away, is in test_agent.py), the session's flash
+    fails naming the stale lease, and the mux reports its position through the bench host."""
     dsn, hosts, key = lab_hosts
     b = hosts[1]
     monkeypatch.setenv("HIL_LAB_SSH_KEY", str(key))
