@@ -1,6 +1,7 @@
 """/dev and GPIO: every device node and GPIO chip the device type lists exists and is usable
 from the OS (opened, line info read, a free line driven and read back), the RTC reads and
-ticks, the watchdog can be petted and stopped, a wired GPIO loopback carries both levels, and
+ticks, the watchdog can be petted and stopped, a wired GPIO loopback carries both levels, the
+kernel saw no under-voltage (else the rig's supply is at fault), and
 the same nodes work from inside a privileged container where the OS runs containers."""
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from devices_probe import (
 
 from hil.config import DeviceType
 from hil.dut import Dut
+from hil.errors import InfraError
 
 
 def dtype(dut: Dut) -> DeviceType:
@@ -152,6 +154,22 @@ def test_watchdog_pets_and_stops(dut: Dut) -> None:
         "board would reset")
     k0, k1 = wd_state.get("kernel", "0 0").split()
     assert k0 == k1, "the kernel logged 'watchdog did not stop!' after the magic close"
+
+
+# --- power supply ---------------------------------------------------------------------------------
+
+UNDER_VOLTAGE = "Under-voltage detected"  # the Raspberry Pi kernel's line (raspberrypi-hwmon)
+
+
+def test_no_under_voltage_since_boot(dut: Dut) -> None:
+    """balenaOS's under-voltage test (B5) only prints whether the kernel logged under-voltage.
+    On a bench it means the rig's supply cannot carry the board, which makes every other result
+    doubtful: an infrastructure error naming the rig's power, not a failure of the OS."""
+    seen = dut.run(f"dmesg | grep -F {shlex.quote(UNDER_VOLTAGE)} | tail -n 3; true").stdout
+    if seen.strip():
+        raise InfraError(f"the kernel reports under-voltage since boot: the supply cannot "
+                         f"carry the board ({seen.strip().splitlines()[-1]})", part="power",
+                         rig=dut.rig.name)
 
 
 # --- the same from inside a privileged container --------------------------------------------------

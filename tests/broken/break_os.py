@@ -114,6 +114,9 @@ BREAKS: dict[str, str] = {
         "systemctl start --no-block balena.service balena-supervisor.service; }"),
     # a device node the device type promises disappears
     "no-gpiochip0": "rm -f /dev/gpiochip0",
+    # the kernel logs under-voltage, as a Raspberry Pi's does on a weak supply
+    "under-voltage": ("echo 'hwmon hwmon1: Under-voltage detected! (0x00050005)' "
+                      "> /dev/kmsg"),
     # sshd.socket is never recovered after its trigger limit stopped it: the recovery timer is
     # stopped and its service does nothing
     "no-sshd-socket-recovery": (_unit_does_nothing("recover-sshd-socket.service") +
