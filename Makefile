@@ -18,7 +18,7 @@ RIG ?= qemu-aarch64
 SUITES ?= suites
 HILTEST := $(PYTEST) -p no:cacheprovider -q -ra
 
-.PHONY: deps apt venv demo test test-framework test-boards lint bench clean
+.PHONY: deps apt venv demo test test-framework test-boards lint docs bench clean
 
 deps: apt venv
 
@@ -38,7 +38,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q -e '.[dev,hw,allure,bench]'
+	$(PY) -m pip install -q -e '.[dev,hw,allure,bench,docs]'
 	touch $@
 
 # The main job: the suites on the default QEMU rig with the reference OS image.
@@ -52,6 +52,11 @@ lint: venv
 	MYPYPATH=suites $(VENV)/bin/mypy --strict suites/*.py
 	for d in suites/*/; do MYPYPATH=$$d:suites $(VENV)/bin/mypy --strict $$d*.py || exit 1; done
 	$(PY) -m hil.docgen --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site-check
+
+# The documentation as a site in site/ (mkdocs, docs/ and mkdocs.yml); lint builds it --strict.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # The framework's own tests (unit + integration on real QEMU boots and emulated bench hardware),
 # then every suite on both QEMU boards, and the smoke suite through each emulated bench.

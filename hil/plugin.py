@@ -142,6 +142,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def rig_config(pytestconfig: pytest.Config) -> RigConfig:
+    """The rig file ``--rig`` names, validated (``hil.config.RigConfig``); the tests that ask
+    for a rig skip without ``--rig``."""
     cfg = pytestconfig.stash.get(RIG_CONFIG, None)
     if cfg is None:
         pytest.skip("needs a rig: run with --rig NAME (see `hil rigs`)")
@@ -150,6 +152,8 @@ def rig_config(pytestconfig: pytest.Config) -> RigConfig:
 
 @pytest.fixture(scope="session")
 def hil_session(pytestconfig: pytest.Config, rig_config: RigConfig) -> Iterator[HilSession]:
+    """The session on the rig: locked (or leased), flashed, booted to a shell; at its end the
+    board is powered off, the mux released and the lock freed."""
     opt = pytestconfig.getoption
     options = Options(image=opt("--image"), bmap=Path(opt("--bmap")) if opt("--bmap") else None,
                       config_json=Path(opt("--config-json")) if opt("--config-json") else None,
@@ -181,6 +185,7 @@ def _os_version(session: HilSession) -> str:
 
 @pytest.fixture(scope="session")
 def rig(hil_session: HilSession) -> Rig:
+    """The rig's parts (``hil.rig.Rig``): power, SD mux, storage, console log, network."""
     assert hil_session.rig is not None
     return hil_session.rig
 

@@ -61,11 +61,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.fixture
 def host_os(dut: Dut) -> HostOS:
+    """balenaOS's contract on the device (``hil.os.HostOS``): config.json, units and their
+    journal, the supervisor's API, host OS updates, the bootloader's state."""
     return dut.os
 
 
 @pytest.fixture(scope="session")
 def updates(pytestconfig: pytest.Config, hil_session: HilSession) -> UpdateSet:
+    """The host OS updates the session can apply: ``--update-image``, else the reference OS's
+    own next version where the device runs the reference OS."""
     assert hil_session.dut is not None
     given = pytestconfig.getoption("--update-image")
     return UpdateSet(
@@ -126,6 +130,8 @@ def gpiod_image(host_os: HostOS, app_registry: AppRegistry | None) -> str:
 
 @pytest.fixture
 def apps(host_os: HostOS, app_image: str) -> Apps:
+    """Apps deployed through the supervisor's local-mode API, and the engine's CLI into their
+    containers (``suites/apps.py``)."""
     return Apps(host_os)
 
 
