@@ -12,6 +12,7 @@ from hil import redact
 from hil.errors import InfraError, brief
 
 AT = "hil_infra"  # a rig fault's user property: the rig, the part and the error's first line
+RERUN = "rerun"  # the outcome of a rig fault's report whose test ran again on another pool rig
 # what pytest's short summary lists for a report character, to know whether it wrote its header
 _SUMMARY_STATS = {"f": "failed", "E": "error", "p": "passed", "s": "skipped", "x": "xfailed",
                   "X": "xpassed"}
@@ -28,7 +29,8 @@ def where(exc: BaseException, rig: str) -> str:
 def line(report: pytest.TestReport) -> str:
     # tuple(): a report that crossed a process boundary (pytest-xdist) holds lists
     at = next((str(p[1]) for p in report.user_properties if tuple(p)[:1] == (AT,)), "")
-    return f"INFRA {report.nodeid}{_phase(report)} - {at}"
+    again = " (run again on another rig)" if report.outcome == RERUN else ""
+    return f"INFRA {report.nodeid}{_phase(report)} - {at}{again}"
 
 
 def _phase(report: pytest.TestReport) -> str:

@@ -9,7 +9,7 @@ import signal
 import time
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
@@ -222,6 +222,40 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None
     session.add_time(item.path.parent.name, before or session.ready, session.snapshot())
 
 
+@pytest.hookimpl(tryfirst=True, specname="pytest_runtest_protocol")
+def pytest_runtest_protocol_rerun(item: pytest.Item, nextitem: pytest.Item | None
+                                  ) -> bool | None:
+    """On a pool rig, a test whose rig faulted runs again on another rig of the pool (once a
+    session, as the move itself): its first reports are logged as RERUN, so the verdict is the
+    second rig's. pytest's own protocol otherwise."""
+    lab = item.config.stash.get(LAB, None)
+    if lab is None:
+        return None
+    from _pytest.runner import runtestprotocol
+
+    hook = item.ihook
+    hook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    reports = runtestprotocol(item, nextitem=nextitem, log=False)
+    if any(_is_infra(r) for r in reports) and lab.may_move():
+        for report in reports:
+            if _is_infra(report):
+                # not "failed": pytest counts those for the exit status, and the verdict is
+                # the next rig's (as pytest-rerunfailures logs a test it runs again)
+                report.outcome = cast(Any, infra_report.RERUN)
+            hook.pytest_runtest_logreport(report=report)
+        item._initrequest()  # type: ignore[attr-defined]  # a fresh request for the new run
+        reports = runtestprotocol(item, nextitem=nextitem, log=False)
+    for report in reports:
+        hook.pytest_runtest_logreport(report=report)
+    hook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    return True
+
+
+def _is_infra(report: pytest.TestReport) -> bool:
+    # tuple(): a report that crossed a process boundary (pytest-xdist) holds lists
+    return report.failed and any(tuple(prop) == INFRA for prop in report.user_properties)
+
+
 @pytest.hookimpl(tryfirst=True)  # before the fixtures: a move to another rig resets them
 def pytest_runtest_setup(item: pytest.Item) -> None:
     lab = item.config.stash.get(LAB, None)
@@ -314,15 +348,17 @@ def _record(item: pytest.Item, report: pytest.TestReport, session: HilSession | 
 
 def pytest_report_teststatus(report: pytest.TestReport,
                              config: pytest.Config) -> tuple[str, str, Any] | None:
-    # tuple(): a report that crossed a process boundary (pytest-xdist) holds lists
-    if report.failed and any(tuple(prop) == INFRA for prop in report.user_properties):
+    if report.outcome == infra_report.RERUN:
+        return "rerun", "R", ("RERUN", {"yellow": True})
+    if _is_infra(report):
         return "infra", "I", ("INFRA", {"yellow": True})
     return None
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
                             config: pytest.Config) -> None:
-    infra = terminalreporter.stats.get("infra", [])
+    # rig faults, those whose test ran again on another rig included
+    infra = [*terminalreporter.stats.get("rerun", []), *terminalreporter.stats.get("infra", [])]
     if infra and not getattr(terminalreporter, "no_summary", False):
         infra_report.sections(terminalreporter, config, infra)
         infra_report.in_short_summary(terminalreporter, infra)

@@ -1,6 +1,7 @@
 """The pytest side of ``--rig=pool:...``: lease a rig for the session, keep a record of what each
-suite did on it, move once to another matching rig after an infrastructure error, and give every
-rig back at the end. Called by ``hil.plugin``; psycopg is imported only when a pool is used."""
+suite did on it, move once to another matching rig after an infrastructure error (and run the
+test that met it again there), and give every rig back at the end. Called by ``hil.plugin``;
+psycopg is imported only when a pool is used."""
 
 from __future__ import annotations
 
@@ -85,6 +86,14 @@ class PoolSession:
         return pool.give_back(lease, self.outcome(exitstatus), powered_down=powered_down,
                               record=record)
 
+    def may_move(self) -> bool:
+        """Whether the session can still move to another rig: its rig faulted, the one move
+        is not spent, the lab did not end the lease, and the selector does not name this rig."""
+        lease = self.lease
+        return bool(self.infra and not self.moved and not self.gone and lease is not None
+                    and not lease.lost and not leases.Selector.parse(
+                        self.spec.removeprefix(pool.PREFIX)).rig)
+
     # --- before each test -----------------------------------------------------------------------
     def before_test(self, item: pytest.Item, end_session: Any) -> RigConfig | None:
         """Stop a test that must not touch the board (the lab ended the lease, or no rig is
@@ -103,10 +112,10 @@ class PoolSession:
         """End the session on the rig that faulted (its fixtures torn down: powered off
         through its drivers), give it back as *unknown* (a health check before its next job)
         and lease another matching rig. Once per session: a second fault stays a fault."""
+        movable = self.may_move()
         self.moved = True
         lease, cause = self.lease, self.infra
-        if lease is None or lease.lost or leases.Selector.parse(
-                self.spec.removeprefix(pool.PREFIX)).rig:
+        if not movable or lease is None:
             return None  # the lab ended it, or the selector names this one rig
         old = lease.grants[0].rig
         # finish() reads only the request's node (for its error message)
