@@ -22,7 +22,7 @@ table{border-collapse:collapse}td,th{padding:2px 8px;text-align:left;vertical-al
 .summary td{border-bottom:1px solid #ddd}
 .test{border:1px solid #ccc;border-left-width:8px;margin:8px 0;padding:4px 8px}
 .passed{border-left-color:#59a14f}.failed,.error{border-left-color:#e15759}
-.infra{border-left-color:#edc948}.skipped{border-left-color:#bab0ac}
+.infra,.rerun{border-left-color:#edc948}.skipped{border-left-color:#bab0ac}
 .outcome{font-weight:bold;text-transform:uppercase}
 pre{background:#f6f6f6;padding:6px;overflow-x:auto;white-space:pre-wrap;max-height:40em}
 .cmds td{font-family:monospace;border-bottom:1px solid #eee}.bad{color:#c00}.num{white-space:nowrap}
@@ -50,7 +50,7 @@ def render(info: SessionInfo, tests: Sequence[TestRecord], seconds: float) -> st
 
 
 def _test(i: int, t: TestRecord) -> str:
-    shown = " open" if t.outcome in ("failed", "error", "infra") else ""
+    shown = " open" if t.outcome in ("failed", "error", "infra", "rerun") else ""
     out = [f'<div class="test {t.outcome}" id="t{i}"><details{shown}><summary>'
            f'<span class="outcome">{t.outcome}</span> {markup(t.nodeid)} '
            f"({t.seconds:.1f} s)</summary>"]

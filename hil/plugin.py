@@ -243,6 +243,10 @@ def pytest_runtest_protocol_rerun(item: pytest.Item, nextitem: pytest.Item | Non
                 # the next rig's (as pytest-rerunfailures logs a test it runs again)
                 report.outcome = cast(Any, infra_report.RERUN)
             hook.pytest_runtest_logreport(report=report)
+        first = item.stash.get(RECORD, None)
+        if first is not None:  # the reports list both runs: the first as it went, then this
+            first.outcome = infra_report.RERUN
+            del item.stash[RECORD]
         item._initrequest()  # type: ignore[attr-defined]  # a fresh request for the new run
         reports = runtestprotocol(item, nextitem=nextitem, log=False)
     for report in reports:

@@ -4,6 +4,7 @@ is a command (no board boots): leased for the session, given back as the session
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -107,7 +108,8 @@ def test_after_an_infra_error_the_session_continues_once_on_another_rig(
             seen(rig_config, "third")
     """)
     result = pytester.runpytest_subprocess("--rig=pool:raspberrypi3", "--lab-release=v1.2",
-                                           "-p", "no:cacheprovider")
+                                           "-p", "no:cacheprovider",
+                                           f"--hil-report={tmp_path / 'report'}")
     # the faulted test ran again on the other rig and passed there; a second fault stays one
     assert result.parseoutcomes() == {"passed": 3, "rerun": 1, "infra": 1}, result.outlines[-5:]
     first, rerun, second, third = ((tmp_path / n).read_text()
@@ -115,6 +117,12 @@ def test_after_an_infra_error_the_session_continues_once_on_another_rig(
     assert first != second and rerun == second and third == second  # one move
     result.stdout.fnmatch_lines([f"INFRA test_moves.py::test_a_relay_fails - rig {first}, "
                                  "power: relay did not answer (run again on another rig)"])
+    # the session's page lists both runs: the first as a rerun with its error, then the pass
+    [page] = (tmp_path / "report").glob("*.html")
+    runs = re.findall(r'<div class="test (\w+)" id="t\d+"><details[^>]*><summary>'
+                      r'<span class="outcome">\w+</span> test_moves.py::test_a_relay_fails',
+                      page.read_text())
+    assert runs == ["rerun", "passed"], runs
     result.stdout.fnmatch_lines([f"*rig {first} gave an infrastructure error *relay did not "
                                  f"answer*the session continued on {second}*"])
     suite = pytester.path.name
