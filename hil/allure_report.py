@@ -1,5 +1,6 @@
-"""allure-pytest, when it is installed and the run has ``--alluredir``: the console slice as
-each test's attachment, its commands and rig events (``hil.record``), each boot's timeline as
+"""allure-pytest, when it is installed and the run has ``--alluredir``: each rig step and device
+command as an allure step while it runs (``hil.steps``), the console slice as each test's
+attachment, its commands and rig events (``hil.record``), each boot's timeline as
 an SVG picture, the session's rig, image, device type and OS version as allure's
 environment.properties, and every result and fixture container masked (``hil.redact``) just
 before allure writes it. allure takes a failure's message from the exception itself, not from
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import re
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hil import redact, timeline_svg
+from hil import steps as report_steps
 from hil.record import SessionInfo, TestRecord, clean, command_lines
 
 
@@ -59,7 +62,7 @@ def _masked(obj: Any, depth: int = 0) -> Any:
     changed in place where it can be."""
     if isinstance(obj, str):
         return redact.text(obj)
-    if depth > 10:  # allure's model is a shallow tree; stop on anything cyclic
+    if depth > 24:  # allure's model is a shallow tree (steps nest a few deep); stop on a cycle
         return obj
     if isinstance(obj, list):
         obj[:] = [_masked(v, depth + 1) for v in obj]
@@ -72,8 +75,10 @@ def _masked(obj: Any, depth: int = 0) -> Any:
     return obj
 
 
-def start() -> object | None:
-    """Mask what allure writes, from now to ``stop``; None when allure is not installed."""
+def start(*, with_steps: bool) -> object | None:
+    """Mask what allure writes, from now to ``stop``, and with ``with_steps`` (the run writes
+    allure results) show rig steps and commands as allure steps; None when allure is not
+    installed."""
     try:
         import allure_commons
     except ImportError:
@@ -90,7 +95,16 @@ def start() -> object | None:
 
     plugin = MaskResults()
     allure_commons.plugin_manager.register(plugin)
+    if with_steps:
+        report_steps.listen(_step)
     return plugin
+
+
+def _step(title: str) -> AbstractContextManager[object]:
+    """An allure step for a rig step or a device command (``hil.steps``)."""
+    import allure
+
+    return cast(AbstractContextManager[object], allure.step(title))
 
 
 def stop(plugin: object | None) -> None:
@@ -98,5 +112,6 @@ def stop(plugin: object | None) -> None:
         return
     import allure_commons
 
+    report_steps.unlisten(_step)
     if allure_commons.plugin_manager.is_registered(plugin):
         allure_commons.plugin_manager.unregister(plugin)

@@ -89,7 +89,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[LAB] = None
     config.stash[RECORDS] = []
     config.stash[STARTED] = time.time()
-    config.stash[ALLURE_MASK] = allure_report.start()
+    config.stash[ALLURE_MASK] = allure_report.start(
+        with_steps=bool(config.getoption("allure_report_dir", None)))
     config.stash[UNMASK_LOGS] = redact.mask_log_records()
     rig = config.getoption("--rig")
     if rig:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from html import escape
 
 from hil import redact
-from hil.console.log import NO_REPLY, CommandRun, ConsoleLog, EventKind, readable
+from hil.console.log import NO_REPLY, CommandRun, ConsoleLog, EventKind, readable, typed
 from hil.errors import brief
 from hil.rig import Step
 
@@ -94,10 +94,7 @@ def markup(text: str) -> str:
 
 
 def _shown(command: str) -> str:
-    # the OS adapter runs each command in a subshell of its own: show the command itself
-    if command.startswith("(\n") and command.endswith("\n)"):
-        command = command[2:-2]
-    return clean(command)
+    return clean(typed(command))
 
 
 def commands(log: ConsoleLog, start: int, end: int) -> list[CommandRun]:

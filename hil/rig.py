@@ -18,7 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from hil import registry
+from hil import registry, steps
 from hil.cache import runtime_dir
 from hil.config import RigConfig
 from hil.console.log import ConsoleLog, EventKind, StopEvent
@@ -113,7 +113,8 @@ class Rig:
             self.timeline.append(step)
 
         try:
-            yield step
+            with steps.span(name):
+                yield step
         except HilError as exc:
             record(False, str(exc))
             raise

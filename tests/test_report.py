@@ -16,6 +16,8 @@ from hil import allure_report, html_report, record, redact, timeline_svg
 from hil.console.log import CommandRun, ConsoleLog, EventKind
 from hil.rig import Step
 
+pytest_plugins = ["pytester"]
+
 SECRET = "sekrit-0123456789abcdef"
 HOSTILE = f'<script>alert("x")</script> & </pre></svg> \x1b[31mred\x1b[0m apiKey={SECRET}'
 SHOWN = '<script>alert("x")</script> & </pre></svg> red apiKey=<redacted>'  # as a reader sees it
@@ -150,3 +152,44 @@ def test_rig_events_of_a_span_in_order() -> None:
     events = record.rig_events(log, steps, 0, log.end)
     assert [(e.name, e.ok, e.text) for e in events] == [
         ("power on", True, ""), ("flash x", False, "boom <redacted>")]
+
+
+STEPPED = '''
+import pytest
+from hil.config import load_rig
+from hil.rig import Rig
+
+
+def test_steps(tmp_path):
+    rig = Rig(load_rig(RIG_FILE))
+    try:
+        rig.power_on()
+        with rig.log.command("console", "(\\necho APIKEY\\n)") as run:
+            run.exit_code = 0
+        with pytest.raises(TimeoutError), rig.log.command("ssh", "sleep 99"):
+            raise TimeoutError("no end of 'sleep 99'")
+    finally:
+        rig.close()
+'''
+
+
+def test_rig_steps_and_commands_are_allure_steps_as_they_run(
+        pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """With --alluredir, each rig step and device command is an allure step while it runs:
+    named, in order, failed where it raised, its secret masked."""
+    pytest.importorskip("allure")
+    power = tmp_path / "power"
+    rig = tmp_path / "pi.yaml"
+    rig.write_text(f"device_type: raspberrypi3\npower: {{driver: command, on: 'echo on >> "
+                   f"{power}', off: 'echo off >> {power}'}}\nconsole: {{driver: serial, "
+                   "url: 'loop://'}\n")
+    pytester.makepyfile(STEPPED.replace("RIG_FILE", repr(str(rig))).replace("APIKEY", SECRET))
+    pytester.makeconftest(f"from hil import redact\nredact.register({SECRET!r})\n")
+    allure = tmp_path / "allure"
+    result = pytester.runpytest_subprocess(f"--alluredir={allure}", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    [res] = [json.loads(p.read_text()) for p in allure.glob("*-result.json")]
+    got = [(s["name"], s["status"]) for s in res["steps"]]
+    assert got == [("power on", "passed"), ("console: echo <redacted>", "passed"),
+                   ("ssh: sleep 99", "broken")], got
+    assert SECRET not in json.dumps(res)

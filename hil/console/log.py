@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from pexpect.expect import searcher_re
 
-from hil import redact
+from hil import redact, steps
 from hil.deadline import WaitTally
 from hil.errors import DeadlineError, InfraError, brief
 
@@ -74,6 +74,13 @@ class Event:
     when: float  # time.time()
     kind: EventKind
     text: str
+
+
+def typed(command: str) -> str:
+    """The command itself: the OS adapter runs each one in a subshell of its own."""
+    if command.startswith("(\n") and command.endswith("\n)"):
+        return command[2:-2]
+    return command
 
 
 # a CommandRun's ``error`` for a command typed or started without waiting for it (``reboot``)
@@ -184,7 +191,8 @@ class ConsoleLog:
         run = CommandRun(transport, command, self.end, time.time())
         t0 = time.monotonic()
         try:
-            yield run
+            with steps.span(f"{transport}: {typed(command)}"):
+                yield run
         except BaseException as exc:
             run.error = brief(str(exc)) or type(exc).__name__
             raise
