@@ -37,20 +37,19 @@ def span(title: str) -> Iterator[None]:
         title = title[:TITLE_MAX - 1] + "…"
     with contextlib.ExitStack() as stack:
         for listener in list(_listeners):
-            try:
-                stack.enter_context(_quiet(listener(title)))
-            except Exception as exc:  # a report's trouble is not the test's
-                log.debug("report step %r not opened: %s", title, exc)
+            stack.enter_context(_quiet(listener, title))
         yield
 
 
 @contextlib.contextmanager
-def _quiet(inner: AbstractContextManager[object]) -> Iterator[None]:
-    """``inner`` entered and left; its own errors logged, never raised."""
+def _quiet(listener: Listener, title: str) -> Iterator[None]:
+    """The listener's step entered and left; its own errors logged, never raised (a report's
+    trouble is not the test's)."""
     try:
+        inner = listener(title)
         inner.__enter__()
     except Exception as exc:
-        log.debug("report step not opened: %s", exc)
+        log.debug("report step %r not opened: %s", title, exc)
         yield
         return
     try:

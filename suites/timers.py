@@ -32,14 +32,18 @@ def timestamp(text: str) -> float | None:
     return when.replace(tzinfo=datetime.UTC).timestamp()
 
 
-def randomized_triggers(dut: Dut, host_os: HostOS, timer: str, delay: str,
-                        *, realtime: bool = False, times: int = 3) -> list[float]:
+def randomized_triggers(dut: Dut, host_os: HostOS, timer: str, delay: str | None = None,
+                        *, realtime: bool = False, times: int = 3) -> tuple[list[float], float]:
     """The timer's next trigger after each of ``times`` restarts, in seconds (after boot for a
-    monotonic timer, since the epoch for a calendar one), once its randomized delay is checked
-    to be ``delay`` (as `systemctl show` prints it: "1h", "6h")."""
+    monotonic timer, since the epoch for a calendar one), and its randomized delay in seconds,
+    once that is checked to be ``delay`` (as `systemctl show` prints it: "1h"), or any
+    non-zero delay where balenaOS's value is not pinned."""
     props = {p: host_os.unit_property(timer, p) for p in ("ActiveState", "RandomizedDelayUSec")}
-    assert props == {"ActiveState": "active", "RandomizedDelayUSec": delay}, (
-        f"{timer} must be active with a randomized delay of {delay}; it shows {props}")
+    seconds = timespan(props["RandomizedDelayUSec"]) or 0.0
+    assert props["ActiveState"] == "active" and seconds > 0 and (
+        delay is None or props["RandomizedDelayUSec"] == delay), (
+        f"{timer} must be active with a randomized delay of {delay or 'some length'}; it shows "
+        f"{props}")
     prop, parse = (("NextElapseUSecRealtime", timestamp) if realtime
                    else ("NextElapseUSecMonotonic", timespan))
 
@@ -59,4 +63,7 @@ def randomized_triggers(dut: Dut, host_os: HostOS, timer: str, delay: str,
     assert len(set(triggers)) == times, (
         f"re-armed {times} times, {timer} chose the same next trigger more than once "
         f"({prop}: {triggers}): not randomized")
-    return triggers
+    assert max(triggers) - min(triggers) <= seconds, (
+        f"{timer}'s next triggers {triggers} ({prop}) spread over more than its randomized "
+        f"delay of {props['RandomizedDelayUSec']}")
+    return triggers, seconds

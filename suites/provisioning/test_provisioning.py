@@ -163,12 +163,10 @@ def test_os_config_fetched_the_service_configuration_at_boot(
 
 
 def test_os_config_timer_is_randomized(dut: Dut, host_os: HostOS) -> None:
-    """balenaOS's A15: os-config asks the API daily at a random moment within six hours, so that
-    a fleet does not ask at once: each time the timer is armed, its next trigger moves."""
-    triggers = randomized_triggers(dut, host_os, "os-config.timer", "6h", realtime=True)
-    assert max(triggers) - min(triggers) <= 6 * 3600, (
-        f"the next triggers {triggers} (s since the epoch) spread over more than the six hours "
-        "of RandomizedDelaySec")
+    """balenaOS's A15: os-config asks the API at a random moment of its period, so that a fleet
+    does not ask at once: each time the timer is armed, its next trigger moves (within the
+    timer's own randomized delay: theirs asserts no length, nor does this)."""
+    randomized_triggers(dut, host_os, "os-config.timer", realtime=True)
 
 
 # --- SSH -------------------------------------------------------------------------------------
