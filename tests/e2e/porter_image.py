@@ -1,10 +1,11 @@
 """A board porter's own aarch64 image, as the framework never built one for its suites: not
 balena-shaped. One ext4 partition (``porter-root``) holds everything: Debian's kernel, the
-reference OS's initramfs (it mounts ``root=`` and runs ``init=``), and
-``boot/extlinux/extlinux.conf``, which U-Boot's distro boot finds by itself. Busybox init
-starts a getty on the serial console, and root logs in with a password (its hash in
-/etc/shadow, checked by busybox login). Made from Debian packages with the reference OS
-builder's pieces; every byte but the password's hash depends only on the packages."""
+reference OS's initramfs (it mounts ``root=`` and runs ``/sbin/init``), and
+``boot/extlinux/extlinux.conf``, which U-Boot's distro boot finds by itself. Debian's systemd is
+init, with its status lines (colour escapes and all) on the serial console; a getty unit there
+asks for a login, and root logs in with a password (its hash in /etc/shadow, checked by
+busybox login). Made from Debian packages with the reference OS builder's pieces; every byte
+but the password's hash depends only on the packages."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from pathlib import Path
 from hil.flash.partitions import GptEntry, write_gpt
 from hil.refos import debs, fs
 from hil.refos.builder import (
+    BINARIES,
     EPOCH,
     GPT_LINUX,
+    SYSTEMD_UNITS,
     MiB,
     initramfs,
     library_packages,
@@ -24,11 +27,23 @@ from hil.refos.builder import (
 
 ARCH = "arm64"
 TRIPLET = "aarch64-linux-gnu"
+CONSOLE = "ttyAMA0"
 LABEL = "porter-root"
 ROOT_START = 1 * MiB
-ROOT_SIZE = 112 * MiB
+ROOT_SIZE = 128 * MiB
 DISK_SIZE = ROOT_START + ROOT_SIZE + 1 * MiB  # the backup GPT after it
-APPEND = "console=ttyAMA0 root=/dev/vda1 rootfstype=ext4 ro panic=1 quiet"
+APPEND = (f"console={CONSOLE} root=/dev/vda1 rootfstype=ext4 ro panic=1 quiet "
+          "systemd.show_status=1")  # the kernel quiet, systemd's status lines on
+SYSTEMD = {"systemd": BINARIES["systemd"]}
+# systemd's commands for the power, where busybox's applets would signal init as busybox init
+# wants (systemd takes SIGTERM as "re-execute")
+LINKS = {"sbin/init": "../lib/systemd/systemd",
+         **{f"sbin/{n}": "../bin/systemctl" for n in ("reboot", "poweroff", "halt", "shutdown")}}
+# what starts at boot: unit -> the target that wants it
+ENABLED = {"systemd-journald.socket": "sockets.target",
+           "systemd-journald-dev-log.socket": "sockets.target",
+           "getty.target": "multi-user.target",
+           f"serial-getty@{CONSOLE}.service": "getty.target"}
 
 FILES = {
     "boot/extlinux/extlinux.conf": ("default porter\n"
@@ -36,19 +51,15 @@ FILES = {
                                     "    kernel /boot/Image\n"
                                     "    initrd /boot/initrd.img\n"
                                     f"    append {APPEND}\n"),
-    "etc/inittab": ("::sysinit:/etc/init.d/rcS\n"
-                    "ttyAMA0::respawn:/sbin/getty -L 115200 ttyAMA0 vt100\n"
-                    "::ctrlaltdel:/sbin/reboot\n"
-                    "::shutdown:/bin/umount -a -r\n"),
-    "etc/init.d/rcS": ("#!/bin/sh\n"
-                       "mount -t proc proc /proc\n"
-                       "mount -t sysfs sysfs /sys\n"
-                       "mount -t tmpfs tmpfs /tmp\n"
-                       "mount -t tmpfs tmpfs /run\n"
-                       "hostname -F /etc/hostname\n"),
+    "lib/systemd/system/serial-getty@.service": (
+        "[Unit]\nDescription=Login on %I\nBefore=getty.target\n"
+        "[Service]\nExecStart=/sbin/getty -L 115200 %I vt100\nRestart=always\n"
+        "UtmpIdentifier=%I\nTTYPath=/dev/%I\nTTYReset=yes\nTTYVHangup=yes\n"
+        "KillMode=process\nIgnoreSIGPIPE=no\nSendSIGHUP=yes\n"),
     "etc/passwd": "root:x:0:0:root:/root:/bin/sh\n",
-    "etc/group": "root:x:0:\n",
+    "etc/group": "root:x:0:\ntty:x:5:\n",
     "etc/hostname": "porter\n",
+    "etc/machine-id": "",  # empty: systemd makes one up per boot (the root is read-only)
     "etc/os-release": ('ID=porter\nNAME="Porter Linux"\nVERSION_ID=0.1\n'
                        'PRETTY_NAME="Porter Linux 0.1"\n'),
 }
@@ -66,22 +77,36 @@ def build(out: Path, password: str) -> Path:
     """Build the disk image into ``out`` (a folder); returns its path."""
     kernel_pkg = debs.kernel_package(ARCH)
     kver = kernel_pkg.removeprefix("linux-image-")
-    resolved = debs.resolve([kernel_pkg, "busybox", "busybox-static"], ARCH)
-    binaries = {"busybox": {"bin/busybox": "bin/busybox"}}
+    resolved = debs.resolve([kernel_pkg, "busybox", "busybox-static", "systemd"], ARCH)
+    binaries = {"busybox": {"bin/busybox": "bin/busybox"}, **SYSTEMD}
     resolved.update(debs.resolve(library_packages(binaries, resolved, ARCH), ARCH))
     trees = {n: debs.extract(p) for n, p in debs.fetch(resolved.values(), ARCH).items()}
 
     work = out / "work"
     root = work / "root"
     for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "run", "root", "boot/extlinux",
-              "etc/init.d"):
+              "etc", "lib/systemd/system"):
         (root / d).mkdir(parents=True, exist_ok=True)
+    elfs = []
+    for rel, dest in SYSTEMD["systemd"].items():
+        (root / dest).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(trees["systemd"] / rel, root / dest)
+        elfs.append(root / dest)
+    for link, target in LINKS.items():
+        (root / link).symlink_to(target)
+    units = root / "lib/systemd/system"
+    for name in SYSTEMD_UNITS:
+        shutil.copy2(trees["systemd"] / "lib/systemd/system" / name, units / name)
+    (units / "default.target").symlink_to("multi-user.target")
+    for unit, target in ENABLED.items():
+        (units / f"{target}.wants").mkdir(exist_ok=True)
+        (units / f"{target}.wants" / unit).symlink_to(f"../{unit.replace(CONSOLE, '')}")
+    # after systemd's programs: an applet never shadows one
     fs.install_busybox(root, trees["busybox"])
     (root / "sbin/blkid").symlink_to("../bin/busybox")  # an applet the host's list lacks
-    fs.install_libraries(root, TRIPLET, [root / "bin/busybox"], trees)
+    fs.install_libraries(root, TRIPLET, [*elfs, root / "bin/busybox"], trees)
     for rel, text in {**FILES, "etc/shadow": shadow_line(password)}.items():
         (root / rel).write_text(text)
-    (root / "etc/init.d/rcS").chmod(0o755)
     shutil.copy2(trees[kernel_pkg] / "boot" / f"vmlinuz-{kver}", root / "boot/Image")
     (root / "boot/initrd.img").write_bytes(
         initramfs(work / "initrd", trees["busybox-static"], trees[kernel_pkg], kver))

@@ -1,8 +1,10 @@
 """A board porter's own image through `pytest --image=IMG`, as they would run it: an image the
 framework did not build for its suites (tests/e2e/porter_image.py: one ext4 partition, no
-balena layout, root with a password). It is flashed as it is, the console login types the
-password the rig file's variable holds, smoke's OS-neutral tests pass and its partitions test
-fails naming what the board has. One session; the password shows up nowhere."""
+balena layout, systemd as init with its coloured status lines on the console, root with a
+password). It is flashed as it is, the console login types the password the rig file's
+variable holds, smoke's OS-neutral tests pass and its partitions test fails naming what the
+board has; the report shows the console without colour codes. One session; the password
+shows up nowhere."""
 
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ def test_a_porters_image_boots_as_it_is_and_logs_in_with_the_rigs_password(
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", f"--rig={rig}",
          f"--image={image}", f"--log-file={tmp_path / 'run.log'}", "--log-file-level=DEBUG",
-         "suites/smoke"], env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+         f"--hil-report={tmp_path / 'report'}", "suites/smoke"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     out = run.stdout + run.stderr
     assert "1 failed, 4 passed" in out, out[-6000:]
     for name in ("runs_the_device_types_architecture", "soft_reboot_starts_a_new_boot",
@@ -59,7 +62,12 @@ def test_a_porters_image_boots_as_it_is_and_logs_in_with_the_rigs_password(
     assert said in (tmp_path / "run.log").read_text()
     console_log = run_dir / "rigs" / "porter" / "console.log"
     assert console_log.read_bytes().count(b"Password:") >= 4  # every boot asked for it
-    leaks = [str(p) for p in [*run_dir.rglob("*"), tmp_path / "run.log"]
+    # systemd's coloured status lines came before each login; the report shows them plain
+    assert b"\x1b[0;32m  OK  \x1b[0m] Reached target" in console_log.read_bytes()
+    [page] = (tmp_path / "report").iterdir()
+    html = page.read_text()
+    assert "Reached target" in html and "\x1b" not in html, "the report keeps colour codes"
+    leaks = [str(p) for p in [*run_dir.rglob("*"), tmp_path / "run.log", page]
              if p.is_file() and p.suffix != ".img" and password.encode() in p.read_bytes()]
     assert password not in out and not leaks, f"the password is in {leaks or 'the output'}"
     assert not list(board_processes(run_dir)), "a QEMU board outlived its session"
