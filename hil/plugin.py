@@ -156,9 +156,11 @@ def hil_session(pytestconfig: pytest.Config, rig_config: RigConfig) -> Iterator[
     """The session on the rig: locked (or leased), flashed, booted to a shell; at its end the
     board is powered off, the mux released and the lock freed."""
     opt = pytestconfig.getoption
+    lab = pytestconfig.stash.get(LAB, None)
     options = Options(image=opt("--image"), bmap=Path(opt("--bmap")) if opt("--bmap") else None,
                       config_json=Path(opt("--config-json")) if opt("--config-json") else None,
-                      rig_wait=opt("--rig-wait"), flash=not opt("--no-flash"))
+                      rig_wait=opt("--rig-wait"), flash=not opt("--no-flash"),
+                      fence=lab.lease_lost if lab is not None else None)
     session = HilSession(rig_config, options)
     pytestconfig.stash[SESSION] = session
     session.start(what=f"pytest {' '.join(pytestconfig.invocation_params.args)}"[:200])

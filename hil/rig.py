@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -23,7 +23,7 @@ from hil.cache import runtime_dir
 from hil.config import RigConfig
 from hil.console.log import ConsoleLog, EventKind, StopEvent
 from hil.console.serial import SerialConsole
-from hil.errors import DeviceError, HilError, InfraError
+from hil.errors import DeviceError, HilError, InfraError, brief
 from hil.parts import Network, Power, RemoteStorage, SdMux, Storage
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,11 @@ class Step:
 
 
 class Rig:
-    def __init__(self, config: RigConfig, runtime: Path | None = None) -> None:
+    def __init__(self, config: RigConfig, runtime: Path | None = None, *,
+                 fence: Callable[[], str | None] | None = None) -> None:
         self.config = config
+        # why the rig is no longer ours (a lab lease ended), so its parts refuse us
+        self.fence = fence
         self.name = config.name
         self.runtime = runtime or runtime_dir("rigs", config.name)
         self.timeline: list[Step] = []
@@ -223,7 +226,12 @@ class Rig:
             try:
                 action()
             except Exception as exc:
-                log.error("rig %s: %s failed during teardown: %s", self.name, what, exc)
+                ended = self.fence() if self.fence is not None else None
+                if ended:  # refused, as it must be: the bench host cleans the rig now
+                    log.info("rig %s: %s refused during teardown: the lease ended (%s)",
+                             self.name, what, brief(ended))
+                else:
+                    log.error("rig %s: %s failed during teardown: %s", self.name, what, exc)
         self.state = RigState.OFF
 
     def close(self, *, power_off: bool = True) -> None:

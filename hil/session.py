@@ -11,6 +11,7 @@ import logging
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -40,6 +41,8 @@ class Options:
     config_json: Path | None = None
     rig_wait: float = 600.0
     flash: bool = True
+    # why the rig is no longer this session's (a lab lease ended under it), or None
+    fence: Callable[[], str | None] | None = None
 
 
 def ssh_keypair(folder: Path) -> tuple[Path, str]:
@@ -93,7 +96,7 @@ class HilSession:
         if self.config.emulator:
             emu = importlib.import_module("hil.emu")
             self.stack.enter_context(emu.start(self.config, self.runtime))
-        rig = self.rig = Rig(self.config, self.runtime)
+        rig = self.rig = Rig(self.config, self.runtime, fence=self.options.fence)
         self.stack.callback(lambda: rig.close(power_off=not self.leave_up))
         builds = self.builds_reference_os
         self.dut = Dut(self.rig, ssh_key=self.ssh_key,

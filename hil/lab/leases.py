@@ -271,6 +271,19 @@ class Lease:
         if conn is not None:
             conn.close()
 
+    def ended(self) -> str | None:
+        """Why the lease is over, asking the database when the heartbeat has not seen it yet;
+        None while it holds, or when the database cannot say."""
+        if self.lost is None:
+            try:
+                with db.connect(self.dsn) as conn:
+                    self.renew(conn)
+            except LeaseLost as exc:
+                self.lost = str(exc)
+            except (InfraError, psycopg.Error):
+                pass  # unknown: the caller reports its own failure as it is
+        return self.lost
+
     def check(self) -> None:
         if self.lost:
             raise LeaseLost(self.lost, part=PART)

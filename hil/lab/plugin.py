@@ -86,6 +86,10 @@ class PoolSession:
         return pool.give_back(lease, self.outcome(exitstatus), powered_down=powered_down,
                               record=record)
 
+    def lease_lost(self) -> str | None:
+        """Why the lab ended the current lease under the session, or None."""
+        return self.lease.ended() if self.lease is not None else None
+
     def may_move(self) -> bool:
         """Whether the session can still move to another rig: its rig faulted, the one move
         is not spent, the lab did not end the lease, and the selector does not name this rig."""

@@ -6,7 +6,7 @@ update, a supervisor API that needs the service's key on a production device and
 app's update lock, and another app purging the first one's volumes.
 
 The same tests run on a real balenaOS device in development mode: they reach the device only
-through `balena-engine` and the supervisor's API (docs/containers.md maps them to balenaOS's own
+through `balena-engine` and the supervisor's API (the suite's README maps them to balenaOS's own
 suites)."""
 
 from __future__ import annotations
@@ -275,6 +275,41 @@ def test_hung_engine_is_killed_by_its_watchdog_and_comes_back(
         host_os.wait_engine()
     finally:
         host_os.check(f"rm -f {WATCHDOG_DROPIN}")
+
+
+HEALTHDOG_OFF = "/run/systemd/system/balena.service.d/hil-healthdog-off.conf"
+# three runs in a row, as balenaOS's test times them (by the uptime clock: busybox's date has
+# no %N); the first failing run's output
+HEALTHCHECK_THRICE = ("read -r s _ < /proc/uptime; for i in 1 2 3; do "
+                      "/usr/lib/balena/balena-healthcheck >/run/hil-healthcheck.out 2>&1 || "
+                      "{ echo \"fail $i: $(tail -c 600 /run/hil-healthcheck.out)\"; exit 0; }; "
+                      "done; read -r e _ < /proc/uptime; echo \"ok $s $e\"")
+
+
+def test_engine_health_check_runs_within_the_device_types_budget(
+        dut: Dut, host_os: HostOS, app_image: str) -> None:
+    """balenaOS's performance check of balena-healthcheck: three runs in a row within the
+    device type's limit (a Pi 3: 5 s), the engine's own watchdog check switched off meanwhile
+    so that it cannot compete. Types balenaOS has no figures for are not timed, as in theirs."""
+    dtype = dut.rig.config.device_type
+    budget = dtype.engine_healthcheck_budget
+    if budget is None:
+        pytest.skip(f"device type {dtype.slug} sets no engine_healthcheck_budget (balenaOS "
+                    "times the engine's health check only on types it has figures for)")
+    host_os.check(f"mkdir -p $(dirname {HEALTHDOG_OFF}) && printf '[Service]\\n"
+                  f"Environment=BALENAD_HEALTHDOG_HEALTHCHECK=/bin/true\\n' > {HEALTHDOG_OFF}")
+    try:
+        host_os.restart_engine()
+        word, *rest = host_os.check(HEALTHCHECK_THRICE, timeout=max(120.0, 10 * budget)).split(
+            " ", 1)
+        assert word == "ok", f"balena-healthcheck failed on run {' '.join(rest)}"
+        start, end = (float(t) for t in rest[0].split())
+        assert end - start < budget, (
+            f"three balena-healthcheck runs took {end - start:.2f} s; balenaOS's limit for "
+            f"{dtype.slug} is {budget:g} s")
+    finally:
+        host_os.check(f"rm -f {HEALTHDOG_OFF}")
+        host_os.restart_engine()
 
 
 @pytest.mark.parametrize("how", ["reboot", "power cut"])

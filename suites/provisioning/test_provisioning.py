@@ -178,13 +178,23 @@ def network(dut: Dut) -> None:
 
 
 def test_root_ssh_on_22222_with_the_config_key(dut: Dut, host_os: HostOS,
-                                               network: None) -> None:
+                                               hil_session: HilSession, network: None) -> None:
+    """Root SSH on 22222 with the key from os.sshKeys, not with a foreign key; in development
+    mode passwordless too. Where the session runs the API, the balenaCloud account's key
+    os-config fetched lets root in as well (balenaOS's development-mode SSH test)."""
     assert SSH_PORT in host_os.listening_tcp_ports(), f"nothing listens on TCP {SSH_PORT}"
     r = dut.ssh_run("cat /etc/hostname")
     assert r.ok and r.stdout.strip() == host_os.hostname()[0], f"SSH as root failed: {r}"
     assert not login(dut, pkey=foreign_key()), "SSH accepted a key that is not in os.sshKeys"
     if host_os.config_json().get("developmentMode") is True:
         assert passwordless(dut), "a development device must allow passwordless root SSH"
+    if hil_session.api is not None:  # os-config installs it once the device is registered
+        last = ["refused"]
+        cloud_key = hil_session.api.cloud_key
+        dut.poll(lambda: _login_or_why(dut, last, pkey=cloud_key), APPLY_TIMEOUT,
+                 "the balenaCloud account's key (os-config fetches it) to let root in",
+                 lambda: f"{last[0]}; os-config.service: "
+                 + host_os.unit_log("os-config.service")[-300:])
 
 
 @pytest.fixture

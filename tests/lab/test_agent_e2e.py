@@ -341,7 +341,8 @@ def test_two_bench_hosts_flash_and_serve_a_pooled_smoke_run_and_a_kicked_session
         with (tmp_path / "kicked.log").open("w") as out:
             kicked = subprocess.Popen(
                 [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA",
-                 "--no-flash", f"--rig=pool:{DEVICE_TYPE},rig={a.rig}", str(test)],
+                 "--log-level=INFO", "--no-flash", f"--rig=pool:{DEVICE_TYPE},rig={a.rig}",
+                 str(test)],
                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
         try:
             epoch = int(rig_row(conn, a.rig)["epoch"]) + 1  # the session's lease
@@ -365,6 +366,10 @@ def test_two_bench_hosts_flash_and_serve_a_pooled_smoke_run_and_a_kicked_session
         assert "rig (infrastructure) errors" in output and " infra in " in output, output[-5000:]
         assert "console lost" in output
         assert "must not run" not in output
+        # its teardown's power off and mux release are refused, as they must be: not errors
+        assert "failed during teardown" not in output, output[-5000:]
+        assert f"rig {a.rig}: power off refused during teardown: the lease ended" in output, \
+            output[-5000:]
         for port in (7400, 7401, 7402):  # console, pdudaemon, ssh: all closed
             assert closed(a.address, port), f"{a.address}:{port} still open after the release"
         wait_until(lambda: rig_row(conn, a.rig)["state"] == "idle", 30,
