@@ -46,8 +46,8 @@ class DeviceType(Settings):
     # chip:line entries nothing is wired to: the devices suite may drive them as outputs
     gpio_free_lines: list[str] = []
     features: list[str] = []
-    # balenaOS's own limit for its engine health-check check on this type (its figures exist
-    # for a few Raspberry Pis only); none: the containers suite does not time it
+    # balenaOS's own limit in its engine health-check performance test, for the types it has
+    # figures for (a few Raspberry Pis); none: the containers suite does not time it
     engine_healthcheck_budget: float | None = Field(
         None, gt=0, description="seconds three balena-healthcheck runs in a row may take")
 

@@ -91,7 +91,7 @@ def test_power_cuts_lose_what_an_os_never_flushed_as_a_real_disk_does(tmp_path: 
     args = ["suites/persistence", "-k", "random_power_cuts"]
     # up to four cuts, the OS broken at each boot: a flush the OS happens to send for another
     # partition of the disk (a journal commit there flushes the whole disk's cache) keeps one
-    # cut's records about one time in five; the test stops at the first cut that loses any
+    # cut's records about one time in four; the test stops at the first cut that loses any
     code, out, failed = run_broken(tmp_path / "volatile", "no-disk-flush",
                                    [*args, "--power-cuts=4"])
     assert code == 1 and "1 failed" in out, out[-6000:]
