@@ -32,12 +32,12 @@ def timestamp(text: str) -> float | None:
     return when.replace(tzinfo=datetime.UTC).timestamp()
 
 
-def randomized_triggers(dut: Dut, host_os: HostOS, timer: str, delay: str | None = None,
-                        *, realtime: bool = False, times: int = 3) -> tuple[list[float], float]:
-    """The timer's next trigger after each of ``times`` restarts, in seconds (after boot for a
-    monotonic timer, since the epoch for a calendar one), and its randomized delay in seconds,
-    once that is checked to be ``delay`` (as `systemctl show` prints it: "1h"), or any
-    non-zero delay where balenaOS's value is not pinned."""
+def assert_randomized(dut: Dut, host_os: HostOS, timer: str, delay: str | None = None,
+                      *, realtime: bool = False, times: int = 3) -> None:
+    """The timer is active with a randomized delay of ``delay`` (as `systemctl show` prints it:
+    "1h"; any non-zero delay where balenaOS's value is not pinned), and restarted ``times``
+    times, its next trigger (after boot for a monotonic timer, since the epoch for a calendar
+    one) differs each time, within that delay."""
     props = {p: host_os.unit_property(timer, p) for p in ("ActiveState", "RandomizedDelayUSec")}
     seconds = timespan(props["RandomizedDelayUSec"]) or 0.0
     assert props["ActiveState"] == "active" and seconds > 0 and (
@@ -66,4 +66,3 @@ def randomized_triggers(dut: Dut, host_os: HostOS, timer: str, delay: str | None
     assert max(triggers) - min(triggers) <= seconds, (
         f"{timer}'s next triggers {triggers} ({prop}) spread over more than its randomized "
         f"delay of {props['RandomizedDelayUSec']}")
-    return triggers, seconds

@@ -272,8 +272,9 @@ class Lease:
             conn.close()
 
     def ended(self) -> str | None:
-        """Why the lease is over, asking the database when the heartbeat has not seen it yet;
-        None while it holds, or when the database cannot say."""
+        """Why the lease is over, asking the database (one renewal, as the heartbeat's next
+        would be) when the heartbeat has not seen it yet; None while it holds, or when the
+        database cannot say."""
         if self.lost is None:
             try:
                 with db.connect(self.dsn) as conn:

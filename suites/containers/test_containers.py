@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from apps import APP_ID, APP_NAME, SERVICE, Apps, release_service, service, target
 from ssh_access import login, passwordless
-from timers import randomized_triggers
+from timers import assert_randomized
 
 from hil.appregistry import AppRegistry
 from hil.dut import Dut
@@ -57,7 +57,7 @@ def test_supervisor_update_timer_is_randomized(dut: Dut, host_os: HostOS) -> Non
     hour, so that a fleet does not ask at once: each time the timer is armed, its next
     trigger moves within that hour. (balenaOS's own test moves the clock by hours to re-arm
     it; restarting the timer re-arms it without touching the clock.)"""
-    randomized_triggers(dut, host_os, SUPERVISOR_TIMER, "1h")
+    assert_randomized(dut, host_os, SUPERVISOR_TIMER, "1h")
 
 
 def test_service_gets_the_balena_variables(host_os: HostOS, apps: Apps,
@@ -287,7 +287,7 @@ HEALTHCHECK_THRICE = ("read -r s _ < /proc/uptime; for i in 1 2 3; do "
 
 
 def test_engine_health_check_runs_within_the_device_types_budget(
-        dut: Dut, host_os: HostOS, app_image: str) -> None:
+        dut: Dut, host_os: HostOS) -> None:
     """balenaOS's performance check of balena-healthcheck: three runs in a row within the
     device type's limit (a Pi 3: 5 s), the engine's own watchdog check switched off meanwhile
     so that it cannot compete. Types balenaOS has no figures for are not timed, as in theirs."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from ssh_access import foreign_key, login, passwordless
-from timers import randomized_triggers
+from timers import assert_randomized
 
 from hil import redact
 from hil.dut import Dut
@@ -166,7 +166,7 @@ def test_os_config_timer_is_randomized(dut: Dut, host_os: HostOS) -> None:
     """balenaOS's A15: os-config asks the API at a random moment of its period, so that a fleet
     does not ask at once: each time the timer is armed, its next trigger moves (within the
     timer's own randomized delay: theirs asserts no length, nor does this)."""
-    randomized_triggers(dut, host_os, "os-config.timer", realtime=True)
+    assert_randomized(dut, host_os, "os-config.timer", realtime=True)
 
 
 # --- SSH -------------------------------------------------------------------------------------
