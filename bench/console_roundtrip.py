@@ -110,7 +110,9 @@ class Guest:
         assert isinstance(settings, QemuSettings)
         runtime = self.workdir / "qemu"
         runtime.mkdir()
-        target = QemuTarget(settings.model_copy(update={"disk": disk}),
+        # the disk straight in the host's page cache: the rig's default volatile write cache
+        # needs its nbdkit, which only a powered QemuTarget starts, and no disk is measured here
+        target = QemuTarget(settings.model_copy(update={"disk": disk, "write_cache": "host"}),
                             PartContext(RIG, "target", runtime, self.device_type))
         try:
             cmd = target.command()
