@@ -2,7 +2,8 @@
 """Console round-trip benchmark: ours vs labgrid's ShellDriver vs a bare pexpect loop (the floor).
 
 One QEMU boot of the reference OS (aarch64, the ``qemu-aarch64`` rig's QEMU command line with the
-serial port moved to a TCP socket on 127.0.0.1, ``nodelay=on``). Then, one client after another
+serial port moved to a TCP socket on 127.0.0.1, ``nodelay=on``, and the disk in the host's page
+cache rather than behind the volatile write cache). Then, one client after another
 on the SAME booted guest (connect, measure, disconnect):
 
 - ``floor``: a raw socket and ``pexpect.fdpexpect.fdspawn``: ``sendline(cmd)``, ``expect(prompt)``,
