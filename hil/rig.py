@@ -218,7 +218,15 @@ class Rig:
     # --- teardown -------------------------------------------------------------------------------
     def make_safe(self) -> None:
         """Power off and release the mux, as a session's end or an interrupted command must
-        leave the rig. Never raises: it runs on the way out."""
+        leave the rig. Never raises: it runs on the way out. Under a lease the lab ended it
+        touches nothing: the bench host cleans the rig, and a request could still be taken
+        (pdudaemon queues it) before that host closes the lease's endpoints."""
+        ended = self.fence() if self.fence is not None else None
+        if ended:
+            log.info("rig %s: power off and mux release left to the lab during teardown: the "
+                     "lease ended (%s)", self.name, brief(ended))
+            self.state = RigState.OFF
+            return
         for what, action in (("power off", self.power.off),
                              ("sd mux off", self.sd_mux.off if self.sd_mux else None)):
             if action is None:
