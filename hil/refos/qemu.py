@@ -4,7 +4,6 @@ console on a chardev of the caller's choice and its disk file written directly."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 from hil.qemu.target import QemuSettings, board_firmware, disk_drive, qemu_command
@@ -19,21 +18,16 @@ def board_settings(arch: str) -> QemuSettings:
     return QemuSettings(memory=512, devices=["i6300esb"])
 
 
-def qemu_argv(arch: str, disk: Path, *, ssh_port: int | None = None,
-              extra_drives: Sequence[Path] = (), serial: str = "stdio",
+def qemu_argv(arch: str, disk: Path, *, ssh_port: int | None = None, serial: str = "stdio",
               uboot_env: Path | None = None) -> list[str]:
     """argv booting ``disk`` on the qemu-<arch> rig's board: U-Boot (aarch64) or SeaBIOS + the
     disk's GRUB (x86_64). ``ssh_port`` forwards 127.0.0.1:<port> to the guest's SSH (22222).
-    ``extra_drives`` are attached read-only after the disk (/dev/vdb, ...), e.g. a rootfs image
-    for ``hostapp-update -f /dev/vdb``. ``serial`` is a QEMU chardev spec for the console
+    ``serial`` is a QEMU chardev spec for the console
     (``stdio``, ``unix:PATH,server=on,wait=off``, ``pty``). ``uboot_env`` (aarch64) is the
     image's RefosImage.uboot_env, attached as the second pflash bank: U-Boot runs boot.scr at
     once instead of its distro boot's scan."""
     settings = board_settings(arch)
     extra: list[str] = []
-    for i, path in enumerate(extra_drives, start=1):
-        extra += ["-drive", f"file={path},format=raw,if=none,id=disk{i},readonly=on",
-                  "-device", f"virtio-blk-pci,drive=disk{i}"]
     if uboot_env is not None:
         extra += ["-drive", f"if=pflash,unit=1,format=raw,readonly=on,file={uboot_env}"]
     settings = settings.model_copy(update={"extra_args": [*settings.extra_args, *extra]})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -48,8 +48,8 @@ def guest_factory(arch: str, images: Images, tmp_path: Path, request: pytest.Fix
                   ) -> Iterator[Callable[..., Guest]]:
     guests: list[Guest] = []
 
-    def make(disk: Path, extra_drives: Sequence[Path] = ()) -> Guest:
-        g = Guest(arch, disk, tmp_path / f"console-{len(guests)}.log", extra_drives,
+    def make(disk: Path) -> Guest:
+        g = Guest(arch, disk, tmp_path / f"console-{len(guests)}.log",
                   uboot_env=images.v1.uboot_env)
         guests.append(g)
         return g

@@ -13,7 +13,7 @@ import secrets
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,10 +60,9 @@ class Guest:
     """One QEMU run of a disk image. ``kill()`` is a power cut; ``start()`` powers on again."""
 
     def __init__(self, arch: str, disk: Path, log_path: Path,
-                 extra_drives: Sequence[Path] = (), uboot_env: Path | None = None) -> None:
+                 uboot_env: Path | None = None) -> None:
         self.arch, self.disk, self.log_path = arch, disk, log_path
         self.uboot_env = uboot_env
-        self.extra_drives = list(extra_drives)
         self.ssh_port = free_port()
         self.proc: pexpect.spawn | None = None
         self._n = 0
@@ -73,8 +72,7 @@ class Guest:
     # --- power -----------------------------------------------------------------------------
     def start(self) -> None:
         assert self.proc is None or not self.proc.isalive(), "already running"
-        argv = qemu_argv(self.arch, self.disk, ssh_port=self.ssh_port,
-                         extra_drives=self.extra_drives, uboot_env=self.uboot_env)
+        argv = qemu_argv(self.arch, self.disk, ssh_port=self.ssh_port, uboot_env=self.uboot_env)
         self._log.write(f"\n===== power on: {' '.join(argv)}\n")
         self.started = time.monotonic()
         self.proc = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", codec_errors="replace",
