@@ -66,16 +66,18 @@ docs: venv
 test: deps lint
 	$(MAKE) --no-print-directory -j2 --output-sync=target test-framework test-boards
 
+# The emulated benches' smoke runs follow the framework's tests: the two QEMU boards' suites take
+# longer than the framework's tests, and each bench rig has ports of its own.
 test-framework:
 	$(HILTEST) --durations=25 tests
-
-test-boards:
-	$(HILTEST) --rig=qemu-aarch64 suites
-	$(HILTEST) --rig=qemu-x86_64 suites
 	$(HILTEST) --rig=virtual-rpi3 suites/smoke
 	$(HILTEST) --rig=virtual-rpi3-pdu suites/smoke
 	$(HILTEST) --rig=libvirt-aarch64 suites/smoke
 	$(HILTEST) --rig=virtual-nuc suites/smoke
+
+test-boards:
+	$(HILTEST) --rig=qemu-aarch64 suites
+	$(HILTEST) --rig=qemu-x86_64 suites
 
 bench: deps
 	$(PY) bench/console_roundtrip.py
