@@ -5,7 +5,9 @@ only the shell's ``printf`` can produce (the echoed text holds ``\\036`` as four
 the byte), and the reply is found by scanning only new console bytes. Output is base64-encoded on
 the device, so kernel messages that the console interleaves (``[ 12.345678] ...``), and lines other
 programs write to the console, can be cut out exactly without touching the command's own output,
-even when that output is ``dmesg``.
+even when that output is ``dmesg``. An MD5 of the output and exit code follows it: a serial line
+that drops or flips bytes gives a console error, never a wrong output or exit code (base64 alone
+decodes most flips into other bytes).
 Each command runs in its own subshell, so ``cd`` or ``export`` in one test cannot leak into the
 next while the board stays up between tests.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import itertools
 import re
 import secrets
@@ -37,6 +40,8 @@ KERNEL_LINE = re.compile(rb"\[\s*\d+\.\d+\][^\n]*\n?")
 # Other programs writing to /dev/console (init scripts, getty) interleave whole lines; a line
 # with a character base64 never uses is not part of the reply.
 NOT_BASE64_LINE = re.compile(rb"^.*[^A-Za-z0-9+/=\r\n].*$\n?", re.M)
+# md5sum's line for the reply it read on stdin ("-"), after the encoded reply
+CHECKSUM = re.compile(rb"\x1eC([0-9a-f]{32})  -\r?\n")
 NUDGE_AFTER_QUIET = 1.5  # seconds of console silence before pressing Enter to get a prompt
 # A prompt is followed by silence; "#" at the end of a read chunk ("virtio-net#" + "32") is not.
 PROMPT_SETTLE = 0.3
@@ -230,11 +235,22 @@ class ConsoleShell:
                              part="console", tail=self.log.tail())
         tag = f"{self._session}.{next(self._seq)}"
         begin = re.compile(rb"\x1eS" + re.escape(tag.encode()) + rb"\r?\n")
-        done = re.compile(rb"\x1eE" + re.escape(tag.encode()) + rb"\r?\n")
-        # The exit code travels inside the encoded stream (after a last \036), so no pipefail
-        # is needed: any POSIX shell will do.
-        script = (f"printf '\\036S%s\\n' {tag}; {{ {{ {command}\n}} </dev/null 2>&1; "
-                  f"printf '\\036%d' $?; }} | base64; printf '\\036E%s\\n' {tag}\n")
+        done = re.compile(rb"\x1e([EX])" + re.escape(tag.encode()) + rb"\r?\n")
+        # The exit code travels inside the encoded bytes (after a last \036), so no pipefail
+        # is needed: any POSIX shell will do. The reply goes through a file so that one more
+        # program can checksum it (a pipe would need a tee); it starts with the tag, so an
+        # older reply left there is never taken for this one. The end marker is printed twice:
+        # one garbled copy must not leave the wait to run out.
+        reply = f"/tmp/.hil-console-{self._session}"
+        framed = (f"printf '\\036S%s\\n' {tag}; ( printf '%s\\036' {tag}; {{ {command}\n}} "
+                  f"</dev/null 2>&1; printf '\\036%d' $? ) >{reply} && base64 <{reply} && "
+                  f"{{ printf '\\036C'; md5sum <{reply}; }}; "
+                  f"printf '\\036E%s\\n\\036E%s\\n' {tag} {tag}")
+        # Sent twice and run only if both copies arrived alike: a byte the line garbled on the
+        # way in must not run another command (or write the reply elsewhere) unnoticed.
+        quoted = "'" + framed.replace("'", "'\\''") + "'"
+        script = (f"__hil={quoted}; if [ \"$__hil\" = {quoted} ]; then eval \"$__hil\"; "
+                  f"else printf '\\036X%s\\n' {tag}; fi\n")
         sent_at = self.log.end
         t0 = time.monotonic()
         self.console.write(script.encode())
@@ -250,17 +266,35 @@ class ConsoleShell:
             self.invalidate(f"{command!r} timed out")
             raise
         duration = time.monotonic() - t0
+        if end_hit.groups[0] == b"X":
+            raise InfraError(f"console garbled the command {command!r} on its way to the "
+                             "device (its two copies differed): not run", part="console",
+                             tail=self.log.tail())
         body = self.log.read(sent_at, end_hit.start)
         m = begin.search(body)
         if m is None:
             raise InfraError(f"console garbled the reply to {command!r}: no start marker",
                              part="console", tail=self.log.tail())
-        encoded = NOT_BASE64_LINE.sub(b"", KERNEL_LINE.sub(b"", body[m.end():]))
+        reply_text = KERNEL_LINE.sub(b"", body[m.end():])
+        sums = CHECKSUM.search(reply_text)
+        if sums is None:
+            raise InfraError(f"console garbled the reply to {command!r}: no checksum line "
+                             f"(the device printed {reply_text[-300:]!r})", part="console",
+                             tail=self.log.tail())
+        encoded = NOT_BASE64_LINE.sub(b"", reply_text[:sums.start()])
         try:
             raw = base64.b64decode(b"".join(encoded.split()), validate=True)
         except (binascii.Error, ValueError):
             raise InfraError(f"console garbled the reply to {command!r} (not base64): "
                              f"{encoded[:200]!r}", part="console", tail=self.log.tail()) from None
+        if hashlib.md5(raw).hexdigest().encode() != sums.group(1):
+            raise InfraError(f"console garbled the reply to {command!r}: its {len(raw)} bytes "
+                             "do not match the device's MD5 of them", part="console",
+                             tail=self.log.tail())
+        head, sep, raw = raw.partition(b"\x1e")
+        if head != tag.encode() or not sep:
+            raise InfraError(f"console garbled the reply to {command!r}: it is not this "
+                             "command's", part="console", tail=self.log.tail())
         output, sep, code = raw.rpartition(b"\x1e")
         if not sep or not code.isdigit():
             raise InfraError(f"console garbled the reply to {command!r}: no exit code",
