@@ -5,9 +5,11 @@ only the shell's ``printf`` can produce (the echoed text holds ``\\036`` as four
 the byte), and the reply is found by scanning only new console bytes. Output is base64-encoded on
 the device, so kernel messages that the console interleaves (``[ 12.345678] ...``), and lines other
 programs write to the console, can be cut out exactly without touching the command's own output,
-even when that output is ``dmesg``. An MD5 of the output and exit code follows it: a serial line
-that drops or flips bytes gives a console error, never a wrong output or exit code (base64 alone
-decodes most flips into other bytes).
+even when that output is ``dmesg``. An MD5 of the output and exit code follows it, and each
+command is typed twice and runs only if both copies agree: a serial line that drops or flips
+bytes gives a console error (``ConsoleGarbled``), never a wrong output or exit code, and never
+runs another command (base64 alone decodes most flips into other bytes). The framing is a shell
+function, defined (and checked the same way) when the shell is set up.
 Each command runs in its own subshell, so ``cd`` or ``export`` in one test cannot leak into the
 next while the board stays up between tests.
 """
@@ -47,6 +49,7 @@ NUDGE_AFTER_QUIET = 1.5  # seconds of console silence before pressing Enter to g
 PROMPT_SETTLE = 0.3
 CONFIGURE_RETRY = 5.0  # seconds without an answer to the settings line before typing it again
 ANY_BYTE = re.compile(rb"[\s\S]")
+TTY_LINE = 4095  # bytes a tty in canonical mode takes per line; it drops the rest
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,15 @@ class CommandFailed(AssertionError):
         self.result = result
 
 
+class ConsoleGarbled(InfraError):
+    """The console line garbled a command on its way in (``ran`` False: it was not run) or its
+    reply on the way out (``ran`` True: it ran, its answer is lost)."""
+
+    def __init__(self, message: str, *, ran: bool, tail: str) -> None:
+        super().__init__(message, part="console", tail=tail)
+        self.ran = ran
+
+
 class ConsoleShell:
     def __init__(self, console: SerialConsole, *, user: str = "root",
                  password: str | None = None) -> None:
@@ -98,8 +110,26 @@ class ConsoleShell:
 
     def _configure_line(self) -> bytes:
         # No echo, no prompt: the reply stream is then exactly what printf and base64 print.
-        return (b"stty -echo 2>/dev/null; PS1=''; PS2=''; export TERM=dumb; "
-                b"printf '\\036R%s\\037\\n' " + self._session.encode() + b"\n")
+        # The framing function is defined here, once per shell, so that each command types
+        # only itself (twice); like a command, it is typed twice and defined only if both
+        # copies arrived alike, and the shell reports ready only then.
+        reply = f"/tmp/.hil-console-{self._session}"
+        # _hil TAG runs the command in $__hil (shifted, so that the command sees no positional
+        # parameters of ours) in a subshell, whose status is the command's exit code, even
+        # after an `exit` or a syntax error. The code travels inside the encoded bytes (after
+        # a last \036): any POSIX shell will do. The reply goes through a file so that one more
+        # program can checksum it (a pipe would need a tee); it starts with the tag, so an
+        # older reply left there is never taken for this one. The end marker is printed
+        # twice: one garbled copy must not leave the wait to run out.
+        framing = (f"_hil() {{ __hilt=$1; shift; printf '\\036S%s\\n' $__hilt; "
+                   f"( printf '%s\\036' $__hilt; eval \"$__hil\" </dev/null 2>&1 ) >{reply}; "
+                   f"printf '\\036%d' $? >>{reply}; base64 <{reply} && "
+                   f"{{ printf '\\036C'; md5sum <{reply}; }}; "
+                   f"printf '\\036E%s\\n\\036E%s\\n' $__hilt $__hilt; }}")
+        return ("stty -echo 2>/dev/null; PS1=''; PS2=''; export TERM=dumb; "
+                + _twice("__hilf", framing,
+                         f"eval \"$__hilf\"; printf '\\036R%s\\037\\n' {self._session}",
+                         ":") + "\n").encode()
 
     def wait_ready(self, timeout: float) -> float:
         """From anywhere in a boot: get to a configured root shell. Returns seconds taken."""
@@ -130,8 +160,10 @@ class ConsoleShell:
                 raise DeviceError(f"kernel panic while waiting for a shell: {exc.event.text}",
                                   tail=exc.tail) from None
             except DeadlineError:
-                # Quiet console and no prompt: press Enter, once per quiet spell.
-                if (self.log.end != nudged_at or interrupt) and self._may_nudge():
+                # Quiet console and no prompt: press Enter, once per quiet spell. A resync
+                # goes on at every quiet spell: its set-up line, garbled on the way in, may
+                # have left the shell silently waiting for the rest of a quoted string.
+                if (self.log.end != nudged_at or resync) and self._may_nudge():
                     nudged_at = self.log.end
                     start = self.log.end
                     if not resync:
@@ -236,21 +268,13 @@ class ConsoleShell:
         tag = f"{self._session}.{next(self._seq)}"
         begin = re.compile(rb"\x1eS" + re.escape(tag.encode()) + rb"\r?\n")
         done = re.compile(rb"\x1e([EX])" + re.escape(tag.encode()) + rb"\r?\n")
-        # The exit code travels inside the encoded bytes (after a last \036), so no pipefail
-        # is needed: any POSIX shell will do. The reply goes through a file so that one more
-        # program can checksum it (a pipe would need a tee); it starts with the tag, so an
-        # older reply left there is never taken for this one. The end marker is printed twice:
-        # one garbled copy must not leave the wait to run out.
-        reply = f"/tmp/.hil-console-{self._session}"
-        framed = (f"printf '\\036S%s\\n' {tag}; ( printf '%s\\036' {tag}; {{ {command}\n}} "
-                  f"</dev/null 2>&1; printf '\\036%d' $? ) >{reply} && base64 <{reply} && "
-                  f"{{ printf '\\036C'; md5sum <{reply}; }}; "
-                  f"printf '\\036E%s\\n\\036E%s\\n' {tag} {tag}")
-        # Sent twice and run only if both copies arrived alike: a byte the line garbled on the
-        # way in must not run another command (or write the reply elsewhere) unnoticed.
-        quoted = "'" + framed.replace("'", "'\\''") + "'"
-        script = (f"__hil={quoted}; if [ \"$__hil\" = {quoted} ]; then eval \"$__hil\"; "
-                  f"else printf '\\036X%s\\n' {tag}; fi\n")
+        # Typed twice and run only if both copies arrived alike: a byte the line garbled on
+        # the way in must not run another command unnoticed.
+        script = _twice("__hil", command, f"_hil {tag}", f"printf '\\036X%s\\n' {tag}") + "\n"
+        if max(map(len, script.split("\n"))) >= TTY_LINE:
+            raise ValueError(f"a line of {command[:80]!r}... is too long for a console: typed "
+                             f"twice it exceeds the {TTY_LINE} bytes a tty takes per line (run "
+                             "it over SSH, or split it into lines)")
         sent_at = self.log.end
         t0 = time.monotonic()
         self.console.write(script.encode())
@@ -267,38 +291,35 @@ class ConsoleShell:
             raise
         duration = time.monotonic() - t0
         if end_hit.groups[0] == b"X":
-            raise InfraError(f"console garbled the command {command!r} on its way to the "
-                             "device (its two copies differed): not run", part="console",
-                             tail=self.log.tail())
+            raise ConsoleGarbled(f"console garbled the command {command!r} on its way to the "
+                                 "device (its two copies differed): not run", ran=False,
+                                 tail=self.log.tail())
+
+        def garbled(why: str) -> ConsoleGarbled:
+            return ConsoleGarbled(f"console garbled the reply to {command!r}: {why}", ran=True,
+                                  tail=self.log.tail())
+
         body = self.log.read(sent_at, end_hit.start)
         m = begin.search(body)
         if m is None:
-            raise InfraError(f"console garbled the reply to {command!r}: no start marker",
-                             part="console", tail=self.log.tail())
+            raise garbled("no start marker")
         reply_text = KERNEL_LINE.sub(b"", body[m.end():])
         sums = CHECKSUM.search(reply_text)
         if sums is None:
-            raise InfraError(f"console garbled the reply to {command!r}: no checksum line "
-                             f"(the device printed {reply_text[-300:]!r})", part="console",
-                             tail=self.log.tail())
+            raise garbled(f"no checksum line (the device printed {reply_text[-300:]!r})")
         encoded = NOT_BASE64_LINE.sub(b"", reply_text[:sums.start()])
         try:
             raw = base64.b64decode(b"".join(encoded.split()), validate=True)
         except (binascii.Error, ValueError):
-            raise InfraError(f"console garbled the reply to {command!r} (not base64): "
-                             f"{encoded[:200]!r}", part="console", tail=self.log.tail()) from None
+            raise garbled(f"not base64: {encoded[:200]!r}") from None
         if hashlib.md5(raw).hexdigest().encode() != sums.group(1):
-            raise InfraError(f"console garbled the reply to {command!r}: its {len(raw)} bytes "
-                             "do not match the device's MD5 of them", part="console",
-                             tail=self.log.tail())
+            raise garbled(f"its {len(raw)} bytes do not match the device's MD5 of them")
         head, sep, raw = raw.partition(b"\x1e")
         if head != tag.encode() or not sep:
-            raise InfraError(f"console garbled the reply to {command!r}: it is not this "
-                             "command's", part="console", tail=self.log.tail())
+            raise garbled("it is not this command's")
         output, sep, code = raw.rpartition(b"\x1e")
         if not sep or not code.isdigit():
-            raise InfraError(f"console garbled the reply to {command!r}: no exit code",
-                             part="console", tail=self.log.tail())
+            raise garbled("no exit code")
         return Result(command, output.decode("utf-8", errors="replace"), None, int(code),
                       duration)
 
@@ -308,6 +329,13 @@ class ConsoleShell:
             self.console.write(command.encode() + b"\n")
             record.error = NO_REPLY
         return record.at
+
+
+def _twice(var: str, text: str, then: str, otherwise: str) -> str:
+    """Shell that sets ``var`` to ``text``, then runs ``then`` if a second copy of ``text``
+    equals it, else ``otherwise``: two copies garbled alike are as good as impossible."""
+    quoted = "'" + text.replace("'", "'\\''") + "'"
+    return f'{var}={quoted}; if [ "${var}" = {quoted} ]; then {then}; else {otherwise}; fi'
 
 
 def _last_line(log: ConsoleLog) -> str:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from hil import redact
 from hil.console.log import Hit
-from hil.console.shell import CommandFailed, Result
+from hil.console.shell import CommandFailed, ConsoleGarbled, Result
 from hil.errors import InfraError, OSContractError
 from hil.os import hostdisk, parse
 from hil.os.contract import BootRecord, RootPart, Roots, RunningUpdate, UpdateResult, check
@@ -133,16 +133,16 @@ class BalenaOS:
             return self.dut.ssh.run(command, timeout)
         for attempt in (1, 2):
             try:
-                # own subshell: an `exit` in the command must not skip the shell's exit-code
-                # trailer
-                return self.dut.run(f"(\n{command}\n)", timeout)
-            except InfraError as exc:
-                # The OS prints to /dev/console while replies stream (the health check
-                # announcing a commit); the shell drops such lines, but one made only of base64
-                # characters would still garble a reply. Read-only commands may run again.
-                if attempt == 2 or "garbled" not in str(exc) or not read_only:
+                return self.dut.run(command, timeout)
+            except ConsoleGarbled as exc:
+                # A noisy line, or the OS printing to /dev/console while a reply streams (the
+                # health check announcing a commit: the shell drops such lines, but one made
+                # only of base64 characters garbles the reply). A command that did not run, or
+                # a read-only one, may run again.
+                if attempt == 2 or (exc.ran and not read_only):
                     raise
-                log.warning("console reply garbled by an OS message; re-running %r", command)
+                log.warning("console garbled %r (%s); running it again", command,
+                            "it ran" if exc.ran else "it did not run")
         raise AssertionError("unreachable")
 
     def check(self, command: str, timeout: float | None = None, *,

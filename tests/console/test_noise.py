@@ -17,10 +17,10 @@ import pytest
 
 from hil.config import load_device_type
 from hil.console.serial import SerialConsole, SerialSettings
-from hil.console.shell import ConsoleShell
+from hil.console.shell import ConsoleGarbled, ConsoleShell
 from hil.deadline import wait_until
 from hil.emu.noisyline import NoisyLine
-from hil.errors import DeadlineError, InfraError
+from hil.errors import DeadlineError
 from hil.registry import PartContext
 
 from .conftest import ShellLine
@@ -45,11 +45,10 @@ def run_all(shell: ConsoleShell, todo: list[Case], timeout: float) -> Counter[st
     for command, stdout, code in todo:
         try:
             r = shell.run(command, timeout)
-        except InfraError as exc:
-            assert exc.part == "console" and "garbled" in str(exc), exc
+        except ConsoleGarbled as exc:
             text = str(exc).splitlines()[0]  # without the console tail
             what = ("MD5" if "MD5" in text else "not base64" if "not base64" in text
-                    else "the command" if "on its way" in text
+                    else "the command" if not exc.ran
                     else text.split(": ")[-1].split(" (")[0])
             seen[f"garbled: {what}"] += 1
             continue

@@ -51,6 +51,20 @@ def test_commands_do_not_eat_the_framing(shell: ConsoleShell) -> None:
     home = shell.run("pwd").stdout
     assert shell.run("cd /tmp && export LEAK=1 && pwd").stdout == "/tmp\n"
     assert shell.run("pwd; echo ${LEAK:-none}").stdout == home + "none\n"
+    # the framing's own arguments are not the command's; quotes of every kind survive it
+    assert shell.run("echo \"$# [$1]\"").stdout == "0 []\n"
+    assert shell.run("""printf '%s\\n' 'a'"'"'b' "c'd" 'e\\f'""").stdout == "a'b\nc'd\ne\\f\n"
+    # a command the shell cannot parse fails as a command, and the next one runs
+    assert shell.run("echo 'unclosed").exit_code == 2
+    assert shell.run("echo ok").stdout == "ok\n"
+    r = shell.run("echo before; exit 3; echo after")  # exit ends the command, not the shell
+    assert (r.stdout, r.exit_code) == ("before\n", 3)
+
+
+def test_a_line_too_long_for_a_tty_is_refused_before_it_is_typed(shell: ConsoleShell) -> None:
+    with pytest.raises(ValueError, match="too long for a console"):
+        shell.run("echo " + "x" * 2100)
+    assert shell.run("echo " + "x" * 1900).stdout == "x" * 1900 + "\n"
 
 
 def test_kernel_messages_interleaved_with_output_are_cut_out(shell: ConsoleShell,
