@@ -40,7 +40,8 @@ fi
 echo "HIL-BOOT: root=${boot_part} resin_root_part=${resin_root_part} bootcount=${bootcount} upgrade_available=${upgrade_available}"
 # norandmaps (balenaOS randomises): each program maps at the same addresses at every run, so QEMU's
 # emulation reuses its translated code; the engine's Go CLI then starts 3-5x faster (docs/refos.md)
-setenv bootargs "console=@CONSOLE@ root=/dev/vda${boot_part} rootfstype=ext4 ro panic=1 quiet loglevel=3 apparmor=0 selinux=0 norandmaps"
+setenv hil_args "console=@CONSOLE@ rootfstype=ext4 ro panic=1 quiet loglevel=3 apparmor=0 selinux=0 norandmaps"
+setenv bootargs "root=/dev/vda${boot_part} ${hil_args}"
 if load virtio 0:${boot_part} ${kernel_addr_r} /boot/Image; then
   load virtio 0:${boot_part} ${ramdisk_addr_r} /boot/initrd.img
   booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${fdtcontroladdr}
@@ -48,7 +49,7 @@ fi
 # the chosen root has no kernel: try the other one rather than stop
 if test "${boot_part}" = 2; then setenv boot_part 3; else setenv boot_part 2; fi
 echo "HIL-BOOT: no kernel there, trying root=${boot_part}"
-setenv bootargs "console=@CONSOLE@ root=/dev/vda${boot_part} rootfstype=ext4 ro panic=1 quiet loglevel=3 apparmor=0 selinux=0 norandmaps"
+setenv bootargs "root=/dev/vda${boot_part} ${hil_args}"
 load virtio 0:${boot_part} ${kernel_addr_r} /boot/Image
 load virtio 0:${boot_part} ${ramdisk_addr_r} /boot/initrd.img
 booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${fdtcontroladdr}
