@@ -1,6 +1,7 @@
 """/data persistence: what an app writes and syncs to /data is still there, byte for byte, after
 a soft reboot, a hard power cut, a host OS update and a rollback; and under power cuts at random
-moments every write the device acknowledged (fsync returned) survives on a clean filesystem.
+moments every write the device acknowledged (fsync returned), in /data or in the app's named
+volume, survives on a clean filesystem.
 Across the host OS update and the rollback the app itself (suites/apps.py) runs again with its
 ``/data`` volume and its named volume as it left them.
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 import random
 import re
 import secrets
+import shlex
 import time
+from collections.abc import Callable
 
 import pytest
 from apps import APP_NAME, SERVICE, Apps
@@ -122,60 +125,66 @@ def test_file_and_app_survive_a_rollback(dut: Dut, host_os: HostOS, apps: Apps,
 
 # --- power-cut fault injection ---------------------------------------------------------------
 
-def _writer(directory: str, name: str, token: str) -> str:
-    """Append record 1, 2, ... to ``name``; fsync each; then print its number to the console
-    (the acknowledgement). The file's creation is made durable (fsync of the directory) first."""
+def _writer(directory: str, name: str, token: str, ack: str = " > /dev/console") -> str:
+    """Append record 1, 2, ... to ``name``; fsync each; then print its number (the
+    acknowledgement: to the console, or with ``ack=""`` to stdout). The file's creation is made
+    durable (fsync of the directory) first."""
     pad = parse.record(1)[9:-1].decode()
     return (f"mkdir -p {directory} && cd {directory} && : > {name} && sync {name} . && i=0 && "
             f"while :; do i=$((i+1)); printf '%08d %s\\n' $i '{pad}' >> {name} || exit 1; "
-            f"sync {name} || exit 1; echo \"HIL-ACK {token} $i\" > /dev/console; done")
+            f"sync {name} || exit 1; echo \"HIL-ACK {token} $i\"{ack}; done")
 
 
-def _read(dut: Dut, host_os: HostOS, directory: str, names: list[str]) -> dict[str, bytes]:
+def _read(dut: Dut, host_os: HostOS, paths: list[str]) -> dict[str, bytes]:
     """Each file's bytes, in one command; empty if it is gone (then every acknowledged record is
     lost). Over SSH where the rig has a network: no console message can cut into it."""
     reader = host_os.via_ssh() if dut.ssh.available else host_os
     # records are ASCII lines, so a line starting with \036 only ever is our separator;
     # anything else shows as U+FFFD
-    out = reader.check(f"for f in {' '.join(names)}; do printf '\\036%s\\n' $f; "
-                       f"if [ -e {directory}/$f ]; then cat {directory}/$f; fi; done", 120,
-                       read_only=True).encode()
+    out = reader.check(f"for f in {' '.join(paths)}; do printf '\\036%s\\n' $f; "
+                       "if [ -e $f ]; then cat $f; fi; done", 120, read_only=True).encode()
     parts = out.split(b"\036")[1:]
     return {name.decode(): body for name, _, body in (p.partition(b"\n") for p in parts)}
 
 
-def test_acknowledged_writes_survive_random_power_cuts(dut: Dut, host_os: HostOS,
-                                                        pytestconfig: pytest.Config) -> None:
+# a writer started for one cut: (its token, its file's path on the host, who it is)
+Started = tuple[str, str, str]
+
+
+def _cut_while_writing(dut: Dut, host_os: HostOS, pytestconfig: pytest.Config,
+                       start: Callable[[str], Started], after_boot: Callable[[], None]) -> str:
+    """``--power-cuts`` times: start a writer (``start(file name)``), cut the power at a seeded
+    random moment after its record 1..40 was acknowledged, power on (``after_boot``), then
+    check that every acknowledged record of every file so far survived on a clean filesystem.
+    Returns the figures for the soak's report."""
     cuts = int(pytestconfig.getoption("--power-cuts"))
     seed = int(pytestconfig.getoption("--power-cut-seed"))
     if cuts <= 0:
         pytest.skip("--power-cuts 0")
     rng = random.Random(seed)
     disk = dut.disk
-    directory = f"{host_os.data_dir}/hil-power-cuts-{secrets.token_hex(3)}"
     data_dev = host_os.labels().get("resin-data", "resin-data")
     online_fsck = host_os.has_tools("e2fsck", "fsfreeze")
-    acked: dict[str, int] = {}
+    acked: dict[str, int] = {}  # file -> its last acknowledged record
     fs_checked: list[str] = []
     for cycle in range(1, cuts + 1):
         where = f"cut {cycle}/{cuts} (--power-cut-seed {seed})"
-        name, token = f"records-{cycle}", secrets.token_hex(4)
         at = dut.rig.log.end
-        host_os.check(f"( {_writer(directory, name, token)} ) </dev/null >/dev/null 2>&1 &")
+        token, path, who = start(f"records-{cycle}")
         wanted = rng.randint(1, 40)
         dut.rig.log.wait_for(re.compile(rf"HIL-ACK {token} {wanted}\b".encode()), at,
-                             ACK_TIMEOUT, f"the writer to acknowledge record {wanted}")
+                             ACK_TIMEOUT, f"{who} to acknowledge record {wanted}")
         # Deliberate: a random moment inside the append/fsync/print cycle (~15 ms on QEMU).
         time.sleep(rng.uniform(0.0, 0.02))
         dut.power_off()
-        acked[name] = parse.acknowledged(dut.rig.log.read(at), token)
+        acked[path] = parse.acknowledged(dut.rig.log.read(at), token)
         if disk is not None:
             check = disk.fsck("resin-data")
             assert check.clean, (f"after {where} the data partition is not clean "
                                  f"(e2fsck, journal replayed):\n{check.summary()}")
             fs_checked.append("rig-side e2fsck after each cut")
         dut.power_on()  # after the rig's off-time
-        files = _read(dut, host_os, directory, list(acked))
+        files = _read(dut, host_os, list(acked))
         for fname, n in acked.items():
             got = parse.check_records(files.get(fname, b""))
             assert got.problem is None, f"after {where}, {fname}: {got.problem}"
@@ -190,14 +199,53 @@ def test_acknowledged_writes_survive_random_power_cuts(dut: Dut, host_os: HostOS
             if result is not None:
                 assert result[0], f"after {where} e2fsck finds errors:\n{result[1][-2000:]}"
                 fs_checked.append("e2fsck on the frozen filesystem after each boot")
-    host_os.check(f"rm -rf {directory}")
-    # the soak's figures (-rP shows them): docs/reliability.md
-    print(f"{cuts} power cuts (--power-cut-seed {seed}): {sum(acked.values())} records "
-          f"acknowledged, none lost; filesystem clean after each ({', '.join(set(fs_checked))})")
+        after_boot()
+    host_os.check(f"rm -rf {' '.join({path.rsplit('/', 1)[0] for path in acked})}")
+    figures = (f"{cuts} power cuts (--power-cut-seed {seed}): {sum(acked.values())} records "
+               f"acknowledged, none lost; filesystem clean after each "
+               f"({', '.join(set(fs_checked))})")
     if not fs_checked:
         pytest.skip(f"all acknowledged records survived {cuts} power cuts, but the filesystem "
                     "could not be checked: the rig's disk is not a file and the OS has no "
                     "e2fsck + fsfreeze")
+    return figures
+
+
+def test_acknowledged_writes_survive_random_power_cuts(dut: Dut, host_os: HostOS,
+                                                        pytestconfig: pytest.Config) -> None:
+    directory = f"{host_os.data_dir}/hil-power-cuts-{secrets.token_hex(3)}"
+
+    def start(name: str) -> Started:
+        token = secrets.token_hex(4)
+        host_os.check(f"( {_writer(directory, name, token)} ) </dev/null >/dev/null 2>&1 &")
+        return token, f"{directory}/{name}", "the writer in /data"
+
+    # the soak's figures (-rP shows them): docs/reliability.md
+    print(_cut_while_writing(dut, host_os, pytestconfig, start, lambda: None))
+
+
+def test_app_volume_keeps_acknowledged_writes_across_power_cuts(
+        dut: Dut, host_os: HostOS, apps: Apps, app: dict[str, str],
+        pytestconfig: pytest.Config) -> None:
+    """The same cuts while the app writes into its named volume; each record is acknowledged
+    after its fsync in the container, through the engine's exec stream to the console."""
+    sub = f"hil-power-cuts-{secrets.token_hex(3)}"
+    volume = apps.inspect(app[SERVICE], '{{range .Mounts}}{{if eq .Destination "/vol"}}'
+                                        '{{.Source}}{{end}}{{end}}')
+    assert volume.startswith("/"), f"the app's container has no volume at /vol: {volume!r}"
+    running = [app]
+
+    def start(name: str) -> Started:
+        token = secrets.token_hex(4)
+        script = shlex.quote(_writer(f"/vol/{sub}", name, token, ack=""))
+        host_os.check(f"( balena-engine exec {running[0][SERVICE]} sh -c {script} ) "
+                      "</dev/null >/dev/console 2>&1 &")
+        return token, f"{volume}/{sub}/{name}", "the app's writer"
+
+    def after_boot() -> None:  # the engine starts the app again
+        running[0] = apps.api.wait_running(APP_NAME, [SERVICE])
+
+    print(_cut_while_writing(dut, host_os, pytestconfig, start, after_boot))
 
 
 # --- the filesystems at boot ---------------------------------------------------------------------
