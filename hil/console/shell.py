@@ -112,20 +112,26 @@ class ConsoleShell:
         # No echo, no prompt: the reply stream is then exactly what printf and base64 print.
         # The framing function is defined here, once per shell, so that each command types
         # only itself (twice); like a command, it is typed twice and defined only if both
-        # copies arrived alike, and the shell reports ready only then.
-        reply = f"/tmp/.hil-console-{self._session}"
+        # copies arrived alike, and the shell reports ready only then. The line is typed while
+        # the shell still echoes, when busybox's line editor takes at most 1023 bytes: hence
+        # the short names, and double quotes that need no escaping inside the single ones.
+        #
         # _hil TAG runs the command in $__hil (shifted, so that the command sees no positional
         # parameters of ours) in a subshell, whose status is the command's exit code, even
         # after an `exit` or a syntax error. The code travels inside the encoded bytes (after
-        # a last \036): any POSIX shell will do. The reply goes through a file so that one more
-        # program can checksum it (a pipe would need a tee); it starts with the tag, so an
-        # older reply left there is never taken for this one. The end marker is printed
-        # twice: one garbled copy must not leave the wait to run out.
-        framing = (f"_hil() {{ __hilt=$1; shift; printf '\\036S%s\\n' $__hilt; "
-                   f"( printf '%s\\036' $__hilt; eval \"$__hil\" </dev/null 2>&1 ) >{reply}; "
-                   f"printf '\\036%d' $? >>{reply}; base64 <{reply} && "
-                   f"{{ printf '\\036C'; md5sum <{reply}; }}; "
-                   f"printf '\\036E%s\\n\\036E%s\\n' $__hilt $__hilt; }}")
+        # a last \036): any POSIX shell will do. The reply goes through a file ($__hf) so that
+        # one more program can checksum it (a pipe would need a tee); it starts with the tag,
+        # so an older reply left there is never taken for this one. The file is in the first
+        # directory where it can be created (a porter's image may have a read-only root; test
+        # -w says yes to root there). The end marker is printed twice: one garbled copy must not leave the wait to
+        # run out.
+        framing = (
+            f"for __hf in /tmp /run /dev/shm /dev; do __hf=$__hf/.hil-console-{self._session}; "
+            "{ true >$__hf; } 2>/dev/null && break; done; "
+            '_hil() { __ht=$1; shift; printf "\\036S%s\\n" $__ht; '
+            '( printf "%s\\036" $__ht; eval "$__hil" </dev/null 2>&1 ) >$__hf; '
+            'printf "\\036%d" $? >>$__hf; base64 <$__hf && '
+            '{ printf "\\036C"; md5sum <$__hf; }; printf "\\036E%s\\n\\036E%s\\n" $__ht $__ht; }')
         return ("stty -echo 2>/dev/null; PS1=''; PS2=''; export TERM=dumb; "
                 + _twice("__hilf", framing,
                          f"eval \"$__hilf\"; printf '\\036R%s\\037\\n' {self._session}",
