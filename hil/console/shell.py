@@ -123,8 +123,8 @@ class ConsoleShell:
         # one more program can checksum it (a pipe would need a tee); it starts with the tag,
         # so an older reply left there is never taken for this one. The file is in the first
         # directory where it can be created (a porter's image may have a read-only root; test
-        # -w says yes to root there). The end marker is printed twice: one garbled copy must not leave the wait to
-        # run out.
+        # -w says yes to root there). The end marker is printed twice: one garbled copy must
+        # not leave the wait to run out.
         framing = (
             f"for __hf in /tmp /run /dev/shm /dev; do __hf=$__hf/.hil-console-{self._session}; "
             "{ true >$__hf; } 2>/dev/null && break; done; "
