@@ -42,8 +42,10 @@ KERNEL_LINE = re.compile(rb"\[\s*\d+\.\d+\][^\n]*\n?")
 # Other programs writing to /dev/console (init scripts, getty) interleave whole lines; a line
 # with a character base64 never uses is not part of the reply.
 NOT_BASE64_LINE = re.compile(rb"^.*[^A-Za-z0-9+/=\r\n].*$\n?", re.M)
-# md5sum's line for the reply it read on stdin ("-"), after the encoded reply
-CHECKSUM = re.compile(rb"\x1eC([0-9a-f]{32})  -\r?\n")
+# md5sum's line for the reply it read on stdin ("-"), after the encoded reply. Not anchored
+# to a line start, and no marker of its own: the OS's own console messages (written between
+# two of our writes) may precede it on its line; md5sum writes the line itself at once.
+CHECKSUM = re.compile(rb"([0-9a-f]{32})  -\r?\n")
 NUDGE_AFTER_QUIET = 1.5  # seconds of console silence before pressing Enter to get a prompt
 # A prompt is followed by silence; "#" at the end of a read chunk ("virtio-net#" + "32") is not.
 PROMPT_SETTLE = 0.3
@@ -131,7 +133,7 @@ class ConsoleShell:
             '_hil() { __ht=$1; shift; printf "\\036S%s\\n" $__ht; '
             '( printf "%s\\036" $__ht; eval "$__hil" </dev/null 2>&1 ) >$__hf; '
             'printf "\\036%d" $? >>$__hf; base64 <$__hf && '
-            '{ printf "\\036C"; md5sum <$__hf; }; printf "\\036E%s\\n\\036E%s\\n" $__ht $__ht; }')
+            'md5sum <$__hf; printf "\\036E%s\\n\\036E%s\\n" $__ht $__ht; }')
         return ("stty -echo 2>/dev/null; PS1=''; PS2=''; export TERM=dumb; "
                 + _twice("__hilf", framing,
                          f"eval \"$__hilf\"; printf '\\036R%s\\037\\n' {self._session}",
@@ -310,7 +312,8 @@ class ConsoleShell:
         if m is None:
             raise garbled("no start marker")
         reply_text = KERNEL_LINE.sub(b"", body[m.end():])
-        sums = CHECKSUM.search(reply_text)
+        found = list(CHECKSUM.finditer(reply_text))
+        sums = found[-1] if found else None  # the last one: base64 never has "  -"
         if sums is None:
             raise garbled(f"no checksum line (the device printed {reply_text[-300:]!r})")
         encoded = NOT_BASE64_LINE.sub(b"", reply_text[:sums.start()])
