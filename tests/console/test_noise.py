@@ -117,18 +117,22 @@ def test_the_reference_os_on_a_noisy_line_never_gives_a_wrong_answer(tmp_path: P
                      uboot_env=image.uboot_env)
     qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_until(uart.exists, 30, "QEMU's UART socket")
-    # clean through the boot (a flipped byte could stop U-Boot's autoboot), noisy from the shell
-    noisy = NoisyLine(uart, tmp_path / "noisy.sock", drop=0, flip=0, seed=12, both_ways=True)
-    con = open_shell(noisy, tmp_path, 10)
+    noisy = con = None
     try:
+        wait_until(uart.exists, 30, "QEMU's UART socket")
+        # clean through the boot (a flipped byte could stop U-Boot's autoboot), noisy after
+        noisy = NoisyLine(uart, tmp_path / "noisy.sock", drop=0, flip=0, seed=12,
+                          both_ways=True)
+        con = open_shell(noisy, tmp_path, 10)
         shell = ConsoleShell(con)
         shell.wait_ready(180)
         noisy.drop = noisy.flip = RATE
         todo = cases(100, 6, lambda n: f"seq 1 {n}")
         assert_never_wrong(run_all(shell, todo, 5), noisy, len(todo))
-    finally:
-        con.close()
-        noisy.close()
+    finally:  # QEMU too, whatever failed before the shell was up
+        if con is not None:
+            con.close()
+        if noisy is not None:
+            noisy.close()
         qemu.kill()
         qemu.wait()
