@@ -23,6 +23,17 @@ from hil.os import BalenaOS
 _STUB = "printf '#!/bin/sh\\nexit 0 # broken\\n' | dd of={path} conv=notrunc 2>/dev/null"
 
 
+def _stub_on_root(path: str) -> str:
+    """``path`` on the read-only root stubbed, the root made writable for it. Right after boot,
+    with the services still starting, the remount read-only failed with EBUSY: a write in flight
+    on the root (with relatime, the first read of each file writes its atime). So the root is
+    writable without atime updates, and the remount is tried a few times."""
+    return (f"grep -q '^exit 0 # broken' {path} || "
+            "{ mount -o remount,rw,noatime / && " + _STUB.format(path=path) + " && sync && "
+            "for i in 1 2 3 4 5 6 7 8 9 10; do mount -o remount,ro / 2>/dev/null && break; "
+            "sleep 0.2; done; grep -q '^[^ ]* / [^ ]* ro[, ]' /proc/mounts; }")
+
+
 def _unit_does_nothing(unit: str, command: str = "/bin/true") -> str:
     # a runtime drop-in replaces the unit's program, as a broken OS would ship it
     path = f"/run/systemd/system/{unit}.d/broken.conf"
@@ -66,10 +77,7 @@ BREAKS: dict[str, str] = {
     "hostname-ignored": "hostname balena && echo balena > /etc/hostname",
     # the running OS's rollback-altboot does nothing (so after a failed update the bootloader
     # falls back, but the old OS never cleans up): a root made writable for the purpose
-    "no-altboot-rollback": (
-        "grep -q '^exit 0 # broken' /usr/bin/rollback-altboot || "
-        "{ mount -o remount,rw / && " + _STUB.format(path="/usr/bin/rollback-altboot") +
-        " && sync && mount -o remount,ro /; }"),
+    "no-altboot-rollback": _stub_on_root("/usr/bin/rollback-altboot"),
     # the new OS's health check never rolls back: applied to each update right after
     # hostapp-update wrote it (see pytest_configure)
     "no-health-rollback": "true",
@@ -81,10 +89,7 @@ BREAKS: dict[str, str] = {
     "chrony-no-makestep": _restart_chrony_without("makestep"),
     # the OS does not check its filesystems at boot (e2fsck does nothing): on the root, made
     # writable for the purpose, as no-altboot-rollback
-    "no-boot-fsck": (
-        "grep -q '^exit 0 # broken' /sbin/e2fsck || "
-        "{ mount -o remount,rw / && " + _STUB.format(path="/sbin/e2fsck") +
-        " && sync && mount -o remount,ro /; }"),
+    "no-boot-fsck": _stub_on_root("/sbin/e2fsck"),
     # the OS ignores a removed remove_me_to_reset: the flag is put back at once, nothing is
     # reset at the next boot
     "no-reset": (
