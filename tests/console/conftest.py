@@ -2,7 +2,8 @@
 
 ``/bin/sh`` runs on a pty (so echo, line discipline and job control are real); a bridge copies
 bytes between the pty and the socket that ``SerialConsole`` opens as ``unix://``. ``inject``
-writes straight onto the line, as a kernel printing on the console would.
+writes straight onto the line, as a kernel printing on the console would; ``rewrite`` changes
+what the shell wrote, to put such a line exactly where a test needs it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import socket
 import subprocess
 import termios
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,7 @@ class ShellLine:
         self.proc: subprocess.Popen[bytes] | None = None
         self.prompt, self.login, self.script = prompt, login, script
         self._stop = False
+        self.rewrite: Callable[[bytes], bytes] | None = None  # applied to each read of the pty
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -66,7 +68,7 @@ class ShellLine:
                     data = os.read(master, 65536)
                     if not data:
                         break
-                    conn.sendall(data)
+                    conn.sendall(self.rewrite(data) if self.rewrite else data)
                 if conn in ready:
                     data = conn.recv(65536)
                     if not data:
@@ -97,10 +99,16 @@ def line(tmp_path: Path) -> Iterator[ShellLine]:
     sl.close()
 
 
+def open_console(path: Path, tmp_path: Path, timeout: float = 5) -> SerialConsole:
+    """The framework's console on the line at ``path`` (a unix socket), attached."""
+    ctx = PartContext("fake", "console", tmp_path, load_device_type("generic-aarch64"))
+    con = SerialConsole(SerialSettings(url=f"unix://{path}"), ctx)
+    con.attach(timeout=timeout)
+    return con
+
+
 @pytest.fixture
 def console(tmp_path: Path, line: ShellLine) -> Iterator[SerialConsole]:
-    ctx = PartContext("fake", "console", tmp_path, load_device_type("generic-aarch64"))
-    con = SerialConsole(SerialSettings(url=f"unix://{line.path}"), ctx)
-    con.attach(timeout=5)
+    con = open_console(line.path, tmp_path)
     yield con
     con.close()

@@ -15,15 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from hil.config import load_device_type
-from hil.console.serial import SerialConsole, SerialSettings
 from hil.console.shell import ConsoleGarbled, ConsoleShell
 from hil.deadline import wait_until
 from hil.emu.noisyline import NoisyLine
 from hil.errors import DeadlineError
-from hil.registry import PartContext
 
-from .conftest import ShellLine
+from .conftest import ShellLine, open_console
 
 RATE = 2e-4  # per byte, for drops and for flips each: about half the replies are hit
 Case = tuple[str, str, int]  # a command, the output it prints, its exit code
@@ -72,13 +69,6 @@ def assert_never_wrong(seen: Counter[str], noisy: NoisyLine, total: int) -> None
         assert seen["garbled: the command"] > 0, seen
 
 
-def open_shell(noisy: NoisyLine, tmp_path: Path, timeout: float) -> SerialConsole:
-    ctx = PartContext("noisy", "console", tmp_path, load_device_type("generic-aarch64"))
-    con = SerialConsole(SerialSettings(url=f"unix://{noisy.path}"), ctx)
-    con.attach(timeout=timeout)
-    return con
-
-
 @pytest.fixture
 def noisy(tmp_path: Path, line: ShellLine) -> Iterator[NoisyLine]:
     n = NoisyLine(line.path, tmp_path / "noisy.sock", drop=RATE, flip=RATE, seed=11,
@@ -88,7 +78,7 @@ def noisy(tmp_path: Path, line: ShellLine) -> Iterator[NoisyLine]:
 
 
 def test_a_noisy_line_never_gives_a_wrong_answer(noisy: NoisyLine, tmp_path: Path) -> None:
-    con = open_shell(noisy, tmp_path, 5)
+    con = open_console(noisy.path, tmp_path, 5)
     try:
         shell = ConsoleShell(con)
         shell.wait_ready(30)  # through the noise: the settings line is typed again if garbled
@@ -123,7 +113,7 @@ def test_the_reference_os_on_a_noisy_line_never_gives_a_wrong_answer(tmp_path: P
         # clean through the boot (a flipped byte could stop U-Boot's autoboot), noisy after
         noisy = NoisyLine(uart, tmp_path / "noisy.sock", drop=0, flip=0, seed=12,
                           both_ways=True)
-        con = open_shell(noisy, tmp_path, 10)
+        con = open_console(noisy.path, tmp_path, 10)
         shell = ConsoleShell(con)
         shell.wait_ready(180)
         noisy.drop = noisy.flip = RATE

@@ -90,6 +90,26 @@ def test_lines_other_programs_write_to_the_console_are_cut_out(shell: ConsoleShe
     assert r.stdout.splitlines() == [f"row{i}" for i in range(30)]
 
 
+def test_a_console_line_between_the_reply_and_its_checksum_is_cut_out(
+        shell: ConsoleShell, line: ShellLine) -> None:
+    # Another program's line lands right before md5sum's line, whole or as the start of it (as
+    # the registration's did on a booting device); the reply and its checksum are still found.
+    injected = []
+
+    def before_checksum(data: bytes) -> bytes:
+        msg = b"HIL: registered 1234abcd\r\n" if len(injected) % 2 else b"HIL: half a line "
+        out = re.sub(rb"(?m)^([0-9a-f]{32}  -\r\n)", msg + rb"\1", data)
+        if out != data:
+            injected.append(msg)
+        return out
+
+    line.rewrite = before_checksum
+    for i in range(4):
+        r = shell.run(f"echo reply{i}; exit {i}")
+        assert (r.stdout, r.exit_code) == (f"reply{i}\n", i)
+    assert len(injected) == 4
+
+
 def test_a_hung_command_times_out_with_what_was_seen(shell: ConsoleShell) -> None:
     t0 = time.monotonic()
     with pytest.raises(DeadlineError) as err:
