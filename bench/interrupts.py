@@ -3,10 +3,12 @@
 A child pytest session (the smoke suite and a good host OS update, on a copy of the
 ``qemu-aarch64`` rig under a name of its own) is interrupted ``--moments`` times, each at a
 seeded random moment of its run, alternately with SIGINT (a bench user's Ctrl-C) and SIGTERM (a
-CI job cancelled). A first, uninterrupted run times the session and its steps, so each moment is
-named by the step it fell in (flash, power on, wait for shell, a test's commands, the update,
-teardown). After each signal: the session must exit within 10 s, leave no QEMU and no nbdkit
-(the board off, its disk's cache gone), the rig lock free and its JUnit report written.
+CI job cancelled). A first, uninterrupted run times the session. Each moment is named by what
+the session was doing when the signal came (``bench/phase_probe.py`` writes it down as it
+goes): the test and its phase, and the rig step (flash, power on, wait for shell) or device
+command (the update's among them) open then. After each signal: the session must exit within
+10 s, leave no QEMU and no nbdkit (the board off, its disk's cache gone), the rig lock free and
+its JUnit report written.
 
     .venv/bin/python bench/interrupts.py     # 20 moments; writes bench/results/interrupts.md
     .venv/bin/python bench/interrupts.py --moments 4 --no-write
@@ -36,7 +38,7 @@ from hil.qemu import board_processes  # noqa: E402
 
 GRACE = 10.0  # seconds the session has to end after the signal
 SUITES = ["suites/smoke", "suites/rollback", "-k", "smoke or good_update"]
-STEP_LINE = re.compile(r"^\s+(\d+\.\d+)s\s+(ok|FAIL)\s+(.+?)\s*$")
+PROBE_LINE = re.compile(r"^(\d+\.\d+) ([+-]) (.*)$")
 
 
 @dataclass
@@ -66,14 +68,18 @@ class Session:
         self.name = f"interrupts-{os.getpid()}"
         (work / "rigs").mkdir(parents=True, exist_ok=True)
         (work / "rigs" / f"{self.name}.yaml").write_text(rig_yaml)
+        self.probe = work / "phases.log"
+        path = os.pathsep.join(filter(None, [str(REPO / "bench"), os.environ.get("PYTHONPATH")]))
         self.env = {**os.environ, "HIL_LOCK_DIR": str(work / "locks"),
-                    "HIL_RUNTIME_DIR": str(work / "run"), "COLUMNS": "200"}
+                    "HIL_RUNTIME_DIR": str(work / "run"), "COLUMNS": "200",
+                    "HIL_PHASE_FILE": str(self.probe), "PYTHONPATH": path}
         self.env.pop("HIL_RIG", None)
 
     def start(self, junit: Path, sig_default: bool = True) -> subprocess.Popen[str]:
         junit.unlink(missing_ok=True)
+        self.probe.unlink(missing_ok=True)
         return subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "phase_probe", "-q",
              f"--rigs-dir={self.work / 'rigs'}", f"--rig={self.name}", f"--junitxml={junit}",
              *SUITES], cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -83,27 +89,24 @@ class Session:
         return RigLock(self.name).free()
 
 
-def phases(timeline: str, total: float) -> list[tuple[float, str]]:
-    """(start second, step) from the rig timeline the calibration run printed; the steps run
-    one after another with the tests' own code between them, so the starts are spread over
-    the session in proportion."""
-    steps = [(float(m[1]), m[3]) for m in map(STEP_LINE.match, timeline.splitlines()) if m]
-    busy = sum(d for d, _ in steps) or 1.0
-    scale = total / busy if busy < total else 1.0
-    out, t = [], 0.0
-    for duration, name in steps:
-        out.append((t, re.sub(r" \S+\.img.*", "", name)))
-        t += duration * scale
-    out.append((t, "teardown"))
-    return out
-
-
-def phase_at(table: list[tuple[float, str]], t: float) -> str:
-    name = table[0][1] if table else "?"
-    for start, step in table:
-        if start <= t:
-            name = step
-    return name
+def phase_at(probe: Path, at: float) -> str:
+    """What the session was doing at ``at`` (monotonic): the spans open then, outermost first
+    (a test's phase, then a rig step or a command)."""
+    open_spans: list[str] = []
+    lines = probe.read_text().splitlines() if probe.exists() else []
+    for m in map(PROBE_LINE.match, lines):
+        if m is None or float(m[1]) > at:
+            continue
+        if m[2] == "+":
+            open_spans.append(m[3])
+        elif m[3] in open_spans:
+            open_spans.reverse()
+            open_spans.remove(m[3])  # the innermost of that title
+            open_spans.reverse()
+    if not open_spans:
+        return "between tests (collection, the session's start or end)" if lines else \
+            "pytest starting"
+    return " > ".join(open_spans[:1] + open_spans[-1:] if len(open_spans) > 1 else open_spans)
 
 
 def main() -> int:
@@ -124,21 +127,19 @@ def main() -> int:
         if proc.returncode != 0:
             print(out[-4000:])
             raise SystemExit(f"the uninterrupted session failed ({proc.returncode})")
-        table = phases(out, total)
-        print(f"uninterrupted session: {total:.1f}s; steps: "
-              + ", ".join(f"{s:.0f}s {n}" for s, n in table))
+        print(f"uninterrupted session: {total:.1f}s")
         results: list[Outcome] = []
         for i in range(args.moments):
             sig = signal.SIGINT if i % 2 == 0 else signal.SIGTERM
             moment = rng.uniform(0.5, total)
             proc = session.start(junit)
-            started = time.monotonic()
+            started = sent = time.monotonic()
             try:
                 proc.wait(timeout=moment)
                 exit_after, code = 0.0, proc.returncode  # ended before the moment came
             except subprocess.TimeoutExpired:
-                proc.send_signal(sig)
                 sent = time.monotonic()
+                proc.send_signal(sig)
                 try:
                     proc.wait(timeout=GRACE)
                     exit_after, code = time.monotonic() - sent, proc.returncode
@@ -157,7 +158,7 @@ def main() -> int:
                 report = ET.parse(junit).getroot() is not None
             except (OSError, ET.ParseError):
                 report = False
-            outcome = Outcome(moment, sig.name, phase_at(table, moment), exit_after, code,
+            outcome = Outcome(moment, sig.name, phase_at(session.probe, sent), exit_after, code,
                               left, session.lock_free(), report)
             results.append(outcome)
             print(f"{i + 1:2d}/{args.moments} {outcome.sig:7s} at {moment:5.1f}s "
@@ -168,14 +169,13 @@ def main() -> int:
                   f"({time.monotonic() - started:.0f}s)", flush=True)
             for pid in left:
                 os.kill(int(pid.split()[0]), signal.SIGKILL)
-        write(results, total, table, args)
+        write(results, total, args)
         return 0 if all(r.safe for r in results) else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def write(results: list[Outcome], total: float, table: list[tuple[float, str]],
-          args: argparse.Namespace) -> None:
+def write(results: list[Outcome], total: float, args: argparse.Namespace) -> None:
     exits = sorted(r.exit_after for r in results if r.exit_after is not None)
     lines = [
         "# Interrupted sessions", "",
@@ -186,7 +186,8 @@ def write(results: list[Outcome], total: float, table: list[tuple[float, str]],
         f"**{sum(r.safe for r in results)} of {len(results)} safe** (exited within {GRACE:.0f} s "
         "of the signal, no QEMU or nbdkit left, lock free, JUnit written); slowest exit "
         f"{max(exits):.1f} s, median {exits[len(exits) // 2]:.1f} s." if exits else "", "",
-        "| # | signal | at | step | exit code | exit after | leftovers | lock | report |",
+        "| # | signal | at | doing (the test's phase > the step or command open) | exit code | "
+        "exit after | leftovers | lock | report |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(results, 1):

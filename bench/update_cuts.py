@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BACK_ON = re.compile(r"back on the (new|old) OS \((\S+)\) after (\d+) boot")
+BACK_ON = re.compile(r"back on the (new|old) OS \((.+?)\) after (\d+) boot")
 
 
 def main() -> int:
