@@ -9,7 +9,9 @@ even when that output is ``dmesg``. An MD5 of the output and exit code follows i
 command is typed twice and runs only if both copies agree: a serial line that drops or flips
 bytes gives a console error (``ConsoleGarbled``), never a wrong output or exit code, and never
 runs another command (base64 alone decodes most flips into other bytes). The framing is a shell
-function, defined (and checked the same way) when the shell is set up.
+function, defined (and checked the same way) when the shell is set up. A command whose start the
+device does not print within ``START_WITHIN`` (a garbled quote leaves the shell waiting for the
+rest of the line) is interrupted and reported as not run, rather than waiting out its deadline.
 Each command runs in its own subshell, so ``cd`` or ``export`` in one test cannot leak into the
 next while the board stays up between tests.
 """
@@ -52,6 +54,9 @@ PROMPT_SETTLE = 0.3
 CONFIGURE_RETRY = 5.0  # seconds without an answer to the settings line before typing it again
 ANY_BYTE = re.compile(rb"[\s\S]")
 TTY_LINE = 4095  # bytes a tty in canonical mode takes per line; it drops the rest
+# seconds from typing a command to the device printing its start (the shell's printf, before
+# the command's own subshell): longer is a line the shell has not taken as a whole command
+START_WITHIN = 15.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ class ConsoleShell:
         self._lost: str | None = None  # why the session is gone (for the next run's error)
         self._session = secrets.token_hex(3)
         self._seq = itertools.count(1)
+        self.start_within = START_WITHIN
 
     # --- session set-up ---------------------------------------------------------------------------
     @property
@@ -118,19 +124,21 @@ class ConsoleShell:
         # the shell still echoes, when busybox's line editor takes at most 1023 bytes: hence
         # the short names, and double quotes that need no escaping inside the single ones.
         #
-        # _hil TAG runs the command in $__hil (shifted, so that the command sees no positional
-        # parameters of ours) in a subshell, whose status is the command's exit code, even
-        # after an `exit` or a syntax error. The code travels inside the encoded bytes (after
-        # a last \036): any POSIX shell will do. The reply goes through a file ($__hf) so that
+        # _hil runs the command in $__hil, after its tag (so the tag is checked with it), in a
+        # subshell, whose status is the command's exit code, even after an `exit` or a syntax
+        # error; called without arguments, the command sees no positional parameters of ours.
+        # The code travels inside the encoded bytes (after a last \036): any POSIX shell will
+        # do. The reply goes through a file ($__hf) so that
         # one more program can checksum it (a pipe would need a tee); it starts with the tag,
         # so an older reply left there is never taken for this one. The file is in the first
         # directory where it can be created (a porter's image may have a read-only root; test
-        # -w says yes to root there). The end marker is printed twice: one garbled copy must
-        # not leave the wait to run out.
+        # -w says yes to root there). The start and end markers are printed twice: one garbled
+        # copy must not leave a wait to run out.
         framing = (
             f"for __hf in /tmp /run /dev/shm /dev; do __hf=$__hf/.hil-console-{self._session}; "
             "{ true >$__hf; } 2>/dev/null && break; done; "
-            '_hil() { __ht=$1; shift; printf "\\036S%s\\n" $__ht; '
+            '_hil() { __ht=${__hil%% *}; __hil=${__hil#* }; '
+            'printf "\\036S%s\\n\\036S%s\\n" $__ht $__ht; '
             '( printf "%s\\036" $__ht; eval "$__hil" </dev/null 2>&1 ) >$__hf; '
             'printf "\\036%d" $? >>$__hf; base64 <$__hf && '
             'md5sum <$__hf; printf "\\036E%s\\n\\036E%s\\n" $__ht $__ht; }')
@@ -275,10 +283,13 @@ class ConsoleShell:
                              part="console", tail=self.log.tail())
         tag = f"{self._session}.{next(self._seq)}"
         begin = re.compile(rb"\x1eS" + re.escape(tag.encode()) + rb"\r?\n")
+        started = re.compile(rb"\x1e[SEX]" + re.escape(tag.encode()) + rb"\r?\n")
         done = re.compile(rb"\x1e([EX])" + re.escape(tag.encode()) + rb"\r?\n")
-        # Typed twice and run only if both copies arrived alike: a byte the line garbled on
-        # the way in must not run another command unnoticed.
-        script = _twice("__hil", command, f"_hil {tag}", f"printf '\\036X%s\\n' {tag}") + "\n"
+        # Typed twice, with its tag, and run only if both copies arrived alike: a byte the line
+        # garbled on the way in must not run another command (or this one under another tag)
+        # unnoticed.
+        script = _twice("__hil", f"{tag} {command}", "_hil",
+                        f"printf '\\036X%s\\n' {tag}") + "\n"
         if max(map(len, script.split("\n"))) >= TTY_LINE:
             raise ValueError(f"a line of {command[:80]!r}... is too long for a console: typed "
                              f"twice it exceeds the {TTY_LINE} bytes a tty takes per line (run "
@@ -287,8 +298,9 @@ class ConsoleShell:
         t0 = time.monotonic()
         self.console.write(script.encode())
         try:
-            end_hit = self.log.wait_for(done, sent_at, timeout, f"the end of {command!r}",
-                                        stop_on=RESTARTS)
+            self._wait_started(started, sent_at, timeout, command)
+            end_hit = self.log.wait_for(done, sent_at, max(t0 + timeout - time.monotonic(), 0),
+                                        f"the end of {command!r}", stop_on=RESTARTS)
         except StopEvent as exc:
             self.invalidate(f"the board restarted ({exc.event.text})")
             raise DeviceError(f"board {exc.event.kind} ({exc.event.text}) while running "
@@ -331,6 +343,34 @@ class ConsoleShell:
             raise garbled("no exit code")
         return Result(command, output.decode("utf-8", errors="replace"), None, int(code),
                       duration)
+
+    def _wait_started(self, started: re.Pattern[bytes], sent_at: int, timeout: float,
+                      command: str) -> None:
+        try:
+            self.log.wait_for(started, sent_at, min(timeout, self.start_within),
+                              f"the start of {command!r}", stop_on=RESTARTS)
+        except DeadlineError:
+            if timeout <= self.start_within:
+                raise
+            # Both start markers lost is as good as impossible: the shell has not taken the
+            # line (an unclosed quote). ^C drops it, and the settings line, answered, shows the
+            # shell back at its prompt. Its answer comes after anything the shell printed
+            # before, so a start marker that was only late is seen by then: that command ran
+            # (and was interrupted).
+            self.console.write(b"\x03")
+            why = (f"the device did not start {command!r} within {self.start_within:.0f}s of "
+                   "its typing: the console garbled the line (a quote or the framing) on its "
+                   "way in, or the shell stalled")
+            try:
+                self._configure(6 * CONFIGURE_RETRY)  # a noisy line may garble it too
+                ran = started.search(self.log.read(sent_at)) is not None
+                why += ("; it started late, and was interrupted" if ran else
+                        "; interrupted, not run")
+            except DeadlineError:
+                self.invalidate(f"{command!r} did not start")
+                ran = True  # unknown: as if it ran, so that nothing runs it again
+                why += "; the shell did not answer its settings after that"
+            raise ConsoleGarbled(why, ran=ran, tail=self.log.tail()) from None
 
     def send(self, command: str) -> int:
         """Type a command whose reply we will not wait for (``reboot``). Returns the offset."""

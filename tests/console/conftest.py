@@ -3,7 +3,8 @@
 ``/bin/sh`` runs on a pty (so echo, line discipline and job control are real); a bridge copies
 bytes between the pty and the socket that ``SerialConsole`` opens as ``unix://``. ``inject``
 writes straight onto the line, as a kernel printing on the console would; ``rewrite`` changes
-what the shell wrote, to put such a line exactly where a test needs it.
+what the shell wrote, to put such a line exactly where a test needs it, and ``rewrite_in`` what
+was typed, as a garbling line would.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ class ShellLine:
         self.proc: subprocess.Popen[bytes] | None = None
         self.prompt, self.login, self.script = prompt, login, script
         self._stop = False
-        self.rewrite: Callable[[bytes], bytes] | None = None  # applied to each read of the pty
+        # applied to each read of the pty, and of the socket
+        self.rewrite: Callable[[bytes], bytes] | None = None
+        self.rewrite_in: Callable[[bytes], bytes] | None = None
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -73,7 +76,7 @@ class ShellLine:
                     data = conn.recv(65536)
                     if not data:
                         break
-                    os.write(master, data)
+                    os.write(master, self.rewrite_in(data) if self.rewrite_in else data)
             except OSError:
                 break
         os.close(master)

@@ -4,6 +4,7 @@ reboots and hangs."""
 from __future__ import annotations
 
 import re
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from hil import record
 from hil.config import load_device_type
 from hil.console.log import NO_REPLY
 from hil.console.serial import SerialConsole, SerialSettings
-from hil.console.shell import CONFIGURE_RETRY, ConsoleShell
+from hil.console.shell import CONFIGURE_RETRY, ConsoleGarbled, ConsoleShell
 from hil.deadline import wait_until
 from hil.errors import DeadlineError, DeviceError, InfraError
 from hil.registry import PartContext
@@ -108,6 +109,30 @@ def test_a_console_line_between_the_reply_and_its_checksum_is_cut_out(
         r = shell.run(f"echo reply{i}; exit {i}")
         assert (r.stdout, r.exit_code) == (f"reply{i}\n", i)
     assert len(injected) == 4
+
+
+def test_a_command_garbled_into_an_open_quote_is_not_run_and_ends_early(
+        shell: ConsoleShell, line: ShellLine) -> None:
+    # A quote lost on the way in leaves the shell waiting for the rest of the line: the command
+    # is interrupted once its start is overdue, reported as not run; the deadline is not waited.
+    lost = []
+
+    def drop_a_quote(data: bytes) -> bytes:
+        if b"touch" in data and not lost:
+            lost.append(data)
+            return data.replace(b"'", b"", 1)
+        return data
+
+    line.rewrite_in = drop_a_quote
+    shell.start_within = 1.0
+    marker = f"/tmp/hil-garbled-{secrets.token_hex(4)}"
+    t0 = time.monotonic()
+    with pytest.raises(ConsoleGarbled, match="did not start") as err:
+        shell.run(f"touch {marker}", timeout=60)
+    assert time.monotonic() - t0 < 10 and not err.value.ran and lost
+    assert shell.ready  # back at its prompt: the host OS may run the command again at once
+    assert shell.run(f"test -e {marker}").exit_code == 1  # it did not run
+    assert shell.run("echo next").stdout == "next\n"
 
 
 def test_a_hung_command_times_out_with_what_was_seen(shell: ConsoleShell) -> None:
