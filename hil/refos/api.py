@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -26,8 +27,9 @@ GUEST_HOST = "10.0.2.2"
 
 @dataclass(frozen=True)
 class Registration:
-    """One registration request. ``device_api_key`` is what the server issued (None when the
-    request was refused); it is left out of repr so it cannot end up in a report."""
+    """One accepted or refused registration request. ``device_api_key`` is the device's key:
+    the one it sent (``api_key``, as balena's supervisor does) or else one the server issued
+    (None when the request was refused); left out of repr so it cannot end up in a report."""
 
     uuid: str
     device_type: str
@@ -38,8 +40,12 @@ class Registration:
 
 class RegistrationServer:
     """``POST /device/register`` with ``Authorization: Bearer <provisioning key>`` and a JSON
-    body ``{"uuid", "deviceType", ...}``; answers 201 ``{"id", "uuid", "deviceApiKey"}``, or
-    401 for a wrong key, 400 for a body without uuid. ``GET /ping`` answers ``OK``.
+    body ``{"uuid", "device_type", "api_key", ...}``, as balena's API takes it: answers 201
+    ``{"id", "uuid", "api_key"}`` (the key the device sent, or a new one), 409 ``"uuid" must be
+    unique.`` for a uuid already registered (``conflicts`` lists them: the device asked again),
+    401 for a wrong key, 400 for a body without uuid. ``GET /v6/device?$filter=uuid eq '<uuid>'``
+    (the supervisor's check that its key is known, after a 409) answers ``{"d": [{"id",
+    "uuid"}]}`` to that device's key, ``{"d": []}`` otherwise. ``GET /ping`` answers ``OK``.
 
     ``GET /os/v1/config`` with ``Authorization: Bearer <a device key it issued>`` answers
     os-config's service configuration (401 otherwise): the ssh service's ``authorized_keys``
@@ -53,6 +59,7 @@ class RegistrationServer:
                  port: int = 0) -> None:
         self.api_key = api_key or secrets.token_hex(16)
         self.registrations: list[Registration] = []
+        self.conflicts: list[str] = []
         self.config_fetches: list[str] = []
         import paramiko
 
@@ -76,8 +83,17 @@ class RegistrationServer:
                 self.wfile.write(data)
 
             def do_GET(self) -> None:
-                if self.path.rstrip("/") == "/ping":
+                path, _, query = self.path.partition("?")
+                if path.rstrip("/") == "/ping":
                     self._reply(200, "OK")
+                elif path.rstrip("/") == "/v6/device":
+                    uuid = server._device(self.headers.get("Authorization", ""))
+                    wanted = re.search(r"uuid%20eq%20'([0-9a-f]+)'|uuid eq '([0-9a-f]+)'", query)
+                    found = wanted is not None and uuid in wanted.groups()
+                    with server._lock:
+                        ids = [i for i, r in enumerate(server.registrations, 1)
+                               if found and r.uuid == uuid and r.auth_ok]
+                    self._reply(200, {"d": [{"id": ids[0], "uuid": uuid}] if ids else []})
                 elif self.path.rstrip("/") == "/os/v1/config":
                     uuid = server._device(self.headers.get("Authorization", ""))
                     if uuid is None:
@@ -104,17 +120,26 @@ class RegistrationServer:
                     return
                 auth = self.headers.get("Authorization", "")
                 ok = secrets.compare_digest(auth, f"Bearer {server.api_key}")
-                device_type = str(body.get("deviceType") or body.get("device_type") or "")
-                key = secrets.token_hex(16) if ok else None
-                server._record(Registration(str(body["uuid"]), device_type, ok,
-                                            body.get("applicationId"), key))
-                log.info("registration of %s (%s): %s", body["uuid"], device_type,
+                device_type = str(body.get("device_type") or body.get("deviceType") or "")
+                uuid = str(body["uuid"])
+                if ok and server.registered(uuid):
+                    with server._lock:
+                        server.conflicts.append(uuid)
+                    log.info("registration of %s: 409, the uuid is registered", uuid)
+                    self._reply(409, '"uuid" must be unique.')
+                    return
+                sent = body.get("api_key")
+                key = (str(sent) if sent else secrets.token_hex(16)) if ok else None
+                server._record(Registration(uuid, device_type, ok,
+                                            body.get("application", body.get("applicationId")),
+                                            key))
+                log.info("registration of %s (%s): %s", uuid, device_type,
                          "accepted" if ok else "refused (bad provisioning key)")
                 if not ok:
                     self._reply(401, {"error": "unauthorized"})
                     return
-                self._reply(201, {"id": len(server.registrations), "uuid": body["uuid"],
-                                  "deviceApiKey": key})
+                self._reply(201, {"id": len(server.registrations), "uuid": uuid,
+                                  "api_key": key})
 
         self._httpd = ThreadingHTTPServer((host, port), Handler)
         self._httpd.daemon_threads = True
@@ -131,6 +156,10 @@ class RegistrationServer:
             return next((r.uuid for r in self.registrations if r.device_api_key
                          and secrets.compare_digest(authorization,
                                                     f"Bearer {r.device_api_key}")), None)
+
+    def registered(self, uuid: str) -> bool:
+        with self._lock:
+            return any(r.uuid == uuid and r.auth_ok for r in self.registrations)
 
     def _record(self, reg: Registration) -> None:
         with self._cond:

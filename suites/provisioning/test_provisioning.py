@@ -57,16 +57,20 @@ def identity(dut: Dut, host_os: HostOS) -> Identity:
                     host_os.ssh_host_key() if dut.rig.network is not None else None)
 
 
-def wait_device_api_key(dut: Dut, host_os: HostOS) -> Secret:
-    last: list[Any] = [None]
+def wait_registered(dut: Dut, host_os: HostOS) -> Secret:
+    """The device's key, once config.json says the device is registered: balena's supervisor
+    makes and stores the key first, and ``registered_at`` once the API has it."""
+    last: list[Any] = [None, None]
 
     def probe() -> Secret | None:
-        key = host_os.config_json().get("deviceApiKey")
-        last[0] = key
-        return key if isinstance(key, Secret) else None
+        cfg = host_os.config_json()
+        key = cfg.get("deviceApiKey")
+        last[:] = [cfg.get("registered_at"), key]
+        return key if isinstance(key, Secret) and cfg.get("registered_at") else None
 
-    return dut.poll(probe, REGISTER_TIMEOUT, "config.json to hold a deviceApiKey "
-                    "(the device registered)", lambda: f"deviceApiKey={last[0]!r}")
+    return dut.poll(probe, REGISTER_TIMEOUT, "config.json to hold registered_at and a "
+                    "deviceApiKey (the device registered)",
+                    lambda: f"registered_at={last[0]!r} deviceApiKey={last[1]!r}")
 
 
 def accepted_registrations(session: HilSession, uuid: str) -> int:
@@ -129,7 +133,7 @@ def test_hostname_is_config_hostname_or_uuid_prefix(host_os: HostOS) -> None:
 def test_registered_under_its_uuid_and_holds_a_device_api_key(
         dut: Dut, host_os: HostOS, device_config: dict[str, Any], hil_session: HilSession) -> None:
     uuid = str(device_config["uuid"])
-    key = wait_device_api_key(dut, host_os)
+    key = wait_registered(dut, host_os)
     if hil_session.api is None:
         return  # an external endpoint: the device side is all the rig can see
     reg = hil_session.api.wait_for(uuid, timeout=REGISTER_TIMEOUT)
@@ -138,7 +142,7 @@ def test_registered_under_its_uuid_and_holds_a_device_api_key(
         f"registered as device type {reg.device_type!r}, config.json says "
         f"{device_config.get('deviceType')!r}")
     assert key.matches(reg.device_api_key), (
-        "config.json's deviceApiKey is not the key the API issued at registration")
+        "config.json's deviceApiKey is not the key the API registered the device with")
     assert accepted_registrations(hil_session, uuid) == 1, (
         f"the device registered {accepted_registrations(hil_session, uuid)} times; once is "
         "the promise")
@@ -576,7 +580,7 @@ def test_persistent_logging_keeps_the_journal_across_a_reboot(dut: Dut,
 
 @pytest.fixture
 def before(dut: Dut, host_os: HostOS, hil_session: HilSession) -> Identity:
-    wait_device_api_key(dut, host_os)
+    wait_registered(dut, host_os)
     return identity(dut, host_os)
 
 

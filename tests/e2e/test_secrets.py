@@ -53,9 +53,11 @@ def secrets_of(tmp_path: Path) -> tuple[dict[str, str], Path]:
     pem = key.read_text()
     token = os.urandom(12).hex()
     cfg = {"deviceType": "generic-aarch64", "developmentMode": True,
-           # a device key is there: the device counts as registered and never dials out
+           # registered already (registered_at, as balena's supervisor marks it): the device
+           # never dials out
            "apiEndpoint": "http://192.0.2.1", "apiKey": f"prov{token}key",
-           "deviceApiKey": f"dev{token}key", "sshPrivateKey": pem}
+           "deviceApiKey": f"dev{token}key", "registered_at": 1700000000000, "deviceId": 1,
+           "sshPrivateKey": pem}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
     found = {"apiKey": cfg["apiKey"], "deviceApiKey": cfg["deviceApiKey"],

@@ -6,6 +6,7 @@ import hashlib
 import json
 import secrets
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -71,6 +72,8 @@ def test_first_boot_dev_mode(arch: str, images: Images, disk: Path, api: Registr
     wait_until(lambda: g.run("jq -j '.deviceApiKey // empty' /mnt/boot/config.json"
                              " | sha256sum | cut -d' ' -f1") == want,
                30, "deviceApiKey stored in config.json", interval=0.5)
+    wait_until(lambda: g.run("jq -r '.registered_at // empty' /mnt/boot/config.json") != "",
+               30, "registered_at stored in config.json", interval=0.5)
 
     # os-config fetched its service configuration with the device key, and installed the
     # cloud account's key it holds as root's authorized_keys_remote
@@ -220,7 +223,7 @@ def test_registration_retries_until_accepted(disk: Path, guest_factory: GuestFac
         wait_until(lambda: len(api.registrations) >= 2, 60, "two refused attempts",
                    interval=0.2)
         assert not any(r.auth_ok for r in api.registrations)
-        assert g.run("jq -r '.deviceApiKey // \"none\"' /mnt/boot/config.json") == "none"
+        assert g.run("jq -r '.registered_at // \"none\"' /mnt/boot/config.json") == "none"
         # fix the key at runtime, as a user re-provisioning the device would
         # (over SSH's stdin: the key must not appear on the console)
         rc, out = ssh_run(g.ssh_port, "cd /mnt/boot && jq --rawfile k /dev/stdin "
@@ -229,5 +232,31 @@ def test_registration_retries_until_accepted(disk: Path, guest_factory: GuestFac
         assert rc == 0, out
         reg = api.wait_for(uuid, timeout=60)
         assert reg.device_type
-    wait_until(lambda: g.run("jq -r '.deviceApiKey | length' /mnt/boot/config.json") == "32",
-               30, "deviceApiKey stored", interval=0.5)
+        wait_until(lambda: g.run("jq -r '.registered_at // empty' /mnt/boot/config.json") != "",
+                   30, "registered_at stored", interval=0.5)
+    assert g.run("jq -r '.deviceApiKey | length' /mnt/boot/config.json") == "32"
+
+
+def test_a_registration_the_device_did_not_store_is_settled_not_repeated(
+        disk: Path, guest_factory: GuestFactory) -> None:
+    """The API took the registration, but the device restarted before it stored registered_at
+    (as a test that reboots early does): at the next boot the API answers 409, and the device
+    asks for itself with its key, as balena's supervisor does, instead of registering again."""
+    uuid, device_key = secrets.token_hex(16), secrets.token_hex(16)
+    with RegistrationServer() as api:
+        req = urllib.request.Request(
+            api.url + "/device/register", headers={"Authorization": f"Bearer {api.api_key}"},
+            data=json.dumps({"uuid": uuid, "device_type": "x", "api_key": device_key}).encode())
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert resp.status == 201
+        configure(disk, {"uuid": uuid, "developmentMode": True, "apiKey": api.api_key,
+                         "apiEndpoint": api.url_for_guest, "deviceApiKey": device_key})
+        g = guest_factory(disk)
+        g.start()
+        g.wait_ready()
+        g.wait_prompt()
+        wait_until(lambda: g.run("jq -r '.registered_at // empty' /mnt/boot/config.json") != "",
+                   60, "registered_at stored", interval=0.5)
+        assert api.conflicts == [uuid]
+        assert [r.uuid for r in api.registrations if r.auth_ok] == [uuid]
+        assert g.run("jq -r .deviceId /mnt/boot/config.json") == "1"

@@ -197,28 +197,43 @@ def _post(url: str, body: dict[str, object] | None, key: str | None,
         with urllib.request.urlopen(req, timeout=5) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+        text = exc.read()
+        return exc.code, json.loads(text) if text.startswith(b"{") else {"text": text.decode()}
 
 
 def test_registration_server() -> None:
     with RegistrationServer() as api:
         assert api.url_for_guest == f"http://10.0.2.2:{api.port}"
-        code, body = _post(api.url, {"uuid": "u1", "deviceType": "generic-aarch64"},
+        code, body = _post(api.url, {"uuid": "u1", "device_type": "generic-aarch64"},
                            api.api_key)
-        assert code == 201 and body["uuid"] == "u1" and len(str(body["deviceApiKey"])) == 32
+        assert code == 201 and body["uuid"] == "u1" and len(str(body["api_key"])) == 32
         assert _post(api.url, {"uuid": "u2"}, "wrong")[0] == 401
-        assert _post(api.url, {"deviceType": "x"}, api.api_key)[0] == 400
+        assert _post(api.url, {"device_type": "x"}, api.api_key)[0] == 400
         reg = api.wait_for("u1", timeout=1)
-        assert reg.device_api_key == body["deviceApiKey"]
-        assert [(r.uuid, r.auth_ok) for r in api.registrations] == [("u1", True), ("u2", False)]
-        assert "deviceApiKey" not in repr(reg) and str(body["deviceApiKey"]) not in repr(reg)
+        assert reg.device_api_key == body["api_key"]
+        assert "api_key" not in repr(reg) and str(body["api_key"]) not in repr(reg)
+        # the device's own key (balena's supervisor makes it) is the one registered
+        own = "k" * 32
+        code, body3 = _post(api.url, {"uuid": "a3", "device_type": "x", "api_key": own},
+                            api.api_key)
+        assert (code, body3["api_key"], body3["id"]) == (201, own, 3)
+        # a uuid registered already: 409 with balena's API's words, not a second registration
+        assert _post(api.url, {"uuid": "a3", "api_key": own}, api.api_key) == (
+            409, {"text": '"uuid" must be unique.'})
+        assert api.conflicts == ["a3"]
+        assert [(r.uuid, r.auth_ok) for r in api.registrations] == [
+            ("u1", True), ("u2", False), ("a3", True)]
+        # the device asks for itself with its key (after a 409); another key finds nothing
+        ask = "/v6/device?$filter=uuid%20eq%20'a3'"
+        assert _post(api.url, None, own, ask) == (200, {"d": [{"id": 3, "uuid": "a3"}]})
+        assert _post(api.url, None, str(body["api_key"]), ask) == (200, {"d": []})
         with pytest.raises(NotReached, match="the device to register as u9"):
             api.wait_for("u9", timeout=0.3)  # a device that never registers fails the test
         with urllib.request.urlopen(api.url + "/ping", timeout=5) as resp:
             assert resp.read() == b"OK"
         # os-config's service configuration, for the devices it issued a key to
         assert _post(api.url, None, "wrong", "/os/v1/config")[0] == 401
-        code, config = _post(api.url, None, str(body["deviceApiKey"]), "/os/v1/config")
+        code, config = _post(api.url, None, str(body["api_key"]), "/os/v1/config")
         cloud = f"{api.cloud_key.get_name()} {api.cloud_key.get_base64()}"
         assert code == 200 and config["schema_version"] == "1.0.0"
         assert str(config["services"]).count(cloud) == 1
