@@ -73,8 +73,15 @@ BREAKS: dict[str, str] = {
     # the OS ignores config.json's os.udevRules: os-udevrules, which installs them, is gone
     "udev-rules-ignored": ("grep -q ' /usr/sbin/os-udevrules ' /proc/mounts || "
                            "mount --bind /dev/null /usr/sbin/os-udevrules"),
-    # the OS ignores config.json's hostname / uuid and keeps a fixed one
-    "hostname-ignored": "hostname balena && echo balena > /etc/hostname",
+    # the OS ignores config.json's hostname / uuid and keeps a fixed one: a config-apply that
+    # names the device "balena" is bound over it and run (so a later change of config.json,
+    # the registration's among them, applies the fixed name again)
+    "hostname-ignored": (
+        "grep -q '^name=balena # broken$' /usr/lib/hil/config-apply || "
+        "{ sed 's/^name=.c_hostname$/name=balena # broken/' /usr/lib/hil/config-apply "
+        "> /run/config-apply-hostname && chmod 755 /run/config-apply-hostname && "
+        "mount --bind /run/config-apply-hostname /usr/lib/hil/config-apply && "
+        "/usr/lib/hil/config-apply runtime; }"),
     # the running OS's rollback-altboot does nothing (so after a failed update the bootloader
     # falls back, but the old OS never cleans up): a root made writable for the purpose
     "no-altboot-rollback": _stub_on_root("/usr/bin/rollback-altboot"),
