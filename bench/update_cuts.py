@@ -40,7 +40,7 @@ def main() -> int:
     env = {**os.environ, "HIL_LOCK_DIR": str(work / "locks"),
            "HIL_RUNTIME_DIR": str(work / "run"), "COLUMNS": "300"}
     env.pop("HIL_RIG", None)
-    rows: list[tuple[int, str, str, str]] = []  # seed, outcome, OS, boots
+    rows: list[tuple[int, str, str, str, str]] = []  # seed, outcome, OS, boots, why
     t0 = time.monotonic()
     try:
         for seed in range(args.first_seed, args.first_seed + args.cuts):
@@ -54,11 +54,13 @@ def main() -> int:
             outcome = {0: "bootable", 1: "FAILED"}.get(run.returncode, f"error {run.returncode}")
             if run.returncode == 1 and "boots neither the old nor the new OS" in out:
                 outcome = "UNBOOTABLE"
-            rows.append((seed, outcome, m[1] if m else "-", m[3] if m else "-"))
+            why = next((ln.split(" - ", 1)[-1][:300] for ln in out.splitlines()
+                        if ln.startswith(("FAILED", "ERROR"))), "")
+            rows.append((seed, outcome, m[1] if m else "-", m[3] if m else "-", why))
             print(f"seed {seed}: {outcome}, back on {rows[-1][2]} OS after {rows[-1][3]} "
-                  f"boot(s)", flush=True)
-            if run.returncode not in (0, 1):
-                print(out[-3000:])
+                  f"boot(s) {why}", flush=True)
+            if run.returncode != 0:  # what went wrong, kept with the figures
+                print(out[-3000:], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     lines = [
@@ -69,8 +71,8 @@ def main() -> int:
         f"**{sum(r[1] == 'UNBOOTABLE' for r in rows)} of {len(rows)} left unbootable**; "
         f"{sum(r[1] == 'bootable' for r in rows)} passed every check; back on the old OS "
         f"{sum(r[2] == 'old' for r in rows)}, on the new one {sum(r[2] == 'new' for r in rows)}.",
-        "", "| seed | outcome | came back on | boots |", "|---|---|---|---|",
-        *(f"| {s} | {o} | {os_} | {b} |" for s, o, os_, b in rows)]
+        "", "| seed | outcome | came back on | boots | why it failed |", "|---|---|---|---|---|",
+        *(f"| {s} | {o} | {os_} | {b} | {w.replace('|', '/')} |" for s, o, os_, b, w in rows)]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
