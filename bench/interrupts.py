@@ -50,12 +50,19 @@ class Outcome:
     code: int | None
     leftovers: list[str]
     lock_free: bool
-    report: bool
+    # None: the signal came before pytest had configured its plugins (Python's default
+    # SIGTERM ends it there): no session yet, nothing held, no report anyone could write
+    report: bool | None
 
     @property
     def safe(self) -> bool:
         return (self.exit_after is not None and not self.leftovers and self.lock_free
-                and self.report)
+                and self.report is not False)
+
+    @property
+    def report_text(self) -> str:
+        return {True: "yes", False: "NO", None: "n/a (before the plugins were loaded)"}[
+            self.report]
 
 
 def leftovers(runtime: Path) -> list[str]:
@@ -154,10 +161,11 @@ def main() -> int:
             while left and time.monotonic() < deadline:  # the kernel reaps what died with us
                 time.sleep(0.1)
                 left = leftovers(runtime)
+            report: bool | None
             try:
                 report = ET.parse(junit).getroot() is not None
             except (OSError, ET.ParseError):
-                report = False
+                report = False if session.probe.exists() else None  # the probe: configured
             outcome = Outcome(moment, sig.name, phase_at(session.probe, sent), exit_after, code,
                               left, session.lock_free(), report)
             results.append(outcome)
@@ -165,7 +173,7 @@ def main() -> int:
                   f"({outcome.phase}): exit {code} after "
                   f"{'-' if exit_after is None else f'{exit_after:.1f}s'}; leftovers "
                   f"{len(left)}; lock {'free' if outcome.lock_free else 'HELD'}; report "
-                  f"{'yes' if report else 'NO'}; {'safe' if outcome.safe else 'UNSAFE'} "
+                  f"{outcome.report_text}; {'safe' if outcome.safe else 'UNSAFE'} "
                   f"({time.monotonic() - started:.0f}s)", flush=True)
             for pid in left:
                 os.kill(int(pid.split()[0]), signal.SIGKILL)
@@ -194,7 +202,7 @@ def write(results: list[Outcome], total: float, args: argparse.Namespace) -> Non
         lines.append(f"| {i} | {r.sig} | {r.moment:.1f} s | {r.phase} | {r.code} | "
                      f"{'-' if r.exit_after is None else f'{r.exit_after:.1f} s'} | "
                      f"{len(r.leftovers)} | {'free' if r.lock_free else 'HELD'} | "
-                     f"{'yes' if r.report else 'no'} |")
+                     f"{r.report_text} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
