@@ -122,17 +122,14 @@ class RegistrationServer:
                 ok = secrets.compare_digest(auth, f"Bearer {server.api_key}")
                 device_type = str(body.get("device_type") or body.get("deviceType") or "")
                 uuid = str(body["uuid"])
-                if ok and server.registered(uuid):
-                    with server._lock:
-                        server.conflicts.append(uuid)
+                sent = body.get("api_key")
+                key = (str(sent) if sent else secrets.token_hex(16)) if ok else None
+                if not server._record(Registration(
+                        uuid, device_type, ok, body.get("application", body.get("applicationId")),
+                        key)):
                     log.info("registration of %s: 409, the uuid is registered", uuid)
                     self._reply(409, '"uuid" must be unique.')
                     return
-                sent = body.get("api_key")
-                key = (str(sent) if sent else secrets.token_hex(16)) if ok else None
-                server._record(Registration(uuid, device_type, ok,
-                                            body.get("application", body.get("applicationId")),
-                                            key))
                 log.info("registration of %s (%s): %s", uuid, device_type,
                          "accepted" if ok else "refused (bad provisioning key)")
                 if not ok:
@@ -157,14 +154,17 @@ class RegistrationServer:
                          and secrets.compare_digest(authorization,
                                                     f"Bearer {r.device_api_key}")), None)
 
-    def registered(self, uuid: str) -> bool:
-        with self._lock:
-            return any(r.uuid == uuid and r.auth_ok for r in self.registrations)
-
-    def _record(self, reg: Registration) -> None:
+    def _record(self, reg: Registration) -> bool:
+        """Keep ``reg``; False (a conflict, kept in ``conflicts``) when its uuid is registered
+        already. One lock for the check and the append: concurrent requests cannot both win."""
         with self._cond:
+            if reg.auth_ok and any(r.uuid == reg.uuid and r.auth_ok
+                                   for r in self.registrations):
+                self.conflicts.append(reg.uuid)
+                return False
             self.registrations.append(reg)
             self._cond.notify_all()
+            return True
 
     @property
     def port(self) -> int:
