@@ -19,7 +19,9 @@ driver, so each runs unchanged on a bench board and on a QEMU board.
   ``app``: the suites' single-container app running (deployed when it is not), service name
   -> container ID.
 - ``--power-cuts N`` / ``--power-cut-seed S``: how many random power cuts the persistence
-  suite's fault injection makes, and the seed that picks their moments.
+  suite's fault injection makes, and the seed that picks their moments; ``--update-seconds``:
+  how long a whole host OS update takes on the rig, over which the rollback suite spreads its
+  cut during an update.
 - ``--update-from-registry``: the rollback suite's good update through the rig host's registry.
 """
 
@@ -48,6 +50,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--power-cut-seed", type=int, default=1,
                 help="seed for the moments of the power cuts (default 1; printed in failures "
                      "to reproduce a run)")
+    g.addoption("--update-seconds", type=float, default=None,
+                help="how long a whole host OS update takes on this rig (the rollback suite "
+                     "prints it as 'hostapp-update took'): the cut during an update falls at a "
+                     "seeded moment of it. Default: the session's last update, else 8 s")
     g.addoption("--update-image", default=None,
                 help="an OS image for host OS update and rollback tests: a hostapp bundle, an "
                      "image reference or an ext4 rootfs (built on the reference OS). The "

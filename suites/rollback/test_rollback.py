@@ -101,9 +101,11 @@ def test_power_cut_during_an_update_leaves_a_bootable_device(
     completed = False
     if moment == "while writing":
         seed = int(pytestconfig.getoption("--power-cut-seed"))
-        # the write dominates an update: cut inside it, at a seeded random fraction
-        expected = host_os.last_update_seconds or 8.0
-        delay = random.Random(seed).uniform(0.1, 0.8) * expected
+        # the write dominates an update: cut at a seeded moment from its start to just past
+        # its end (the bootloader's switch is the update's last step)
+        given = pytestconfig.getoption("--update-seconds")
+        expected = float(given or host_os.last_update_seconds or 8.0)
+        delay = random.Random(seed).uniform(0.05, 1.05) * expected
         running, stop_serving = host_os.start_hostapp_update(image)
         try:
             time.sleep(delay)  # deliberate: the moment of the cut is the point of the test
@@ -115,9 +117,10 @@ def test_power_cut_during_an_update_leaves_a_bootable_device(
         completed = code == 0
         when += f", {delay:.1f}s in (seed {seed}){'; it had completed' if completed else ''}"
     else:
-        host_os.hostapp_update(image)
+        took = host_os.hostapp_update(image).seconds
         dut.power_off()
         completed = True
+        when += f"; hostapp-update took {took:.1f}s"
     stored = disk.boot_state() if disk is not None else None
     boots = _boot_after_cut(dut, host_os, when)
     now = host_os.roots()
