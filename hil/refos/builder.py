@@ -76,6 +76,9 @@ BINARIES: dict[str, dict[str, str]] = {
     "runc": {"usr/sbin/runc": f"{ENGINE_DIR}/runc"},
     "crun": {"usr/bin/crun": f"{ENGINE_DIR}/crun"},
     "tini": {"usr/bin/tini-static": f"{ENGINE_DIR}/docker-init"},
+    # the engine's NAT and filter rules, and the supervisor's firewall (iptables' legacy
+    # backend: the kernel's x_tables, no nftables)
+    "iptables": {"usr/sbin/xtables-legacy-multi": "usr/sbin/xtables-legacy-multi"},
     # init: Debian's systemd, its journal, and the programs units and scripts call
     "systemd": {f"lib/systemd/{n}": f"lib/systemd/{n}"
                 for n in ("systemd", "systemd-journald", "systemd-shutdown")}
@@ -100,6 +103,8 @@ LINKS = {"sbin/e2label": "tune2fs", "sbin/mkfs.ext4": "mke2fs",
          **{f"sbin/{name}": "../bin/systemctl" for name in ("reboot", "poweroff", "halt",
                                                              "shutdown")},
          "lib/systemd/systemd-udevd": "../../bin/udevadm",
+         **{f"usr/sbin/{name}": "xtables-legacy-multi"
+            for name in ("iptables", "iptables-save", "iptables-restore")},
          **{f"usr/bin/{name}": "balena-engine"
             for name in ("balena", "balenad", "balena-engine-containerd-ctr")}}
 # Debian's units the OS needs, by package: systemd's targets, journald and the shutdown path,
@@ -144,8 +149,13 @@ ENABLED = {"systemd-journald.socket": "sockets.target",
                "rollback-health.service", "hil-provision.service", "hil-ready.service",
                "update-balena-supervisor.timer")}}
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
+# iptables' tables, matches and targets are loaded on demand (the kernel and iptables call
+# modprobe): the engine's NAT and forwarding rules, the supervisor's firewall
+NETFILTER_MODULES = ("ip_tables", "iptable_filter", "iptable_nat", "xt_MASQUERADE", "xt_nat",
+                     "xt_addrtype", "xt_conntrack", "xt_state", "xt_comment", "xt_tcpudp",
+                     "xt_multiport", "ipt_REJECT", "br_netfilter")
 ROOTFS_MODULES = (*INITRD_MODULES, "overlay", "virtio_net", "vfat", "nls_cp437", "nls_ascii",
-                  "nls_utf8", "i6300esb", "virtio_rng", "bridge", "veth")
+                  "nls_utf8", "i6300esb", "virtio_rng", "bridge", "veth", *NETFILTER_MODULES)
 # loaded by /sbin/init (overlay is loaded first, on its own); bridge and veth: the engine's network
 MODULES_LOAD = ("virtio_net", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "i6300esb",
                 "virtio_rng", "bridge", "veth")
@@ -353,6 +363,10 @@ class _Builder:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(trees[pkg] / rel, dst)
                 elfs.append(dst)
+        # iptables opens its matches and targets as plugins, by name, from its own directory
+        xt = f"usr/lib/{self.spec.triplet}/xtables"
+        shutil.copytree(trees["iptables"] / xt, root / xt, symlinks=True)
+        elfs.extend(p for p in sorted((root / xt).glob("*.so")) if not p.is_symlink())
         for link, target in LINKS.items():
             (root / link).symlink_to(target)
         self._install_units(root / "lib/systemd/system", trees)

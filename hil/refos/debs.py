@@ -208,6 +208,8 @@ KNOWN_SONAMES = {
     "libnfnetlink.so.0": "libnfnetlink0", "libmnl.so.0": "libmnl0",
     "libnftables.so.1": "libnftables1", "libnftnl.so.11": "libnftnl11",
     "libjansson.so.4": "libjansson4", "libxtables.so.12": "libxtables12",
+    # iptables'
+    "libip4tc.so.2": "libip4tc2", "libip6tc.so.2": "libip6tc2",
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import secrets
 import shlex
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from hil.appregistry import AppRegistry
 from hil.dut import Dut
 from hil.errors import OSContractError
 from hil.os import HostOS
+from hil.os.transfer import FileServer
 from hil.refos import appimage
 
 # label -> file inside the app's container
@@ -138,6 +140,79 @@ def test_time_in_the_container_is_the_hosts(host_os: HostOS, apps: Apps,
     assert abs(inside - outside) <= 5, (
         f"the container's clock says {inside}, the host's {outside} (a few seconds apart at "
         "most: the commands ran one after the other)")
+
+
+def test_a_container_reaches_the_rig_host_through_the_engines_nat(
+        dut: Dut, host_os: HostOS, app_image: str, tmp_path: Path) -> None:
+    """balenaOS's firewall sanity check: the engine masquerades what its containers send out of
+    any interface but its bridge (a nat rule for ``! -o balena0``); and through it a container
+    on the engine's bridge (the default network; the suites' app uses the host's) fetches a
+    file from the rig host."""
+    rules = host_os.check("iptables -t nat -S POSTROUTING")
+    nat = [r for r in rules.splitlines() if "! -o balena0" in r and r.endswith("-j MASQUERADE")]
+    assert nat, ("the engine must masquerade its containers' traffic out of the device (a "
+                 f"MASQUERADE rule for `! -o balena0` in nat POSTROUTING); it has:\n{rules}")
+    network = dut.rig.network
+    if network is None:
+        pytest.skip("the rig has no network part: nothing on the rig host to reach")
+    token = secrets.token_hex(8)
+    (tmp_path / "nat-probe").write_text(token + "\n")
+    server = FileServer(network.host_address)
+    try:
+        with server.serving(tmp_path / "nat-probe") as url:
+            # busybox's wget: no -T (its timeout option crashes this build); run has a deadline
+            got = host_os.run(f"balena-engine run --rm --network bridge {shlex.quote(app_image)} "
+                              f"wget -q -O- {shlex.quote(url)} 2>&1", timeout=180)
+    finally:
+        server.close()
+    assert token in got.stdout, (
+        f"a container on the engine's bridge did not get {url} from the rig host through the "
+        f"engine's NAT (exit {got.exit_code}): {got.stdout.strip()[-500:]}")
+
+
+# from a container on the engine's bridge: the host's DNS server over TCP (the firewall lets
+# only UDP 53 in from the bridge) and its SSH server (let in in every mode)
+FIREWALL_PROBE = ("for p in 10.114.102.1:53 10.114.101.1:22222; do "
+                  "if nc -w 10 ${p%:*} ${p#*:} </dev/null >/dev/null 2>&1; then echo $p=open; "
+                  "else echo $p=closed; fi; done")
+
+
+def test_supervisor_firewall_guards_the_host_in_the_configured_mode(
+        dut: Dut, host_os: HostOS, apps: Apps, app: dict[str, str], app_image: str) -> None:
+    """balenaOS's BALENA-FIREWALL test (the supervisor's chain is in place: more than ten
+    lines of ``iptables -L BALENA-FIREWALL -vn``, and INPUT goes through it), and what the
+    chain is for: with ``HOST_FIREWALL_MODE=on`` in the device's config a container on the
+    engine's bridge no longer reaches the host's other services, with ``off`` (the default)
+    it does; SSH stays open in both."""
+    def chain() -> str:
+        return host_os.check("iptables -t filter -L BALENA-FIREWALL -vn")
+
+    dut.poll(lambda: len(chain().splitlines()) > 10, 60,
+             "the supervisor's BALENA-FIREWALL chain (more than 10 lines)", chain)
+    jumps = host_os.check("iptables -t filter -S INPUT")
+    assert "-A INPUT -j BALENA-FIREWALL" in jumps.splitlines(), (
+        "INPUT must send every packet through the supervisor's BALENA-FIREWALL; it has:\n"
+        f"{jumps}")
+
+    def reach(mode: str) -> dict[str, str]:
+        apps.deploy(target({"main": release_service(app_image)},
+                           config={"HOST_FIREWALL_MODE": mode} if mode != "off" else None))
+        disabled = f"Firewall disabled ({mode})"
+        dut.poll(lambda: (disabled in chain()) == (mode == "off"), 60,
+                 f"the supervisor to apply firewall mode {mode}", chain)
+        out = host_os.check(f"balena-engine run --rm --network bridge {shlex.quote(app_image)} "
+                            f"sh -c {shlex.quote(FIREWALL_PROBE)}", timeout=180)
+        return dict(line.split("=", 1) for line in out.split() if "=" in line)
+
+    try:
+        on = reach("on")
+    finally:
+        off = reach("off")
+    assert on == {"10.114.102.1:53": "closed", "10.114.101.1:22222": "open"}, (
+        f"with HOST_FIREWALL_MODE=on, want the host's DNS over TCP closed and SSH open to a "
+        f"container; got {on}")
+    assert off == {"10.114.102.1:53": "open", "10.114.101.1:22222": "open"}, (
+        f"with the firewall off (the default), want both open to a container; got {off}")
 
 
 def test_services_get_only_the_devices_they_are_granted(

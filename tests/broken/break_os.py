@@ -111,6 +111,18 @@ BREAKS: dict[str, str] = {
         "d=/run/systemd/system/balena.service.d; [ -e $d/zz-broken.conf ] || "
         "{ mkdir -p $d && printf '[Service]\\nEnvironment=BALENAD_HEALTHDOG_HEALTHCHECK=/bin/true"
         "\\n' > $d/zz-broken.conf && systemctl daemon-reload; }"),
+    # the engine does not masquerade its containers' traffic (as with `--iptables=false`): its
+    # NAT rule is deleted whenever it is there (it comes back with every start of the engine)
+    "no-engine-nat": (
+        "[ -e /run/hil-no-nat ] || { touch /run/hil-no-nat; ( while :; do "
+        "iptables -t nat -D POSTROUTING -s 10.114.101.0/24 ! -o balena0 -j MASQUERADE "
+        "2>/dev/null; sleep 1; done ) </dev/null >/dev/null 2>&1 & }"),
+    # the supervisor's firewall chain is built but never reached: INPUT's jump to it is deleted
+    # whenever it is there
+    "firewall-not-in-input": (
+        "[ -e /run/hil-no-fw ] || { touch /run/hil-no-fw; ( while :; do "
+        "iptables -D INPUT -j BALENA-FIREWALL 2>/dev/null; sleep 1; done ) "
+        "</dev/null >/dev/null 2>&1 & }"),
     # the OS mounts /data without write barriers (ext4 barrier=0): fsync returns once the
     # records reached the disk's write cache, never flushed from there; a power cut loses them
     "no-disk-flush": "mount -o remount,barrier=0 /mnt/data",

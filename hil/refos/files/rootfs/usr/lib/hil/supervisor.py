@@ -22,6 +22,12 @@ OS and does only what the suites reach through the API a real device also has:
   that left the target state loses its containers and volumes. ``updates.lock`` in a service's
   ``/tmp/balena`` holds reboots and recreation back unless forced or
   ``SUPERVISOR_OVERRIDE_LOCK`` is set in the target state's config.
+- Services with the supervisor-api label on the engine's bridge also join the ``supervisor0``
+  network and reach the API at its gateway, 10.114.104.1, as the real supervisor's do.
+- The host's firewall as the real supervisor keeps it (its firewall.ts): the filter table's
+  ``BALENA-FIREWALL`` chain, jumped to from ``INPUT``, in ``HOST_FIREWALL_MODE`` (the target
+  state's config: ``on``, ``off`` (the default) or ``auto``), re-applied when the mode, local
+  mode or the presence of host-networked services changes.
 """
 
 from __future__ import annotations
@@ -50,6 +56,13 @@ LOCK_DIR = "/tmp/balena-supervisor/services"
 # the target state's config, dumped for the host OS (safe_reboot reads the override lock there)
 CONFIG_DUMP = "/tmp/balena-supervisor/target-state-config"
 SUPERVISED = "io.balena.supervised"
+# the network of services that talk to the API (not in host networking), as the real one makes it
+SUPERVISOR_NET = "supervisor0"
+SUPERVISOR_SUBNET, SUPERVISOR_GATEWAY = "10.114.104.0/25", "10.114.104.1"
+FIREWALL_CHAIN = "BALENA-FIREWALL"
+FIREWALL_MODES = ("on", "off", "auto")
+# where the API answers outside local mode (the real supervisor's constants.ts)
+API_INTERFACES = ("resin-vpn", "tun0", "docker0", "lo", SUPERVISOR_NET)
 
 
 def log(message: str) -> None:
@@ -109,6 +122,29 @@ def engine_alive() -> bool:
         return bool(engine("GET", "/_ping", timeout=10) == "OK")
     except EngineError:
         return False
+
+
+def firewall_rules(mode: str, local: bool, host_bound: bool) -> str:
+    """``iptables-restore --noflush`` input: BALENA-FIREWALL and INPUT's jump to it, rule for
+    rule as the real supervisor's firewall.ts builds them (its two inserted rules first)."""
+    def rule(spec: str, comment: str = "") -> str:
+        return f"-A {FIREWALL_CHAIN} {spec}" + (f' -m comment --comment "{comment}"'
+                                                if comment else "")
+    api = [rule(f"-p tcp --dport {PORT}{'' if local else f' -i {i}'} -j ACCEPT", "Supervisor API")
+           for i in ([""] if local else API_INTERFACES)]
+    rules = [rule("-m state --state ESTABLISHED,RELATED -j ACCEPT"),
+             rule("-m addrtype --src-type LOCAL -j ACCEPT", "Locally-sourced traffic"),
+             *api, rule(f"-p tcp --dport {PORT} -j REJECT", "Supervisor API"),
+             rule("-p tcp --dport 22222 -j ACCEPT", "SSH Server"),
+             rule("-p tcp --dport 2375 -j ACCEPT", "balenaEngine"),
+             rule("-m addrtype --dst-type MULTICAST -j ACCEPT", "mDNS"),
+             rule("-p icmp -j ACCEPT", "ICMP"),
+             rule("-p udp --dport 53 -i balena0 -j ACCEPT", "DNS")]
+    if mode == "off" or (mode == "auto" and not host_bound):
+        rules.append(rule("-j RETURN", f"Firewall disabled ({mode})"))
+    rules.append(rule("-j REJECT", "Reject everything else"))
+    return "\n".join(["*filter", f":{FIREWALL_CHAIN} - [0:0]", f"-F {FIREWALL_CHAIN}",
+                      "-F INPUT", *rules, f"-A INPUT -j {FIREWALL_CHAIN}", "COMMIT", ""])
 
 
 # --- device facts --------------------------------------------------------------------------------
@@ -211,13 +247,40 @@ class Supervisor:
             json.dump(self.target.get("local", {}).get("config", {}), f)
         os.replace(CONFIG_DUMP + ".new", CONFIG_DUMP)
 
-    def override_lock(self) -> bool:
-        """The config's keys are read without their namespace, as the real supervisor reads
-        them: ``BALENA_SUPERVISOR_OVERRIDE_LOCK`` (as balenaCloud names the variable),
-        ``RESIN_...`` or bare."""
+    def config_var(self, name: str, default: str) -> str:
+        """A variable of the target state's config, read without its namespace as the real
+        supervisor reads them: ``BALENA_<name>`` (as balenaCloud names it), ``RESIN_...`` or
+        bare."""
         cfg = self.target.get("local", {}).get("config", {})
         bare = {k.removeprefix("BALENA_").removeprefix("RESIN_"): v for k, v in cfg.items()}
-        return str(bare.get("SUPERVISOR_OVERRIDE_LOCK", "0")) in ("1", "true")
+        return str(bare.get(name, default))
+
+    def override_lock(self) -> bool:
+        return self.config_var("SUPERVISOR_OVERRIDE_LOCK", "0") in ("1", "true")
+
+    def firewall_mode(self) -> str:
+        mode = self.config_var("HOST_FIREWALL_MODE", "off")
+        return mode if mode in FIREWALL_MODES else "off"  # an invalid one: off, as the real one
+
+    def host_bound(self) -> bool:
+        return any(svc.get("network_mode") == "host" for app in self.apps().values()
+                   for svc in app.get("services", {}).values())
+
+    def keep_firewall(self) -> None:
+        """Apply the firewall at start and again whenever what it depends on changes."""
+        applied: tuple[str, bool, bool] | None = None
+        while True:
+            want = (self.firewall_mode(), local_mode(), self.host_bound())
+            if want != applied:
+                proc = subprocess.run(["iptables-restore", "-w", "10", "--noflush"],
+                                      input=firewall_rules(*want), text=True,
+                                      capture_output=True, check=False)
+                if proc.returncode == 0:
+                    applied = want
+                    log(f"Firewall mode applied: {want[0]}")
+                else:
+                    log(f"Firewall mode not applied: {proc.stderr.strip()}")
+            time.sleep(2)  # config.json has no change event to wait for here
 
     # --- containers ----------------------------------------------------------------------------
     def containers(self) -> list[dict[str, Any]]:
@@ -246,7 +309,7 @@ class Supervisor:
         rel = os_release()
         sup_api = str(svc.get("labels", {}).get("io.balena.features.supervisor-api")) == "1"
         network = svc.get("network_mode") or "bridge"
-        host = "127.0.0.1" if network == "host" else self.bridge_gateway()
+        host = "127.0.0.1" if network == "host" else SUPERVISOR_GATEWAY
         env = {
             "DEVICE_UUID": str(c.get("uuid", "")), "DEVICE_TYPE": rel.get("SLUG", ""),
             # stable (a runtime hostname change would recreate every container)
@@ -291,12 +354,15 @@ class Supervisor:
             spec["Cmd"] = cmd if isinstance(cmd, list) else ["/bin/sh", "-c", cmd]
         return spec
 
-    def bridge_gateway(self) -> str:
+    def ensure_supervisor_network(self) -> None:
         try:
-            net = engine("GET", "/networks/bridge")
-            return str(net["IPAM"]["Config"][0]["Gateway"])
-        except (EngineError, KeyError, IndexError, TypeError):
-            return "127.0.0.1"
+            engine("GET", f"/networks/{SUPERVISOR_NET}")
+        except EngineError:
+            engine("POST", "/networks/create", {
+                "Name": SUPERVISOR_NET, "Driver": "bridge", "CheckDuplicate": True,
+                "IPAM": {"Config": [{"Subnet": SUPERVISOR_SUBNET,
+                                     "Gateway": SUPERVISOR_GATEWAY}]},
+                "Options": {"com.docker.network.bridge.name": SUPERVISOR_NET}})
 
     def locked(self, app_id: str = "") -> list[str]:
         """The update locks services of ``app_id`` (every app: "") hold."""
@@ -341,6 +407,10 @@ class Supervisor:
                     self.ensure_volume(app_id, src)
             log(f"creating {name}")
             engine("POST", "/containers/create?name=" + urllib.parse.quote(name), spec)
+            if (str(svc.get("labels", {}).get("io.balena.features.supervisor-api")) == "1"
+                    and spec["HostConfig"]["NetworkMode"] != "host"):
+                self.ensure_supervisor_network()
+                engine("POST", f"/networks/{SUPERVISOR_NET}/connect", {"Container": name})
             engine("POST", f"/containers/{urllib.parse.quote(name)}/start")
         self.purge_left_apps()
         return done
@@ -526,6 +596,7 @@ def main() -> None:
     SUP = Supervisor()
     SUP.dump_config()
     threading.Thread(target=SUP.run, daemon=True).start()
+    threading.Thread(target=SUP.keep_firewall, daemon=True).start()
     server = http.server.ThreadingHTTPServer(("0.0.0.0", PORT), Api)
     log(f"Supervisor API successfully started on port {PORT}")
     server.serve_forever()
