@@ -124,6 +124,10 @@ def engine_alive() -> bool:
         return False
 
 
+def wants_api(svc: dict[str, Any]) -> bool:
+    return str(svc.get("labels", {}).get("io.balena.features.supervisor-api")) == "1"
+
+
 def firewall_rules(mode: str, local: bool, host_bound: bool) -> str:
     """``iptables-restore --noflush`` input: BALENA-FIREWALL and INPUT's jump to it, rule for
     rule as the real supervisor's firewall.ts builds them (its two inserted rules first)."""
@@ -272,14 +276,18 @@ class Supervisor:
         while True:
             want = (self.firewall_mode(), local_mode(), self.host_bound())
             if want != applied:
-                proc = subprocess.run(["iptables-restore", "-w", "10", "--noflush"],
-                                      input=firewall_rules(*want), text=True,
-                                      capture_output=True, check=False)
-                if proc.returncode == 0:
+                try:
+                    proc = subprocess.run(["iptables-restore", "-w", "10", "--noflush"],
+                                          input=firewall_rules(*want), text=True,
+                                          capture_output=True, check=False, timeout=60)
+                    error = proc.stderr.strip() if proc.returncode else ""
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    error = str(e)
+                if error:  # tried again at the next look
+                    log(f"Firewall mode not applied: {error}")
+                else:
                     applied = want
                     log(f"Firewall mode applied: {want[0]}")
-                else:
-                    log(f"Firewall mode not applied: {proc.stderr.strip()}")
             time.sleep(2)  # config.json has no change event to wait for here
 
     # --- containers ----------------------------------------------------------------------------
@@ -307,7 +315,7 @@ class Supervisor:
                        app: dict[str, Any]) -> dict[str, Any]:
         c = config()
         rel = os_release()
-        sup_api = str(svc.get("labels", {}).get("io.balena.features.supervisor-api")) == "1"
+        sup_api = wants_api(svc)
         network = svc.get("network_mode") or "bridge"
         host = "127.0.0.1" if network == "host" else SUPERVISOR_GATEWAY
         env = {
@@ -407,8 +415,7 @@ class Supervisor:
                     self.ensure_volume(app_id, src)
             log(f"creating {name}")
             engine("POST", "/containers/create?name=" + urllib.parse.quote(name), spec)
-            if (str(svc.get("labels", {}).get("io.balena.features.supervisor-api")) == "1"
-                    and spec["HostConfig"]["NetworkMode"] != "host"):
+            if wants_api(svc) and spec["HostConfig"]["NetworkMode"] != "host":
                 self.ensure_supervisor_network()
                 engine("POST", f"/networks/{SUPERVISOR_NET}/connect", {"Container": name})
             engine("POST", f"/containers/{urllib.parse.quote(name)}/start")
