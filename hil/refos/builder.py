@@ -153,7 +153,7 @@ INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
 # modprobe): the engine's NAT and forwarding rules, the supervisor's firewall
 NETFILTER_MODULES = ("ip_tables", "iptable_filter", "iptable_nat", "xt_MASQUERADE", "xt_nat",
                      "xt_addrtype", "xt_conntrack", "xt_state", "xt_comment", "xt_tcpudp",
-                     "xt_multiport", "ipt_REJECT", "br_netfilter")
+                     "ipt_REJECT", "br_netfilter")
 ROOTFS_MODULES = (*INITRD_MODULES, "overlay", "virtio_net", "vfat", "nls_cp437", "nls_ascii",
                   "nls_utf8", "i6300esb", "virtio_rng", "bridge", "veth", *NETFILTER_MODULES)
 # loaded by /sbin/init (overlay is loaded first, on its own); bridge and veth: the engine's network
