@@ -16,6 +16,8 @@ from hil.os import HostOS
 APP_ID = "1001"
 APP_NAME = "hil-app"
 SERVICE = "main"
+# label -> a file the app writes in its /data (its resin-data volume) and in its named volume
+APP_VOLUMES = {"data": "/data/hil-persistence", "volume": "/vol/hil-persistence"}
 SUPERVISOR_API = {"io.balena.features.supervisor-api": "1"}
 # what a service runs: nothing but staying up (busybox's sleep takes no "infinity"), ending at
 # once on SIGTERM as a well-behaved app does: PID 1 of a container has no default handlers, so a
@@ -97,6 +99,16 @@ class Apps:
         script = " && ".join(f"mkdir -p $(dirname {shlex.quote(p)}) && echo {value} > "
                              f"{shlex.quote(p)}" for p in paths.values())
         self.exec(container, f"{script} && sync && echo WROTE")
+
+    def volumes_kept(self, after: str, value: str) -> str | None:
+        """What broke the promise that the suites' app runs again after ``after`` (the
+        supervisor may have recreated its container) with its /data and named volume holding
+        ``value`` (``write_marks`` of APP_VOLUMES); None when it was kept."""
+        running = self.api.wait_running(APP_NAME, [SERVICE])
+        got = self.marks(running[SERVICE], APP_VOLUMES)
+        if got == dict.fromkeys(APP_VOLUMES, value):
+            return None
+        return f"after {after} the app's /data and named volume should hold {value!r}; got {got}"
 
     def inspect(self, container: str, fmt: str) -> str:
         return self.os.check(f"balena-engine inspect --format {shlex.quote(fmt)} "

@@ -42,6 +42,13 @@ def test_engine_is_healthy_after_boot(host_os: HostOS, app_image: str) -> None:
     # and systemd's view, as balenaOS's own suite checks it
     state = host_os.run("systemctl is-active balena.service").stdout.strip()
     assert state == "active", f"balena.service is {state!r} after boot"
+    # balenaOS keeps the engine's images and volumes on resin-data, in overlay2
+    info = host_os.run("balena-engine info --format '{{.Driver}} {{.DockerRootDir}}'"
+                       ).stdout.split()
+    assert len(info) == 2 and info[0] == "overlay2", f"the engine's storage driver: {info}"
+    same = host_os.run(f"[ $(stat -c %d {info[1]}) = $(stat -c %d /mnt/data) ] && echo yes")
+    assert same.stdout.strip() == "yes", (
+        f"the engine's root {info[1]} is not on the data partition (/mnt/data)")
 
 
 def test_supervisor_is_healthy(host_os: HostOS, app_image: str) -> None:

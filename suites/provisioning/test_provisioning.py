@@ -1,6 +1,7 @@
 """Provisioning: the device is what the config.json put into the image before flashing says it
 is, registers itself, is reachable over SSH only with the right key on a production image, and
-keeps its identity across reboots, power cuts and host OS updates — without ever showing a key.
+keeps its identity across reboots and power cuts (across a host OS update: the rollback suite's
+good update, with suites/identity.py) — without ever showing a key.
 
 Tests run in file order; the last one checks the console of the whole session for keys.
 """
@@ -11,71 +12,34 @@ import contextlib
 import re
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from identity import (
+    REGISTER_TIMEOUT,
+    Identity,
+    accepted_registrations,
+    identity,
+    identity_changes,
+    wait_registered,
+)
 from ssh_access import foreign_key, login, passwordless
 from timers import assert_randomized
 
 from hil import redact
 from hil.dut import Dut
 from hil.errors import HilError
-from hil.os import HostOS, Secret, UpdateImage
+from hil.os import HostOS, Secret
 from hil.os.balena import secrets_in
-from hil.os.flows import GOOD_HEALTH_CHECK
 from hil.os.secret import private_key_stretch
 from hil.session import HilSession
 
 SSH_PORT = 22222  # balenaOS's host SSH port, development and production alike
 APPLY_TIMEOUT = 60.0  # the OS re-applies a changed config.json (a watcher) within this
-REGISTER_TIMEOUT = 120.0
 
 
 def expected_hostname(cfg: dict[str, Any]) -> str:
     return str(cfg.get("hostname") or str(cfg["uuid"])[:7])
-
-
-@dataclass(frozen=True)
-class Identity:
-    uuid: str
-    hostname: str
-    device_api_key: Secret | None
-    ssh_host_key: str | None
-
-    def differences(self, other: Identity) -> list[str]:
-        return [f"{name}: {getattr(self, name)!r} -> {getattr(other, name)!r}"
-                for name in ("uuid", "hostname", "device_api_key", "ssh_host_key")
-                if getattr(self, name) != getattr(other, name)]
-
-
-def identity(dut: Dut, host_os: HostOS) -> Identity:
-    cfg = host_os.config_json()
-    key = cfg.get("deviceApiKey")
-    return Identity(str(cfg.get("uuid")), host_os.hostname()[1],
-                    key if isinstance(key, Secret) else None,
-                    host_os.ssh_host_key() if dut.rig.network is not None else None)
-
-
-def wait_registered(dut: Dut, host_os: HostOS) -> Secret:
-    """The device's key, once config.json says the device is registered: balena's supervisor
-    makes and stores the key first, and ``registered_at`` once the API has it."""
-    last: list[Any] = [None, None]
-
-    def probe() -> Secret | None:
-        cfg = host_os.config_json()
-        key = cfg.get("deviceApiKey")
-        last[:] = [cfg.get("registered_at"), key]
-        return key if isinstance(key, Secret) and cfg.get("registered_at") else None
-
-    return dut.poll(probe, REGISTER_TIMEOUT, "config.json to hold registered_at and a "
-                    "deviceApiKey (the device registered)",
-                    lambda: f"registered_at={last[0]!r} deviceApiKey={last[1]!r}")
-
-
-def accepted_registrations(session: HilSession, uuid: str) -> int:
-    assert session.api is not None
-    return len([r for r in session.api.registrations if r.uuid == uuid and r.auth_ok])
 
 
 @pytest.fixture
@@ -586,11 +550,8 @@ def before(dut: Dut, host_os: HostOS, hil_session: HilSession) -> Identity:
 
 def _assert_same_identity(after: str, was: Identity, now: Identity,
                           hil_session: HilSession) -> None:
-    diff = was.differences(now)
-    assert not diff, f"the device's identity changed after {after}: {'; '.join(diff)}"
-    if hil_session.api is not None:
-        n = accepted_registrations(hil_session, was.uuid)
-        assert n == 1, f"the device registered again after {after} ({n} registrations)"
+    problem = identity_changes(after, was, now, hil_session)
+    assert problem is None, problem
 
 
 def test_identity_survives_a_reboot(dut: Dut, host_os: HostOS, before: Identity,
@@ -603,21 +564,6 @@ def test_identity_survives_a_power_cut(dut: Dut, host_os: HostOS, before: Identi
                                        hil_session: HilSession) -> None:
     dut.power_cycle()
     _assert_same_identity("a power cut", before, identity(dut, host_os), hil_session)
-
-
-def test_identity_survives_a_host_os_update(dut: Dut, host_os: HostOS, before: Identity,
-                                            update_image: UpdateImage,
-                                            hil_session: HilSession) -> None:
-    running = host_os.version()
-    image = update_image
-    host_os.hostapp_update(image)
-    host_os.shorten_health_check(*GOOD_HEALTH_CHECK)
-    dut.reboot()
-    host_os.wait_committed()
-    if image.version:
-        assert host_os.version() == image.version, "the update did not boot"
-    _assert_same_identity(f"a host OS update {running} -> {host_os.version()}", before,
-                          identity(dut, host_os), hil_session)
 
 
 # --- last: nothing leaked -------------------------------------------------------------------

@@ -2,6 +2,9 @@
 markers; a new OS that cannot boot falls back through the bootloader's counter; one that boots
 but stays unhealthy falls back through the health check; a power cut at any moment of an update
 leaves a device that boots the old or the new OS, never neither; /data survives all of it.
+Across the good update and the health check's rollback the app (suites/apps.py) runs again with
+its /data and named volume as it left them, and the good update keeps the device's identity:
+each update is checked for every promise made across it (an update costs minutes under QEMU).
 
 Each test starts from whatever root is active (the previous test may have switched it).
 """
@@ -12,6 +15,8 @@ import random
 import time
 
 import pytest
+from apps import APP_VOLUMES, SERVICE, Apps
+from identity import identity, identity_changes, wait_registered
 
 from hil.appregistry import AppRegistry
 from hil.dut import Dut
@@ -20,6 +25,7 @@ from hil.os import BootRecord, HostOS, UpdateImage
 from hil.os.flows import boot_broken_health, boot_broken_init, boot_good, install
 from hil.os.parse import BootState
 from hil.os.updates import UpdateSet
+from hil.session import HilSession
 
 DATA_FILE = "rollback-suite"
 
@@ -32,21 +38,42 @@ def data_file(host_os: HostOS) -> str:
 
 
 def _data_survived(host_os: HostOS, name: str, after: str) -> None:
+    problem = _data_problem(host_os, name, after)
+    assert problem is None, problem
+
+
+def _data_problem(host_os: HostOS, name: str, after: str) -> str | None:
     problem = host_os.checked_file(name)
-    assert problem is None, f"/data did not survive {after}: {problem}"
+    return None if problem is None else f"/data did not survive {after}: {problem}"
+
+
+def _all_kept(problems: list[str | None]) -> None:
+    """Every promise checked after one update, so a failure lists all that were broken."""
+    broken = [p for p in problems if p]
+    assert not broken, "\n".join(broken)
 
 
 def test_good_update_switches_root_commits_and_leaves_no_markers(
         dut: Dut, host_os: HostOS, update_image: UpdateImage, updates: UpdateSet,
-        app_registry: AppRegistry | None, data_file: str, pytestconfig: pytest.Config) -> None:
-    """With ``--update-from-registry``, where the device can pull from the rig host's
-    registry, the update is a hostapp image there (`hostapp-update -i`), as a fleet gets its
-    host OS updates."""
+        app_registry: AppRegistry | None, data_file: str, apps: Apps, app: dict[str, str],
+        hil_session: HilSession, pytestconfig: pytest.Config) -> None:
+    """The bootloader's steps of a good update, then what it keeps: the file in /data, the app
+    running with its volumes, the device's identity (uuid, hostname, device API key, SSH host
+    key, no second registration). With ``--update-from-registry``, where the device can pull
+    from the rig host's registry, the update is a hostapp image there (`hostapp-update -i`), as
+    a fleet gets its host OS updates."""
     if pytestconfig.getoption("--update-from-registry"):
         update_image = updates.from_registry(update_image, app_registry)
+    if hil_session.api is not None:
+        wait_registered(dut, host_os)  # a key stored mid-test would read as a changed identity
+    was = identity(dut, host_os)
+    apps.write_marks(app[SERVICE], APP_VOLUMES, "before-update")
     inst = install(host_os, update_image)
     boot_good(dut, host_os, inst)
-    _data_survived(host_os, data_file, "a good update")
+    after = f"a good update {inst.old_version} -> {host_os.version()}"
+    _all_kept([_data_problem(host_os, data_file, after),
+               apps.volumes_kept(after, "before-update"),
+               identity_changes(after, was, identity(dut, host_os), hil_session)])
 
 
 def test_unbootable_update_falls_back_through_the_bootloader_counter(
@@ -57,10 +84,16 @@ def test_unbootable_update_falls_back_through_the_bootloader_counter(
 
 
 def test_unhealthy_update_falls_back_through_the_health_check(
-        dut: Dut, host_os: HostOS, update_image: UpdateImage, data_file: str) -> None:
+        dut: Dut, host_os: HostOS, update_image: UpdateImage, data_file: str, apps: Apps,
+        app: dict[str, str]) -> None:
+    """The new OS boots with /data mounted and the app's volumes there, stays unhealthy, and
+    the health check rolls it back: the old OS runs the app again with its volumes."""
+    apps.write_marks(app[SERVICE], APP_VOLUMES, "before-rollback")
     inst = install(host_os, update_image)
     boot_broken_health(dut, host_os, inst, count=2, timeout=1)  # broken in place
-    _data_survived(host_os, data_file, "an unhealthy update and its rollback")
+    after = "an unhealthy update and its rollback"
+    _all_kept([_data_problem(host_os, data_file, after),
+               apps.volumes_kept(after, "before-rollback")])
 
 
 # --- power cuts during an update ---------------------------------------------------------------

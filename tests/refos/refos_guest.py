@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import socket
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pexpect
 
-from hil.refos import RefosImage, configure
+from hil.refos import RefosImage
 from hil.refos.qemu import qemu_argv
 
 ARCHES = [a for a in os.environ.get("HIL_REFOS_ARCHES", "aarch64,x86_64").split(",") if a]
@@ -205,13 +203,3 @@ def ssh_ok(port: int, key: SshKey | None) -> bool:
         return ssh_run(port, "true", key, timeout=10)[0] == 0
     except (paramiko.SSHException, OSError, EOFError):
         return False
-
-
-def boot_dev(guest_factory: Callable[..., Guest], disk: Path) -> Guest:
-    """A development-mode guest with a fresh uuid, booted to its root prompt."""
-    configure(disk, {"uuid": secrets.token_hex(16), "developmentMode": True})
-    g = guest_factory(disk)
-    g.start()
-    g.wait_ready()
-    g.wait_prompt()
-    return g

@@ -7,14 +7,14 @@ import json
 import secrets
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from refos_guest import Guest, Images, SshKey, boot_dev, ssh_ok, ssh_run
+from refos_guest import Guest, Images, SshKey, ssh_ok, ssh_run
 
 from hil.deadline import wait_until
-from hil.refos import RegistrationServer, boot_env, configure
+from hil.refos import RegistrationServer, configure
 
 pytestmark = pytest.mark.qemu
 
@@ -131,73 +131,6 @@ def test_production_mode_ssh_keys_and_runtime_config(
     wait_until(lambda: ssh_ok(port, key2), 30, "login with the new key")
     assert not ssh_ok(port, key1)
     assert ssh_run(port, "cat /etc/hostname; hostname", key2) == (0, "hil-renamed\nhil-renamed")
-
-
-def test_data_purge(disk: Path, guest_factory: GuestFactory) -> None:
-    g = boot_dev(guest_factory, disk)
-    g.run("echo keep > /data/app.txt && sync")
-    g.reboot()
-    g.wait_ready()
-    g.wait_prompt()
-    assert g.run("cat /data/app.txt") == "keep"
-    g.run("rm /mnt/data/remove_me_to_reset && sync")
-    g.reboot()
-    g.wait_ready()
-    g.wait_prompt()
-    assert not g.exists("/data/app.txt")
-    assert g.exists("/mnt/data/remove_me_to_reset")
-
-
-def test_power_cut_keeps_state(disk: Path, guest_factory: GuestFactory) -> None:
-    g = boot_dev(guest_factory, disk)
-    g.run("echo before-cut > /data/cut.txt && sync")
-    g.kill()
-    assert boot_env(disk) == {"resin_root_part": "2", "upgrade_available": "0",
-                              "bootcount": "0"}
-    g.start()
-    g.wait_ready()
-    g.wait_prompt()
-    assert g.run("cat /data/cut.txt") == "before-cut"
-
-
-@pytest.fixture
-def ntp_server(tmp_path: Path) -> Iterator[int]:
-    """chronyd serving time on the host's 127.0.0.1:<port> (the guest's 10.0.2.2:<port>); a
-    free unprivileged port, so it never collides with another NTP server on this host."""
-    import shutil
-    import socket
-    import subprocess
-
-    if shutil.which("chronyd") is None:
-        pytest.skip("chronyd is not installed on the host")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
-    conf = tmp_path / "chrony-server.conf"
-    conf.write_text(f"local stratum 8\nallow all\nbindaddress 127.0.0.1\nport {port}\n"
-                    f"cmdport 0\npidfile {tmp_path}/chronyd.pid\ndriftfile {tmp_path}/drift\n")
-    # foreground (-d) and never touching the host clock (-x)
-    proc = subprocess.Popen(["chronyd", "-x", "-d", "-u", "root", "-f", str(conf)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield port
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-def test_ntp_client_syncs(disk: Path, guest_factory: GuestFactory, ntp_server: int) -> None:
-    configure(disk, {"uuid": secrets.token_hex(16), "developmentMode": True,
-                     "ntpServers": f"10.0.2.2:{ntp_server}"})
-    g = guest_factory(disk)
-    g.start()
-    g.wait_ready()
-    g.wait_prompt()
-    # chronyd (chronyd.service) starts right after the shell: until then chronyc gets no answer
-    wait_until(lambda: "^* 10.0.2.2" in g.run("chronyc -n sources", check=False), 90,
-               "chrony to select 10.0.2.2",
-               seen=lambda: g.run("chronyc -n sources", check=False), interval=1)
-    assert "Leap status     : Normal" in g.run("chronyc tracking")
 
 
 def test_registration_retries_until_accepted(disk: Path, guest_factory: GuestFactory) -> None:
