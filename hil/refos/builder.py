@@ -63,6 +63,7 @@ BINARIES: dict[str, dict[str, str]] = {
                      "usr/bin/dropbearkey": "usr/bin/dropbearkey"},
     "jq": {"usr/bin/jq": "usr/bin/jq"},
     "dnsmasq-base": {"usr/sbin/dnsmasq": "usr/sbin/dnsmasq"},
+    "avahi-daemon": {"usr/sbin/avahi-daemon": "usr/sbin/avahi-daemon"},
     "e2fsprogs": {"sbin/tune2fs": "sbin/tune2fs", "sbin/mke2fs": "sbin/mke2fs",
                   "sbin/e2fsck": "sbin/e2fsck"},
     "util-linux": {"bin/findmnt": "bin/findmnt", "sbin/blkid": "sbin/blkid",
@@ -144,7 +145,7 @@ ENABLED = {"systemd-journald.socket": "sockets.target",
            **{u: "multi-user.target" for u in (
                "network-dhcp.service", "sshdgenkeys.service", "os-sshkeys.service",
                "recover-sshd-socket.timer", "os-config.service", "os-config.timer",
-               "dnsmasq.service", "chronyd.service",
+               "dnsmasq.service", "chronyd.service", "avahi-daemon.service",
                "balena.service", "balena-supervisor.service", "os-udevrules.service",
                "rollback-health.service", "hil-provision.service", "hil-ready.service",
                "update-balena-supervisor.timer")}}

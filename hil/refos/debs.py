@@ -210,6 +210,9 @@ KNOWN_SONAMES = {
     "libjansson.so.4": "libjansson4", "libxtables.so.12": "libxtables12",
     # iptables'
     "libip4tc.so.2": "libip4tc2", "libip6tc.so.2": "libip6tc2",
+    # avahi-daemon's
+    "libavahi-core.so.7": "libavahi-core7", "libavahi-common.so.3": "libavahi-common3",
+    "libdaemon.so.0": "libdaemon0", "libexpat.so.1": "libexpat1",
 }
 
 

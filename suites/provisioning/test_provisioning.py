@@ -35,6 +35,7 @@ from hil.os.secret import private_key_stretch
 from hil.session import HilSession
 
 SSH_PORT = 22222  # balenaOS's host SSH port, development and production alike
+MDNS_PORT = 5353
 APPLY_TIMEOUT = 60.0  # the OS re-applies a changed config.json (a watcher) within this
 
 
@@ -92,6 +93,49 @@ def test_hostname_is_config_hostname_or_uuid_prefix(host_os: HostOS) -> None:
     rule = "config.json hostname" if cfg.get("hostname") else "the first 7 characters of uuid"
     assert etc_hostname == want, f"/etc/hostname is {etc_hostname!r}; {rule} is {want!r}"
     assert running == want, f"the kernel's hostname is {running!r}; {rule} is {want!r}"
+
+
+def _device_addresses(host_os: HostOS) -> set[str]:
+    out = host_os.check("ip -4 -o addr show", read_only=True)
+    return set(re.findall(r"\binet (\d+\.\d+\.\d+\.\d+)/", out))
+
+
+def _mdns_answer(host_os: HostOS, app_image: str, name: str) -> list[str]:
+    """The IPv4 addresses a peer on one of the device's links gets for ``name``.local from the
+    device's mDNS responder: a container on the engine's bridge asks the bridge's gateway (the
+    device) on port 5353, RFC 6762's legacy unicast. (From the rig host of a QEMU board no
+    query can reach the responder: user networking hands the guest forwarded UDP with a
+    loopback source, which the guest drops.) Empty when nothing answers."""
+    gateway = host_os.check("balena-engine network inspect bridge --format "
+                            "'{{(index .IPAM.Config 0).Gateway}}'", read_only=True).strip()
+    out = host_os.run(f"balena-engine run --rm --network bridge {app_image} nslookup "
+                      f"-port={MDNS_PORT} -type=a {name}.local {gateway}", timeout=120).stdout
+    # the answer's lines follow "Name:"; the "Address:" before it is the server's
+    answer = out.split("Name:", 1)[1] if "Name:" in out else ""
+    return re.findall(r"^Address:\s*(\d+\.\d+\.\d+\.\d+)\s*$", answer, re.M)
+
+
+def _announced(host_os: HostOS, app_image: str, dut: Dut, name: str, why: str) -> None:
+    """``name``.local answered over mDNS with addresses of the device, within APPLY_TIMEOUT
+    (avahi starts, or restarts with a new name, and probes the name first)."""
+    got = dut.poll(lambda: _mdns_answer(host_os, app_image, name) or None, APPLY_TIMEOUT,
+                   f"the device to answer for {name}.local over mDNS ({why})",
+                   lambda: f"no answer for {name}.local from the device's mDNS responder "
+                           f"({'; '.join(_unit_state(host_os, 'avahi-daemon'))})")
+    ours = _device_addresses(host_os)
+    assert set(got) <= ours, (f"{name}.local resolved over mDNS to {got}, not to the "
+                              f"device's addresses {sorted(ours)}")
+
+
+def _unit_state(host_os: HostOS, unit: str) -> list[str]:
+    out = host_os.run(f"systemctl is-active {unit}; journalctl -u {unit} -n 3 --no-pager "
+                      "-o cat", read_only=True)
+    return [ln for ln in out.stdout.splitlines() if ln.strip()]
+
+
+def test_hostname_is_announced_over_mdns(dut: Dut, host_os: HostOS, app_image: str) -> None:
+    """As balenaOS's avahi: a peer on the device's link resolves <hostname>.local to it."""
+    _announced(host_os, app_image, dut, host_os.hostname()[0], "its hostname")
 
 
 def test_registered_under_its_uuid_and_holds_a_device_api_key(
@@ -418,6 +462,24 @@ def test_hostname_change_at_runtime_is_applied(dut: Dut, host_os: HostOS) -> Non
     dut.poll(lambda: True if host_os.hostname() == (want, want) else None, APPLY_TIMEOUT,
                  f"the hostname to go back to {want!r} when the key is removed",
                  lambda: f"(/etc/hostname, hostname) = {host_os.hostname()}")
+
+
+def test_hostname_change_at_runtime_is_announced_over_mdns(dut: Dut, host_os: HostOS,
+                                                           app_image: str) -> None:
+    """balenaOS's avahi restarts with the hostname: the new name answers over mDNS and the old
+    one no longer does; with the key removed, the uuid's prefix answers again."""
+    before = host_os.config_json().get("hostname")
+    old = host_os.hostname()[0]
+    new = f"hil-{secrets.token_hex(3)}"
+    host_os.set_config(hostname=new)
+    try:
+        _announced(host_os, app_image, dut, new, "hostname written to config.json at runtime")
+        stale = _mdns_answer(host_os, app_image, old)
+        assert not stale, f"{old}.local still answers over mDNS ({stale}) after the rename"
+    finally:
+        host_os.set_config(hostname=before)
+    _announced(host_os, app_image, dut, expected_hostname(host_os.config_json()),
+               "the key put back")
 
 
 def _dnsmasq_servers(host_os: HostOS) -> list[str]:

@@ -151,6 +151,21 @@ BREAKS: dict[str, str] = {
         "rate limit, restarting; systemctl restart sshd.socket\""),
     # os.sshKeys changed at runtime are never applied: os-sshkeys.service does nothing
     "os-sshkeys-ignored": _unit_does_nothing("os-sshkeys.service"),
+    # a hostname changed at runtime is never announced over mDNS: config-apply no longer
+    # restarts avahi (balenaOS restarts it with its hostname service)
+    "avahi-keeps-old-name": (
+        "grep -q '# avahi broken$' /usr/lib/hil/config-apply || "
+        "{ sed 's/systemctl try-restart --no-block avahi-daemon.service/true # avahi broken/' "
+        "/usr/lib/hil/config-apply > /run/config-apply-avahi && "
+        "chmod 755 /run/config-apply-avahi && "
+        "mount --bind /run/config-apply-avahi /usr/lib/hil/config-apply; }"),
+    # the OS has no mDNS responder: avahi-daemon's program waits and answers nothing. Checked
+    # by what runs, not by the drop-in: a hostname change (the hostname-ignored break) queues
+    # a restart of the unit, which can still be starting the real daemon
+    "no-mdns": (_unit_does_nothing("avahi-daemon.service", "/bin/sleep 86400") + " && "
+                "for i in 1 2 3 4 5 6 7 8 9 10; do [ \"$(cat /proc/$(systemctl show -p MainPID "
+                "--value avahi-daemon.service)/comm 2>/dev/null)\" = sleep ] && break; "
+                "systemctl restart avahi-daemon.service; sleep 1; done"),
     # os-config never fetched its configuration (as if it had not run): stopped, and the
     # journal holding its lines rotated away
     "os-config-never-ran": ("systemctl stop os-config.service && journalctl --rotate -q && "

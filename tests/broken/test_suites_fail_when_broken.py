@@ -35,12 +35,14 @@ def test_provisioning_suite_fails_on_a_leaked_key_a_wrong_hostname_and_ignored_d
         tmp_path: Path) -> None:
     code, out, failed = run_broken(
         tmp_path, "console-leaks-key,hostname-ignored,dns-servers-ignored,"
-        "no-sshd-socket-recovery,udev-rules-ignored",
+        "no-sshd-socket-recovery,udev-rules-ignored,no-mdns",
         ["suites/provisioning", "-k",
          "hostname_is_config or no_key_in or dns_servers or recovery_timer_is_active "
-         "or udev_rules"],
+         "or udev_rules or hostname_is_announced"],
         boot_timeout=60)
-    assert code == 1 and "5 failed" in out, out[-6000:]
+    assert code == 1 and "6 failed" in out, out[-6000:]
+    assert ("test_hostname_is_announced_over_mdns - hil.errors.NotReached: the device to "
+            "answer for balena.local over mDNS") in failed, out[-6000:]
     assert ("test_sshd_socket_recovery_timer_is_active - hil.errors.NotReached: "
             "recover-sshd-socket.timer active") in failed, out[-6000:]
     assert ("test_udev_rules_from_config_json_are_installed_and_act - hil.errors.NotReached: "
@@ -52,6 +54,16 @@ def test_provisioning_suite_fails_on_a_leaked_key_a_wrong_hostname_and_ignored_d
             "is 'balena'; the first 7 characters of uuid is") in failed, out[-6000:]
     assert ("test_no_key_in_the_console_log_or_the_report - AssertionError: provisioning key "
             "(apiKey) appeared on the console") in failed, out[-6000:]
+
+
+def test_provisioning_suite_fails_when_a_new_hostname_is_not_announced(tmp_path: Path) -> None:
+    code, out, failed = run_broken(tmp_path, "avahi-keeps-old-name", [
+        "suites/provisioning", "-k", "hostname_change_at_runtime"])
+    assert code == 1 and "1 failed, 1 passed" in out, out[-6000:]
+    # the hostname itself is applied: only its announcement is missing
+    assert re.search(r"test_hostname_change_at_runtime_is_announced_over_mdns - hil\.errors\."
+                     r"NotReached: the device to answer for hil-[0-9a-f]{6}\.local over mDNS "
+                     r"\(hostname written to config\.json at runtime\)", failed), out[-6000:]
 
 
 def test_devices_suite_fails_naming_a_missing_node(tmp_path: Path) -> None:
