@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import secrets
+import shlex
 from collections.abc import Iterator
 from typing import Any
 
@@ -100,16 +101,21 @@ def _device_addresses(host_os: HostOS) -> set[str]:
     return set(re.findall(r"\binet (\d+\.\d+\.\d+\.\d+)/", out))
 
 
-def _mdns_answer(host_os: HostOS, app_image: str, name: str) -> list[str]:
+def _bridge_gateway(host_os: HostOS) -> str:
+    """The device's address on the engine's bridge (balena0)."""
+    return host_os.check("balena-engine network inspect bridge --format "
+                         "'{{(index .IPAM.Config 0).Gateway}}'", read_only=True).strip()
+
+
+def _mdns_answer(host_os: HostOS, app_image: str, gateway: str, name: str) -> list[str]:
     """The IPv4 addresses a peer on one of the device's links gets for ``name``.local from the
     device's mDNS responder: a container on the engine's bridge asks the bridge's gateway (the
     device) on port 5353, RFC 6762's legacy unicast. (From the rig host of a QEMU board no
     query can reach the responder: user networking hands the guest forwarded UDP with a
     loopback source, which the guest drops.) Empty when nothing answers."""
-    gateway = host_os.check("balena-engine network inspect bridge --format "
-                            "'{{(index .IPAM.Config 0).Gateway}}'", read_only=True).strip()
-    out = host_os.run(f"balena-engine run --rm --network bridge {app_image} nslookup "
-                      f"-port={MDNS_PORT} -type=a {name}.local {gateway}", timeout=120).stdout
+    out = host_os.run(f"balena-engine run --rm --network bridge {shlex.quote(app_image)} "
+                      f"nslookup -port={MDNS_PORT} -type=a {shlex.quote(name)}.local {gateway}",
+                      timeout=120).stdout
     # the answer's lines follow "Name:"; the "Address:" before it is the server's
     answer = out.split("Name:", 1)[1] if "Name:" in out else ""
     return re.findall(r"^Address:\s*(\d+\.\d+\.\d+\.\d+)\s*$", answer, re.M)
@@ -118,19 +124,16 @@ def _mdns_answer(host_os: HostOS, app_image: str, name: str) -> list[str]:
 def _announced(host_os: HostOS, app_image: str, dut: Dut, name: str, why: str) -> None:
     """``name``.local answered over mDNS with addresses of the device, within APPLY_TIMEOUT
     (avahi starts, or restarts with a new name, and probes the name first)."""
-    got = dut.poll(lambda: _mdns_answer(host_os, app_image, name) or None, APPLY_TIMEOUT,
-                   f"the device to answer for {name}.local over mDNS ({why})",
+    gateway = _bridge_gateway(host_os)
+    unit = "avahi-daemon.service"
+    got = dut.poll(lambda: _mdns_answer(host_os, app_image, gateway, name) or None,
+                   APPLY_TIMEOUT, f"the device to answer for {name}.local over mDNS ({why})",
                    lambda: f"no answer for {name}.local from the device's mDNS responder "
-                           f"({'; '.join(_unit_state(host_os, 'avahi-daemon'))})")
+                           f"({unit} {host_os.unit_property(unit, 'ActiveState')}; last log: "
+                           f"{' | '.join(host_os.unit_log(unit).splitlines()[-3:])})")
     ours = _device_addresses(host_os)
     assert set(got) <= ours, (f"{name}.local resolved over mDNS to {got}, not to the "
                               f"device's addresses {sorted(ours)}")
-
-
-def _unit_state(host_os: HostOS, unit: str) -> list[str]:
-    out = host_os.run(f"systemctl is-active {unit}; journalctl -u {unit} -n 3 --no-pager "
-                      "-o cat", read_only=True)
-    return [ln for ln in out.stdout.splitlines() if ln.strip()]
 
 
 def test_hostname_is_announced_over_mdns(dut: Dut, host_os: HostOS, app_image: str) -> None:
@@ -474,7 +477,7 @@ def test_hostname_change_at_runtime_is_announced_over_mdns(dut: Dut, host_os: Ho
     host_os.set_config(hostname=new)
     try:
         _announced(host_os, app_image, dut, new, "hostname written to config.json at runtime")
-        stale = _mdns_answer(host_os, app_image, old)
+        stale = _mdns_answer(host_os, app_image, _bridge_gateway(host_os), old)
         assert not stale, f"{old}.local still answers over mDNS ({stale}) after the rename"
     finally:
         host_os.set_config(hostname=before)

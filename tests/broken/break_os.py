@@ -159,13 +159,11 @@ BREAKS: dict[str, str] = {
         "/usr/lib/hil/config-apply > /run/config-apply-avahi && "
         "chmod 755 /run/config-apply-avahi && "
         "mount --bind /run/config-apply-avahi /usr/lib/hil/config-apply; }"),
-    # the OS has no mDNS responder: avahi-daemon's program waits and answers nothing. Checked
-    # by what runs, not by the drop-in: a hostname change (the hostname-ignored break) queues
-    # a restart of the unit, which can still be starting the real daemon
+    # the OS has no mDNS responder: avahi-daemon's program waits and answers nothing (the
+    # unit restarted unless what runs already is that program)
     "no-mdns": (_unit_does_nothing("avahi-daemon.service", "/bin/sleep 86400") + " && "
-                "for i in 1 2 3 4 5 6 7 8 9 10; do [ \"$(cat /proc/$(systemctl show -p MainPID "
-                "--value avahi-daemon.service)/comm 2>/dev/null)\" = sleep ] && break; "
-                "systemctl restart avahi-daemon.service; sleep 1; done"),
+                "{ [ \"$(cat /proc/$(systemctl show -p MainPID --value avahi-daemon.service)"
+                "/comm 2>/dev/null)\" = sleep ] || systemctl restart avahi-daemon.service; }"),
     # os-config never fetched its configuration (as if it had not run): stopped, and the
     # journal holding its lines rotated away
     "os-config-never-ran": ("systemctl stop os-config.service && journalctl --rotate -q && "
