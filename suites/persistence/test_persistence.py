@@ -49,6 +49,17 @@ def test_data_lives_on_the_data_partition(host_os: HostOS) -> None:
     assert holder.fstype == "ext4", f"{data} is {holder.fstype}, the contract says ext4"
 
 
+def test_root_filesystem_is_read_only(host_os: HostOS) -> None:
+    """balenaOS's root is read-only: only resin-state (the paths it binds over the root) and
+    resin-data keep what is written, so nothing else can pile up or differ between devices."""
+    root = [m for m in host_os.mounts() if m.target == "/"]
+    assert root, "nothing is mounted at /"
+    assert root[-1].read_only, (f"/ ({root[-1].source}, {root[-1].fstype}) is mounted "
+                                "read-write: balenaOS's root filesystem is read-only")
+    probe = host_os.run("touch /.hil-write-probe 2>&1 && rm -f /.hil-write-probe")
+    assert not probe.ok, "a file could be created at / : the root filesystem is writable"
+
+
 BY_STATE = ("active", "inactive", "resin-rootA", "resin-rootB", "resin-state", "resin-data")
 
 

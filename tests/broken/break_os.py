@@ -64,6 +64,8 @@ BREAKS: dict[str, str] = {
         "grep -q ' /data tmpfs ' /proc/mounts || "
         "{ mount -t tmpfs tmpfs /mnt/data && mkdir -p /mnt/data/resin-data && "
         "mount -t tmpfs tmpfs /data; }"),
+    # the root is left writable (an OS that forgot its read-only root)
+    "root-writable": "grep -q '^[^ ]* / [^ ]* rw[, ]' /proc/mounts || mount -o remount,rw /",
     # the OS prints its provisioning key on the console (a debug line left in a boot script)
     "console-leaks-key": "jq -r '\"provisioning with \" + .apiKey' /mnt/boot/config.json "
                          "> /dev/console",

@@ -84,10 +84,11 @@ def test_devices_suite_fails_naming_a_missing_node(tmp_path: Path) -> None:
 
 
 def test_persistence_suite_fails_when_data_is_not_persisted(tmp_path: Path) -> None:
-    code, out, failed = run_broken(tmp_path, "data-not-persisted", [
+    code, out, failed = run_broken(tmp_path, "data-not-persisted,root-writable", [
         "suites/persistence", "--power-cuts=1", "-k",
-        "data_lives or soft_reboot or random_power_cuts"], boot_timeout=60)
-    assert code == 1 and "3 failed" in out, out[-6000:]
+        "data_lives or read_only or soft_reboot or random_power_cuts"], boot_timeout=60)
+    assert code == 1 and "4 failed" in out, out[-6000:]
+    assert ("test_root_filesystem_is_read_only - AssertionError: / (") in failed, out[-6000:]
     assert ("test_data_lives_on_the_data_partition - AssertionError: /data is on tmpfs (tmpfs), "
             "not on the resin-data partition") in failed, out[-6000:]
     assert ("test_file_survives_a_soft_reboot - AssertionError: a file and its checksum in "

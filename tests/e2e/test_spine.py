@@ -46,9 +46,13 @@ def rig_file(tmp_path: Path, name: str, body: str) -> Path:
 
 
 def test_smoke_suite_passes_on_the_qemu_rig(tmp_path: Path, env: dict[str, str]) -> None:
-    run = pytest_child(["--rig=qemu-aarch64", "suites/smoke", "-v"], env, REPO)
+    """What a user's session prints, and that it leaves no QEMU behind. Two smoke tests with
+    no reboot are enough for that: the whole smoke suite runs on both QEMU boards in
+    `make test`'s other stream."""
+    run = pytest_child(["--rig=qemu-aarch64", "suites/smoke", "-v", "-k",
+                        "architecture or partitions"], env, REPO)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert "5 passed" in run.stdout
+    assert "2 passed, 3 deselected" in run.stdout, run.stdout[-3000:]
     assert not qemu_pids(tmp_path), "a QEMU board outlived its session"
     # the summary splits the wall time: boots and commands were waited on, the rest is ours
     split = re.search(r"time: ([\d.]+)s on the rig; waiting on the device ([\d.]+)s \(\d+%: "

@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from refos_guest import ARCHES, Guest, Images, SshKey, make_key
+from refos_guest import ARCHES, Guest, Images
 
-from hil.refos import RegistrationServer, build
+from hil.refos import build
 from hil.refos.qemu import qemu_argv
 
 
@@ -35,12 +35,6 @@ def disk(images: Images, tmp_path: Path) -> Path:
     dst = tmp_path / "disk.img"
     subprocess.run(["cp", "--sparse=always", str(images.v1.disk), str(dst)], check=True)
     return dst
-
-
-@pytest.fixture
-def api() -> Iterator[RegistrationServer]:
-    with RegistrationServer() as server:
-        yield server
 
 
 @pytest.fixture
@@ -69,10 +63,3 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
     outcome = yield
     rep = outcome.get_result()  # type: ignore[attr-defined]
     setattr(item, f"rep_{rep.when}", rep)
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> tuple[SshKey, SshKey]:
-    return make_key(tmp_path, "key1"), make_key(tmp_path, "key2")
-
-

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,40 +149,20 @@ class Guest:
         return self.run(f"test -e {path} && echo yes || echo no") == "yes"
 
 
-@dataclass(frozen=True)
-class SshKey:
-    private: Path
-    public: str
-
-
-def make_key(directory: Path, name: str) -> SshKey:
-    path = directory / name
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(path)],
-                   check=True)
-    return SshKey(path, path.with_suffix(".pub").read_text().strip())
-
-
-def ssh_run(port: int, cmd: str, key: SshKey | None = None, timeout: float = 20.0,
+def ssh_run(port: int, cmd: str, timeout: float = 20.0,
             stdin: str | bytes | None = None) -> tuple[int, str]:
-    """Run ``cmd`` as root over SSH (port forwarded to the guest's 22222). ``key=None`` tries
-    the passwordless login of development mode. Raises paramiko's errors when refused."""
+    """Run ``cmd`` as root over SSH (port forwarded to the guest's 22222), with the passwordless
+    login of development mode. Raises paramiko's errors when refused."""
     import paramiko
 
     client = paramiko.SSHClient()
-    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # fresh guest, fresh key
     try:
-        if key is None:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-            transport = paramiko.Transport(sock)
-            transport.banner_timeout = timeout
-            transport.start_client(timeout=timeout)
-            transport.auth_none("root")
-            client._transport = transport  # type: ignore[attr-defined]
-        else:
-            client.connect("127.0.0.1", port=port, username="root",
-                           key_filename=str(key.private), look_for_keys=False,
-                           allow_agent=False, timeout=timeout, banner_timeout=timeout,
-                           auth_timeout=timeout)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        transport = paramiko.Transport(sock)
+        transport.banner_timeout = timeout
+        transport.start_client(timeout=timeout)
+        transport.auth_none("root")
+        client._transport = transport  # type: ignore[attr-defined]
         chan_in, stdout, _ = client.exec_command(cmd + " 2>&1", timeout=timeout)
         if stdin is not None:
             chan_in.write(stdin)
@@ -193,13 +172,3 @@ def ssh_run(port: int, cmd: str, key: SshKey | None = None, timeout: float = 20.
         return rc, out.strip()
     finally:
         client.close()
-
-
-def ssh_ok(port: int, key: SshKey | None) -> bool:
-    """Whether a login succeeds now (False when the guest refuses it)."""
-    import paramiko
-
-    try:
-        return ssh_run(port, "true", key, timeout=10)[0] == 0
-    except (paramiko.SSHException, OSError, EOFError):
-        return False
