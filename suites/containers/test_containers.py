@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from apps import APP_ID, APP_NAME, SERVICE, Apps, release_service, service, target
+from rig_http import served_token
 from ssh_access import login, passwordless
 from timers import assert_randomized
 
@@ -25,7 +26,6 @@ from hil.appregistry import AppRegistry
 from hil.dut import Dut
 from hil.errors import OSContractError
 from hil.os import HostOS
-from hil.os.transfer import FileServer
 from hil.refos import appimage
 
 # label -> file inside the app's container
@@ -162,16 +162,10 @@ def test_a_container_reaches_the_rig_host_through_the_engines_nat(
     network = dut.rig.network
     if network is None:
         pytest.skip("the rig has no network part: nothing on the rig host to reach")
-    token = secrets.token_hex(8)
-    (tmp_path / "nat-probe").write_text(token + "\n")
-    server = FileServer(network.host_address)
-    try:
-        with server.serving(tmp_path / "nat-probe") as url:
-            # busybox's wget: no -T (its timeout option crashes this build); run has a deadline
-            got = host_os.run(f"balena-engine run --rm --network bridge {shlex.quote(app_image)} "
-                              f"wget -q -O- {shlex.quote(url)} 2>&1", timeout=180)
-    finally:
-        server.close()
+    with served_token(network.host_address, tmp_path) as (token, url):
+        # busybox's wget: no -T (its timeout option crashes this build); run has a deadline
+        got = host_os.run(f"balena-engine run --rm --network bridge {shlex.quote(app_image)} "
+                          f"wget -q -O- {shlex.quote(url)} 2>&1", timeout=180)
     assert token in got.stdout, (
         f"a container on the engine's bridge did not get {url} from the rig host through the "
         f"engine's NAT (exit {got.exit_code}): {got.stdout.strip()[-500:]}")

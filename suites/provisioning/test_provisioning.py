@@ -13,6 +13,7 @@ import re
 import secrets
 import shlex
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from identity import (
     identity_changes,
     wait_registered,
 )
+from rig_http import served_token
 from ssh_access import foreign_key, login, passwordless
 from timers import assert_randomized
 
@@ -139,6 +141,37 @@ def _announced(host_os: HostOS, app_image: str, dut: Dut, name: str, why: str) -
 def test_hostname_is_announced_over_mdns(dut: Dut, host_os: HostOS, app_image: str) -> None:
     """As balenaOS's avahi: a peer on the device's link resolves <hostname>.local to it."""
     _announced(host_os, app_image, dut, host_os.hostname()[0], "its hostname")
+
+
+def test_wired_interface_is_connected_and_carries_http(dut: Dut, host_os: HostOS,
+                                                       tmp_path: Path) -> None:
+    """balenaOS's wired connectivity check: the wired interface the device reaches the rig host
+    by is up, has a link and an address, and an HTTP GET to the rig host over it returns what
+    the rig host serves (the route names the interface, as curl's --interface would pin it)."""
+    network = dut.rig.network
+    if network is None:
+        pytest.skip("the rig has no network part: nothing on the rig host to reach")
+    route = host_os.check(f"ip -o route get {shlex.quote(network.host_address)}")
+    found = re.search(r"\bdev (\S+)", route)
+    assert found, f"no route to the rig host {network.host_address}: {route!r}"
+    iface = found.group(1)
+    sysfs = f"/sys/class/net/{iface}"
+    state = host_os.check(f"cat {sysfs}/operstate {sysfs}/carrier 2>&1; "
+                          f"test -e {sysfs}/device && echo hardware; "
+                          f"test -e {sysfs}/wireless && echo wireless; "
+                          f"ip -4 -o addr show dev {iface}").split()
+    assert state[:2] == ["up", "1"], (
+        f"{iface} (the route to the rig host) should be up with a link (operstate, carrier); "
+        f"it is {state[:2]}")
+    assert "hardware" in state and "wireless" not in state, (
+        f"the route to the rig host leaves by {iface}, which is not a wired network device "
+        f"(sysfs: {state})")
+    assert "inet" in state, f"{iface} has no IPv4 address: {state}"
+    with served_token(network.host_address, tmp_path) as (token, url):
+        got = host_os.run(f"wget -q -O- {shlex.quote(url)} 2>&1", timeout=60)
+    assert token in got.stdout, (
+        f"an HTTP GET over the wired interface {iface} to the rig host ({url}) should return "
+        f"what it serves; exit {got.exit_code}: {got.stdout[-500:]}")
 
 
 def test_registered_under_its_uuid_and_holds_a_device_api_key(

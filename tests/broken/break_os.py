@@ -161,6 +161,12 @@ BREAKS: dict[str, str] = {
         "/usr/lib/hil/config-apply > /run/config-apply-avahi && "
         "chmod 755 /run/config-apply-avahi && "
         "mount --bind /run/config-apply-avahi /usr/lib/hil/config-apply; }"),
+    # the OS's firewall rejects every connection it opens over the wired interface (the one
+    # its route to the rig host leaves by); what comes in (SSH) still works
+    "wired-rejects-out": (
+        "d=$(ip -o route get 10.0.2.2 | sed -n 's/.* dev \\([^ ]*\\).*/\\1/p'); "
+        "iptables -C OUTPUT -o $d -p tcp --syn -j REJECT 2>/dev/null || "
+        "iptables -I OUTPUT -o $d -p tcp --syn -j REJECT"),
     # the OS has no mDNS responder: avahi-daemon's program waits and answers nothing (the
     # unit restarted unless what runs already is that program)
     "no-mdns": (_unit_does_nothing("avahi-daemon.service", "/bin/sleep 86400") + " && "

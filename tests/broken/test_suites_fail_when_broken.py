@@ -35,12 +35,14 @@ def test_provisioning_suite_fails_on_a_leaked_key_a_wrong_hostname_and_ignored_d
         tmp_path: Path) -> None:
     code, out, failed = run_broken(
         tmp_path, "console-leaks-key,hostname-ignored,dns-servers-ignored,"
-        "no-sshd-socket-recovery,udev-rules-ignored,no-mdns",
+        "no-sshd-socket-recovery,udev-rules-ignored,no-mdns,wired-rejects-out",
         ["suites/provisioning", "-k",
          "hostname_is_config or no_key_in or dns_servers or recovery_timer_is_active "
-         "or udev_rules or hostname_is_announced"],
+         "or udev_rules or hostname_is_announced or wired_interface"],
         boot_timeout=60)
-    assert code == 1 and "6 failed" in out, out[-6000:]
+    assert code == 1 and "7 failed" in out, out[-6000:]
+    assert ("test_wired_interface_is_connected_and_carries_http - AssertionError: an HTTP GET "
+            "over the wired interface eth0 to the rig host") in failed, out[-6000:]
     assert ("test_hostname_is_announced_over_mdns - hil.errors.NotReached: the device to "
             "answer for balena.local over mDNS") in failed, out[-6000:]
     assert ("test_sshd_socket_recovery_timer_is_active - hil.errors.NotReached: "

@@ -36,6 +36,9 @@ def _take_tty() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+REPLY_FILES = Path("/tmp/.hil-console-*")  # ConsoleShell's reply file, one per session
+
+
 class ShellLine:
     def __init__(self, path: Path, prompt: str = "# ", login: bool = False,
                  script: str = "") -> None:
@@ -47,6 +50,7 @@ class ShellLine:
         self.proc: subprocess.Popen[bytes] | None = None
         self.prompt, self.login, self.script = prompt, login, script
         self._stop = False
+        self._replies_before = set(REPLY_FILES.parent.glob(REPLY_FILES.name))
         # applied to each read of the pty, and of the socket
         self.rewrite: Callable[[bytes], bytes] | None = None
         self.rewrite_in: Callable[[bytes], bytes] | None = None
@@ -93,6 +97,9 @@ class ShellLine:
         if self.conn:
             self.conn.close()
         self.server.close()
+        # the framing's reply file lands in this machine's /tmp (a device's is a tmpfs)
+        for leftover in set(REPLY_FILES.parent.glob(REPLY_FILES.name)) - self._replies_before:
+            leftover.unlink(missing_ok=True)
 
 
 @pytest.fixture
