@@ -345,7 +345,7 @@ def test_hung_engine_is_killed_by_its_watchdog_and_comes_back(
         fired_before = host_os.engine_log().count(WATCHDOG_FIRED)
         host_os.hang_engine()
         dut.poll(lambda: host_os.engine_log().count(WATCHDOG_FIRED) > fired_before,
-                 3 * WATCHDOG_SEC + 60,
+                 2 * WATCHDOG_SEC + 60,
                  f"the watchdog ({WATCHDOG_SEC} s) to kill the hung engine ({WATCHDOG_FIRED!r} "
                  "in balena.service's log)", lambda: host_os.engine_log()[-1500:], interval=5.0)
         host_os.wait_engine()

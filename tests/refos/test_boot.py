@@ -17,7 +17,9 @@ from refos_guest import Guest, ssh_run
 from hil.deadline import wait_until
 from hil.refos import RegistrationServer, configure
 
-pytestmark = pytest.mark.qemu
+# the registration is the OS's shell, the same on both arches: one board is enough (the suites
+# boot both in the same `make test`)
+pytestmark = [pytest.mark.qemu, pytest.mark.parametrize("arch", ["aarch64"], indirect=True)]
 
 GuestFactory = Callable[..., Guest]
 
