@@ -49,6 +49,8 @@ def run_all(shell: ConsoleShell, todo: list[Case], timeout: float) -> Counter[st
                     else "the command" if not exc.ran
                     else text.split(": ")[-1].split(" (")[0])
             seen[f"garbled: {what}"] += 1
+            if not shell.ready:  # its set-up line garbled too, every retry: set it up anew
+                shell.wait_ready(60)
             continue
         except DeadlineError:  # both end markers garbled
             seen["garbled: no end marker"] += 1
