@@ -365,6 +365,10 @@ def load_rig(name_or_path: str, rigs_dir: str | os.PathLike[str] | None = None) 
         features.add("gpio_loopback")
     for part in parts:
         features.add(part)
+    # a QEMU or libvirt board's NIC is wired (virtio or e1000 to the host's user network)
+    net = parts.get("network")
+    if "target" in parts or (net is not None and getattr(net.settings, "link", "") == "wired"):
+        features.add("wired_network")
     return RigConfig(
         name=path.stem, source=path, description=top.description, device_type=dtype,
         parts=parts, features=frozenset(features), image=top.image,

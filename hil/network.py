@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from hil.registry import PartContext, Settings
@@ -11,6 +13,9 @@ class SshNetworkSettings(Settings):
     host: str = Field(description="DUT address as the rig host sees it")
     port: int = Field(22222, gt=0, lt=65536)
     host_address: str = Field(description="rig host address as the DUT sees it (NTP, API)")
+    link: Literal["wired", "wifi"] = Field(
+        "wired", description="how the DUT reaches the rig host: an Ethernet cable (the rig then "
+        "offers the feature wired_network) or Wi-Fi")
 
 
 class SshNetwork:

@@ -90,6 +90,19 @@ def test_emulator_section_loads_typed(tmp_path: Path) -> None:
     assert load_rig(str(write(tmp_path, rig + "emulator: {}\n"))).emulator is None  # starts nothing
 
 
+def test_wired_network_is_offered_by_boards_and_cabled_benches_not_wifi_ones(
+        tmp_path: Path) -> None:
+    """The wired check needs the DUT cabled to the rig host: QEMU boards and benches whose
+    network link is wired offer ``wired_network``; a Wi-Fi bench does not (the check skips)."""
+    assert load_rig(str(REPO / "rigs" / "qemu-aarch64.yaml")).has("wired_network")
+    bench = RIG_TEXTS["rpi3.yaml"]
+    assert load_rig(str(write(tmp_path, bench))).has("wired_network")
+    wifi = bench.replace("  host_address: bench1.local",
+                         "  link: wifi\n  host_address: bench1.local")
+    assert wifi != bench
+    assert not load_rig(str(write(tmp_path, wifi))).has("wired_network")
+
+
 def test_the_console_password_comes_from_the_rig_file_or_its_variable(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rig = "device_type: generic-aarch64\ntarget: {driver: qemu}\n"

@@ -7,6 +7,7 @@ Waits are driven by `chronyc burst` (chrony measures now), not by its poll inter
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from ntp_device import (
     APPLY_TIMEOUT,
@@ -65,14 +66,26 @@ def test_ntp_servers_written_at_runtime_reach_chrony(ntp: NtpRig, dut: Dut) -> N
         last[0] = dut.run("chronyc -c -n sources").stdout
         return any(s.address == EXTRA_SERVER for s in parse_sources(last[0]))
 
+    def seen(mark: str) -> Callable[[], str]:
+        """What chronyc listed, and what the OS logged applying config.json (its units' runs)."""
+        def describe() -> str:
+            try:
+                log = dut.os.log_since(mark)[-3000:]
+            except Exception as exc:  # the failure to report is the poll's, not this one's
+                log = f"(not readable: {exc})"
+            return f"{last[0].strip()}\n--- system log since the write ---\n{log}"
+        return describe
+
+    mark = dut.os.log_mark()
     set_ntp_servers(dut, " ".join([*servers, EXTRA_SERVER]))
     try:
         dut.poll(listed, APPLY_TIMEOUT, f"{EXTRA_SERVER}, added to ntpServers at runtime, among "
-                 "chrony's sources", lambda: last[0], interval=POLL_EVERY)
+                 "chrony's sources", seen(mark), interval=POLL_EVERY)
     finally:
+        mark = dut.os.log_mark()
         set_ntp_servers(dut, None if original is None else str(original))
     dut.poll(lambda: not listed(), APPLY_TIMEOUT, f"{EXTRA_SERVER} gone from chrony's sources "
-             "once ntpServers no longer names it", lambda: last[0], interval=POLL_EVERY)
+             "once ntpServers no longer names it", seen(mark), interval=POLL_EVERY)
 
 
 def test_steps_back_after_its_clock_is_set_wrong(ntp: NtpRig, dut: Dut) -> None:

@@ -143,14 +143,15 @@ def test_hostname_is_announced_over_mdns(dut: Dut, host_os: HostOS, app_image: s
     _announced(host_os, app_image, dut, host_os.hostname()[0], "its hostname")
 
 
+@pytest.mark.needs("wired_network")
 def test_wired_interface_is_connected_and_carries_http(dut: Dut, host_os: HostOS,
                                                        tmp_path: Path) -> None:
     """balenaOS's wired connectivity check: the wired interface the device reaches the rig host
     by is up, has a link and an address, and an HTTP GET to the rig host over it returns what
-    the rig host serves (the route names the interface, as curl's --interface would pin it)."""
+    the rig host serves (the route names the interface, as curl's --interface would pin it).
+    Runs on rigs whose DUT is cabled to the rig host (``network.link: wired``)."""
     network = dut.rig.network
-    if network is None:
-        pytest.skip("the rig has no network part: nothing on the rig host to reach")
+    assert network is not None, "a rig with wired_network has a network part"
     route = host_os.check(f"ip -o route get {shlex.quote(network.host_address)}")
     found = re.search(r"\bdev (\S+)", route)
     assert found, f"no route to the rig host {network.host_address}: {route!r}"
