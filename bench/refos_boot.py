@@ -73,7 +73,7 @@ def analyze(guest: Any) -> str:
 def one_boot(arch: str, work: Path, units: list[str] | None = None) -> dict[str, float]:
     import refos_guest as rg
 
-    from hil.refos import appimage, build
+    from hil.refos import appimage, build, configure
 
     img = build(arch=arch, version="1.0.0")
     app = appimage.busybox(arch)
@@ -82,7 +82,7 @@ def one_boot(arch: str, work: Path, units: list[str] | None = None) -> dict[str,
     guest = rg.Guest(arch, disk, work / f"console-{arch}.log", uboot_env=img.uboot_env)
     t: dict[str, float] = {}
     try:
-        rg.configure(disk, {"uuid": os.urandom(16).hex(), "developmentMode": True})
+        configure(disk, {"uuid": os.urandom(16).hex(), "developmentMode": True})
         guest.start()
         t0 = guest.started
         guest.wait_ready()

@@ -64,6 +64,7 @@ UPDATE_BREAKS: dict[str, dict[bool, str]] = {
 }
 ROOT_LABELS = ("resin-rootA", "resin-rootB")
 ENGINE = "balena-engine"  # balenaEngine's CLI on balenaOS (`balena` links to it)
+ENGINE_UNIT = "balena.service"  # its systemd unit (alias balena-engine.service)
 ENGINE_TCP_PORT = 2375  # the engine's API without TLS, in development mode only
 # the engine's containerd, by process name: balenaEngine's multi-call binary on balenaOS,
 # Debian's moby (the reference OS) runs containerd itself
@@ -538,12 +539,17 @@ class BalenaOS:
 
     def wait_engine(self, timeout: float = 300.0) -> None:
         """Wait for balenaEngine to answer. It starts at every boot, after the shell is up, and
-        under QEMU's emulation takes most of a minute."""
+        under QEMU's emulation takes most of a minute. While systemd still has balena.service
+        starting (Type=notify: the engine has not said its API listens) the engine's CLI is
+        not run: each run of that Go program costs a board under emulation 1-6 s of its one
+        CPU, which the engine's own start then waits for."""
         last = ["nothing yet"]
 
         def probe() -> bool:
-            r = self.run(f"{ENGINE} info --format '{{{{.ServerVersion}}}}' 2>&1", timeout=120,
-                         read_only=True)
+            r = self.run(f"s=$(systemctl is-active {ENGINE_UNIT} 2>/dev/null); "
+                         f"if [ \"$s\" = activating ]; then echo \"{ENGINE_UNIT} $s\"; false; "
+                         f"else {ENGINE} info --format '{{{{.ServerVersion}}}}' 2>&1; fi",
+                         timeout=120, read_only=True)
             last[0] = f"exit {r.exit_code}: {r.stdout.strip()[-300:]}"
             return r.ok
 
