@@ -101,6 +101,15 @@ CONFIG_JSON_SETTLE = (
     "systemctl reset-failed config-json.service 2>/dev/null; true")
 
 
+# A device provisioning itself rewrites config.json (its deviceApiKey, then registered_at, as
+# balena's supervisor does), reading it first: an edit made in between is lost to that write.
+# So an edit waits while the device is managed (an apiEndpoint) and not yet registered, 120 s at
+# most (a device that never registers fails the provisioning suite's own check).
+CONFIG_JSON_PROVISIONED = (
+    f"i=0; while [ $i -lt 240 ] && grep -q '\"apiEndpoint\" *: *\"[^\"]' {CONFIG_JSON} && "
+    f"! grep -q '\"registered_at\"' {CONFIG_JSON}; do sleep 0.5; i=$((i+1)); done")
+
+
 class BalenaOS:
     """``dut.os``. Commands go over the console by default (works with no network); reads of
     ``config.json`` and updates go over SSH when the rig has a network (keys never pass the
@@ -307,7 +316,7 @@ class BalenaOS:
                 filters.append(f"setpath({jpath}; $v{i})")
                 args.append(f"--argjson v{i} {shlex.quote(json.dumps(value))}")
         tmp = f"{CONFIG_JSON}.hil-new"
-        command = (f"{CONFIG_JSON_SETTLE}; jq {' '.join(args)} "
+        command = (f"{CONFIG_JSON_PROVISIONED}; {CONFIG_JSON_SETTLE}; jq {' '.join(args)} "
                    f"{shlex.quote(' | '.join(filters))} {CONFIG_JSON} "
                    f"> {tmp} && [ -s {tmp} ] && sync {tmp} && mv -f {tmp} {CONFIG_JSON} "
                    f"&& sync {BOOT_MNT} && {CONFIG_JSON_SETTLE}")
