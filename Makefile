@@ -66,11 +66,12 @@ docs: venv
 test: deps lint
 	$(MAKE) --no-print-directory -j2 --output-sync=target test-framework test-boards
 
-# The emulated benches' smoke runs follow the framework's tests, and the x86-64 board's NTP suite
-# comes first, while the other stream is on the aarch64 board: so the two streams take about as
-# long. Each bench rig has ports of its own.
+# The emulated benches' smoke runs follow the framework's tests, and the x86-64 board's NTP,
+# devices and smoke suites come first, while the other stream is on the aarch64 board: so the
+# two streams take about as long. Each bench rig has ports of its own.
+X86_FIRST := suites/devices suites/ntp suites/smoke
 test-framework:
-	$(HILTEST) --rig=qemu-x86_64 suites/ntp
+	$(HILTEST) --rig=qemu-x86_64 $(X86_FIRST)
 	$(HILTEST) --durations=25 tests
 	$(HILTEST) --rig=virtual-rpi3 suites/smoke
 	$(HILTEST) --rig=virtual-rpi3-pdu suites/smoke
@@ -79,7 +80,7 @@ test-framework:
 
 test-boards:
 	$(HILTEST) --rig=qemu-aarch64 suites
-	$(HILTEST) --rig=qemu-x86_64 --ignore=suites/ntp suites
+	$(HILTEST) --rig=qemu-x86_64 $(addprefix --ignore=,$(X86_FIRST)) suites
 
 bench: deps
 	$(PY) bench/console_roundtrip.py
