@@ -101,13 +101,20 @@ CONFIG_JSON_SETTLE = (
     "systemctl reset-failed config-json.service 2>/dev/null; true")
 
 
-# A device provisioning itself rewrites config.json (its deviceApiKey, then registered_at, as
-# balena's supervisor does), reading it first: an edit made in between is lost to that write.
-# So an edit waits while the device is managed (an apiEndpoint) and not yet registered, 120 s at
-# most (a device that never registers fails the provisioning suite's own check).
-CONFIG_JSON_PROVISIONED = (
-    f"i=0; while [ $i -lt 240 ] && grep -q '\"apiEndpoint\" *: *\"[^\"]' {CONFIG_JSON} && "
-    f"! grep -q '\"registered_at\"' {CONFIG_JSON}; do sleep 0.5; i=$((i+1)); done")
+REGISTER_WAIT = 120  # seconds an edit of config.json waits for the device's registration
+
+
+def registration_wait(path: str, seconds: int) -> str:
+    """Shell that waits while the device registers, then fails saying so if it still does.
+    A device provisioning itself rewrites config.json (its deviceApiKey, then registered_at, as
+    balena's supervisor does) from what it read before: an edit made in between is lost. So an
+    edit waits while the device is managed (an apiEndpoint) and has no registered_at yet."""
+    registering = (f"grep -q '\"apiEndpoint\" *: *\"[^\"]' {path} && "
+                   f"! grep -q '\"registered_at\"' {path}")
+    return (f"i=0; while {registering} && [ $i -lt {seconds * 2} ]; do sleep 0.5; "
+            f"i=$((i+1)); done; if {registering}; then echo 'config.json not edited: expected "
+            f"the device to finish registering (registered_at) within {seconds} s, its "
+            "registration rewrites the file; seen an apiEndpoint and no registered_at'; false; fi")
 
 
 class BalenaOS:
@@ -316,10 +323,10 @@ class BalenaOS:
                 filters.append(f"setpath({jpath}; $v{i})")
                 args.append(f"--argjson v{i} {shlex.quote(json.dumps(value))}")
         tmp = f"{CONFIG_JSON}.hil-new"
-        command = (f"{CONFIG_JSON_PROVISIONED}; {CONFIG_JSON_SETTLE}; jq {' '.join(args)} "
-                   f"{shlex.quote(' | '.join(filters))} {CONFIG_JSON} "
+        command = (f"{registration_wait(CONFIG_JSON, REGISTER_WAIT)} && {{ {CONFIG_JSON_SETTLE}; "
+                   f"jq {' '.join(args)} {shlex.quote(' | '.join(filters))} {CONFIG_JSON} "
                    f"> {tmp} && [ -s {tmp} ] && sync {tmp} && mv -f {tmp} {CONFIG_JSON} "
-                   f"&& sync {BOOT_MNT} && {CONFIG_JSON_SETTLE}")
+                   f"&& sync {BOOT_MNT} && {{ {CONFIG_JSON_SETTLE}; }}; }}")
         result = self.run(command)
         if not result.ok:
             self.run(f"rm -f {tmp}")

@@ -6,7 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
+import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -14,6 +18,7 @@ import pytest
 
 from hil.console.shell import Result
 from hil.os import BalenaOS, BootState, OSContractError, RootPart, Secret
+from hil.os.balena import CONFIG_JSON, REGISTER_WAIT, registration_wait
 
 
 class FakeDut:
@@ -105,10 +110,38 @@ def test_set_config_is_atomic_and_refuses_secrets() -> None:
     assert 'setpath(["hostname"]; $v0)' in cmd and 'setpath(["os", "sshKeys"]; $v1)' in cmd
     assert 'delpaths([["ntpServers"]])' in cmd
     assert "config.json.hil-new" in cmd and "mv -f" in cmd and "sync" in cmd
-    # not while the device's own registration may rewrite the file under it
-    assert cmd.index("registered_at") < cmd.index("jq ")
+    assert cmd.startswith(registration_wait(CONFIG_JSON, REGISTER_WAIT) + " && ")
     with pytest.raises(ValueError, match="secret"):
         os_.set_config(deviceApiKey="nope")
+
+
+def _registration_wait(path: Path, seconds: int) -> tuple[int, str, float]:
+    t0 = time.monotonic()
+    r = subprocess.run(["sh", "-c", registration_wait(str(path), seconds)],
+                       capture_output=True, text=True, timeout=seconds + 30)
+    return r.returncode, r.stdout, time.monotonic() - t0
+
+
+def test_an_edit_of_config_json_waits_for_the_devices_registration(tmp_path: Path) -> None:
+    """The shell set_config runs first, against a config.json as balena's supervisor (compact)
+    and jq (spaced) write it: no wait for an unmanaged or registered device; a wait that ends
+    when registered_at is written; a failure naming what it waited for after its deadline."""
+    cfg = tmp_path / "config.json"
+    for done in ('{"uuid":"a"}', '{"apiEndpoint": ""}',
+                 '{"apiEndpoint":"https://api","registered_at":1}'):
+        cfg.write_text(done)
+        assert _registration_wait(cfg, 5)[0] == 0, done
+    cfg.write_text('{"apiEndpoint": "http://10.0.2.2:1", "uuid": "a"}')
+    timer = threading.Timer(1.0, lambda: cfg.write_text(
+        '{"apiEndpoint": "http://10.0.2.2:1", "uuid": "a", "registered_at": 1}'))
+    timer.start()
+    code, _, took = _registration_wait(cfg, 10)
+    timer.join()
+    assert code == 0 and 1.0 <= took < 9, (code, took)
+    cfg.write_text('{"apiEndpoint":"https://api","deviceApiKey":"k"}')
+    code, out, took = _registration_wait(cfg, 1)
+    assert code != 0 and took >= 1.0
+    assert "expected the device to finish registering (registered_at) within 1 s" in out
 
 
 def test_listening_ports_and_data_dir() -> None:
