@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import posixpath
 import re
 import secrets
 import shlex
@@ -115,6 +116,29 @@ def registration_wait(path: str, seconds: int) -> str:
             f"i=$((i+1)); done; if {registering}; then echo 'config.json not edited: expected "
             f"the device to finish registering (registered_at) within {seconds} s, its "
             "registration rewrites the file; seen an apiEndpoint and no registered_at'; false; fi")
+
+
+EDIT_ROUNDS = 3  # an edit that another writer overwrote is made again, this many times in all
+
+
+def config_json_edit(path: str, jq_args: str, jq_filter: str,
+                     settle: str = CONFIG_JSON_SETTLE) -> str:
+    """Shell that edits the JSON file ``path`` with jq, as balenaOS's own tools write it (a
+    sibling, synced, renamed over it, the directory synced), once the OS is done applying it
+    (``settle``), and waits for the OS to apply the edit. Other programs write config.json too
+    (the supervisor, the OS's registration), each from what it read before: when the file no
+    longer holds what this edit wrote once the OS applied it, another write came in between,
+    and the edit is made again on what is there now."""
+    tmp = shlex.quote(f"{path}.hil-new")
+    wrote = shlex.quote(f"{path}.hil-wrote")
+    target, folder = shlex.quote(path), shlex.quote(posixpath.dirname(path) or ".")
+    return (f"n=0; ok=1; while :; do {settle}; "
+            f"jq {jq_args} {shlex.quote(jq_filter)} {target} > {tmp} && [ -s {tmp} ] && "
+            f"cp {tmp} {wrote} && sync {tmp} && mv -f {tmp} {target} && sync {folder} || "
+            f"{{ ok=0; rm -f {tmp} {wrote}; break; }}; {settle}; n=$((n+1)); "
+            f"if cmp -s {wrote} {target} || [ $n -ge {EDIT_ROUNDS} ]; then rm -f {wrote}; "
+            "break; fi; echo 'config.json: another write came in between: edited again'; done; "
+            '[ "$ok" = 1 ]')
 
 
 class BalenaOS:
@@ -322,14 +346,10 @@ class BalenaOS:
             else:
                 filters.append(f"setpath({jpath}; $v{i})")
                 args.append(f"--argjson v{i} {shlex.quote(json.dumps(value))}")
-        tmp = f"{CONFIG_JSON}.hil-new"
-        command = (f"{registration_wait(CONFIG_JSON, REGISTER_WAIT)} && {{ {CONFIG_JSON_SETTLE}; "
-                   f"jq {' '.join(args)} {shlex.quote(' | '.join(filters))} {CONFIG_JSON} "
-                   f"> {tmp} && [ -s {tmp} ] && sync {tmp} && mv -f {tmp} {CONFIG_JSON} "
-                   f"&& sync {BOOT_MNT} && {{ {CONFIG_JSON_SETTLE}; }}; }}")
+        command = (f"{registration_wait(CONFIG_JSON, REGISTER_WAIT)} && {{ "
+                   f"{config_json_edit(CONFIG_JSON, ' '.join(args), ' | '.join(filters))}; }}")
         result = self.run(command)
         if not result.ok:
-            self.run(f"rm -f {tmp}")
             raise CommandFailed(result)
 
     # --- bootloader -------------------------------------------------------------------------

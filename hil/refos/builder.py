@@ -138,6 +138,7 @@ ENABLED = {"systemd-journald.socket": "sockets.target",
            "systemd-udev-trigger.service": "sysinit.target",
            "config-json.path": "basic.target",
            "os-udevrules-conf.path": "basic.target",
+           "os-extra-firmware-conf.path": "basic.target",
            "systemd-journal-flush.service": "sysinit.target",
            "rollback-altboot.service": "sysinit.target",
            "getty.target": "multi-user.target",
@@ -147,6 +148,7 @@ ENABLED = {"systemd-journald.socket": "sockets.target",
                "recover-sshd-socket.timer", "os-config.service", "os-config.timer",
                "dnsmasq.service", "chronyd.service", "avahi-daemon.service",
                "balena.service", "balena-supervisor.service", "os-udevrules.service",
+               "os-extra-firmware.service",
                "rollback-health.service", "hil-provision.service", "hil-ready.service",
                "update-balena-supervisor.timer")}}
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
@@ -155,8 +157,12 @@ INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
 NETFILTER_MODULES = ("ip_tables", "iptable_filter", "iptable_nat", "xt_MASQUERADE", "xt_nat",
                      "xt_addrtype", "xt_conntrack", "xt_state", "xt_comment", "xt_tcpudp",
                      "ipt_REJECT", "br_netfilter")
+# test_firmware: the kernel's own firmware-loader test driver, which requests a firmware file
+# by name; the suites load it to see where the kernel finds firmware (balenaOS's extra-firmware
+# test builds a module of its own for that)
 ROOTFS_MODULES = (*INITRD_MODULES, "overlay", "virtio_net", "vfat", "nls_cp437", "nls_ascii",
-                  "nls_utf8", "i6300esb", "virtio_rng", "bridge", "veth", *NETFILTER_MODULES)
+                  "nls_utf8", "i6300esb", "virtio_rng", "bridge", "veth", *NETFILTER_MODULES,
+                  "test_firmware")
 # loaded by /sbin/init (overlay is loaded first, on its own); bridge and veth: the engine's network
 MODULES_LOAD = ("virtio_net", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "i6300esb",
                 "virtio_rng", "bridge", "veth")
@@ -348,11 +354,10 @@ class _Builder:
                         ignore=shutil.ignore_patterns("__pycache__"))
         for d in ("dev", "proc", "sys", "run", "tmp", "mnt/boot", "mnt/state", "mnt/data",
                   "mnt/sysroot/active", "mnt/sysroot/inactive", "data", "home/root", "boot",
-                  "var/lib", "etc/hil", "etc/udev/rules.d", "lib/udev/rules.d", "root"):
+                  "var/lib/docker", "etc/hil", "etc/udev/rules.d", "lib/udev/rules.d", "root"):
             (root / d).mkdir(parents=True, exist_ok=True)
         for link, target in (("var/volatile", "../run/volatile"), ("var/log", "volatile/log"),
                              ("var/run", "../run"),
-                             ("var/lib/docker", "../../mnt/data/docker"),
                              ("var/tmp", "../tmp"), ("var/lock", "../run/lock"),
                              ("etc/mtab", "../proc/self/mounts")):
             (root / link).symlink_to(target)
@@ -492,6 +497,7 @@ class _Builder:
             files["boot.scr"] = scr.read_bytes()
             files["resinOS_uEnv.txt"] = b"resin_root_part=2\nupgrade_available=0\n"
             files["bootcount.env"] = b"bootcount=0\n"
+            files["extra_uEnv.txt"] = b""  # the OS's bootloader_config_modify fills it
         else:
             from hil.refos import grub
 

@@ -25,7 +25,9 @@ def boot_files(console: str) -> dict[str, bytes]:
     cfg = (FILES / "grub.cfg").read_text().replace("@CONSOLE@", console)
     return {"grub/grub.cfg": cfg.encode(),
             "grub/grubenv": grubenv(resin_root_part="2", upgrade_available="0",
-                                    bootcount="0")}
+                                    bootcount="0"),
+            # the OS's bootloader_config_modify fills it (extra kernel arguments)
+            "grub/grub_extraenv": grubenv()}
 
 
 def install(disk: Path, *, core_offset: int, core_size: int, work: Path) -> None:

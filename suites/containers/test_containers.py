@@ -326,6 +326,106 @@ def test_device_and_service_variables_reach_their_services(
         apps.deploy(target({"main": release_service(app_image)}))
 
 
+# balenaOS's extra firmware: the supervisor keeps an engine volume, names it in config.json's
+# os.kernel.extraFirmwareVol and mounts it in services labelled io.balena.features.extra-firmware;
+# the OS's os-extra-firmware points the kernel's firmware loader at it (sysfs now, the kernel
+# command line from the next boot on)
+EXTRA_FIRMWARE_VOLUME = "extra-firmware"
+FIRMWARE_LABEL = {"io.balena.features.extra-firmware": "1"}
+FIRMWARE_SEARCH_PATH = "/sys/module/firmware_class/parameters/path"
+# the kernel's own firmware-loader test driver: a name written to trigger_request is requested
+# (request_firmware), and /dev/test_firmware gives what was loaded (nothing after a failure)
+FIRMWARE_TRIGGER = "/sys/devices/virtual/misc/test_firmware/trigger_request"
+FIRMWARE_APPLY = 60  # s from the target state to the OS pointing the kernel at the volume
+BOOT_EXTRA_ENV = "/mnt/boot/extra_uEnv.txt /mnt/boot/grub/grub_extraenv"
+
+
+def _request_firmware(host_os: HostOS, name: str) -> tuple[str, str]:
+    """The kernel asked for firmware ``name``: (what it loaded, "" if it found none; the
+    kernel's own lines about it)."""
+    out = host_os.check(
+        f"printf %s {shlex.quote(name)} > {FIRMWARE_TRIGGER} 2>/dev/null; "
+        f"echo \"loaded=$(cat /dev/test_firmware)\"; dmesg | grep -F {shlex.quote(name)} | "
+        "tail -n 2", timeout=60)
+    loaded = next((ln[len("loaded="):] for ln in out.splitlines() if ln.startswith("loaded=")),
+                  "")
+    return loaded, "\n".join(ln for ln in out.splitlines() if not ln.startswith("loaded="))
+
+
+def test_firmware_from_the_extra_firmware_volume_reaches_the_kernel(
+        dut: Dut, host_os: HostOS, apps: Apps, app_image: str, app: dict[str, str]) -> None:
+    """balenaOS's extra-firmware test: a firmware file a labelled service writes into the
+    supervisor's extra firmware volume is found by the kernel (not before it is there), the
+    OS's os-extra-firmware having pointed the loader at the volume; after a reboot the kernel
+    command line carries the path (the bootloader's extra environment) and the file still
+    loads. Theirs builds a module that requests the firmware; this one uses the kernel's own
+    test_firmware."""
+    if not host_os.run("modprobe test_firmware", timeout=60).ok:
+        pytest.skip("the device's kernel has no test_firmware module (CONFIG_TEST_FIRMWARE): "
+                    "the check needs a module that requests firmware by name")
+    token = secrets.token_hex(4)
+    name, content = f"hil-fw-{token}.bin", f"balena hil {token}"
+    loaded, kernel = _request_firmware(host_os, name)
+    assert loaded == "", f"firmware {name} loaded before any service provided it: {loaded!r}"
+    firmware = service(app_image, labels={**FIRMWARE_LABEL}, command=[
+        "sh", "-c", f"printf %s {shlex.quote(content)} > /extra-firmware/{name} && "
+        "trap 'exit 0' TERM; sleep 2147483647 & wait"])
+    main_only = target({SERVICE: release_service(app_image)})
+    mountpoint = ""
+    try:
+        apps.deploy(target({SERVICE: release_service(app_image), "firmware": firmware}))
+        mountpoint = host_os.check(f"balena-engine volume inspect {EXTRA_FIRMWARE_VOLUME} "
+                                   "--format '{{.Mountpoint}}'", timeout=120).strip()
+        assert mountpoint, f"the supervisor keeps no {EXTRA_FIRMWARE_VOLUME} volume"
+
+        def named() -> bool:
+            os_conf = host_os.config_json().get("os")
+            kernel_conf = os_conf.get("kernel") if isinstance(os_conf, dict) else None
+            return (isinstance(kernel_conf, dict)
+                    and kernel_conf.get("extraFirmwareVol") == EXTRA_FIRMWARE_VOLUME)
+
+        dut.poll(named, FIRMWARE_APPLY, f"config.json's os.kernel.extraFirmwareVol to name the "
+                 f"{EXTRA_FIRMWARE_VOLUME} volume (the supervisor sets it)",
+                 lambda: str(host_os.config_json().get("os")))
+        dut.poll(lambda: host_os.run(
+                     f"cat {FIRMWARE_SEARCH_PATH}; systemctl show -p Result --value "
+                     "os-extra-firmware.service", read_only=True).stdout.split()
+                 == [mountpoint, "success"], FIRMWARE_APPLY,
+                 f"the kernel's firmware search path ({FIRMWARE_SEARCH_PATH}) to be the "
+                 f"{EXTRA_FIRMWARE_VOLUME} volume's mountpoint {mountpoint}, set by "
+                 "os-extra-firmware.service (Result=success)",
+                 lambda: host_os.run(f"cat {FIRMWARE_SEARCH_PATH}; systemctl status --no-pager "
+                                     "os-extra-firmware.service | tail -n 5").stdout)
+        dut.poll(lambda: host_os.run(f"cat {mountpoint}/{name}",
+                                     read_only=True).stdout == content, FIRMWARE_APPLY,
+                 f"the labelled service to write {name} into the volume, at {mountpoint}",
+                 lambda: host_os.run(f"ls -l {mountpoint}").stdout)
+        loaded, kernel = _request_firmware(host_os, name)
+        assert loaded == content, (
+            f"the kernel did not load {name} from the extra firmware volume {mountpoint} "
+            f"(got {loaded!r}, want {content!r}); the kernel said:\n{kernel}")
+        apps.deploy(main_only)  # the file stays: the volume is the OS's, not the service's
+        boot_env = host_os.run(f"cat {BOOT_EXTRA_ENV} 2>/dev/null | tr -d '\\000' | "
+                               "grep -v '^#'", read_only=True).stdout.strip()
+        dut.reboot()
+        cmdline = host_os.check("cat /proc/cmdline", read_only=True).strip()
+        assert f"firmware_class.path={mountpoint}" in cmdline.split(), (
+            f"after a reboot the kernel command line lacks firmware_class.path={mountpoint}: "
+            f"{cmdline!r} (the bootloader's extra environment held {boot_env!r})")
+        search = host_os.check(f"cat {FIRMWARE_SEARCH_PATH}", read_only=True).strip()
+        assert search == mountpoint, f"after a reboot the firmware search path is {search!r}"
+        host_os.check("modprobe test_firmware", timeout=60)
+        loaded, kernel = _request_firmware(host_os, name)
+        assert loaded == content, (
+            f"after a reboot the kernel did not load {name} from {mountpoint} (got {loaded!r});"
+            f" the kernel said:\n{kernel}")
+    finally:
+        if mountpoint:
+            host_os.run(f"rm -f {mountpoint}/{name}")
+        host_os.run("rmmod test_firmware")
+        apps.deploy(main_only)
+
+
 # balena.service's watchdog, shortened as balenaOS's own test does it: a runtime drop-in. (30 s,
 # not their 15: each health check starts two programs, seconds each under QEMU's emulation.)
 WATCHDOG_DROPIN = "/run/systemd/system/balena.service.d/override.conf"

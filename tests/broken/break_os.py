@@ -138,6 +138,10 @@ BREAKS: dict[str, str] = {
         "mount --bind /run/config-apply-broken /usr/lib/hil/config-apply && "
         "/usr/lib/hil/config-apply runtime && systemctl stop balena.service && "
         "systemctl start --no-block balena.service balena-supervisor.service; }"),
+    # the OS ignores config.json's os.kernel.extraFirmwareVol: os-extra-firmware does nothing,
+    # and the firmware loader searches only where it always does (/lib/firmware)
+    "extra-firmware-ignored": (_unit_does_nothing("os-extra-firmware.service") + " && "
+                               "printf /lib/firmware > /sys/module/firmware_class/parameters/path"),
     # a device node the device type promises disappears
     "no-gpiochip0": "rm -f /dev/gpiochip0",
     # the kernel logs under-voltage, as a Raspberry Pi's does on a weak supply

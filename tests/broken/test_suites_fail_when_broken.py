@@ -154,21 +154,27 @@ def test_rollback_suite_fails_when_rollbacks_are_disabled(tmp_path: Path) -> Non
 
 
 @pytest.mark.timeout(1260)  # two tests' waits (the child's own deadline: 1200 s)
-def test_containers_suite_fails_without_nat_firewall_key_check_or_watchdog(
+def test_containers_suite_fails_without_nat_firewall_key_check_firmware_or_watchdog(
         tmp_path: Path) -> None:
-    """Four breaks of different promises in one session (one boot, one delivery of the app
+    """Five breaks of different promises in one session (one boot, one delivery of the app
     image): each test fails on its own break, naming it. The NAT and firewall tests first,
     before anything restarts the engine (which puts its NAT rule back until the break deletes
     it again); the production test next: it puts the device back in development mode when it
     fails, where the watchdog test would leave the engine hung."""
     suite = "suites/containers/test_containers.py::"
     code, out, failed = run_broken(
-        tmp_path, "supervisor-ignores-key,no-engine-watchdog,no-engine-nat,firewall-not-in-input",
+        tmp_path, "supervisor-ignores-key,no-engine-watchdog,no-engine-nat,firewall-not-in-input,"
+        "extra-firmware-ignored",
         [f"{suite}test_a_container_reaches_the_rig_host_through_the_engines_nat",
          f"{suite}test_supervisor_firewall_guards_the_host_in_the_configured_mode",
          f"{suite}test_production_mode_at_runtime_closes_the_engine_api_and_asks_for_keys",
+         f"{suite}test_firmware_from_the_extra_firmware_volume_reaches_the_kernel",
          f"{suite}test_hung_engine_is_killed_by_its_watchdog_and_comes_back"], timeout=1200)
-    assert code == 1 and "4 failed" in out, out[-6000:]
+    assert code == 1 and "5 failed" in out, out[-6000:]
+    assert ("test_firmware_from_the_extra_firmware_volume_reaches_the_kernel - hil.errors."
+            "NotReached: the kernel's firmware search path (/sys/module/firmware_class/"
+            "parameters/path) to be the extra-firmware volume's mountpoint") in failed, (
+        out[-6000:])
     assert ("test_a_container_reaches_the_rig_host_through_the_engines_nat - AssertionError: the "
             "engine must masquerade its containers' traffic out of the device") in failed, (
         out[-6000:])

@@ -18,7 +18,7 @@ import pytest
 
 from hil.console.shell import Result
 from hil.os import BalenaOS, BootState, OSContractError, RootPart, Secret
-from hil.os.balena import CONFIG_JSON, REGISTER_WAIT, registration_wait
+from hil.os.balena import CONFIG_JSON, REGISTER_WAIT, config_json_edit, registration_wait
 
 
 class FakeDut:
@@ -142,6 +142,41 @@ def test_an_edit_of_config_json_waits_for_the_devices_registration(tmp_path: Pat
     code, out, took = _registration_wait(cfg, 1)
     assert code != 0 and took >= 1.0
     assert "expected the device to finish registering (registered_at) within 1 s" in out
+
+
+def test_an_edit_of_config_json_another_write_overtook_is_made_again(tmp_path: Path) -> None:
+    """The edit set_config runs, against a file: alone, one round; when another program (the
+    supervisor) writes the file after it, from what it read before (so the edit is lost), the
+    edit is made again on what is there now, and both changes are kept."""
+    cfg, count = tmp_path / "config.json", tmp_path / "settles"
+
+    def edit(overtaken_at: int) -> subprocess.CompletedProcess[str]:
+        # the OS's settle step, which also plays the other writer once, at settle number N
+        settle = (f"c=$(($(cat {count} 2>/dev/null || echo 0) + 1)); echo $c > {count}; "
+                  f"if [ $c = {overtaken_at} ]; then printf '%s' '{{\"uuid\": \"a\", "
+                  f"\"os\": {{\"kernel\": {{\"extraFirmwareVol\": \"x\"}}}}}}' > {cfg}; "
+                  "fi; true")
+        count.unlink(missing_ok=True)
+        cfg.write_text('{"uuid": "a"}')
+        return subprocess.run(
+            ["sh", "-c", config_json_edit(str(cfg), "--argjson v0 '\"h\"'",
+                                          'setpath(["hostname"]; $v0)', settle)],
+            capture_output=True, text=True, timeout=60)
+
+    r = edit(overtaken_at=0)
+    assert r.returncode == 0 and "edited again" not in r.stdout, r
+    assert json.loads(cfg.read_text()) == {"uuid": "a", "hostname": "h"}
+    assert count.read_text().strip() == "2"  # one settle before the write, one after
+    r = edit(overtaken_at=2)  # written over right after the edit
+    assert r.returncode == 0 and "another write came in between: edited again" in r.stdout, r
+    assert json.loads(cfg.read_text()) == {"uuid": "a", "hostname": "h",
+                                           "os": {"kernel": {"extraFirmwareVol": "x"}}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "settles"]
+    cfg.write_text("not json")
+    r = subprocess.run(["sh", "-c", config_json_edit(str(cfg), "", ".", "true")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and cfg.read_text() == "not json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "settles"]
 
 
 def test_listening_ports_and_data_dir() -> None:

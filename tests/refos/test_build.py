@@ -287,6 +287,51 @@ def test_json_flattener_agrees_with_jq(tmp_path: Path) -> None:
     assert got[".developmentMode"] == "true" and got[".z"] == "null"
 
 
+def test_bootloader_config_modify_sets_and_removes_allowed_kernel_arguments(
+        tmp_path: Path) -> None:
+    """The guest's bootloader_config_modify (busybox sh), on a boot partition as the images
+    ship it: a kernel argument on balenaOS's list set in U-Boot's extra_uEnv.txt and GRUB's
+    grub_extraenv (a block grub-editenv reads), set again without a write, removed; one off
+    the list refused; a file the image does not ship never created."""
+    if shutil.which("busybox") is None or shutil.which("grub-editenv") is None:
+        pytest.skip("needs the host's busybox and grub-editenv")
+    files = Path(build_mod.__file__).parent / "files/rootfs"
+    boot = tmp_path / "boot"
+    (boot / "grub").mkdir(parents=True)
+    (boot / "extra_uEnv.txt").write_text("")
+    subprocess.run(["grub-editenv", str(boot / "grub/grub_extraenv"), "create"], check=True)
+    fw = "firmware_class.path=/var/lib/docker/volumes/extra-firmware/_data"
+
+    def modify(*args: str) -> subprocess.CompletedProcess[str]:
+        common = "\n".join(ln for ln in (files / "usr/lib/hil/common.sh").read_text()
+                           .splitlines() if "build.env" not in ln)  # the image's settings
+        script = (f"{common}\nBOOT_MNT={boot}\n. {files}/usr/libexec/os-helpers-bootloader-config"
+                  f"\nbootloader_config_modify {' '.join(args)}")
+        return subprocess.run(["busybox", "sh", "-c", script], capture_output=True, text=True,
+                              timeout=60)
+
+    def grub_env() -> str:
+        return subprocess.run(["grub-editenv", str(boot / "grub/grub_extraenv"), "list"],
+                              check=True, capture_output=True, text=True).stdout
+
+    assert modify("extra_os_firmware_class_path", fw).returncode == 0
+    assert (boot / "extra_uEnv.txt").read_text() == f"extra_os_firmware_class_path={fw}\n"
+    assert grub_env() == f"extra_os_firmware_class_path={fw}\n"
+    assert (boot / "grub/grub_extraenv").stat().st_size == 1024
+    before = {p: p.stat().st_mtime_ns for p in boot.rglob("*") if p.is_file()}
+    r = modify("extra_os_firmware_class_path", fw)
+    assert r.returncode == 0 and "has been set" not in r.stderr
+    assert before == {p: p.stat().st_mtime_ns for p in boot.rglob("*") if p.is_file()}
+    r = modify("extra_os_cmdline", "init=/bin/sh")
+    assert r.returncode != 0 and "not in whitelist" in r.stderr
+    assert "extra_os_cmdline" not in grub_env()
+    assert modify("extra_os_firmware_class_path").returncode == 0
+    assert (boot / "extra_uEnv.txt").read_text() == "" and grub_env() == ""
+    (boot / "extra_uEnv.txt").unlink()
+    assert modify("extra_os_firmware_class_path", fw).returncode == 0
+    assert not (boot / "extra_uEnv.txt").exists()
+
+
 @pytest.mark.parametrize("arch", ["aarch64", "x86_64"])
 def test_qemu_argv_boots_the_rigs_board(arch: str, tmp_path: Path) -> None:
     # the boot by hand and these tests run the qemu-<arch> rig's board: the same command line

@@ -12,6 +12,13 @@ fi
 if fatload virtio 0:1 ${scriptaddr} bootcount.env; then
   env import -t ${scriptaddr} ${filesize} bootcount
 fi
+# extra kernel arguments the OS asks for (its bootloader_config_modify), as balenaOS's U-Boot
+# imports extra_uEnv.txt
+setenv extra_os_cmdline
+setenv extra_os_firmware_class_path
+if fatload virtio 0:1 ${scriptaddr} extra_uEnv.txt && test ${filesize} != 0; then
+  env import -t ${scriptaddr} ${filesize} extra_os_cmdline extra_os_firmware_class_path
+fi
 # a damaged file must not leave the board unbootable
 if test "${resin_root_part}" != 2 && test "${resin_root_part}" != 3; then
   setenv resin_root_part 2
@@ -40,7 +47,7 @@ fi
 echo "HIL-BOOT: root=${boot_part} resin_root_part=${resin_root_part} bootcount=${bootcount} upgrade_available=${upgrade_available}"
 # norandmaps (balenaOS randomises): each program maps at the same addresses at every run, so QEMU's
 # emulation reuses its translated code; the engine's Go CLI then starts 3-5x faster (docs/refos.md)
-setenv hil_args "console=@CONSOLE@ rootfstype=ext4 ro panic=1 quiet loglevel=3 apparmor=0 selinux=0 norandmaps"
+setenv hil_args "console=@CONSOLE@ rootfstype=ext4 ro panic=1 quiet loglevel=3 apparmor=0 selinux=0 norandmaps ${extra_os_cmdline} ${extra_os_firmware_class_path}"
 setenv bootargs "root=/dev/vda${boot_part} ${hil_args}"
 if load virtio 0:${boot_part} ${kernel_addr_r} /boot/Image; then
   load virtio 0:${boot_part} ${ramdisk_addr_r} /boot/initrd.img

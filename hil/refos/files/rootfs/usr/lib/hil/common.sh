@@ -85,11 +85,9 @@ bootenv_set() {
         esac
     done
     if [ "$BOOTLOADER" = grub ]; then
-        body=$(printf '# GRUB Environment Block\nresin_root_part=%s\nupgrade_available=%s\nbootcount=%s\n' "$rp" "$ua" "$bc")
-        pad=$((1024 - ${#body} - 1))
-        # grubenv is exactly 1024 bytes, padded with '#'
-        _fat_replace "$GRUBENV" "$body
-$(head -c "$pad" /dev/zero | tr '\000' '#')"
+        _fat_replace "$GRUBENV" "$(grub_env_block "resin_root_part=$rp
+upgrade_available=$ua
+bootcount=$bc")"
     else
         # bootcount first: a cut between the two writes leaves an older, consistent state
         _fat_replace "$BOOTCOUNT_ENV" "bootcount=$bc
@@ -98,6 +96,15 @@ $(head -c "$pad" /dev/zero | tr '\000' '#')"
 upgrade_available=$ua
 "
     fi
+}
+
+# grub_env_block LINES: a GRUB environment block holding the "key=value" LINES: exactly 1024
+# bytes, padded with '#', as grub-editenv writes it
+grub_env_block() {
+    body="# GRUB Environment Block"
+    [ -n "$1" ] && body="$body
+$1"
+    printf '%s\n%s' "$body" "$(head -c $((1024 - ${#body} - 1)) /dev/zero | tr '\000' '#')"
 }
 
 bootenv_show() {

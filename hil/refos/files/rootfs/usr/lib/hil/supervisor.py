@@ -24,6 +24,11 @@ OS and does only what the suites reach through the API a real device also has:
   ``SUPERVISOR_OVERRIDE_LOCK`` is set in the target state's config.
 - Services with the supervisor-api label on the engine's bridge also join the ``supervisor0``
   network and reach the API at its gateway, 10.114.104.1, as the real supervisor's do.
+- The extra firmware volume as the real one keeps it (its lib/extra-firmware.ts): before any
+  other step of an apply, the engine volume ``extra-firmware`` exists and config.json's
+  ``os.kernel.extraFirmwareVol`` names it (the OS's os-extra-firmware then points the kernel's
+  firmware loader there); services labelled ``io.balena.features.extra-firmware`` get it at
+  ``/extra-firmware``. config.json is not written while the device registers.
 - The host's firewall as the real supervisor keeps it (its firewall.ts): the filter table's
   ``BALENA-FIREWALL`` chain, jumped to from ``INPUT``, in ``HOST_FIREWALL_MODE`` (the target
   state's config: ``on``, ``off`` (the default) or ``auto``), re-applied when the mode, local
@@ -44,6 +49,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 PORT = 48484
@@ -63,6 +69,10 @@ FIREWALL_CHAIN = "BALENA-FIREWALL"
 FIREWALL_MODES = ("on", "off", "auto")
 # where the API answers outside local mode (the real supervisor's constants.ts)
 API_INTERFACES = ("resin-vpn", "tun0", "docker0", "lo", SUPERVISOR_NET)
+TRUTHY = ("1", "true", "on")
+# the engine volume the OS loads extra firmware from (the real one's lib/extra-firmware.ts), and
+# where services labelled io.balena.features.extra-firmware see it
+EXTRA_FIRMWARE_VOLUME, EXTRA_FIRMWARE_MOUNT = "extra-firmware", "/extra-firmware"
 
 
 def log(message: str) -> None:
@@ -124,8 +134,14 @@ def engine_alive() -> bool:
         return False
 
 
+def feature(svc: dict[str, Any], name: str) -> bool:
+    """A service's ``io.balena.features.<name>`` label is truthy (as the real one's
+    checkTruthy reads labels)."""
+    return str(svc.get("labels", {}).get(f"io.balena.features.{name}")).lower() in TRUTHY
+
+
 def wants_api(svc: dict[str, Any]) -> bool:
-    return str(svc.get("labels", {}).get("io.balena.features.supervisor-api")) == "1"
+    return feature(svc, "supervisor-api")
 
 
 def firewall_rules(mode: str, local: bool, host_bound: bool) -> str:
@@ -161,6 +177,35 @@ def config() -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def update_config_json(change: Callable[[dict[str, Any]], bool]) -> None:
+    """config.json changed by ``change`` (which edits the parsed file and says whether it did),
+    written as the OS's own tools write it: a sibling, synced, renamed over it, the directory
+    synced (resin-boot is FAT: a power cut keeps one whole file). The file is read just before
+    it is written: another writer's change made meanwhile is kept."""
+    value = config()
+    if not value or not change(value):
+        return
+    tmp = CONFIG_JSON + ".supervisor-new"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, CONFIG_JSON)
+    fd = os.open(os.path.dirname(CONFIG_JSON), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def registering() -> bool:
+    """The OS's registration rewrites config.json from what it read (its key, then
+    registered_at): until it is done, a write of ours could be lost or lose its change."""
+    c = config()
+    return bool(c.get("apiEndpoint")) and "registered_at" not in c
+
+
 def needs_key() -> bool:
     """The real supervisor asks for a key on an unmanaged production device, and on a managed
     one unless it is in local mode. This one never talks to the cloud, so it is always
@@ -189,6 +234,7 @@ class Supervisor:
         self.save_lock = threading.Lock()  # the API's thread and the apply loop both save
         self.wake = threading.Event()
         self.applying = False
+        self.firmware_pending = False
         self.loop_beat = time.monotonic()
         self.keys: dict[str, str] = {}
         self.target: dict[str, Any] = {"local": {"name": "", "config": {}, "apps": {}},
@@ -341,6 +387,8 @@ class Supervisor:
         for v in svc.get("volumes", []):
             src, _, dst = v.partition(":")
             binds.append(v if src.startswith("/") else f"{app_id}_{src}:{dst}")
+        if feature(svc, "extra-firmware"):
+            binds.append(f"{EXTRA_FIRMWARE_VOLUME}:{EXTRA_FIRMWARE_MOUNT}")
         devices = []
         for d in svc.get("devices", []):
             host_path, _, rest = d.partition(":")
@@ -382,6 +430,7 @@ class Supervisor:
     # --- reconciling ---------------------------------------------------------------------------
     def apply(self) -> bool:
         """One pass towards the target state; False while a lock holds a change back."""
+        self.firmware_pending = not self.ensure_extra_firmware()
         wanted = self.wanted()
         for app_id, svc_name, _svc, _spec in wanted.values():
             # on tmpfs: gone after a boot, and the engine cannot start a container without them
@@ -421,6 +470,45 @@ class Supervisor:
             engine("POST", f"/containers/{urllib.parse.quote(name)}/start")
         self.purge_left_apps()
         return done
+
+    def ensure_extra_firmware(self) -> bool:
+        """As the real one before any other step: the extra firmware volume exists and
+        config.json's os.kernel.extraFirmwareVol names it (the OS then points the kernel's
+        firmware loader at it). The volume stays empty until a labelled service fills it.
+        False while that waits for the device's registration to finish."""
+        def named(c: dict[str, Any]) -> bool:
+            os_conf = c.get("os")
+            return (isinstance(os_conf, dict) and isinstance(os_conf.get("kernel"), dict)
+                    and os_conf["kernel"].get("extraFirmwareVol") == EXTRA_FIRMWARE_VOLUME)
+
+        try:
+            engine("GET", f"/volumes/{EXTRA_FIRMWARE_VOLUME}")
+            exists = True
+        except EngineError:
+            exists = False
+        if exists and named(config()):
+            return True
+        if registering():
+            return False
+        log("Configuring extra firmware volume")
+        engine("POST", "/volumes/create", {"Name": EXTRA_FIRMWARE_VOLUME})
+
+        def name_it(c: dict[str, Any]) -> bool:
+            if named(c):
+                return False
+            os_conf = c.setdefault("os", {})
+            if not isinstance(os_conf, dict) or not isinstance(os_conf.setdefault("kernel", {}),
+                                                               dict):
+                log("Malformed config.json: os or os.kernel is not an object")
+                return False
+            was = os_conf["kernel"].get("extraFirmwareVol")
+            if was is not None:
+                log(f"Extra firmware volume name changed from {was} to {EXTRA_FIRMWARE_VOLUME}")
+            os_conf["kernel"]["extraFirmwareVol"] = EXTRA_FIRMWARE_VOLUME
+            return True
+
+        update_config_json(name_it)
+        return True
 
     def ensure_image(self, image: str) -> None:
         try:
@@ -462,7 +550,7 @@ class Supervisor:
                 except EngineError as e:
                     log(f"apply failed: {e}")
                 self.applying = not done
-            self.wake.wait(300 if done else 5)
+            self.wake.wait(300 if done and not self.firmware_pending else 5)
             self.wake.clear()
 
     def restart_app(self, app_id: str, force: bool) -> None:
