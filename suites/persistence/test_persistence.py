@@ -299,9 +299,13 @@ def _disk_watchdog_state(host_os: HostOS) -> tuple[str, int, bool]:
 
 def _restart_disk_watchdog(host_os: HostOS, history: str = "") -> None:
     """A clean slate as theirs makes it: the boot history set to ``history`` (timestamps, one
-    a line), the units restarted (the history updater adds this "boot")."""
+    a line), the units restarted (the history updater adds this "boot"). The unit's start limit
+    (three starts in two minutes, then a forced reboot) is reset first: it is there for a
+    daemon that keeps failing, and the test's own restarts, a few seconds after the boot's
+    start, must not count against it."""
     host_os.check(f"mkdir -p {DWD_DIR} && printf '%s' {shlex.quote(history)} > "
-                  f"{DWD_DIR}/boot-history && (systemctl restart {DWD_UNITS} || true)")
+                  f"{DWD_DIR}/boot-history && systemctl reset-failed {DWD_UNITS}; "
+                  f"systemctl restart {DWD_UNITS} || true")
 
 
 def test_disk_watchdog_reboots_a_device_whose_disk_fails_and_disables_itself(
@@ -341,7 +345,8 @@ def test_disk_watchdog_reboots_a_device_whose_disk_fails_and_disables_itself(
                       "2>/dev/null && sync && printf "
                       + shlex.quote(dropin.replace("%", "%%").replace("\n", "\\n"))
                       + f" > {DWD_DROPIN} && systemctl daemon-reload && "
-                      "systemctl restart disk-watchdogd")
+                      "{ systemctl reset-failed disk-watchdogd; "
+                      "systemctl restart disk-watchdogd; }")
         active = host_os.unit_property("disk-watchdogd", "ActiveState")
         assert active == "active", (
             f"disk-watchdogd on the test's file should be active; it is {active!r}\n"

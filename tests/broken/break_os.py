@@ -72,7 +72,7 @@ BREAKS: dict[str, str] = {
         "grep -q '# broken' /usr/bin/disk-watchdogd || "
         "{ sed 's/ | os.O_DIRECT)/)  # broken/' /usr/bin/disk-watchdogd > /run/dwd-broken && "
         "chmod 755 /run/dwd-broken && mount --bind /run/dwd-broken /usr/bin/disk-watchdogd && "
-        "systemctl restart disk-watchdogd; }"),
+        "systemctl reset-failed disk-watchdogd; systemctl restart disk-watchdogd; }"),
     # the OS prints its provisioning key on the console (a debug line left in a boot script)
     "console-leaks-key": "jq -r '\"provisioning with \" + .apiKey' /mnt/boot/config.json "
                          "> /dev/console",
