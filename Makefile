@@ -67,11 +67,11 @@ docs: venv
 test: deps lint
 	$(MAKE) --no-print-directory -j3 --output-sync=target test-framework test-boards test-broken
 
-# The x86-64 board's suites but its containers suite run in the framework stream, before the
-# framework's tests; the emulated benches' smoke runs (each bench rig has ports of its own)
-# follow the aarch64 board's suites; the x86-64 containers suite follows the negative runs
-# (tests/broken: a suite on a broken OS, on a rig of its own each). So the three take about as
-# long (docs/benchmarks.md).
+# The x86-64 board's suites but the containers suite run in the framework stream, before the
+# framework's tests; its containers suite follows the aarch64 board's suites; the negative runs
+# (tests/broken: a suite on a broken OS, on a rig of its own each) and the emulated benches'
+# smoke runs (each bench rig has ports of its own) are the third stream. So the three take
+# about as long.
 X86_FIRST := suites/devices suites/ntp suites/smoke suites/persistence suites/provisioning \
   suites/rollback
 test-framework:
@@ -80,14 +80,14 @@ test-framework:
 
 test-boards:
 	$(HILTEST) --rig=qemu-aarch64 suites
+	$(HILTEST) --rig=qemu-x86_64 $(addprefix --ignore=,$(X86_FIRST)) suites
+
+test-broken:
+	$(HILTEST) --durations=15 tests/broken
 	$(HILTEST) --rig=virtual-rpi3 suites/smoke
 	$(HILTEST) --rig=virtual-rpi3-pdu suites/smoke
 	$(HILTEST) --rig=libvirt-aarch64 suites/smoke
 	$(HILTEST) --rig=virtual-nuc suites/smoke
-
-test-broken:
-	$(HILTEST) --durations=15 tests/broken
-	$(HILTEST) --rig=qemu-x86_64 $(addprefix --ignore=,$(X86_FIRST)) suites
 
 bench: deps
 	$(PY) bench/console_roundtrip.py

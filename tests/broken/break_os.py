@@ -17,6 +17,7 @@ import pytest
 
 from hil.dut import Dut
 from hil.os import BalenaOS
+from hil.os.balena import CONFIG_JSON_SETTLE
 
 # Overwrite a script's first bytes in place (an update's root is shrunk to its content: no free
 # block for a new file): it now exits at once, the rest is never read.
@@ -48,6 +49,12 @@ def _restart_chrony_without(word: str) -> str:
             f"sed -i /{word}/d /run/chrony/chrony.conf && systemctl restart chronyd.service; fi")
 
 
+# A config-apply already running when a broken copy is bound over it (config.json changed:
+# the registration, the supervisor) goes on with the script it opened and may undo the break
+# (the hostname it sets): the broken copy runs once that run has ended.
+_AFTER_RUNNING_APPLY = CONFIG_JSON_SETTLE + "; "
+
+
 def _supervisor_copy(sed: str) -> str:
     """A copy of the supervisor changed by ``sed`` bound over it, and the unit restarted."""
     return ("grep -q '# broken' /usr/lib/hil/supervisor.py || "
@@ -66,13 +73,6 @@ BREAKS: dict[str, str] = {
         "mount -t tmpfs tmpfs /data; }"),
     # the root is left writable (an OS that forgot its read-only root)
     "root-writable": "grep -q '^[^ ]* / [^ ]* rw[, ]' /proc/mounts || mount -o remount,rw /",
-    # the disk watchdog reads its test file through the page cache (no O_DIRECT), so a disk
-    # that fails its reads goes unseen: a copy so changed is bound over the daemon, restarted
-    "disk-watchdog-reads-cache": (
-        "grep -q '# broken' /usr/bin/disk-watchdogd || "
-        "{ sed 's/ | os.O_DIRECT)/)  # broken/' /usr/bin/disk-watchdogd > /run/dwd-broken && "
-        "chmod 755 /run/dwd-broken && mount --bind /run/dwd-broken /usr/bin/disk-watchdogd && "
-        "systemctl reset-failed disk-watchdogd; systemctl restart disk-watchdogd; }"),
     # the OS prints its provisioning key on the console (a debug line left in a boot script)
     "console-leaks-key": "jq -r '\"provisioning with \" + .apiKey' /mnt/boot/config.json "
                          "> /dev/console",
@@ -89,8 +89,8 @@ BREAKS: dict[str, str] = {
         "grep -q '^name=balena # broken$' /usr/lib/hil/config-apply || "
         "{ sed 's/^name=.c_hostname$/name=balena # broken/' /usr/lib/hil/config-apply "
         "> /run/config-apply-hostname && chmod 755 /run/config-apply-hostname && "
-        "mount --bind /run/config-apply-hostname /usr/lib/hil/config-apply && "
-        "/usr/lib/hil/config-apply runtime; }"),
+        "mount --bind /run/config-apply-hostname /usr/lib/hil/config-apply; } && "
+        + _AFTER_RUNNING_APPLY + "/usr/lib/hil/config-apply runtime"),
     # the running OS's rollback-altboot does nothing (so after a failed update the bootloader
     # falls back, but the old OS never cleans up): a root made writable for the purpose
     "no-altboot-rollback": _stub_on_root("/usr/bin/rollback-altboot"),
@@ -143,7 +143,8 @@ BREAKS: dict[str, str] = {
         "{ sed 's/^c_ca=.*/c_ca=/' /usr/lib/hil/config-apply > /run/config-apply-broken && "
         "chmod 755 /run/config-apply-broken && "
         "mount --bind /run/config-apply-broken /usr/lib/hil/config-apply && "
-        "/usr/lib/hil/config-apply runtime && systemctl stop balena.service && "
+        + _AFTER_RUNNING_APPLY + "/usr/lib/hil/config-apply runtime && "
+        "systemctl stop balena.service && "
         "systemctl start --no-block balena.service balena-supervisor.service; }"),
     # the OS ignores config.json's os.kernel.extraFirmwareVol: os-extra-firmware does nothing,
     # and the firmware loader searches only where it always does (/lib/firmware)
