@@ -366,7 +366,8 @@ def test_firmware_from_the_extra_firmware_volume_reaches_the_kernel(
     token = secrets.token_hex(4)
     name, content = f"hil-fw-{token}.bin", f"balena hil {token}"
     loaded, kernel = _request_firmware(host_os, name)
-    assert loaded == "", f"firmware {name} loaded before any service provided it: {loaded!r}"
+    assert loaded == "", (f"firmware {name} loaded before any service provided it: {loaded!r}; "
+                          f"the kernel said:\n{kernel}")
     firmware = service(app_image, labels={**FIRMWARE_LABEL}, command=[
         "sh", "-c", f"printf %s {shlex.quote(content)} > /extra-firmware/{name} && "
         "trap 'exit 0' TERM; sleep 2147483647 & wait"])
