@@ -87,6 +87,9 @@ BINARIES: dict[str, dict[str, str]] = {
     | {"usr/bin/systemd-analyze": "usr/bin/systemd-analyze"},
     # udev: one program, systemd-udevd and udevadm (with the builtins: blkid, path_id)
     "udev": {"bin/udevadm": "bin/udevadm"},
+    # NetworkManager: os-networkmanager writes its configuration from config.json, which
+    # `NetworkManager --print-config` reads back (the daemon does not run: no D-Bus)
+    "network-manager": {"usr/sbin/NetworkManager": "usr/sbin/NetworkManager"},
     # the supervisor stand-in (usr/lib/hil/supervisor.py) is a Python program
     "python3.11-minimal": {"usr/bin/python3.11": "usr/bin/python3"},
 }
@@ -139,6 +142,7 @@ ENABLED = {"systemd-journald.socket": "sockets.target",
            "config-json.path": "basic.target",
            "os-udevrules-conf.path": "basic.target",
            "os-extra-firmware-conf.path": "basic.target",
+           "os-networkmanager-conf.path": "basic.target",
            "systemd-journal-flush.service": "sysinit.target",
            "rollback-altboot.service": "sysinit.target",
            "getty.target": "multi-user.target",
@@ -148,7 +152,7 @@ ENABLED = {"systemd-journald.socket": "sockets.target",
                "recover-sshd-socket.timer", "os-config.service", "os-config.timer",
                "dnsmasq.service", "chronyd.service", "avahi-daemon.service",
                "balena.service", "balena-supervisor.service", "os-udevrules.service",
-               "os-extra-firmware.service",
+               "os-extra-firmware.service", "os-networkmanager.service",
                "rollback-health.service", "hil-provision.service", "hil-ready.service",
                "update-balena-supervisor.timer")}}
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
@@ -354,7 +358,8 @@ class _Builder:
                         ignore=shutil.ignore_patterns("__pycache__"))
         for d in ("dev", "proc", "sys", "run", "tmp", "mnt/boot", "mnt/state", "mnt/data",
                   "mnt/sysroot/active", "mnt/sysroot/inactive", "data", "home/root", "boot",
-                  "var/lib/docker", "etc/hil", "etc/udev/rules.d", "lib/udev/rules.d", "root"):
+                  "var/lib/docker", "etc/hil", "etc/udev/rules.d", "etc/NetworkManager/conf.d",
+                  "lib/udev/rules.d", "root"):
             (root / d).mkdir(parents=True, exist_ok=True)
         for link, target in (("var/volatile", "../run/volatile"), ("var/log", "volatile/log"),
                              ("var/run", "../run"),

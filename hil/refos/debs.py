@@ -210,6 +210,17 @@ KNOWN_SONAMES = {
     "libjansson.so.4": "libjansson4", "libxtables.so.12": "libxtables12",
     # iptables'
     "libip4tc.so.2": "libip4tc2", "libip6tc.so.2": "libip6tc2",
+    # NetworkManager's (and libcurl's, glib's)
+    "libndp.so.0": "libndp0", "libpsl.so.5": "libpsl5", "libaudit.so.1": "libaudit1",
+    "libcap-ng.so.0": "libcap-ng0", "libcurl-gnutls.so.4": "libcurl3-gnutls",
+    **{f"lib{n}-2.0.so.0": "libglib2.0-0" for n in ("glib", "gio", "gobject", "gmodule")},
+    "libbrotlidec.so.1": "libbrotli1", "libbrotlicommon.so.1": "libbrotli1",
+    "libgssapi_krb5.so.2": "libgssapi-krb5-2", "libkrb5.so.3": "libkrb5-3",
+    "libk5crypto.so.3": "libk5crypto3", "libkrb5support.so.0": "libkrb5support0",
+    "libkeyutils.so.1": "libkeyutils1", "libldap-2.5.so.0": "libldap-2.5-0",
+    "liblber-2.5.so.0": "libldap-2.5-0", "libsasl2.so.2": "libsasl2-2",
+    "libnghttp2.so.14": "libnghttp2-14", "librtmp.so.1": "librtmp1", "libssh2.so.1": "libssh2-1",
+    "libssl.so.3": "libssl3", "libcrypto.so.3": "libssl3",
     # avahi-daemon's
     "libavahi-core.so.7": "libavahi-core7", "libavahi-common.so.3": "libavahi-common3",
     "libdaemon.so.0": "libdaemon0", "libexpat.so.1": "libexpat1",

@@ -612,6 +612,80 @@ def test_udev_rules_from_config_json_are_installed_and_act(dut: Dut, host_os: Ho
              lambda: f"{UDEV_LINK} -> {_readlink(host_os, UDEV_LINK)}")
 
 
+# balenaOS's config-json os.network tests (A4, A5): os-networkmanager writes config.json's
+# os.network settings as a NetworkManager configuration fragment, and NetworkManager's own
+# parser reads the merged configuration back (`NetworkManager --print-config`), as theirs do.
+CONNECTIVITY_URI = "http://www.archlinux.org/check_network_status.txt"  # theirs
+NM_PRINT_CONFIG = "NetworkManager --print-config"
+
+
+def _nm_section(host_os: HostOS, section: str) -> dict[str, str]:
+    """One section of NetworkManager's merged configuration (``key=value`` lines; its
+    defaults, printed as comments, left out). Empty when the section is not there."""
+    items: dict[str, str] = {}
+    inside = False
+    for line in host_os.check(NM_PRINT_CONFIG, read_only=True).splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            inside = line == f"[{section}]"
+        elif inside and "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            items[key] = value
+    return items
+
+
+def _nm_configured(dut: Dut, host_os: HostOS, section: str, want: dict[str, str | None],
+                   why: str) -> None:
+    """Wait until NetworkManager's [section] has each key of ``want`` at its value (None: the
+    key is absent)."""
+    def ok() -> bool:
+        have = _nm_section(host_os, section)
+        return all(have.get(k) == v for k, v in want.items())
+    dut.poll(ok, APPLY_TIMEOUT, f"{why}: NetworkManager's [{section}] to hold {want}",
+             lambda: host_os.run(f"{NM_PRINT_CONFIG}; cat /etc/NetworkManager/conf.d/*; "
+                                 "journalctl -q -o cat -u os-networkmanager | tail -n 20"
+                                 ).stdout[-3000:])
+
+
+def test_connectivity_check_from_config_json_reaches_networkmanager(
+        dut: Dut, host_os: HostOS) -> None:
+    """balenaOS's config-json os.network.connectivity test: the URI written at runtime is
+    NetworkManager's connectivity check's (with the interval given); with the key removed it
+    is the API's /connectivity-check again, every 3600 s (balena-config-vars' defaults), or
+    no check at all on a device without an API."""
+    original = host_os.config_json().get("os", {}).get("network")
+    host_os.set_config(**{"os.network.connectivity": {"uri": CONNECTIVITY_URI,
+                                                      "interval": 600}})
+    try:
+        _nm_configured(dut, host_os, "connectivity",
+                       {"uri": CONNECTIVITY_URI, "interval": "600"},
+                       "os.network.connectivity set")
+    finally:
+        host_os.set_config(**{"os.network": original})
+    api = host_os.config_json().get("apiEndpoint")
+    _nm_configured(dut, host_os, "connectivity",
+                   {"uri": f"{api}/connectivity-check", "interval": "3600"} if api
+                   else {"uri": None}, "os.network.connectivity removed")
+
+
+def test_random_mac_address_scan_from_config_json_reaches_networkmanager(
+        dut: Dut, host_os: HostOS) -> None:
+    """balenaOS's config-json os.network.wifi.randomMacAddressScan test: true gives
+    NetworkManager ``wifi.scan-rand-mac-address=yes``; and more: false gives ``no``, and
+    without the key NetworkManager keeps its own default."""
+    original = host_os.config_json().get("os", {}).get("network")
+    key = "os.network.wifi.randomMacAddressScan"
+    try:
+        for value, want in ((True, "yes"), (False, "no")):
+            host_os.set_config(**{key: value})
+            _nm_configured(dut, host_os, "device", {"wifi.scan-rand-mac-address": want},
+                           f"{key}={str(value).lower()}")
+    finally:
+        host_os.set_config(**{"os.network": original})
+    _nm_configured(dut, host_os, "device", {"wifi.scan-rand-mac-address": None},
+                   f"{key} removed")
+
+
 def test_udevd_substitutes_every_variable(host_os: HostOS) -> None:
     """balenaOS's udev test: udevd's log has no "Failed to substitute variable" (its by-state
     rule must not probe ramdisks, zram or loop devices, which have no parent disk)."""

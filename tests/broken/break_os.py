@@ -82,6 +82,10 @@ BREAKS: dict[str, str] = {
     # the OS ignores config.json's os.udevRules: os-udevrules, which installs them, is gone
     "udev-rules-ignored": ("grep -q ' /usr/sbin/os-udevrules ' /proc/mounts || "
                            "mount --bind /dev/null /usr/sbin/os-udevrules"),
+    # the OS ignores config.json's os.network: os-networkmanager, which writes NetworkManager's
+    # configuration from it, is gone
+    "network-settings-ignored": ("grep -q ' /usr/sbin/os-networkmanager ' /proc/mounts || "
+                                 "mount --bind /dev/null /usr/sbin/os-networkmanager"),
     # the OS ignores config.json's hostname / uuid and keeps a fixed one: a config-apply that
     # names the device "balena" is bound over it and run (so a later change of config.json,
     # the registration's among them, applies the fixed name again)

@@ -35,12 +35,19 @@ def test_provisioning_suite_fails_on_a_leaked_key_a_wrong_hostname_and_ignored_d
         tmp_path: Path) -> None:
     code, out, failed = run_broken(
         tmp_path, "console-leaks-key,hostname-ignored,dns-servers-ignored,"
-        "no-sshd-socket-recovery,udev-rules-ignored,no-mdns",
+        "no-sshd-socket-recovery,udev-rules-ignored,no-mdns,network-settings-ignored",
         ["suites/provisioning", "-k",
          "hostname_is_config or no_key_in or dns_servers or recovery_timer_is_active "
-         "or udev_rules or hostname_is_announced"],
+         "or udev_rules or hostname_is_announced or reaches_networkmanager"],
         boot_timeout=60)
-    assert code == 1 and "6 failed" in out, out[-6000:]
+    assert code == 1 and "8 failed" in out, out[-6000:]
+    for test, want in (("connectivity_check", "os.network.connectivity set: NetworkManager's "
+                        "[connectivity] to hold {'uri': 'http://www.archlinux.org/"),
+                       ("random_mac_address_scan", "os.network.wifi.randomMacAddressScan=true: "
+                        "NetworkManager's [device] to hold {'wifi.scan-rand-mac-address': "
+                        "'yes'}")):
+        assert (f"test_{test}_from_config_json_reaches_networkmanager - hil.errors.NotReached: "
+                f"{want}") in failed, out[-6000:]
     assert ("test_hostname_is_announced_over_mdns - hil.errors.NotReached: the device to "
             "answer for balena.local over mDNS") in failed, out[-6000:]
     assert ("test_sshd_socket_recovery_timer_is_active - hil.errors.NotReached: "
