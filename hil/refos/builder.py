@@ -62,6 +62,8 @@ BINARIES: dict[str, dict[str, str]] = {
     "dropbear-bin": {"usr/sbin/dropbear": "usr/sbin/dropbear",
                      "usr/bin/dropbearkey": "usr/bin/dropbearkey"},
     "jq": {"usr/bin/jq": "usr/bin/jq"},
+    # the engine's API on its socket (balena-healthcheck, os-extra-firmware), as balenaOS asks it
+    "curl": {"usr/bin/curl": "usr/bin/curl"},
     "dnsmasq-base": {"usr/sbin/dnsmasq": "usr/sbin/dnsmasq"},
     "avahi-daemon": {"usr/sbin/avahi-daemon": "usr/sbin/avahi-daemon"},
     "e2fsprogs": {"sbin/tune2fs": "sbin/tune2fs", "sbin/mke2fs": "sbin/mke2fs",

@@ -210,9 +210,10 @@ KNOWN_SONAMES = {
     "libjansson.so.4": "libjansson4", "libxtables.so.12": "libxtables12",
     # iptables'
     "libip4tc.so.2": "libip4tc2", "libip6tc.so.2": "libip6tc2",
-    # NetworkManager's (and libcurl's, glib's)
+    # NetworkManager's and curl's (and libcurl's, glib's)
     "libndp.so.0": "libndp0", "libpsl.so.5": "libpsl5", "libaudit.so.1": "libaudit1",
     "libcap-ng.so.0": "libcap-ng0", "libcurl-gnutls.so.4": "libcurl3-gnutls",
+    "libcurl.so.4": "libcurl4",
     **{f"lib{n}-2.0.so.0": "libglib2.0-0" for n in ("glib", "gio", "gobject", "gmodule")},
     "libbrotlidec.so.1": "libbrotli1", "libbrotlicommon.so.1": "libbrotli1",
     "libgssapi_krb5.so.2": "libgssapi-krb5-2", "libkrb5.so.3": "libkrb5-3",

@@ -292,7 +292,7 @@ def test_bootloader_config_modify_sets_and_removes_allowed_kernel_arguments(
     """The guest's bootloader_config_modify (busybox sh), on a boot partition as the images
     ship it: a kernel argument on balenaOS's list set in U-Boot's extra_uEnv.txt and GRUB's
     grub_extraenv (a block grub-editenv reads), set again without a write, removed; one off
-    the list refused; a file the image does not ship never created."""
+    the list refused; a file the image does not ship never created; each call under the lock."""
     if shutil.which("busybox") is None or shutil.which("grub-editenv") is None:
         pytest.skip("needs the host's busybox and grub-editenv")
     files = Path(build_mod.__file__).parent / "files/rootfs"
@@ -306,6 +306,7 @@ def test_bootloader_config_modify_sets_and_removes_allowed_kernel_arguments(
         common = "\n".join(ln for ln in (files / "usr/lib/hil/common.sh").read_text()
                            .splitlines() if "build.env" not in ln)  # the image's settings
         script = (f"{common}\nBOOT_MNT={boot}\n. {files}/usr/libexec/os-helpers-bootloader-config"
+                  f"\nBOOTLOADER_CONFIG_LOCK_FILE={tmp_path}/bootloader_config.lock"
                   f"\nbootloader_config_modify {' '.join(args)}")
         return subprocess.run(["busybox", "sh", "-c", script], capture_output=True, text=True,
                               timeout=60)
@@ -315,6 +316,7 @@ def test_bootloader_config_modify_sets_and_removes_allowed_kernel_arguments(
                               check=True, capture_output=True, text=True).stdout
 
     assert modify("extra_os_firmware_class_path", fw).returncode == 0
+    assert (tmp_path / "bootloader_config.lock").exists()  # one writer at a time, as balenaOS
     assert (boot / "extra_uEnv.txt").read_text() == f"extra_os_firmware_class_path={fw}\n"
     assert grub_env() == f"extra_os_firmware_class_path={fw}\n"
     assert (boot / "grub/grub_extraenv").stat().st_size == 1024
