@@ -652,7 +652,7 @@ def test_connectivity_check_from_config_json_reaches_networkmanager(
     """balenaOS's config-json os.network.connectivity test: the URI written at runtime is
     NetworkManager's connectivity check's (with the interval given); with the key removed it
     is the API's /connectivity-check again, every 3600 s (balena-config-vars' defaults), or
-    no check at all on a device without an API."""
+    no check at all on a device without an API (or the device's own setting, if it had one)."""
     original = host_os.config_json().get("os", {}).get("network")
     host_os.set_config(**{"os.network.connectivity": {"uri": CONNECTIVITY_URI,
                                                       "interval": 600}})
@@ -662,17 +662,21 @@ def test_connectivity_check_from_config_json_reaches_networkmanager(
                        "os.network.connectivity set")
     finally:
         host_os.set_config(**{"os.network": original})
+    # back to the device's own setting, or to the defaults where it had none
+    own = (original or {}).get("connectivity") or {}
     api = host_os.config_json().get("apiEndpoint")
+    uri = own.get("uri") or (f"{api}/connectivity-check" if api else None)
     _nm_configured(dut, host_os, "connectivity",
-                   {"uri": f"{api}/connectivity-check", "interval": "3600"} if api
-                   else {"uri": None}, "os.network.connectivity removed")
+                   {"uri": uri, "interval": str(own.get("interval") or 3600)} if uri
+                   else {"uri": None}, "os.network.connectivity back as it was")
 
 
 def test_random_mac_address_scan_from_config_json_reaches_networkmanager(
         dut: Dut, host_os: HostOS) -> None:
     """balenaOS's config-json os.network.wifi.randomMacAddressScan test: true gives
     NetworkManager ``wifi.scan-rand-mac-address=yes``; and more: false gives ``no``, and
-    without the key NetworkManager keeps its own default."""
+    without the key NetworkManager keeps its own default (or the device's own setting comes
+    back, if it had one)."""
     original = host_os.config_json().get("os", {}).get("network")
     key = "os.network.wifi.randomMacAddressScan"
     try:
@@ -682,8 +686,11 @@ def test_random_mac_address_scan_from_config_json_reaches_networkmanager(
                            f"{key}={str(value).lower()}")
     finally:
         host_os.set_config(**{"os.network": original})
-    _nm_configured(dut, host_os, "device", {"wifi.scan-rand-mac-address": None},
-                   f"{key} removed")
+    own = (original or {}).get("wifi", {}).get("randomMacAddressScan")
+    _nm_configured(dut, host_os, "device",
+                   {"wifi.scan-rand-mac-address": None if own is None
+                    else {True: "yes", False: "no"}.get(own, str(own))},
+                   f"{key} back as it was")
 
 
 def test_udevd_substitutes_every_variable(host_os: HostOS) -> None:

@@ -115,6 +115,10 @@ bootenv_show() {
 
 # --- config.json ---------------------------------------------------------------------------
 cfg() { jq -r "$1 // empty" "$CONFIG_JSON" 2>/dev/null; }
+# config.json flattened ("PATH<TAB>VALUE" lines): jq costs about a second per start under
+# emulation. flat_get PATH: one value from $flat, which the caller sets to $(config_flat).
+config_flat() { awk -f /usr/lib/hil/json-flat.awk "$CONFIG_JSON" 2>/dev/null; }
+flat_get() { printf '%s\n' "$flat" | awk -F '\t' -v k="$1" '$1 == k { print $2; exit }'; }
 
 # Rewrite config.json through jq (filter and args as given), atomically.
 cfg_update() {
