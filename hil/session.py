@@ -111,8 +111,7 @@ class HilSession:
             self.open(what)
             assert self.rig is not None and self.dut is not None
             if self.options.flash:
-                image, bmap = self.prepare_image()
-                self.rig.flash(image, bmap)
+                self.flash(*self.prepare_image())
             else:
                 self.rig.medium_to_board()
             self.dut.power_on()
@@ -122,6 +121,13 @@ class HilSession:
         except BaseException:
             self.close()
             raise
+
+    def flash(self, image: Path, bmap: Path | None) -> None:
+        """Write a prepared image; the host OS adapter forgets what it learnt of the last one
+        (a bench command flashes the reference OS after the session opened without it)."""
+        assert self.rig is not None and self.dut is not None
+        self.rig.flash(image, bmap)
+        self.dut.os.flashed(self.builds_reference_os or None)
 
     def close(self, *, leave_up: bool = False) -> None:
         """Undo everything ``open`` and ``start`` did: the board powered off, the mux released,

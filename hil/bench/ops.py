@@ -120,7 +120,7 @@ def boot(session: HilSession, image: str | None, flash: bool, ui: Ui) -> int:
         with step(ui, "prepare the image"):
             prepared, bmap = session.prepare_image()
         with step(ui, f"flash {prepared.name}"):
-            rig.flash(prepared, bmap)
+            session.flash(prepared, bmap)
         with step(ui, "power on, wait for the boot and a shell"):
             session.dut.power_on()
     else:

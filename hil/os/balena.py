@@ -223,6 +223,11 @@ class BalenaOS:
     def learn(self) -> None:
         _ = self.is_reference_os
 
+    def flashed(self, reference: bool | None) -> None:
+        learned = self._learned
+        learned.reference, learned.data_dir, learned.last_update_seconds = reference, None, None
+        learned.images.clear()
+
     def hostname(self) -> tuple[str, str]:
         """(/etc/hostname, what ``hostname`` says)."""
         out = self.check("cat /etc/hostname; echo; hostname", read_only=True).split()

@@ -122,6 +122,10 @@ class HostOS(Protocol):
         """Learn what the adapter must know of the running OS while a shell is there (its
         boots are recognised from it after the shell is gone)."""
         ...
+    def flashed(self, reference: bool | None) -> None:
+        """A new image is on the medium: forget what was learnt of the last one;
+        ``reference``: whether it is the reference OS, where the caller knows (it built it)."""
+        ...
     def close(self) -> None: ...
 
     # commands

@@ -40,6 +40,9 @@ def test_registration_retries_until_accepted(disk: Path, guest_factory: GuestFac
     # norandmaps (docs/refos.md): programs map at fixed addresses, so QEMU reuses its
     # translations of the engine's binaries from one run to the next
     assert g.run("cat /proc/sys/kernel/randomize_va_space") == "0"
+    # kpti=0 (docs/refos.md): no page-table switch per system call, each of which empties
+    # QEMU's TLB
+    assert "isolation forced OFF" in g.run("dmesg | grep -i 'page table isolation'")
     # persistentLogging: journald writes its journal to resin-state (this machine's, whose id
     # is kept there too)
     journal = "/mnt/state/root-overlay/var/log/journal/$(cat /etc/machine-id)/system.journal"
