@@ -95,6 +95,10 @@ class SupervisorAPI:
     def healthy(self) -> Reply:
         return self.request("GET", "/v1/healthy")
 
+    def blink(self) -> Reply:
+        """Identify the device: the supervisor blinks its LED (``LED_FILE``) for a while."""
+        return self.request("POST", "/v1/blink")
+
     def wait_healthy(self, timeout: float = 300.0) -> None:
         """Until ``/v1/healthy`` answers 200 (the supervisor starts after the engine)."""
         seen = ["nothing yet"]

@@ -86,7 +86,7 @@ BINARIES: dict[str, dict[str, str]] = {
     "systemd": {f"lib/systemd/{n}": f"lib/systemd/{n}"
                 for n in ("systemd", "systemd-journald", "systemd-shutdown")}
     | {f"bin/{n}": f"bin/{n}" for n in ("systemctl", "journalctl", "systemd-notify")}
-    | {"usr/bin/systemd-analyze": "usr/bin/systemd-analyze"},
+    | {f"usr/bin/{n}": f"usr/bin/{n}" for n in ("systemd-analyze", "systemd-run")},
     # udev: one program, systemd-udevd and udevadm (with the builtins: blkid, path_id)
     "udev": {"bin/udevadm": "bin/udevadm"},
     # NetworkManager: os-networkmanager writes its configuration from config.json, which
@@ -168,10 +168,12 @@ NETFILTER_MODULES = ("ip_tables", "iptable_filter", "iptable_nat", "xt_MASQUERAD
 # test builds a module of its own for that)
 ROOTFS_MODULES = (*INITRD_MODULES, "overlay", "virtio_net", "vfat", "nls_cp437", "nls_ascii",
                   "nls_utf8", "i6300esb", "virtio_rng", "bridge", "veth", *NETFILTER_MODULES,
-                  "test_firmware")
-# loaded by /sbin/init (overlay is loaded first, on its own); bridge and veth: the engine's network
+                  "test_firmware", "leds_gpio")
+# loaded by /sbin/init (overlay is loaded first, on its own); bridge and veth: the engine's
+# network; leds_gpio: the QEMU aarch64 board's LED (files/uboot/boot.cmd), as udev's coldplug
+# here is of block devices only
 MODULES_LOAD = ("virtio_net", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "i6300esb",
-                "virtio_rng", "bridge", "veth")
+                "virtio_rng", "bridge", "veth", "leds_gpio")
 HOST_TOOLS = ("e2fsprogs", "dosfstools", "mtools", "fdisk", "u-boot-tools", "grub-common",
               "grub-pc-bin", "busybox-static", "kmod")
 
@@ -189,13 +191,16 @@ class ArchSpec:
     bootloader: str  # "uboot" or "grub"
     device_type: str
     kernel_name: str  # name of the kernel in the root's /boot
+    # the supervisor's LED_FILE (supervisor.conf), as balenaOS's machine sets it: /dev/null
+    # where the board has no LED
+    led_file: str
 
 
 ARCHES = {
     "aarch64": ArchSpec("aarch64", "arm64", "aarch64-linux-gnu", "ttyAMA0", "uboot",
-                        "generic-aarch64", "Image"),
+                        "generic-aarch64", "Image", "/sys/class/leds/led0/brightness"),
     "x86_64": ArchSpec("x86_64", "amd64", "x86_64-linux-gnu", "ttyS0", "grub",
-                       "genericx86-64-ext", "vmlinuz"),
+                       "genericx86-64-ext", "vmlinuz", "/dev/null"),
 }
 
 
@@ -425,6 +430,11 @@ class _Builder:
             f'MACHINE="{self.spec.device_type}"\nSLUG="{self.spec.device_type}"\n'
             f'META_BALENA_VERSION="{self.version}"\n'
             'VARIANT_ID="hil-refos"\n')
+        (etc / "balena-supervisor").mkdir(exist_ok=True)
+        (etc / "balena-supervisor" / "supervisor.conf").write_text(
+            "# This file represents the last known version of the supervisor\n"
+            "SUPERVISOR_IMAGE=balena-supervisor-hil\nSUPERVISOR_VERSION=0.0.0-hil\n"
+            f"LED_FILE={self.spec.led_file}\n")
         (etc / "hostname").write_text("balena\n")
         (etc / "hosts").write_text("127.0.0.1\tlocalhost\n")
         (etc / "resolv.conf").write_text("")

@@ -27,6 +27,7 @@ from devices_probe import (
 from hil.config import DeviceType
 from hil.dut import Dut
 from hil.errors import InfraError
+from hil.os import HostOS
 
 
 def dtype(dut: Dut) -> DeviceType:
@@ -154,6 +155,70 @@ def test_watchdog_pets_and_stops(dut: Dut) -> None:
         "board would reset")
     k0, k1 = wd_state.get("kernel", "0 0").split()
     assert k0 == k1, "the kernel logged 'watchdog did not stop!' after the magic close"
+
+
+# --- the LED --------------------------------------------------------------------------------------
+
+SUPERVISOR_CONF = "/etc/balena-supervisor/supervisor.conf"
+LED_WATCH = "hil-led-watch"  # a transient unit, as their test's collector
+LED_LOG = "/run/hil-led-watch.log"
+# Each change of the LED file, with the uptime it was seen at: shell builtins only (no process
+# per read), at the lowest priority, so that the supervisor's blinking comes first.
+LED_WATCH_SCRIPT = (
+    f'. {SUPERVISOR_CONF}; p=none; while :; do read -r v < "$LED_FILE"; '
+    f'if [ "$v" != "$p" ]; then read -r up _ < /proc/uptime; echo "$up $v" >> {LED_LOG}; p=$v; '
+    'fi; done')
+BLINKS = 10  # theirs: more than 10 on/off pairs
+STEADY_SECONDS = 3.0
+
+
+def led_changes(dut: Dut) -> list[tuple[float, str]]:
+    out = dut.run(f"cat {LED_LOG} 2>/dev/null; true").stdout
+    return [(float(f[0]), f[1]) for f in (line.split() for line in out.splitlines())
+            if len(f) == 2]
+
+
+@pytest.mark.needs("led")
+def test_identify_blinks_the_led_then_stops(dut: Dut, host_os: HostOS) -> None:
+    """balenaOS's identification check (their B4): the supervisor's ``LED_FILE``
+    (supervisor.conf) exists, and ``POST /v1/blink`` toggles it more than ten times. More than
+    theirs: the toggles are awaited as they come (theirs waits a fixed 20 s), and the LED must
+    go steady again once the identification ends (the supervisor blinks for 15 s)."""
+    led = dut.run(f'. {SUPERVISOR_CONF} && [ -n "$LED_FILE" ] && [ -f "$LED_FILE" ] && '
+                  'echo "$LED_FILE"').stdout.strip()
+    assert led, (f"the rig offers an LED (its 'led' feature), but LED_FILE in {SUPERVISOR_CONF} "
+                 "is unset or names no file: " + dut.run(f"cat {SUPERVISOR_CONF}").stdout)
+    dut.run_check(f"systemctl stop {LED_WATCH} 2>/dev/null; rm -f {LED_LOG}; systemd-run "
+                  f"--unit={LED_WATCH} -p Nice=19 sh -c {shlex.quote(LED_WATCH_SCRIPT)}")
+    try:
+        dut.poll(lambda: led_changes(dut) or None, 30, f"the watcher's first reading of {led}",
+                 lambda: dut.run(f"systemctl status {LED_WATCH} 2>&1 | tail -n 5").stdout)
+        api = host_os.supervisor()
+        api.wait_healthy()  # as theirs waits for its /ping
+        reply = api.blink()
+        assert (reply.status, reply.text) == (200, "OK"), (
+            f"POST /v1/blink answered {reply.status} {reply.text!r}, not 200 OK")
+        seen: list[list[tuple[float, str]]] = [[]]
+
+        def blinked() -> bool:
+            seen[0] = led_changes(dut)
+            return len(seen[0]) > 2 * BLINKS + 1  # the first line is the level before
+
+        def log() -> str:
+            return f"{len(seen[0]) - 1} changes of {led}: {seen[0][-6:]}"
+
+        dut.poll(blinked, 30, f"POST /v1/blink to blink the LED ({led}) more than {BLINKS} "
+                 "times", log)
+
+        def steady() -> bool:
+            seen[0] = led_changes(dut)
+            now = float(dut.run("cut -d' ' -f1 /proc/uptime").stdout)
+            return now - seen[0][-1][0] >= STEADY_SECONDS
+
+        dut.poll(steady, 30, f"the LED ({led}) steady for {STEADY_SECONDS:.0f} s once the "
+                 "identification ended (the supervisor blinks for 15 s)", log)
+    finally:
+        dut.run(f"systemctl stop {LED_WATCH}; rm -f {LED_LOG}")
 
 
 # --- power supply ---------------------------------------------------------------------------------

@@ -196,6 +196,9 @@ BREAKS: dict[str, str] = {
     # a copy that never asks for a key is bound over it, and the unit restarted from there
     "supervisor-ignores-key": _supervisor_copy(
         's/return config().get("developmentMode") is not True/return False  # broken/'),
+    # the supervisor answers POST /v1/blink but blinks nothing (the LED stays as it was)
+    "supervisor-no-blink": _supervisor_copy(
+        "s/^            BLINK.identify()$/            pass  # broken/"),
     # the supervisor ignores the apps' update locks (it finds none)
     "supervisor-ignores-lock": _supervisor_copy(
         "s/^        return held$/        return []  # broken/"),

@@ -84,12 +84,17 @@ def test_provisioning_suite_fails_when_a_new_hostname_is_not_announced(tmp_path:
                      r"\(hostname written to config\.json at runtime\)", failed), out[-6000:]
 
 
-def test_devices_suite_fails_naming_a_missing_node(tmp_path: Path) -> None:
+def test_devices_suite_fails_naming_a_missing_node_and_an_led_that_does_not_blink(
+        tmp_path: Path) -> None:
     # the tests that name a node (the container tests would pull images to show it again)
-    code, out, failed = run_broken(tmp_path, "no-gpiochip0,under-voltage", [
+    code, out, failed = run_broken(tmp_path, "no-gpiochip0,under-voltage,supervisor-no-blink", [
         "suites/devices", "-k",
-        "dev_node_exists_and_opens or gpio_chip_has_its_lines or under_voltage"])
+        "dev_node_exists_and_opens or gpio_chip_has_its_lines or under_voltage or "
+        "identify_blinks"])
     assert code == 1, out[-6000:]
+    assert ("test_identify_blinks_the_led_then_stops - hil.errors.NotReached: POST /v1/blink "
+            "to blink the LED (/sys/class/leds/led0/brightness) more than 10 times"
+            ) in failed, out[-6000:]
     # under-voltage is the rig's supply at fault: reported apart, as an infrastructure error
     assert re.search(r"^INFRA \S+::test_no_under_voltage_since_boot - .*power.*the kernel "
                      r"reports under-voltage since boot", out, re.M), out[-6000:]

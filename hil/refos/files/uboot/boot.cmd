@@ -45,6 +45,19 @@ if test "${upgrade_available}" = 1 && test ${bootcount} -gt ${bootlimit}; then
   if test "${resin_root_part}" = 2; then setenv boot_part 3; else setenv boot_part 2; fi
 fi
 echo "HIL-BOOT: root=${boot_part} resin_root_part=${resin_root_part} bootcount=${bootcount} upgrade_available=${upgrade_available}"
+# The QEMU board's LED, declared as a board's device tree declares its own (gpio-leds): led0 on
+# line 7 of the virt board's PL061 GPIO controller, whose line 3 is its power key. Added to a
+# copy of the tree QEMU made (room for the nodes), only where that controller is.
+setenv hil_fdt ${fdtcontroladdr}
+if fdt addr ${fdtcontroladdr} && fdt get value hil_gpio /pl061@9030000 phandle && fdt move ${fdtcontroladdr} 0x4f000000 0x120000; then
+  setenv hil_fdt 0x4f000000
+  fdt mknode / leds
+  fdt set /leds compatible "gpio-leds"
+  fdt mknode /leds led0
+  fdt set /leds/led0 label "led0"
+  fdt set /leds/led0 gpios "<${hil_gpio} 7 0>"
+  fdt set /leds/led0 default-state "off"
+fi
 # norandmaps (balenaOS randomises): each program maps at the same addresses at every run, so QEMU's
 # emulation reuses its translated code; the engine's Go CLI then starts 3-5x faster. kpti=0: the
 # kernel turns page-table isolation on with KASLR, and QEMU empties its TLB at each of the two
@@ -53,7 +66,7 @@ setenv hil_args "console=@CONSOLE@ rootfstype=ext4 ro panic=1 quiet loglevel=3 a
 setenv bootargs "root=/dev/vda${boot_part} ${hil_args}"
 if load virtio 0:${boot_part} ${kernel_addr_r} /boot/Image; then
   load virtio 0:${boot_part} ${ramdisk_addr_r} /boot/initrd.img
-  booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${fdtcontroladdr}
+  booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${hil_fdt}
 fi
 # the chosen root has no kernel: try the other one rather than stop
 if test "${boot_part}" = 2; then setenv boot_part 3; else setenv boot_part 2; fi
@@ -61,5 +74,5 @@ echo "HIL-BOOT: no kernel there, trying root=${boot_part}"
 setenv bootargs "root=/dev/vda${boot_part} ${hil_args}"
 load virtio 0:${boot_part} ${kernel_addr_r} /boot/Image
 load virtio 0:${boot_part} ${ramdisk_addr_r} /boot/initrd.img
-booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${fdtcontroladdr}
+booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${hil_fdt}
 echo "HIL-BOOT: nothing bootable"

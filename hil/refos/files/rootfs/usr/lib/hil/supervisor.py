@@ -6,7 +6,7 @@ balenaOS runs the real supervisor (a Node.js program, in a container); this one 
 OS and does only what the suites reach through the API a real device also has:
 
 - ``GET /ping``, ``GET /v1/healthy`` (no key, as the real one), and with a key where one is
-  needed: ``POST /v1/reboot|shutdown|restart``, ``GET/POST /v2/local/target-state``,
+  needed: ``POST /v1/blink|reboot|shutdown|restart``, ``GET/POST /v2/local/target-state``,
   ``GET /v2/applications/state``, ``GET /v2/state/status``.
 - Keys as the real supervisor decides for an unmanaged device (this one never talks to the
   cloud, so it is one whatever ``apiEndpoint`` says): needed only on a production device
@@ -58,6 +58,12 @@ ENGINE_SOCKET = "/var/run/balena-engine.sock"
 CONFIG_JSON = "/mnt/boot/config.json"
 STATE_DIR = "/mnt/data/resin-data/resin-supervisor"
 STATE_FILE = f"{STATE_DIR}/target-state.json"
+# /v1/blink, as the real one's (its lib/blink.ts, device-api/actions.ts): LED_FILE from
+# supervisor.conf (/dev/null where it does not exist), toggled by the blinking module's default
+# pattern (200 ms on, 200 ms off) for 15 s
+LED_FILE = os.environ.get("LED_FILE") or "/sys/class/leds/led0/brightness"
+IDENTIFY_SECONDS = 15.0
+BLINK_SECONDS = 0.2
 LOCK_DIR = "/tmp/balena-supervisor/services"
 # the target state's config, dumped for the host OS (safe_reboot reads the override lock there)
 CONFIG_DUMP = "/tmp/balena-supervisor/target-state-config"
@@ -584,7 +590,45 @@ class Supervisor:
         return out
 
 
+class Blink:
+    """The identification blink: a thread toggles the LED until ``until``; a new request while
+    it runs extends it, as the real one restarts its pattern."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path if os.path.exists(path) else "/dev/null"
+        self.lock = threading.Lock()
+        self.until = 0.0
+        self.running = False
+
+    def identify(self, seconds: float = IDENTIFY_SECONDS) -> None:
+        with self.lock:
+            self.until = time.monotonic() + seconds
+            if not self.running:
+                self.running = True
+                threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        on = True
+        while True:
+            with self.lock:
+                if time.monotonic() >= self.until:
+                    self.running = False
+                    break
+            self._write("1" if on else "0")
+            on = not on
+            time.sleep(BLINK_SECONDS)
+        self._write("0")
+
+    def _write(self, value: str) -> None:
+        try:
+            with open(self.path, "w") as f:
+                f.write(value)
+        except OSError as e:
+            log(f"blink: cannot write {self.path}: {e}")
+
+
 SUP: Supervisor  # made by main(): nothing touches the disk at import (tests load this file)
+BLINK: Blink
 
 
 class Api(http.server.BaseHTTPRequestHandler):
@@ -648,7 +692,10 @@ class Api(http.server.BaseHTTPRequestHandler):
             self.reply(503, {"status": "failed", "message": str(e)})
 
     def route(self, method: str, path: str) -> None:
-        if (method, path) in (("POST", "/v1/reboot"), ("POST", "/v1/shutdown")):
+        if (method, path) == ("POST", "/v1/blink"):
+            BLINK.identify()
+            self.reply(200, "OK")
+        elif (method, path) in (("POST", "/v1/reboot"), ("POST", "/v1/shutdown")):
             force = str(self.body().get("force", "")).lower() in ("1", "true")
             held = SUP.locked()
             if held and not (force or SUP.override_lock()):
@@ -687,8 +734,9 @@ class Api(http.server.BaseHTTPRequestHandler):
 
 
 def main() -> None:
-    global SUP
+    global SUP, BLINK
     SUP = Supervisor()
+    BLINK = Blink(LED_FILE)
     SUP.dump_config()
     threading.Thread(target=SUP.run, daemon=True).start()
     threading.Thread(target=SUP.keep_firewall, daemon=True).start()
