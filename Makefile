@@ -67,13 +67,12 @@ docs: venv
 test: deps lint
 	$(MAKE) --no-print-directory -j3 --output-sync=target test-framework test-boards test-broken
 
-# The x86-64 board's suites but the containers suite run in the framework stream, before the
-# framework's tests; its containers suite follows the aarch64 board's suites; the negative runs
-# (tests/broken: a suite on a broken OS, on a rig of its own each) and the emulated benches'
+# The x86-64 board's persistence, provisioning and rollback suites run in the framework stream,
+# before the framework's tests; its other suites follow the aarch64 board's suites; the negative
+# runs (tests/broken: a suite on a broken OS, on a rig of its own each) and the emulated benches'
 # smoke runs (each bench rig has ports of its own) are the third stream. So the three take
-# about as long.
-X86_FIRST := suites/devices suites/ntp suites/smoke suites/persistence suites/provisioning \
-  suites/rollback
+# about as long (docs/benchmarks.md).
+X86_FIRST := suites/persistence suites/provisioning suites/rollback
 test-framework:
 	$(HILTEST) --rig=qemu-x86_64 $(X86_FIRST)
 	$(HILTEST) --durations=25 --ignore=tests/broken tests

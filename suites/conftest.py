@@ -14,7 +14,8 @@ driver, so each runs unchanged on a bench board and on a QEMU board.
 - ``app_image``: busybox as an app container image on the device, its name there: pushed to
   ``app_registry`` and pulled by the device's engine, or where there is no registry sent with
   ``balena-engine load`` over SSH; a skip where the OS runs no containers. ``gpiod_image``:
-  the same with libgpiod's tools (Debian's gpiod).
+  the same with libgpiod's tools (Debian's gpiod); ``dmsetup_image``: with the device mapper's
+  tool (Debian's dmsetup).
 - ``apps``: the supervisor's local-mode API and the engine's CLI on the device (apps.py);
   ``app``: the suites' single-container app running (deployed when it is not), service name
   -> container ID.
@@ -132,6 +133,12 @@ def app_image(host_os: HostOS, app_registry: AppRegistry | None) -> str:
 def gpiod_image(host_os: HostOS, app_registry: AppRegistry | None) -> str:
     """libgpiod's tools (Debian's gpiod) and busybox, for the device's architecture."""
     return deliver(host_os, app_registry, appimage.gpiod)
+
+
+@pytest.fixture
+def dmsetup_image(host_os: HostOS, app_registry: AppRegistry | None) -> str:
+    """The device mapper's tool (Debian's dmsetup) and busybox, for the device's architecture."""
+    return deliver(host_os, app_registry, appimage.dmsetup)
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 The suites' containers run these on any device (the reference OS or a real balenaOS board of
 the same architecture): ``busybox`` is busybox-static alone, ``gpiod`` adds libgpiod's tools
-to it. An image is a ``docker save``
+to it, ``dmsetup`` adds the device mapper's tool. An image is a ``docker save``
 archive (``manifest.json``, the config and one layer), which ``balena-engine load`` takes;
 the bytes depend only on the package versions and this file, so the image ID is stable and a
 device that already holds it needs nothing sent.
@@ -83,6 +83,27 @@ def gpiod(machine: str) -> AppImage:
                              trees)
 
     return _build("gpiod", "gpiod", ["libgpiod2", "libc6"], machine, add_tools)
+
+
+def dmsetup(machine: str) -> AppImage:
+    """The device mapper's tool (Debian's dmsetup) with its libraries and busybox's applets
+    (losetup, blockdev, mkfs), tagged ``hil/dmsetup:<Debian version of dmsetup>``: what
+    balenaOS's disk watchdog test runs in a privileged container (balenaOS has no dmsetup)."""
+    arch = deb_arch(machine)
+    if arch not in TRIPLETS:
+        raise AppImageError(f"no dmsetup image for {arch}: its libraries are not worked out "
+                            "for 32-bit programs")
+
+    def add_tool(root: Path, trees: dict[str, Path]) -> None:
+        tool = trees["dmsetup"] / "sbin/dmsetup"
+        if not tool.is_file():
+            raise AppImageError("Debian's dmsetup package has no /sbin/dmsetup")
+        (root / "sbin").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(tool, root / "sbin/dmsetup")
+        fs.install_libraries(root, TRIPLETS[arch], [root / "sbin/dmsetup"], trees)
+
+    return _build("dmsetup", "dmsetup", ["libdevmapper1.02.1", "libselinux1", "libpcre2-8-0",
+                                         "libudev1", "libc6"], machine, add_tool)
 
 
 def _build(name: str, main: str, others: list[str], machine: str,

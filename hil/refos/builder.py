@@ -98,6 +98,9 @@ BINARIES: dict[str, dict[str, str]] = {
 # Python's standard library, without what the supervisor stand-in never imports (tests, GUIs,
 # build tools) and without compiled extensions (the ones it needs are built into python3).
 PYTHON_STDLIB = ("libpython3.11-minimal", "libpython3.11-stdlib")
+# the compiled modules the OS's Python programs import that python3 lacks built in: mmap
+# (disk-watchdogd's page-aligned buffer for O_DIRECT reads)
+PYTHON_DYNLOAD = ("mmap",)
 PYTHON_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
                "pydoc_data", "lib-dynload", "distutils", "unittest", "sqlite3", "dbm",
                "curses", "config-3.11-x86_64-linux-gnu", "config-3.11-aarch64-linux-gnu",
@@ -156,7 +159,8 @@ ENABLED = {"systemd-journald.socket": "sockets.target",
                "balena.service", "balena-supervisor.service", "os-udevrules.service",
                "os-extra-firmware.service", "os-networkmanager.service",
                "rollback-health.service", "hil-provision.service", "hil-ready.service",
-               "update-balena-supervisor.timer")}}
+               "update-balena-supervisor.timer", "disk-watchdog-boot-history.service",
+               "disk-watchdogd.service")}}
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
 # iptables' tables, matches and targets are loaded on demand (the kernel and iptables call
 # modprobe): the engine's NAT and forwarding rules, the supervisor's firewall
@@ -167,13 +171,15 @@ NETFILTER_MODULES = ("ip_tables", "iptable_filter", "iptable_nat", "xt_MASQUERAD
 # by name; the suites load it to see where the kernel finds firmware (balenaOS's extra-firmware
 # test builds a module of its own for that)
 ROOTFS_MODULES = (*INITRD_MODULES, "overlay", "virtio_net", "vfat", "nls_cp437", "nls_ascii",
-                  "nls_utf8", "i6300esb", "virtio_rng", "bridge", "veth", *NETFILTER_MODULES,
-                  "test_firmware", "leds_gpio")
+                  "nls_utf8", "i6300esb", "virtio_rng", "bridge", "veth", "loop", "dm_mod",
+                  *NETFILTER_MODULES, "test_firmware", "leds_gpio")
 # loaded by /sbin/init (overlay is loaded first, on its own); bridge and veth: the engine's
-# network; leds_gpio: the QEMU aarch64 board's LED (files/uboot/boot.cmd), as udev's coldplug
+# network; loop and dm_mod: loop devices and the device mapper, as balenaOS's kernels have them
+# (with no tmpfiles to create their static nodes, they are loaded, not left to load on first
+# use); leds_gpio: the QEMU aarch64 board's LED (files/uboot/boot.cmd), as udev's coldplug
 # here is of block devices only
 MODULES_LOAD = ("virtio_net", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "i6300esb",
-                "virtio_rng", "bridge", "veth", "leds_gpio")
+                "virtio_rng", "bridge", "veth", "loop", "dm_mod", "leds_gpio")
 HOST_TOOLS = ("e2fsprogs", "dosfstools", "mtools", "fdisk", "u-boot-tools", "grub-common",
               "grub-pc-bin", "busybox-static", "kmod")
 
@@ -395,7 +401,13 @@ class _Builder:
             shutil.copytree(trees[pkg] / "usr/lib/python3.11", root / "usr/lib/python3.11",
                             symlinks=True, dirs_exist_ok=True,
                             ignore=lambda _d, names: [n for n in names if n in PYTHON_SKIP])
-        (root / "usr/lib/python3.11/lib-dynload").mkdir()  # python3 looks for it at start
+        dynload = root / "usr/lib/python3.11/lib-dynload"
+        dynload.mkdir()  # python3 looks for it at start
+        for name in PYTHON_DYNLOAD:
+            so = f"{name}.cpython-311-{self.spec.triplet}.so"
+            shutil.copy2(trees["libpython3.11-stdlib"] / "usr/lib/python3.11/lib-dynload" / so,
+                         dynload / so)
+            elfs.append(dynload / so)
         # after the real binaries: an applet never shadows one (busybox has a mke2fs too).
         # Debian's dynamic busybox, not busybox-static (the initramfs's): the static one's
         # shell runs its own applets before any program on PATH, so `reboot` would be its

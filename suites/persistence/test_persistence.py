@@ -7,6 +7,7 @@ suite checks them on the same updates it makes, one update per promise set.)
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import secrets
@@ -18,6 +19,7 @@ import pytest
 from apps import APP_NAME, SERVICE, Apps
 
 from hil.dut import Dut
+from hil.errors import DeadlineError, HilError
 from hil.os import HostOS, parse
 
 ACK_TIMEOUT = 60.0  # the writer's first acknowledgements (a command over the console)
@@ -266,6 +268,150 @@ def test_filesystems_marked_with_errors_are_checked_at_the_next_boot(
 
 RESETS = {"resin-state": ("/mnt/state/remove_me_to_reset", "/mnt/state/root-overlay/reset-check"),
           "resin-data": ("/mnt/data/remove_me_to_reset", "/mnt/data/resin-data/reset-check")}
+
+
+# balenaOS's disk watchdog (their os/tests/disk-watchdog): its units, its state and the test's
+# drop-in, which points the daemon at a file on a disk the test can make fail
+DWD_DIR = "/mnt/state/disk-watchdog"
+DWD_UNITS = "disk-watchdog-boot-history disk-watchdogd"
+DWD_DROPIN = "/run/systemd/system/disk-watchdogd.service.d/override.conf"
+DWD_MOUNT = "/mnt/state/io-error-mount"
+DWD_DM = "hil-disk-watchdog"
+DWD_IMAGE = "/tmp/hil-disk-watchdog.img"
+DWD_REBOOT_WITHIN = 120.0  # theirs: the device reboots within 120 s of its disk failing
+# dmsetup in a privileged container (balenaOS has no dmsetup on the host); no udev there
+DMSETUP = "DM_DISABLE_UDEV=1 dmsetup --noudevsync"
+
+
+def _dm_device(host_os: HostOS) -> str:
+    """The /dev node of the test's device-mapper device, found by its name in sysfs."""
+    return host_os.check(f"for d in /sys/block/dm-*; do [ \"$(cat $d/dm/name)\" = {DWD_DM} ] "
+                         "&& echo /dev/${d##*/}; done; true").strip()
+
+
+def _disk_watchdog_state(host_os: HostOS) -> tuple[str, int, bool]:
+    """(disk-watchdogd's ActiveState, lines in its boot history, whether it is disabled)."""
+    out = host_os.check(f"systemctl show -p ActiveState --value disk-watchdogd; "
+                        f"grep -c . {DWD_DIR}/boot-history 2>/dev/null; "
+                        f"test -e {DWD_DIR}/disabled && echo disabled; true").split()
+    return out[0], int(out[1]) if len(out) > 1 and out[1].isdigit() else 0, "disabled" in out
+
+
+def _restart_disk_watchdog(host_os: HostOS, history: str = "") -> None:
+    """A clean slate as theirs makes it: the boot history set to ``history`` (timestamps, one
+    a line), the units restarted (the history updater adds this "boot"). The unit's start limit
+    (three starts in two minutes, then a forced reboot) is reset first: it is there for a
+    daemon that keeps failing, and the test's own restarts, a few seconds after the boot's
+    start, must not count against it."""
+    host_os.check(f"mkdir -p {DWD_DIR} && printf '%s' {shlex.quote(history)} > "
+                  f"{DWD_DIR}/boot-history && systemctl reset-failed {DWD_UNITS}; "
+                  f"systemctl restart {DWD_UNITS} || true")
+
+
+def test_disk_watchdog_reboots_a_device_whose_disk_fails_and_disables_itself(
+        dut: Dut, host_os: HostOS, dmsetup_image: str) -> None:
+    """balenaOS's disk watchdog: enabled and active, one boot in its history; when the disk
+    under its test file returns I/O errors (a device-mapper device switched to the error
+    target), the device reboots within 120 s and the history holds two boots; with three boots
+    in ten minutes it disables itself (the disabled file) and stays stopped, even restarted."""
+    host_os.check(f"rm -f {DWD_DIR}/disabled")
+    _restart_disk_watchdog(host_os)
+    enabled = host_os.run("systemctl is-enabled disk-watchdogd").stdout.strip()
+    assert enabled == "enabled", f"disk-watchdogd should be enabled; it is {enabled!r}"
+    state = _disk_watchdog_state(host_os)
+    assert state == ("active", 1, False), (
+        f"after a restart disk-watchdogd should be active with one boot in its history; "
+        f"(ActiveState, boots, disabled) = {state}\n{host_os.unit_log('disk-watchdogd')[-1500:]}")
+    boot = dut.boot_id()
+    sent = rebooted = False
+    loop = ""
+    try:
+        # a 4 MiB ext4 on a loop device, under a linear device-mapper device; the test file on it
+        loop = host_os.check(f"dd if=/dev/zero of={DWD_IMAGE} bs=1M count=4 2>/dev/null && "
+                             f"l=$(losetup -f) && losetup $l {DWD_IMAGE} && "
+                             "mkfs.ext4 -q $l && echo $l").split()[-1]
+        image = shlex.quote(dmsetup_image)
+        host_os.check(f"balena-engine run --rm --privileged {image} sh -c "
+                      + shlex.quote(f'{DMSETUP} create {DWD_DM} --table '
+                                    f'"0 $(blockdev --getsz {loop}) linear {loop} 0"'),
+                      timeout=180)
+        dev = _dm_device(host_os)
+        assert dev, f"the device-mapper device {DWD_DM} has no node under /sys/block"
+        # theirs: the daemon on the test file, with a 2 s watchdog (a runtime drop-in)
+        dropin = ("[Service]\nExecStart=\nExecStart=/bin/sh -c '/usr/bin/disk-watchdogd -v "
+                  f"-f {DWD_MOUNT}/test.bin -b 512'\nWatchdogSec=\nWatchdogSec=2\n")
+        host_os.check(f"mkdir -p {DWD_MOUNT} $(dirname {DWD_DROPIN}) && mount {dev} {DWD_MOUNT} "
+                      f"&& dd if=/dev/urandom of={DWD_MOUNT}/test.bin bs=64k count=4 "
+                      "2>/dev/null && sync && printf "
+                      + shlex.quote(dropin.replace("%", "%%").replace("\n", "\\n"))
+                      + f" > {DWD_DROPIN} && systemctl daemon-reload && "
+                      "{ systemctl reset-failed disk-watchdogd; "
+                      "systemctl restart disk-watchdogd; }")
+        active = host_os.unit_property("disk-watchdogd", "ActiveState")
+        assert active == "active", (
+            f"disk-watchdogd on the test's file should be active; it is {active!r}\n"
+            f"{host_os.unit_log('disk-watchdogd')[-1500:]}")
+        # every read of the device fails from now on; the marker is printed, not typed
+        error = (f"balena-engine run --rm --privileged {image} sh -c "
+                 + shlex.quote(f"{DMSETUP} suspend {DWD_DM} && echo \"0 $(blockdev --getsz "
+                               f"{loop}) error\" | {DMSETUP} reload {DWD_DM} && "
+                               f"{DMSETUP} resume {DWD_DM} && echo HIL-DWD-$((6*7))"))
+        at = dut.start_reboot(error)
+        sent = True
+        dut.rig.log.wait_for(re.compile(rb"HIL-DWD-42"), at, 180,
+                             f"the container to switch {DWD_DM} to the error target")
+        try:
+            dut.await_boot(at, DWD_REBOOT_WITHIN)
+        except DeadlineError as exc:
+            try:  # the console's shell was given up for the reboot; SSH still reaches it
+                seen = host_os.via_ssh().unit_log("disk-watchdogd")[-1500:]
+            except HilError as why:
+                seen = f"(its log could not be read: {why})"
+            raise AssertionError(
+                f"the disk under disk-watchdogd's test file fails every read, yet the device "
+                f"did not reboot within {DWD_REBOOT_WITHIN:.0f} s: {exc}\ndisk-watchdogd's "
+                f"log:\n{seen}") from None
+        rebooted = True
+        dut.wait_ready()
+        assert dut.boot_id() != boot
+        state = _disk_watchdog_state(host_os)
+        assert state[1] == 2, (
+            f"after the disk watchdog's reboot its history should hold two boots; "
+            f"(ActiveState, boots, disabled) = {state}")
+        # three boots within ten minutes: the updater disables the watchdog, which stays off
+        now = int(host_os.check("date +%s"))
+        _restart_disk_watchdog(host_os, f"{now}\n{now - 60}\n{now - 120}\n")
+        state = _disk_watchdog_state(host_os)
+        assert state[0] != "active" and state[2], (
+            f"with three boots in ten minutes in its history disk-watchdogd should be disabled "
+            f"and stopped; (ActiveState, boots, disabled) = {state}")
+        _restart_disk_watchdog(host_os)
+        state = _disk_watchdog_state(host_os)
+        assert state[0] != "active", (
+            f"disabled, disk-watchdogd must not start again; (ActiveState, boots, disabled) = "
+            f"{state}")
+    except BaseException:
+        # what the test set up is undone as far as it can be; a failure doing so must not hide
+        # the test's own
+        with contextlib.suppress(HilError):
+            _undo_disk_watchdog_test(dut, host_os, dmsetup_image, loop, sent, rebooted)
+        raise
+    _undo_disk_watchdog_test(dut, host_os, dmsetup_image, loop, sent, rebooted)
+
+
+def _undo_disk_watchdog_test(dut: Dut, host_os: HostOS, image: str, loop: str, sent: bool,
+                             rebooted: bool) -> None:
+    """The watchdog back as it ships (enabled, a fresh history); where no reboot cleared them,
+    the drop-in, the mount, the device-mapper device and the loop device taken down."""
+    if not rebooted:
+        if sent:  # the shell was given up for a reboot that never came: take it up again
+            dut.wait_ready()
+        host_os.run(f"rm -f {DWD_DROPIN}; systemctl daemon-reload; umount {DWD_MOUNT}; "
+                    f"balena-engine run --rm --privileged {shlex.quote(image)} sh -c "
+                    f"{shlex.quote(f'{DMSETUP} remove {DWD_DM}')}; "
+                    f"{f'losetup -d {loop}; ' if loop else ''}rm -f {DWD_IMAGE}", timeout=180)
+    host_os.run(f"rmdir {DWD_MOUNT} 2>/dev/null; rm -f {DWD_DIR}/disabled")
+    _restart_disk_watchdog(host_os)
 
 
 def test_removing_the_reset_flags_purges_state_and_data(dut: Dut, host_os: HostOS) -> None:

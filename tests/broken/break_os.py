@@ -73,6 +73,13 @@ BREAKS: dict[str, str] = {
         "mount -t tmpfs tmpfs /data; }"),
     # the root is left writable (an OS that forgot its read-only root)
     "root-writable": "grep -q '^[^ ]* / [^ ]* rw[, ]' /proc/mounts || mount -o remount,rw /",
+    # the disk watchdog reads its test file through the page cache (no O_DIRECT), so a disk
+    # that fails its reads goes unseen: a copy so changed is bound over the daemon, restarted
+    "disk-watchdog-reads-cache": (
+        "grep -q '# broken' /usr/bin/disk-watchdogd || "
+        "{ sed 's/ | os.O_DIRECT)/)  # broken/' /usr/bin/disk-watchdogd > /run/dwd-broken && "
+        "chmod 755 /run/dwd-broken && mount --bind /run/dwd-broken /usr/bin/disk-watchdogd && "
+        "systemctl reset-failed disk-watchdogd; systemctl restart disk-watchdogd; }"),
     # the OS prints its provisioning key on the console (a debug line left in a boot script)
     "console-leaks-key": "jq -r '\"provisioning with \" + .apiKey' /mnt/boot/config.json "
                          "> /dev/console",

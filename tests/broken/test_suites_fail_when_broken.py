@@ -138,11 +138,15 @@ def test_power_cuts_lose_what_an_os_never_flushed_as_a_real_disk_does(tmp_path: 
     assert code == 0 and "1 passed" in out, out[-6000:]
 
 
-def test_persistence_suite_fails_when_filesystems_are_not_checked_or_reset(
+def test_persistence_suite_fails_when_filesystems_are_not_checked_or_reset_or_watched(
         tmp_path: Path) -> None:
-    code, out, failed = run_broken(tmp_path, "no-boot-fsck,no-reset", [
-        "suites/persistence", "-k", "marked_with_errors or reset_flags"], boot_timeout=60)
-    assert code == 1 and "2 failed" in out, out[-6000:]
+    code, out, failed = run_broken(tmp_path, "no-boot-fsck,no-reset,disk-watchdog-reads-cache", [
+        "suites/persistence", "-k", "marked_with_errors or disk_watchdog or reset_flags"],
+        boot_timeout=60)
+    assert code == 1 and "3 failed" in out, out[-6000:]
+    assert ("test_disk_watchdog_reboots_a_device_whose_disk_fails_and_disables_itself - "
+            "AssertionError: the disk under disk-watchdogd's test file fails every read, yet the "
+            "device did not reboot within 120 s") in failed, out[-6000:]
     assert ("test_filesystems_marked_with_errors_are_checked_at_the_next_boot - AssertionError: "
             "filesystems marked as having errors must be checked (e2fsck) at the next boot"
             ) in failed, out[-6000:]
