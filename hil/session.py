@@ -5,7 +5,6 @@ and by ``hil`` commands; knows nothing of pytest."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import logging
 import subprocess
@@ -23,7 +22,6 @@ from hil.config import RigConfig
 from hil.dut import Dut
 from hil.errors import ConfigError, brief
 from hil.lock import RigLock
-from hil.os import BalenaOS
 from hil.rig import Rig
 
 if TYPE_CHECKING:
@@ -98,9 +96,8 @@ class HilSession:
             self.stack.enter_context(emu.start(self.config, self.runtime))
         rig = self.rig = Rig(self.config, self.runtime, fence=self.options.fence)
         self.stack.callback(lambda: rig.close(power_off=not self.leave_up))
-        builds = self.builds_reference_os
-        self.dut = Dut(self.rig, ssh_key=self.ssh_key,
-                       host_os=functools.partial(BalenaOS, reference=builds or None))
+        # whether it runs the reference OS: told by flash(), else learnt from os-release
+        self.dut = Dut(self.rig, ssh_key=self.ssh_key)
         self.stack.callback(self.dut.os.close)
         self.stack.callback(self.dut.ssh.close)
         return self.dut

@@ -147,14 +147,14 @@ class BalenaOS:
     console; bulk data is fast). ``via_ssh()`` is the same adapter over SSH only, for a
     production device whose console has no shell."""
 
-    def __init__(self, dut: Dut, *, reference: bool | None = None, _via: str = "console",
+    def __init__(self, dut: Dut, *, _via: str = "console",
                  _learned: _Learned | None = None) -> None:
-        """``reference``: whether the device runs the reference OS, where the session knows
-        it before the first boot (it built the image); else learnt from os-release."""
+        """Whether the device runs the reference OS is told by ``flashed`` where the session
+        knows it before the first boot (it built the image); else learnt from os-release."""
         self.dut = dut
         self.bootloader = dut.rig.config.device_type.bootloader
         self.via = _via
-        self._learned = _learned or _Learned(reference=reference)
+        self._learned = _learned or _Learned()
 
     def via_ssh(self) -> BalenaOS:
         return BalenaOS(self.dut, _via="ssh", _learned=self._learned)

@@ -172,10 +172,12 @@ BLINKS = 10  # theirs: more than 10 on/off pairs
 STEADY_SECONDS = 3.0
 
 
-def led_changes(dut: Dut) -> list[tuple[float, str]]:
-    out = dut.run(f"cat {LED_LOG} 2>/dev/null; true").stdout
-    return [(float(f[0]), f[1]) for f in (line.split() for line in out.splitlines())
-            if len(f) == 2]
+def led_changes(dut: Dut) -> tuple[float, list[tuple[float, str]]]:
+    """The device's uptime now, and the watcher's changes so far (uptime, value)."""
+    out = dut.run(f"cut -d' ' -f1 /proc/uptime; cat {LED_LOG} 2>/dev/null; true").stdout
+    now, *lines = out.splitlines()
+    return float(now), [(float(f[0]), f[1]) for f in (line.split() for line in lines)
+                        if len(f) == 2]
 
 
 @pytest.mark.needs("led")
@@ -191,7 +193,7 @@ def test_identify_blinks_the_led_then_stops(dut: Dut, host_os: HostOS) -> None:
     dut.run_check(f"systemctl stop {LED_WATCH} 2>/dev/null; rm -f {LED_LOG}; systemd-run "
                   f"--unit={LED_WATCH} -p Nice=19 sh -c {shlex.quote(LED_WATCH_SCRIPT)}")
     try:
-        dut.poll(lambda: led_changes(dut) or None, 30, f"the watcher's first reading of {led}",
+        dut.poll(lambda: led_changes(dut)[1] or None, 30, f"the watcher's first reading of {led}",
                  lambda: dut.run(f"systemctl status {LED_WATCH} 2>&1 | tail -n 5").stdout)
         api = host_os.supervisor()
         api.wait_healthy()  # as theirs waits for its /ping
@@ -201,7 +203,7 @@ def test_identify_blinks_the_led_then_stops(dut: Dut, host_os: HostOS) -> None:
         seen: list[list[tuple[float, str]]] = [[]]
 
         def blinked() -> bool:
-            seen[0] = led_changes(dut)
+            seen[0] = led_changes(dut)[1]
             return len(seen[0]) > 2 * BLINKS + 1  # the first line is the level before
 
         def log() -> str:
@@ -211,8 +213,7 @@ def test_identify_blinks_the_led_then_stops(dut: Dut, host_os: HostOS) -> None:
                  "times", log)
 
         def steady() -> bool:
-            seen[0] = led_changes(dut)
-            now = float(dut.run("cut -d' ' -f1 /proc/uptime").stdout)
+            now, seen[0] = led_changes(dut)
             return now - seen[0][-1][0] >= STEADY_SECONDS
 
         dut.poll(steady, 30, f"the LED ({led}) steady for {STEADY_SECONDS:.0f} s once the "

@@ -47,10 +47,13 @@ fi
 echo "HIL-BOOT: root=${boot_part} resin_root_part=${resin_root_part} bootcount=${bootcount} upgrade_available=${upgrade_available}"
 # The QEMU board's LED, declared as a board's device tree declares its own (gpio-leds): led0 on
 # line 7 of the virt board's PL061 GPIO controller, whose line 3 is its power key. Added to a
-# copy of the tree QEMU made (room for the nodes), only where that controller is.
+# copy of the tree QEMU made (room for the nodes), only where that controller is. The copy goes
+# where QEMU put its tree (fdt_addr, the start of RAM, below the script and the kernel): U-Boot
+# works from its own relocated copy, and no fixed address near the top of RAM collides with
+# U-Boot on a board with less memory.
 setenv hil_fdt ${fdtcontroladdr}
-if fdt addr ${fdtcontroladdr} && fdt get value hil_gpio /pl061@9030000 phandle && fdt move ${fdtcontroladdr} 0x4f000000 0x120000; then
-  setenv hil_fdt 0x4f000000
+if fdt addr ${fdtcontroladdr} && fdt get value hil_gpio /pl061@9030000 phandle && fdt move ${fdtcontroladdr} ${fdt_addr} 0x120000; then
+  setenv hil_fdt ${fdt_addr}
   fdt mknode / leds
   fdt set /leds compatible "gpio-leds"
   fdt mknode /leds led0
