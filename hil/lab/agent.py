@@ -366,24 +366,35 @@ class Agent:
             live = {str(r["rig"]): (int(r["epoch"]), float(r["left"])) for r in rows}
         for served in self.rigs.values():
             with served.guard:
-                self._follow(served, live.get(served.name), conn is not None)
+                opened = self._follow(served, live.get(served.name), conn is not None)
+            if opened is not None and conn is not None:
+                # the session waits for this before it touches the rig (leases.wait_served)
+                conn.execute("UPDATE leases SET served_at = now(), serve_error = %s "
+                             "WHERE rig = %s AND epoch = %s", (opened[1], served.name, opened[0]))
+                conn.execute("NOTIFY hil_lab")
 
     @staticmethod
-    def _follow(served: ServedRig, want: tuple[int, float] | None, known: bool) -> None:
+    def _follow(served: ServedRig, want: tuple[int, float] | None,
+                known: bool) -> tuple[int, str | None] | None:
+        """Open or close the rig's endpoints as its live lease says; returns the epoch it
+        opened them for (and why it could not) when it tried."""
         if not known:
             if served.epoch is not None and time.monotonic() > served.expires:
                 served.close()
-            return
+            return None
         if want is not None and want[0] == served.epoch:
             served.expires = time.monotonic() + want[1]
-            return
+            return None
         served.close()
-        if want is not None and want[0] != served.faulted:
-            try:
-                served.open(*want)
-            except InfraError as exc:  # the session meets a closed port: an INFRA error
-                served.faulted = want[0]
-                log.error("%s: cannot serve lease epoch %d: %s", served.name, want[0], exc)
+        if want is None or want[0] == served.faulted:
+            return None
+        try:
+            served.open(*want)
+        except InfraError as exc:  # the session is told, and meets a closed port: INFRA
+            served.faulted = want[0]
+            log.error("%s: cannot serve lease epoch %d: %s", served.name, want[0], exc)
+            return want[0], str(exc)
+        return want[0], None
 
     def _clean(self, grant: Grant) -> None:
         served = self.rigs.get(grant.rig)

@@ -310,6 +310,38 @@ class Lease:
             raise refused[0]
 
 
+def wait_served(dsn: str, grant: Grant, timeout: float) -> None:
+    """Wait until the bench host's agent serves the rig's endpoints for this lease (it opens
+    them once it sees the grant): a session that reached them first would meet closed ports."""
+    deadline = Deadline(timeout)
+    what = f"{grant.rig}'s endpoints for lease epoch {grant.epoch}"
+    try:
+        with db.connect(dsn, autocommit=True) as conn:
+            conn.execute("LISTEN hil_lab")
+            while True:
+                row = conn.execute(
+                    "SELECT served_at IS NOT NULL AS served, serve_error, ended_at, end_reason "
+                    "FROM leases WHERE rig = %s AND epoch = %s", (grant.rig, grant.epoch)
+                ).fetchone()
+                if row is None or row["ended_at"] is not None:
+                    raise LeaseLost(f"lease epoch {grant.epoch} ended before bench host "
+                                    f"{grant.host} served it ({row and row['end_reason']})",
+                                    part=PART, rig=grant.rig)
+                if row["served"]:
+                    if row["serve_error"]:
+                        raise InfraError(f"bench host {grant.host} cannot serve {what}: "
+                                         f"{row['serve_error']}", part=PART, rig=grant.rig)
+                    return
+                if deadline.expired():
+                    raise InfraError(f"bench host {grant.host} did not serve {what} within "
+                                     f"{timeout:g}s (is `hil lab agent` running there?)",
+                                     part=PART, rig=grant.rig)
+                for _ in conn.notifies(timeout=min(1.0, deadline.remaining()), stop_after=1):
+                    pass
+    except psycopg.Error as exc:
+        raise db.fault(exc, f"waiting for {what}") from None
+
+
 def acquire(dsn: str, sel: Selector, *, count: int = 1, holder: str | None = None,
             priority: int = 0, queue_timeout: float = 600.0, ttl: float = DEFAULT_TTL,
             hard_cap: float = DEFAULT_HARD_CAP, purpose: str = "job",

@@ -16,7 +16,7 @@ from hil.deadline import Deadline
 from hil.errors import InfraError
 from hil.lab import db, leases
 from hil.lab.health import check_done
-from hil.lab.rigs import power_down, rig_config
+from hil.lab.rigs import LEASE_EPOCH, power_down, rig_config
 
 log = logging.getLogger(__name__)
 PREFIX = "pool:"
@@ -34,10 +34,24 @@ def lease_rig(dsn: str, spec: str, *, wait: float, ttl: float = leases.DEFAULT_T
     lease = leases.acquire(dsn, sel, queue_timeout=wait, ttl=ttl, priority=priority,
                            on_wait=on_wait)
     try:
-        return lease, rig_config(lease.grants[0])
+        return lease, leased_config(lease)
     except BaseException:
         give_back(lease, "infra", powered_down=False)
         raise
+
+
+# A bench host's agent opens a rig's endpoints within a pass of its loop once it sees the grant
+SERVE_TIMEOUT = 60.0
+
+
+def leased_config(lease: leases.Lease) -> RigConfig:
+    """The rig config a lease's holder drives its rig by, once the rig is reachable: a rig
+    file that names the lease's epoch is served per lease by its bench host's agent, so the
+    holder waits for that first."""
+    grant = lease.grants[0]
+    if LEASE_EPOCH in grant.config:
+        leases.wait_served(lease.dsn, grant, SERVE_TIMEOUT)
+    return rig_config(grant)
 
 
 def give_back(lease: leases.Lease, outcome: str, *, powered_down: bool,
@@ -74,7 +88,7 @@ def health_check(dsn: str, rig: str, argv: Sequence[str], *, wait: float = 600.0
     lease = leases.acquire(dsn, leases.Selector(row["device_type"], rig=rig), purpose="health",
                            queue_timeout=wait)
     try:
-        cfg = rig_config(lease.grants[0])
+        cfg = leased_config(lease)
         status = _run_check(argv, {**os.environ, **(env or {}), "HIL_RIG": str(cfg.source)},
                             timeout, stop or threading.Event())
     except BaseException:

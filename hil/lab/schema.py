@@ -90,6 +90,12 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN suites jsonb NOT NULL DEFAULT '{}';
     CREATE INDEX jobs_by_release ON jobs (release) WHERE release IS NOT NULL;
     """,
+    # 3: a bench host's agent serves a rig's endpoints per lease: when it has opened them for a
+    # lease (or failed to, and why), so a session waits for them instead of racing the agent
+    """
+    ALTER TABLE leases ADD COLUMN served_at timestamptz;
+    ALTER TABLE leases ADD COLUMN serve_error text;
+    """,
 )
 
 

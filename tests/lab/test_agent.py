@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import socket
 import subprocess
@@ -27,8 +28,7 @@ from hil.lab.benchops import LEASE_CHECK_INTERVAL
 from hil.lab.db import Connection
 from hil.lab.imagestream import send
 from hil.lab.leases import Selector
-from hil.lab.rigs import rig_config
-from hil.qemu.target import free_port
+from hil.lab.pool import leased_config
 from hil.rig import Rig
 from tests.lab.helpers import done, rig_row
 
@@ -54,6 +54,21 @@ def echo_server() -> Iterator[int]:
         server.close()
 
 
+def free_ports() -> int:
+    """A base for the agent's three consecutive ports, all free, below the kernel's ephemeral
+    range (where any client socket could take the second or third after they were checked)."""
+    for _ in range(100):
+        base = random.randrange(20000, 30000)
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(base, base + 3):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError("no three consecutive free ports in 20000-30000")
+
+
 @contextlib.contextmanager
 def serving(dsn: str, folder: Path, switch_on: str | None = None, storage: str = ""
             ) -> Iterator[tuple[Agent, PtyPort, Path]]:
@@ -70,7 +85,7 @@ power: {{driver: command, on: "{switch_on or f'echo on >> {power}'}", off: "echo
 console: {{driver: serial, url: {uart.link}}}
 network: {{driver: ssh, host: 127.0.0.1, port: {ssh_port}, host_address: 10.0.2.2}}
 """ + (f"storage: {storage}\n" if storage else ""))
-        agent = Agent(dsn, "bench1", [str(rig)], Ports("127.0.0.1", free_port()),
+        agent = Agent(dsn, "bench1", [str(rig)], Ports("127.0.0.1", free_ports()),
                       interval=0.5).start()
         stop = threading.Event()
         loop = threading.Thread(target=agent.run, args=(stop,), daemon=True)
@@ -106,9 +121,9 @@ def switches(power: Path) -> list[str]:
 def remote_session(dsn: str) -> Iterator[Rig]:
     """What a session on a leased rig does first: the rig the lab hands out, its console open."""
     lease = leases.acquire(dsn, Selector("raspberrypi3"), holder="ci job 1", ttl=30)
-    rig = Rig(rig_config(lease.grants[0]))
+    rig = Rig(leased_config(lease))  # once the agent has served the lease
     try:
-        rig.console.attach(timeout=10)  # ser2net opens as the grant is announced
+        rig.console.attach(timeout=10)
         yield rig
     finally:
         lease.stop_heartbeat()
@@ -154,14 +169,14 @@ def test_a_stale_epoch_is_refused_while_a_newer_lease_holds_the_rig(
         bench: tuple[Agent, PtyPort, Path], lab: Connection, lab_dsn: str) -> None:
     agent, _, power = bench
     old = leases.acquire(lab_dsn, Selector("raspberrypi3"), holder="ci job 1", ttl=30)
-    stale = Rig(rig_config(old.grants[0]))
+    stale = Rig(leased_config(old))
     stale.console.attach(timeout=10)
     done(old, lab)  # the holder gives it back cleaned: the agent sees no cleaning to do
     served = agent.rigs["bench-pi"]
     wait_until(lambda: not tcp_listening(served.console_port), 10,
                "the agent to close the console of the lease that ended")
     new = leases.acquire(lab_dsn, Selector("raspberrypi3"), holder="ci job 2", ttl=30)
-    fresh = Rig(rig_config(new.grants[0]))
+    fresh = Rig(leased_config(new))
     try:
         fresh.console.attach(timeout=10)  # a session's first step: the endpoints are up
         with pytest.raises(InfraError, match=r"refused on for bench-pi.lease1 outlet 1: HTTP 500"):

@@ -41,7 +41,7 @@ def test_init_register_status_release_history_maintenance(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HIL_LAB_DB", lab_dsn)
     monkeypatch.setenv("HIL_RUNTIME_DIR", str(tmp_path / "run"))
-    assert hil(capsys, "lab", "init") == (0, "lab database at schema version 2 (up to date)\n")
+    assert hil(capsys, "lab", "init") == (0, "lab database at schema version 3 (up to date)\n")
     rig, power = bench_rig(tmp_path)
     code, out = hil(capsys, "lab", "register", "--host", "bench1", "--label", "fast-sd", str(rig))
     assert (code, out) == (0, "pi-1: raspberrypi3 on bench1\n")

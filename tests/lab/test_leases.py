@@ -15,7 +15,7 @@ import pytest
 
 from hil.deadline import wait_until
 from hil.errors import InfraError
-from hil.lab import leases
+from hil.lab import db, leases
 from hil.lab.db import Connection
 from hil.lab.leases import Selector
 from tests.lab.helpers import add_rigs, bench_host, done, rig_row
@@ -174,6 +174,37 @@ def test_stale_epoch_release_and_renewal_are_refused(lab: Connection, lab_dsn: s
     done(new, lab)
     # a cleaner of an older epoch cannot make the rig idle either
     assert not leases.clean(lab, old.grants[0], lambda g: None)
+
+
+def test_a_holder_waits_for_the_agent_to_serve_its_lease_and_is_told_why_not(
+        lab: Connection, lab_dsn: str) -> None:
+    add_rigs(lab, ["r1"])
+    lease = leases.acquire(lab_dsn, RPI3, ttl=10)
+    grant = lease.grants[0]
+    with pytest.raises(InfraError, match=r"bench host bench1 did not serve r1's endpoints for "
+                                         r"lease epoch 1 within 0.5s \(is `hil lab agent`"):
+        leases.wait_served(lab_dsn, grant, 0.5)
+
+    def serve(error: str | None) -> None:  # what the agent records once it opened them
+        with db.connect(lab_dsn, autocommit=True) as conn:
+            conn.execute("UPDATE leases SET served_at = now(), serve_error = %s WHERE rig = 'r1' "
+                         "AND epoch = %s", (error, grant.epoch))
+            conn.execute("NOTIFY hil_lab")
+
+    timer = threading.Timer(0.5, serve, (None,))
+    timer.start()
+    started = time.monotonic()
+    leases.wait_served(lab_dsn, grant, 30)  # woken by the notification, not a poll's end
+    timer.join()
+    assert time.monotonic() - started < 5
+    serve("ser2net on port 7400 did not start")
+    with pytest.raises(InfraError, match=r"bench host bench1 cannot serve r1's endpoints for "
+                                         r"lease epoch 1: ser2net on port 7400 did not start"):
+        leases.wait_served(lab_dsn, grant, 30)
+    done(lease, lab)
+    with pytest.raises(leases.LeaseLost, match=r"lease epoch 1 ended before bench host bench1 "
+                                               r"served it"):
+        leases.wait_served(lab_dsn, grant, 30)
 
 
 HOLDER = """
