@@ -9,7 +9,7 @@ PYTEST := $(VENV)/bin/pytest
 # --hil-report page in its test).
 APT_PACKAGES := qemu-system-arm qemu-system-x86 qemu-utils u-boot-qemu u-boot-tools \
   busybox-static chrony dropbear-bin mtools dosfstools e2fsprogs fdisk grub-pc-bin grub-common \
-  bmap-tools ser2net socat zstd xz-utils jq cpio kmod udev openssh-client iproute2 \
+  bmap-tools ser2net socat zstd xz-utils jq cpio kmod udev openssh-client iproute2 openvpn \
   binutils-aarch64-linux-gnu libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
   libvirt-dev libsystemd-dev libhidapi-hidraw0 pkg-config gcc python3-dev \
   postgresql libpq5 nbdkit docker-registry skopeo chromium

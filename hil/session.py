@@ -26,6 +26,7 @@ from hil.rig import Rig
 
 if TYPE_CHECKING:
     from hil.refos.api import RegistrationServer
+    from hil.refos.vpn import VpnServer
 
 log = logging.getLogger(__name__)
 # the session report's names for the rig parts whose steps are hardware time
@@ -74,6 +75,8 @@ class HilSession:
         self.device_config: dict[str, Any] = {}
         self.as_is: str | None = None  # why the image was flashed unconfigured, if it was
         self.api: RegistrationServer | None = None  # when the session built the reference OS
+        self.vpn: VpnServer | None = None  # the API's VPN, where the host can run one
+        self.no_vpn = ""  # why the API serves no VPN
         self.ssh_key, self.ssh_pub = ssh_keypair(self.runtime)
         # the CA the device trusts (config.json's balenaRootCA): the app registry's TLS
         self.ca = SessionCA(self.runtime / "ca")
@@ -184,13 +187,27 @@ class HilSession:
         if using_refos and "apiEndpoint" not in cfg:
             from hil.refos.api import RegistrationServer
 
-            self.api = self.stack.enter_context(RegistrationServer())
+            self.vpn = self._start_vpn()
+            self.api = self.stack.enter_context(RegistrationServer(vpn=self.vpn))
             cfg["apiEndpoint"] = self.api.url_for_guest
             cfg["apiKey"] = self.api.api_key  # the provisioning key the endpoint accepts
         if using_refos and self.rig and self.rig.network:
             cfg.setdefault("ntpServers", self.rig.network.host_address)
         redact.register_config(cfg)
         return cfg
+
+    def _start_vpn(self) -> VpnServer | None:
+        """The API's VPN, which the devices' openvpn logs in to. None where this host lacks
+        what it takes (logged; the VPN's checks skip, saying why); one that fails to start is
+        an infrastructure error."""
+        from hil.refos.vpn import VpnServer, available
+
+        why = available()
+        if why is not None:
+            self.no_vpn = f"the session's API serves no VPN: {why}"
+            log.warning("%s", self.no_vpn)
+            return None
+        return self.stack.enter_context(VpnServer())
 
     def prepare_image(self) -> tuple[Path, Path | None]:
         from hil.flash.configure import bmap_path, boot_partition, configure_image

@@ -54,7 +54,7 @@ MARKERS = ("rollback-health-breadcrumb", "rollback-altboot-breadcrumb",
 BREADCRUMBS = frozenset(MARKERS[:2])
 HEALTH_VARIABLES = f"{STATE_MNT}/rollback-health-variables"
 INACTIVE = "/mnt/sysroot/inactive"  # the other root, where an update is installed
-UpdateBreak = Literal["init", "health"]
+UpdateBreak = Literal["init", "health", "vpn"]
 # (how, is the reference OS) -> the shell word naming what to break in the new root, as
 # balenaOS's tests name it: balenaOS boots its hostapp's /current/boot/init, the reference OS
 # /sbin/init; on both the health check needs the engine's CLI (find: both layouts).
@@ -62,7 +62,11 @@ UPDATE_BREAKS: dict[str, dict[bool, str]] = {
     "init": {False: f"{INACTIVE}/current/boot/init", True: f"{INACTIVE}/sbin/init"},
     "health": {False: f'$(find {INACTIVE}/ | grep "usr/bin/balena-engine$")',
                True: f'$(find {INACTIVE}/ | grep "usr/bin/balena-engine$")'},
+    "vpn": {False: f'$(find {INACTIVE}/ | grep "bin/openvpn$")',
+            True: f'$(find {INACTIVE}/ | grep "bin/openvpn$")'},
 }
+VPN_ONLINE = "/run/openvpn/vpn_status/active"  # openvpn's up script's marker
+VPN_CONFIG = "/etc/openvpn/openvpn.conf"  # os-config writes it from the API
 ROOT_LABELS = ("resin-rootA", "resin-rootB")
 ENGINE = "balena-engine"  # balenaEngine's CLI on balenaOS (`balena` links to it)
 ENGINE_UNIT = "balena.service"  # its systemd unit (alias balena-engine.service)
@@ -416,8 +420,31 @@ class BalenaOS:
         """Break the installed update in place, as balenaOS's tests do, so one good update
         image serves every rollback test. ``init``: delete the new root's init (it cannot boot;
         the bootloader falls back). ``health``: put /dev/null where the new root has what its
-        health check needs (balenaEngine's CLI, ``usr/bin/balena-engine``)."""
+        health check needs (balenaEngine's CLI, ``usr/bin/balena-engine``). ``vpn``: the same
+        over its openvpn (the health check needs the VPN back if it was online)."""
         self.check(break_update_command(how, self.is_reference_os))
+
+    def vpn_configured(self) -> bool:
+        """Whether os-config wrote the API's VPN configuration (balenaOS's openvpn.service
+        starts only then)."""
+        return self.check(f"[ -s {VPN_CONFIG} ] && echo yes; true", read_only=True) == "yes"
+
+    def wait_vpn(self, timeout: float = 180.0) -> None:
+        """Wait for the VPN to be online (openvpn's up script's marker), the state
+        hostapp-update records for the health check."""
+        last = ["nothing read yet"]
+
+        def probe() -> bool:
+            out = self.check(f"[ -e {VPN_ONLINE} ] && echo online; systemctl is-active "
+                             "openvpn.service; true", read_only=True)
+            last[0] = f"openvpn.service {' '.join(out.split()) or '?'}"
+            return "online" in out.split()
+
+        def seen() -> str:
+            return f"{last[0]}; its log ends:\n{self.unit_log('openvpn.service')[-1500:]}"
+
+        self.dut.poll(probe, timeout, f"the VPN to be online ({VPN_ONLINE})", seen,
+                      interval=1.0)
 
     def wait_committed(self, timeout: float = 420.0) -> BootState:
         """Wait for the health check to commit a booted update (``upgrade_available=0``, no

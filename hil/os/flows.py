@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from hil.errors import DeadlineError, OSContractError
 from hil.os.balena import BOOTLIMIT, BREADCRUMBS
@@ -178,12 +178,12 @@ def boot_broken_init(dut: Dut, host_os: HostOS, inst: Installed) -> None:
 
 
 def boot_broken_health(dut: Dut, host_os: HostOS, inst: Installed, *, count: int = 2,
-                       timeout: int = 1) -> None:
-    """Break what the installed update's health check needs, in place, and reboot into it: the
-    trial boot counts once, the health check (shortened to ``count`` checks ``timeout`` s
-    apart in the new root) gives up, sets rollback-health-triggered, points the bootloader back
-    and reboots into the old root."""
-    host_os.break_update("health")
+                       timeout: int = 1, what: Literal["health", "vpn"] = "health") -> None:
+    """Break what the installed update's health check needs (``what``: balenaEngine, or the
+    VPN), in place, and reboot into it: the trial boot counts once, the health check
+    (shortened to ``count`` checks ``timeout`` s apart in the new root) gives up, sets
+    rollback-health-triggered, points the bootloader back and reboots into the old root."""
+    host_os.break_update(what)
     host_os.shorten_health_check(count, timeout)
     at = dut.start_reboot()
     rec = dut.await_boot(at)

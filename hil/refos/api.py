@@ -1,5 +1,6 @@
 """The host side of first-boot provisioning: a tiny registration endpoint on loopback, which
-also serves os-config its service configuration.
+also serves os-config its service configuration (with the VPN's, when it has one:
+``hil.refos.vpn``).
 
 The guest reaches the host's loopback through QEMU user networking as 10.0.2.2, so a server on
 127.0.0.1:<port> is ``http://10.0.2.2:<port>`` for the guest. Keys are never logged.
@@ -19,6 +20,7 @@ from typing import Any
 
 from hil.deadline import wait_until
 from hil.errors import DeadlineError, NotReached
+from hil.refos.vpn import VpnServer
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +53,17 @@ class RegistrationServer:
     os-config's service configuration (401 otherwise): the ssh service's ``authorized_keys``
     hold ``cloud_key``, a balenaCloud account's key in balena's API; its private half stays in
     this process, for a test to log in with. ``config_fetches``: the uuids that fetched it.
+    With ``vpn``, it also holds the openvpn service's client configuration and CA, and each
+    registered device may log in to that VPN.
 
-    Use as a context manager; ``port=0`` takes an ephemeral port.
+    Use as a context manager (it does not start or stop ``vpn``); ``port=0`` takes an
+    ephemeral port.
     """
 
     def __init__(self, api_key: str | None = None, *, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, vpn: VpnServer | None = None) -> None:
         self.api_key = api_key or secrets.token_hex(16)
+        self.vpn = vpn
         self.registrations: list[Registration] = []
         self.conflicts: list[str] = []
         self.config_fetches: list[str] = []
@@ -145,7 +151,10 @@ class RegistrationServer:
     def os_config(self) -> dict[str, Any]:
         """What ``GET /os/v1/config`` answers: os-config's schema 1.0.0."""
         key = f"{self.cloud_key.get_name()} {self.cloud_key.get_base64()} balena-cloud-account"
-        return {"services": {"ssh": {"authorized_keys": key}}, "schema_version": "1.0.0"}
+        services: dict[str, Any] = {"ssh": {"authorized_keys": key}}
+        if self.vpn is not None:
+            services["openvpn"] = self.vpn.client_config(GUEST_HOST)
+        return {"services": services, "schema_version": "1.0.0"}
 
     def _device(self, authorization: str) -> str | None:
         """The uuid of the device whose key (one this server issued) authorises a request."""
@@ -163,6 +172,11 @@ class RegistrationServer:
                 self.conflicts.append(reg.uuid)
                 return False
             self.registrations.append(reg)
+            if self.vpn is not None and reg.device_api_key:
+                # the VPN takes the device's key, and the provisioning key that registered it
+                # (prepare-openvpn sends that one while config.json still holds it)
+                self.vpn.allow(reg.uuid, reg.device_api_key)
+                self.vpn.allow(reg.uuid, self.api_key)
             self._cond.notify_all()
             return True
 

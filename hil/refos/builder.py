@@ -92,6 +92,8 @@ BINARIES: dict[str, dict[str, str]] = {
     # NetworkManager: os-networkmanager writes its configuration from config.json, which
     # `NetworkManager --print-config` reads back (the daemon does not run: no D-Bus)
     "network-manager": {"usr/sbin/NetworkManager": "usr/sbin/NetworkManager"},
+    # balena's VPN client (openvpn.service), configured by os-config from the API
+    "openvpn": {"usr/sbin/openvpn": "usr/sbin/openvpn"},
     # the supervisor stand-in (usr/lib/hil/supervisor.py) is a Python program
     "python3.11-minimal": {"usr/bin/python3.11": "usr/bin/python3"},
 }
@@ -160,7 +162,7 @@ ENABLED = {"systemd-journald.socket": "sockets.target",
                "os-extra-firmware.service", "os-networkmanager.service",
                "rollback-health.service", "hil-provision.service", "hil-ready.service",
                "update-balena-supervisor.timer", "disk-watchdog-boot-history.service",
-               "disk-watchdogd.service")}}
+               "disk-watchdogd.service", "prepare-openvpn.service", "openvpn.service")}}
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
 # iptables' tables, matches and targets are loaded on demand (the kernel and iptables call
 # modprobe): the engine's NAT and forwarding rules, the supervisor's firewall
@@ -172,14 +174,14 @@ NETFILTER_MODULES = ("ip_tables", "iptable_filter", "iptable_nat", "xt_MASQUERAD
 # test builds a module of its own for that)
 ROOTFS_MODULES = (*INITRD_MODULES, "overlay", "virtio_net", "vfat", "nls_cp437", "nls_ascii",
                   "nls_utf8", "i6300esb", "virtio_rng", "bridge", "veth", "loop", "dm_mod",
-                  *NETFILTER_MODULES, "test_firmware", "leds_gpio")
+                  *NETFILTER_MODULES, "test_firmware", "leds_gpio", "tun")
 # loaded by /sbin/init (overlay is loaded first, on its own); bridge and veth: the engine's
 # network; loop and dm_mod: loop devices and the device mapper, as balenaOS's kernels have them
 # (with no tmpfiles to create their static nodes, they are loaded, not left to load on first
 # use); leds_gpio: the QEMU aarch64 board's LED (files/uboot/boot.cmd), as udev's coldplug
-# here is of block devices only
+# here is of block devices only; tun: the VPN's device (/dev/net/tun appears with it)
 MODULES_LOAD = ("virtio_net", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "i6300esb",
-                "virtio_rng", "bridge", "veth", "loop", "dm_mod", "leds_gpio")
+                "virtio_rng", "bridge", "veth", "loop", "dm_mod", "leds_gpio", "tun")
 HOST_TOOLS = ("e2fsprogs", "dosfstools", "mtools", "fdisk", "u-boot-tools", "grub-common",
               "grub-pc-bin", "busybox-static", "kmod")
 
@@ -372,6 +374,7 @@ class _Builder:
         for d in ("dev", "proc", "sys", "run", "tmp", "mnt/boot", "mnt/state", "mnt/data",
                   "mnt/sysroot/active", "mnt/sysroot/inactive", "data", "home/root", "boot",
                   "var/lib/docker", "etc/hil", "etc/udev/rules.d", "etc/NetworkManager/conf.d",
+                  "etc/openvpn",
                   "lib/udev/rules.d", "root"):
             (root / d).mkdir(parents=True, exist_ok=True)
         for link, target in (("var/volatile", "../run/volatile"), ("var/log", "volatile/log"),

@@ -222,6 +222,9 @@ KNOWN_SONAMES = {
     "liblber-2.5.so.0": "libldap-2.5-0", "libsasl2.so.2": "libsasl2-2",
     "libnghttp2.so.14": "libnghttp2-14", "librtmp.so.1": "librtmp1", "libssh2.so.1": "libssh2-1",
     "libssl.so.3": "libssl3", "libcrypto.so.3": "libssl3",
+    # openvpn's
+    "liblzo2.so.2": "liblzo2-2", "libpkcs11-helper.so.1": "libpkcs11-helper1",
+    "libnl-3.so.200": "libnl-3-200", "libnl-genl-3.so.200": "libnl-genl-3-200",
     # avahi-daemon's
     "libavahi-core.so.7": "libavahi-core7", "libavahi-common.so.3": "libavahi-common3",
     "libdaemon.so.0": "libdaemon0", "libexpat.so.1": "libexpat1",

@@ -66,14 +66,37 @@ def test_good_update_switches_root_commits_and_leaves_no_markers(
         update_image = updates.from_registry(update_image, app_registry)
     if hil_session.api is not None:
         wait_registered(dut, host_os)  # a key stored mid-test would read as a changed identity
+    vpn = _vpn_expected(host_os, hil_session)
+    if vpn:  # online before: the health check commits the update only if it comes back
+        host_os.wait_vpn()
     was = identity(dut, host_os)
     apps.write_marks(app[SERVICE], APP_VOLUMES, "before-update")
     inst = install(host_os, update_image)
+    recorded = host_os.health_variables().get("BALENAOS_ROLLBACK_VPNONLINE")
     boot_good(dut, host_os, inst)
     after = f"a good update {inst.old_version} -> {host_os.version()}"
     _all_kept([_data_problem(host_os, data_file, after),
                apps.volumes_kept(after, "before-update"),
-               identity_changes(after, was, identity(dut, host_os), hil_session)])
+               identity_changes(after, was, identity(dut, host_os), hil_session),
+               _vpn_recorded(recorded, vpn)])
+    if vpn:
+        host_os.wait_vpn(timeout=30)  # the health check found it online: it stays so
+
+
+def _vpn_expected(host_os: HostOS, hil_session: HilSession) -> bool:
+    """Whether the device's VPN is to come online: the session's API serves one (os-config may
+    not have written its configuration yet), or the device has one from its own API."""
+    return hil_session.vpn is not None or host_os.vpn_configured()
+
+
+def _vpn_recorded(recorded: str | None, online: bool) -> str | None:
+    """hostapp-update records the VPN's state before the update, for the health check."""
+    want = "1" if online else "0"
+    if recorded == want:
+        return None
+    return (f"hostapp-update must record the VPN {'online' if online else 'offline'} as it was "
+            f"(BALENAOS_ROLLBACK_VPNONLINE={want} in rollback-health-variables); it recorded "
+            f"{recorded!r}")
 
 
 def test_unbootable_update_falls_back_through_the_bootloader_counter(
@@ -94,6 +117,25 @@ def test_unhealthy_update_falls_back_through_the_health_check(
     after = "an unhealthy update and its rollback"
     _all_kept([_data_problem(host_os, data_file, after),
                apps.volumes_kept(after, "before-rollback")])
+
+
+def test_update_whose_vpn_does_not_come_back_falls_back_through_the_health_check(
+        dut: Dut, host_os: HostOS, update_image: UpdateImage, data_file: str,
+        hil_session: HilSession) -> None:
+    """balenaOS's "Broken VPN": the VPN is online before the update, so hostapp-update records
+    it for the health check; the new OS's openvpn is /dev/null, its VPN never connects, and
+    the health check rolls the update back. The old OS brings the VPN back."""
+    if not _vpn_expected(host_os, hil_session):
+        why = f": {hil_session.no_vpn}" if hil_session.no_vpn else ""
+        pytest.skip(f"the device has no VPN configuration from its API (/etc/openvpn/openvpn.conf)"
+                    f"{why}")
+    host_os.wait_vpn()
+    inst = install(host_os, update_image)
+    problem = _vpn_recorded(host_os.health_variables().get("BALENAOS_ROLLBACK_VPNONLINE"), True)
+    assert problem is None, problem
+    boot_broken_health(dut, host_os, inst, count=2, timeout=1, what="vpn")
+    host_os.wait_vpn()
+    _data_survived(host_os, data_file, "an update whose VPN did not come back, and its rollback")
 
 
 # --- power cuts during an update ---------------------------------------------------------------

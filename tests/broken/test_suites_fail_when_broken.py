@@ -157,8 +157,8 @@ def test_persistence_suite_fails_when_filesystems_are_not_checked_or_reset_or_wa
 
 def test_rollback_suite_fails_when_rollbacks_are_disabled(tmp_path: Path) -> None:
     code, out, failed = run_broken(tmp_path, "no-altboot-rollback,no-health-rollback", [
-        "suites/rollback", "-k", "unbootable or unhealthy"], boot_timeout=60)
-    assert code == 1 and "2 failed" in out, out[-6000:]
+        "suites/rollback", "-k", "unbootable or unhealthy or vpn"], boot_timeout=60)
+    assert code == 1 and "3 failed" in out, out[-6000:]
     # the framework's own checks of the contract fail as OSContractError (an AssertionError)
     assert ("test_unbootable_update_falls_back_through_the_bootloader_counter - "
             "hil.errors.OSContractError: "
@@ -167,6 +167,10 @@ def test_rollback_suite_fails_when_rollbacks_are_disabled(tmp_path: Path) -> Non
     assert re.search(r"test_unhealthy_update_falls_back_through_the_health_check - "
                      r"hil\.errors\.OSContractError: the unhealthy update rootfs rootfs\.img "
                      r"\(VERSION [0-9.]+\) was not rolled back", failed), out[-6000:]
+    # the VPN was online before the update (recorded), never after: not rolled back either
+    assert re.search(r"test_update_whose_vpn_does_not_come_back_falls_back_through_the_health_"
+                     r"check - hil\.errors\.OSContractError: the unhealthy update rootfs "
+                     r"rootfs\.img \(VERSION [0-9.]+\) was not rolled back", failed), out[-6000:]
 
 
 @pytest.mark.timeout(1260)  # two tests' waits (the child's own deadline: 1200 s)
