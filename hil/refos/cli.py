@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hil.errors import ConfigError
+from hil.refos import vpn
 from hil.refos.api import RegistrationServer
 from hil.refos.builder import ARCHES, build
 from hil.refos.hostapp import hostapp_archive
@@ -49,7 +51,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--ntp-servers", help="space-separated NTP servers")
     p.set_defaults(func=_configure)
 
-    p = cmds.add_parser("serve-api", help="run the registration endpoint in the foreground")
+    p = cmds.add_parser("serve-api", help="run the registration endpoint (and its VPN) in the "
+                        "foreground")
     p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0 = any free one)")
     p.add_argument("--api-key-file", type=Path, required=True,
                    help="provisioning key: read from this file, or created (mode 600)")
@@ -130,8 +133,12 @@ def _serve_api(args: argparse.Namespace) -> int:
             f.write(key + "\n")
         print(f"provisioning key written to {path}")
     stop = threading.Event()
-    with RegistrationServer(key, port=args.port) as server:
+    with contextlib.ExitStack() as stack:
+        why = vpn.available()
+        server_vpn = None if why else stack.enter_context(vpn.VpnServer())
+        server = stack.enter_context(RegistrationServer(key, port=args.port, vpn=server_vpn))
         print(f"registration API on {server.url} (guests: {server.url_for_guest}); Ctrl-C stops")
+        print(f"VPN on port {server_vpn.port}" if server_vpn else f"no VPN: {why}")
         try:
             while not stop.wait(3600):
                 pass
