@@ -169,6 +169,8 @@ class VpnServer:
         return {"config": CLIENT_CONFIG.format(host=guest_host, port=self.port), "ca": self.ca}
 
     def allow(self, uuid: str, key: str) -> None:
+        if not uuid or not key or any(c.isspace() for c in uuid + key):
+            raise ValueError("a VPN login needs a uuid and a key, without spaces")
         with self._lock:
             self._logins.add((uuid, key))
             logins = self.dir / "logins"
@@ -191,7 +193,8 @@ class VpnServer:
         login = self.dir / "login"
         login.write_text(LOGIN)
         login.chmod(0o700)
-        self.allow("", "")  # the logins file exists from the start (an empty line never matches)
+        with self._lock:  # the login check reads it from the first login on
+            (self.dir / "logins").touch(mode=0o600)
         sock = self.dir / "vpn.sock"
         # loopback up first: openvpn binds to it
         inner = (f"ip link set lo up || exit 1; socat UNIX-LISTEN:{shlex.quote(str(sock))},fork "

@@ -97,6 +97,26 @@ def test_a_registered_device_logs_in_and_a_wrong_key_is_refused(
             p.wait()
 
 
+def test_the_login_check_takes_only_a_registered_uuid_with_its_key(
+        api: RegistrationServer, tmp_path: Path) -> None:
+    """The server's own check (openvpn passes it the login as a file), empty logins included,
+    which openvpn clients refuse to send but a hostile one could."""
+    assert api.vpn is not None
+    uuid, key = secrets.token_hex(16), secrets.token_hex(16)
+    register(api, uuid, key)
+
+    def accepted(user: str, password: str) -> bool:
+        login = tmp_path / "login"
+        login.write_text(f"{user}\n{password}\n")
+        return subprocess.run([str(api.vpn.dir / "login"), str(login)], timeout=10).returncode == 0
+
+    assert accepted(uuid, key) and accepted(uuid, api.api_key)
+    assert not any(accepted(u, k) for u, k in (("", ""), (uuid, ""), ("", key), (uuid, key[:-1]),
+                                               (secrets.token_hex(16), key), (f"{uuid} {key}", "")))
+    with pytest.raises(ValueError, match="a uuid and a key"):
+        api.vpn.allow("", "")
+
+
 def test_the_provisioning_key_logs_in_until_the_key_exchange(
         api: RegistrationServer, tmp_path: Path) -> None:
     """prepare-openvpn sends the provisioning key while config.json still holds it."""
