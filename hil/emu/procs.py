@@ -93,9 +93,11 @@ class Daemon:
         return log_tail(self.log_file, lines)
 
 
-def tcp_listening(port: int) -> bool:
-    """Whether something listens on TCP ``port``, from /proc/net/tcp{,6}: connecting to find
-    out would count as a client (ser2net would open the tty for it and refuse the next one)."""
+def tcp_listening(port: int, pid: int | None = None) -> bool:
+    """Whether something (with ``pid``: that process) listens on TCP ``port``, from
+    /proc/net/tcp{,6}: connecting to find out would count as a client (ser2net would open the
+    tty for it and refuse the next one)."""
+    inodes: set[str] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -105,5 +107,15 @@ def tcp_listening(port: int) -> bool:
             fields = line.split()
             local, state = fields[1], fields[3]
             if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
-                return True
-    return False
+                inodes.add(fields[9])
+    if pid is None or not inodes:
+        return bool(inodes)
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    owned = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            owned.add(os.readlink(fd))
+    return any(f"socket:[{inode}]" in owned for inode in inodes)

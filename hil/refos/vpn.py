@@ -202,23 +202,43 @@ class VpnServer:
         self._daemons.append(Daemon(
             "openvpn", ["unshare", "--map-root-user", "--net", "sh", "-c", inner],
             self.dir / "openvpn.log", cwd=self.dir, part=PART).start())
-        self._daemons.append(Daemon(
-            "socat", ["socat", f"TCP-LISTEN:{self.port},bind={self.host},reuseaddr,fork",
-                      f"UNIX-CONNECT:{sock}"], self.dir / "socat.log", part=PART).start())
 
-        def up() -> bool:
-            for d in self._daemons:
-                d.check()
-            return tcp_listening(self.port) and sock.exists() and "Initialization Sequence " \
-                "Completed" in (self.dir / "openvpn.log").read_text(errors="replace")
+        def serving() -> bool:
+            self._daemons[0].check()
+            return sock.exists() and "Initialization Sequence Completed" in (
+                self.dir / "openvpn.log").read_text(errors="replace")
 
         try:
-            wait_until(up, 20, f"the VPN server on {self.host}:{self.port}",
+            wait_until(serving, 20, "the VPN server to start in its namespace",
                        seen=lambda: self._daemons[0].log_tail(), interval=0.05, part=PART)
+            self._listen(sock)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _listen(self, sock: Path) -> None:
+        """socat on the host's loopback, joined to the server's socket. The port was free when
+        it was picked; another process may take it first, and then socat takes another."""
+        for attempt in range(5):
+            listen = f"TCP-LISTEN:{self.port},bind={self.host},reuseaddr,fork"
+            socat = Daemon("socat", ["socat", listen, f"UNIX-CONNECT:{sock}"],
+                           self.dir / "socat.log", part=PART).start()
+            self._daemons.append(socat)
+
+            def listening(socat: Daemon = socat) -> bool:
+                socat.check()
+                return tcp_listening(self.port, socat.pid)  # socat, not who took the port
+
+            try:
+                wait_until(listening, 10, f"socat to listen on {self.host}:{self.port}",
+                           seen=lambda: "port closed", interval=0.02, part=PART)
+                return
+            except InfraError:
+                if attempt == 4:
+                    raise
+                self._daemons.remove(socat)
+                self.port = free_port()
 
     def stop(self) -> None:
         for d in reversed(self._daemons):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import socket
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -130,3 +131,16 @@ def test_the_provisioning_key_logs_in_until_the_key_exchange(
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_port_taken_before_the_server_listens_is_given_up_for_another() -> None:
+    """The port is picked free, then listened on by socat: another process may take it in
+    between (here, before the server starts)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with VpnServer(port=port) as vpn:
+            assert vpn.port != port
+            with socket.create_connection(("127.0.0.1", vpn.port), timeout=10):
+                pass  # socat accepts, joined to the server's socket
