@@ -258,9 +258,11 @@ def pytest_runtest_protocol_rerun(item: pytest.Item, nextitem: pytest.Item | Non
     return True
 
 
-def _is_infra(report: pytest.TestReport) -> bool:
-    # tuple(): a report that crossed a process boundary (pytest-xdist) holds lists
-    return report.failed and any(tuple(prop) == INFRA for prop in report.user_properties)
+def _is_infra(report: pytest.TestReport | pytest.CollectReport) -> bool:
+    # a collection error's report has no user_properties; tuple(): a report that crossed a
+    # process boundary (pytest-xdist) holds lists
+    props = getattr(report, "user_properties", ())
+    return report.failed and any(tuple(prop) == INFRA for prop in props)
 
 
 @pytest.hookimpl(tryfirst=True)  # before the fixtures: a move to another rig resets them

@@ -34,6 +34,17 @@ def test_without_a_rig_tests_that_need_one_are_skipped(pytester: pytest.Pytester
     result.stdout.fnmatch_lines(["*needs a rig: run with --rig NAME*"])
 
 
+def test_a_module_that_cannot_be_imported_is_reported_as_pytest_reports_it(
+        pytester: pytest.Pytester) -> None:
+    # the short summary (-ra) asks the plugin about the collection error's report too
+    pytester.makepyfile("from nowhere import nothing\n" + USES_DUT)
+    result = pytester.runpytest_subprocess("-ra")
+    assert result.ret == pytest.ExitCode.INTERRUPTED, result.stdout.str()
+    result.stdout.fnmatch_lines(["*ModuleNotFoundError: No module named 'nowhere'*",
+                                 "ERROR *test_a_module_that_cannot*"])
+    assert "Traceback (most recent call last)" not in result.stderr.str()
+
+
 def test_a_malformed_rig_file_is_a_usage_error_naming_file_line_key(
         pytester: pytest.Pytester) -> None:
     rig = pytester.makefile(".yaml", bench="device_type: generic-aarch64\ntarget:\n"

@@ -23,14 +23,22 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from hil import redact
 from hil.console.log import Hit
 from hil.console.shell import CommandFailed, ConsoleGarbled, Result
 from hil.errors import InfraError, OSContractError
 from hil.os import hostdisk, parse
-from hil.os.contract import BootRecord, RootPart, Roots, RunningUpdate, UpdateResult, check
+from hil.os.contract import (
+    BootRecord,
+    RootPart,
+    Roots,
+    RunningUpdate,
+    UpdateBreak,
+    UpdateResult,
+    check,
+)
 from hil.os.parse import BootLine, BootState, Mount
 from hil.os.secret import Secret
 from hil.os.supervisor import SupervisorAPI, http_request
@@ -54,7 +62,6 @@ MARKERS = ("rollback-health-breadcrumb", "rollback-altboot-breadcrumb",
 BREADCRUMBS = frozenset(MARKERS[:2])
 HEALTH_VARIABLES = f"{STATE_MNT}/rollback-health-variables"
 INACTIVE = "/mnt/sysroot/inactive"  # the other root, where an update is installed
-UpdateBreak = Literal["init", "health", "vpn"]
 # (how, is the reference OS) -> the shell word naming what to break in the new root, as
 # balenaOS's tests name it: balenaOS boots its hostapp's /current/boot/init, the reference OS
 # /sbin/init; on both the health check needs the engine's CLI (find: both layouts).
