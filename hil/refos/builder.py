@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid as uuidlib
@@ -29,7 +30,7 @@ from hil.flash import fat
 from hil.flash.bmap import create_bmap, write_bmap
 from hil.flash.partitions import GptEntry, write_gpt
 from hil.lock import HostLock
-from hil.refos import debs, fs
+from hil.refos import debs, fs, pyc
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,9 @@ PYTHON_STDLIB = ("libpython3.11-minimal", "libpython3.11-stdlib")
 # the compiled modules the OS's Python programs import that python3 lacks built in: mmap
 # (disk-watchdogd's page-aligned buffer for O_DIRECT reads)
 PYTHON_DYNLOAD = ("mmap",)
+# the Python programs started at every boot whose imports are compiled into the image
+# (hil.refos.pyc); they run as modules (python3 -m), which reads their own bytecode too
+PYTHON_COMPILED = ("usr/lib/hil/supervisor.py",)
 PYTHON_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
                "pydoc_data", "lib-dynload", "distutils", "unittest", "sqlite3", "dbm",
                "curses", "config-3.11-x86_64-linux-gnu", "config-3.11-aarch64-linux-gnu",
@@ -313,6 +317,7 @@ class _Builder:
             "arch": self.spec.name, "version": self.version, "flasher": self.flasher,
             "packages": sorted((d.name, d.version, d.arch) for d in resolved.values()),
             "host": _host_tool_versions(),
+            "python": sys.implementation.cache_tag,  # whether the image holds bytecode
         }, sort_keys=True).encode())
         package = Path(__file__).parent.parent  # hil/
         # bytecode a host-side test left beside the supervisor's source is neither an input
@@ -320,7 +325,7 @@ class _Builder:
         sources = [*sorted(p for p in FILES.rglob("*")
                            if p.is_file() and "__pycache__" not in p.parts),
                    *(package / "refos" / n for n in ("builder.py", "fs.py", "debs.py",
-                                                     "grub.py", "appimage.py")),
+                                                     "grub.py", "appimage.py", "pyc.py")),
                    # the image's partition table, boot partition and bmap are written there
                    *(package / "flash" / n for n in ("partitions.py", "fat.py", "bmap.py",
                                                      "pipeline.py"))]
@@ -411,6 +416,8 @@ class _Builder:
             shutil.copy2(trees["libpython3.11-stdlib"] / "usr/lib/python3.11/lib-dynload" / so,
                          dynload / so)
             elfs.append(dynload / so)
+        for program in PYTHON_COMPILED:
+            pyc.compile_imports(root, program)
         # after the real binaries: an applet never shadows one (busybox has a mke2fs too).
         # Debian's dynamic busybox, not busybox-static (the initramfs's): the static one's
         # shell runs its own applets before any program on PATH, so `reboot` would be its

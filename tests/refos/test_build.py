@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -157,6 +158,23 @@ def test_health_check_values_live_in_the_script_as_on_balenaos(images: Images) -
     assert [ln for ln in script.splitlines() if "TIMEOUT=" in ln] == ["TIMEOUT=60"]
     assert ". \"$STATE_MNT/rollback-health-variables\"" not in script
     assert 'VERSION="2.0.0"' in cat(images.v2, "/etc/os-release")
+
+
+def test_the_supervisor_and_its_imports_are_compiled_into_the_image(images: Images) -> None:
+    def read(path: str) -> bytes:
+        return subprocess.run(["debugfs", "-R", f"cat {path}", str(images.v1.rootfs)],
+                              check=True, capture_output=True).stdout
+
+    for source in ("/usr/lib/hil/supervisor.py", "/usr/lib/python3.11/http/server.py",
+                   "/usr/lib/python3.11/email/parser.py"):
+        folder, name = source.rsplit("/", 1)
+        pyc = read(f"{folder}/__pycache__/{name[:-3]}.cpython-311.pyc")
+        assert pyc[:4] == importlib.util.MAGIC_NUMBER, f"{source}: no 3.11 bytecode"
+        # checked hash (flags 0b11): a source replaced on the device is compiled again
+        assert int.from_bytes(pyc[4:8], "little") == 0b11, source
+        assert pyc[8:16] == importlib.util.source_hash(read(source)), f"{source}: stale"
+    # the supervisor runs as a module: Python reads bytecode only for imported modules
+    assert b"-m supervisor" in read("/usr/bin/start-balena-supervisor")
 
 
 def test_configure_and_boot_env(images: Images, tmp_path: Path) -> None:
