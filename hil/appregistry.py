@@ -114,6 +114,11 @@ class SessionCA:
                 .serial_number(x509.random_serial_number())
                 .not_valid_before(now - BACKDATE).not_valid_after(now + LIFETIME)
                 .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+                # a TLS server's key usage, which OpenVPN's `remote-cert-tls server` requires
+                .add_extension(x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=True, key_cert_sign=False,
+                    crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
                                critical=False)
                 .sign(ca_key, hashes.SHA256()))

@@ -207,7 +207,7 @@ class HilSession:
             self.no_vpn = f"the session's API serves no VPN: {why}"
             log.warning("%s", self.no_vpn)
             return None
-        return self.stack.enter_context(VpnServer())
+        return self.stack.enter_context(VpnServer(ca=self.ca))
 
     def prepare_image(self) -> tuple[Path, Path | None]:
         from hil.flash.configure import bmap_path, boot_partition, configure_image

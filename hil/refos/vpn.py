@@ -12,7 +12,6 @@ reads; they are never on a command line or in a log.
 
 from __future__ import annotations
 
-import datetime
 import shlex
 import shutil
 import tempfile
@@ -20,6 +19,7 @@ import threading
 from pathlib import Path
 from types import TracebackType
 
+from hil.appregistry import SessionCA
 from hil.cache import runtime_dir
 from hil.deadline import wait_until
 from hil.emu.procs import Daemon, tcp_listening
@@ -78,7 +78,7 @@ push "route-gateway 10.240.0.1"
 comp-lzo no
 push "comp-lzo no"
 ca ca.crt
-cert server.crt
+cert server.pem
 key server.key
 dh none
 # devices have no certificates: they log in with their uuid (the common name) and a key
@@ -115,54 +115,20 @@ class VpnServer:
     """Use as a context manager. ``allow(uuid, key)`` lets a device log in; ``connected()``
     lists the uuids logged in now (the server's status, written each second)."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0,
+                 ca: SessionCA | None = None) -> None:
         self.host = host
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="vpn-", dir=runtime_dir()))
         self._lock = threading.Lock()
         self._logins: set[tuple[str, str]] = set()
         self._daemons: list[Daemon] = []
-        self.ca = self._make_pki()
-
-    def _make_pki(self) -> str:
-        """A CA and the server's certificate (EC P-256, a week): the CA goes to the devices."""
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-        now = datetime.datetime.now(datetime.UTC)
-
-        def cert(cn: str, key: ec.EllipticCurvePrivateKey, issuer: str,
-                 signer: ec.EllipticCurvePrivateKey, ca: bool) -> x509.Certificate:
-            b = (x509.CertificateBuilder()
-                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-                 .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                 .not_valid_before(now - datetime.timedelta(days=1))
-                 .not_valid_after(now + datetime.timedelta(days=7))
-                 .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-            if not ca:  # the devices' remote-cert-tls server
-                b = b.add_extension(x509.KeyUsage(
-                    digital_signature=True, key_agreement=True, key_encipherment=False,
-                    content_commitment=False, data_encipherment=False, key_cert_sign=False,
-                    crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-                b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                                    critical=False)
-            return b.sign(signer, hashes.SHA256())
-
-        ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
-            ec.SECP256R1())
-        ca_pem = cert("pytest-hil VPN CA", ca_key, "pytest-hil VPN CA", ca_key, True).public_bytes(
-            serialization.Encoding.PEM).decode()
-        (self.dir / "ca.crt").write_text(ca_pem)
-        (self.dir / "server.crt").write_bytes(cert("vpn", key, "pytest-hil VPN CA", ca_key,
-                                                   False).public_bytes(serialization.Encoding.PEM))
-        (self.dir / "server.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        (self.dir / "server.key").chmod(0o600)
-        return ca_pem
+        # the server's certificate from the session's CA (or a CA of its own); the CA goes to
+        # the devices with the client configuration
+        ca = ca or SessionCA(self.dir / "ca")
+        ca.issue(self.dir, ["vpn"])
+        (self.dir / "ca.crt").write_bytes(ca.pem)
+        self.ca = ca.pem.decode()
 
     def client_config(self, guest_host: str) -> dict[str, str]:
         """The API's ``services.openvpn``: the client configuration and the CA."""
