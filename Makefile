@@ -74,12 +74,12 @@ test: deps lint
 # about as long (docs/benchmarks.md).
 X86_FIRST := suites/persistence suites/provisioning suites/rollback
 test-framework:
-	$(HILTEST) --rig=qemu-x86_64 $(X86_FIRST)
+	$(HILTEST) --durations=10 --rig=qemu-x86_64 $(X86_FIRST)
 	$(HILTEST) --durations=25 --ignore=tests/broken tests
 
 test-boards:
-	$(HILTEST) --rig=qemu-aarch64 suites
-	$(HILTEST) --rig=qemu-x86_64 $(addprefix --ignore=,$(X86_FIRST)) suites
+	$(HILTEST) --durations=10 --rig=qemu-aarch64 suites
+	$(HILTEST) --durations=10 --rig=qemu-x86_64 $(addprefix --ignore=,$(X86_FIRST)) suites
 
 test-broken:
 	$(HILTEST) --durations=15 tests/broken
