@@ -70,7 +70,7 @@ class PduDaemonRunner:
 
         def listening() -> bool:
             daemon.check()
-            return tcp_listening(self.port)
+            return tcp_listening(self.port, daemon.pid)  # pdudaemon, not who took the port
 
         # aiohttp binds after its imports (~1 s); there is no readiness signal to wait on
         wait_until(listening, 30, f"pdudaemon to listen on {self.host}:{self.port}",

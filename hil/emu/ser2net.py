@@ -59,7 +59,7 @@ class Ser2Net:
 
         def listening() -> bool:
             daemon.check()
-            return tcp_listening(self.port)
+            return tcp_listening(self.port, daemon.pid)  # ser2net, not who took the port
 
         wait_until(listening, 10, f"ser2net to listen on {self.host}:{self.port}",
                    seen=lambda: "port closed", interval=0.02, part="ser2net", rig=self.rig)

@@ -38,7 +38,7 @@ class Forward:
 
         def listening() -> bool:
             daemon.check()
-            return tcp_listening(port)
+            return tcp_listening(port, daemon.pid)  # socat, not who took the port
 
         wait_until(listening, 10, f"socat to listen on {host}:{port}", seen=lambda: "port closed",
                    interval=0.02, part=self.part, rig=self.rig)
