@@ -45,15 +45,15 @@ for m in list(sys.modules.values()):
 """
 
 
-def compile_imports(root: Path, program: str) -> int:
+def compile_imports(root: Path, program: str) -> None:
     """Compile ``program`` (a path in ``root``, a module with a ``__main__`` guard) and the
-    standard-library modules it imports; returns how many files were compiled. Skipped, with
-    a warning, where the builder's Python is not the image's version."""
+    standard-library modules it imports. Skipped, with a warning, where the builder's Python
+    is not the image's version."""
     if sys.implementation.cache_tag != CACHE_TAG:
         log.warning("not compiling %s's imports: this Python is %s, the image's %s (the OS "
                     "still runs; its Python programs start slower)", program,
                     sys.implementation.cache_tag, CACHE_TAG)
-        return 0
+        return
     src = root / program
     proc = subprocess.run([sys.executable, "-I", "-S", "-c", _LIST_IMPORTS,
                            str(root / STDLIB), str(src.parent), src.stem],
@@ -72,4 +72,4 @@ def compile_imports(root: Path, program: str) -> int:
         py_compile.compile(str(path), cfile=importlib.util.cache_from_source(str(path)),
                            dfile=guest, doraise=True,
                            invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
-    return len(files)
+    log.info("compiled %s and the %d modules it imports", program, len(files) - 1)
